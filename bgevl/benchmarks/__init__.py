@@ -1,0 +1,1 @@
+"""Latency/throughput benchmark suite (issue 5; not built yet)."""

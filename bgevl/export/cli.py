@@ -1,0 +1,67 @@
+"""``bgevl-export``: the command line of the exporter."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bgevl.errors import BgevlError
+from bgevl.specs import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, MODELS, PRECISIONS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bgevl-export",
+        description="Export a BGE-VL model to validated ONNX graphs (fp32, fp16 or int8) with a manifest.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="tiny", choices=list(MODELS),
+                   help="tiny: offline random-weight CLIP; base/large: BAAI/BGE-VL-base/-large (hub or --model-path)")
+    p.add_argument("--model-path", type=Path, default=None, help="local checkpoint directory (config.json, weights, processor files)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the --model architecture with random weights, offline (for structure and speed checks)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--int8-mode", default="qdq", choices=("qdq", "dynamic"),
+                   help="qdq: static QuantizeLinear/DequantizeLinear graph (TensorRT INT8, ORT); dynamic: ORT dynamic quantization (CPU only)")
+    p.add_argument("--calibration-data", type=Path, default=None,
+                   help="directory of images plus a .txt file of captions (one per line) for int8 calibration; default: the built-in synthetic set")
+    p.add_argument("--calibration-size", type=int, default=32, help="images and captions in the built-in calibration set")
+    p.add_argument("--output", "-o", type=Path, default=None, help="output directory (default: out/<model>-<precision>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the parity check against PyTorch")
+    p.add_argument("--min-cosine", type=float, default=None,
+                   help="override the validation threshold (default: fp32 0.99999, fp16 0.999, int8 0.99)")
+    p.add_argument("--opt-batch", type=int, default=DEFAULT_OPT_BATCH, help="batch size to optimize for (TensorRT profile, Triton)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="largest batch the artifacts serve")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the result and errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from bgevl.export.pipeline import ExportOptions, run_export
+
+    output = args.output or Path("out") / f"{args.model}-{args.precision}"
+    opts = ExportOptions(
+        output=output, model=args.model, model_path=args.model_path, random_weights=args.random_weights,
+        precision=args.precision, int8_mode=args.int8_mode, calibration_data=args.calibration_data,
+        calibration_size=args.calibration_size, validate=args.validate, min_cosine=args.min_cosine,
+        opt_batch=args.opt_batch, max_batch=args.max_batch, overwrite=args.overwrite,
+    )
+    try:
+        out = run_export(opts, sink=(lambda msg: None) if args.quiet else None)
+    except BgevlError as exc:
+        print(f"bgevl-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bgevl-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""torch -> ONNX export and the precision passes (fp16, int8), all with the field's own tools.
+
+* export: ``torch.onnx.export(dynamo=True)`` with dynamic axes from the graph's declaration.
+* checks: ``onnx.checker`` and ``onnx.shape_inference`` (strict) on every written graph.
+* fp16: ``onnxconverter_common.float16`` (the upstream of onnxruntime's copy; the latter names
+  the casts of a shared initializer twice and writes an invalid graph when the exporter has
+  deduplicated equal weights), with float32 graph inputs/outputs and LayerNorm, Softmax and the
+  final L2 normalization held in float32.
+* int8: ``onnxruntime.quantization``: static QDQ (the explicit-quantization form TensorRT builds
+  INT8 engines from) or dynamic (ONNX Runtime CPU serving).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+import onnx
+
+from bgevl.specs import ONNX_OPSET, GraphSpec
+
+#: Protobuf's limit: larger models keep their weights in ``<file>.data`` (ONNX external data).
+PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """Write a model, as one file when it fits in a protobuf, else with external data."""
+    path = Path(path)
+    data_file = path.with_name(path.name + ".data")
+    if data_file.exists():
+        data_file.unlink()
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_file.name, size_threshold=1024)
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker (full check, path-based so external data works) and strict shape inference."""
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_torch_graph(module, spec: GraphSpec, example: Mapping[str, np.ndarray], path: Path) -> None:
+    """Export ``module`` to ``path`` with the inputs, outputs and dynamic axes of ``spec``."""
+    import torch
+
+    dims: dict[str, torch.export.Dim] = {}
+    dynamic_shapes: dict[str, dict[int, torch.export.Dim]] = {}
+    for tensor in spec.inputs:
+        axes = {}
+        for axis, dim in tensor.dynamic_axes().items():
+            # torch.export specializes sizes 0 and 1, so the exported range starts at 2; the
+            # resulting graph still runs at 1 (the axis stays symbolic in ONNX).
+            axes[axis] = dims.setdefault(dim.name, torch.export.Dim(dim.name, min=2, max=dim.max))
+        dynamic_shapes[tensor.name] = axes
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[t.name])) for t in spec.inputs)
+    for tensor, arg in zip(spec.inputs, args):
+        for axis in tensor.dynamic_axes():
+            if arg.shape[axis] < 2:
+                raise ValueError(f"example input {tensor.name} needs size >= 2 on dynamic axis {axis}")
+    with tempfile.TemporaryDirectory() as tmp, _quiet_exporter():
+        raw = Path(tmp) / spec.filename
+        torch.onnx.export(
+            module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_shapes=dynamic_shapes, opset_version=ONNX_OPSET, dynamo=True, verbose=False,
+            external_data=True,
+        )
+        model = onnx.load(str(raw))  # pulls the exporter's external data into memory
+    model.producer_name = "bgevl-export"
+    save_onnx(model, path)
+    check_onnx(path)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter prints its steps to stdout and warns about internals; keep stdout
+    for the command's result and show the exporter's chatter only in verbose logging."""
+    buffer = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buffer):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        yield
+    logging.getLogger("bgevl").debug("torch.onnx.export output:\n%s", buffer.getvalue())
+
+
+def nodes_between_outputs(model: onnx.ModelProto, normalized: str, unnormalized: str) -> list[str]:
+    """Names of the nodes that compute ``normalized`` from ``unnormalized`` (the final L2 norm).
+
+    Found by structure, not by op type: the ancestors of the normalized output that are not
+    ancestors of the unnormalized one.
+    """
+    producer = {out: node for node in model.graph.node for out in node.output}
+
+    def ancestors(output: str) -> set[str]:
+        seen: set[str] = set()
+        stack = [output]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            stack.extend(node.input)
+        return seen
+
+    return sorted(ancestors(normalized) - ancestors(unnormalized))
+
+
+#: Ops kept in float32 in the fp16 graph: LayerNorm overflows and Softmax loses precision in
+#: fp16 (NVIDIA/TensorRT#2781, #4111). The final normalization is added per graph by structure.
+FP16_BLOCKED_OPS = ("LayerNormalization", "Softmax")
+
+
+def convert_to_fp16(model: onnx.ModelProto, keep_fp32_nodes: Iterable[str]) -> onnx.ModelProto:
+    import warnings
+
+    from onnxconverter_common.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        # "the float32 number X will be truncated": tiny constants (epsilons) clamp to fp16's range.
+        warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
+        converted = convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=list(FP16_BLOCKED_OPS), node_block_list=list(keep_fp32_nodes),
+        )
+    _restore_float32_outputs(converted)
+    return converted
+
+
+def _restore_float32_outputs(model: onnx.ModelProto) -> None:
+    """Make every float graph output float32 again.
+
+    ``keep_io_types`` misses outputs produced by a blocked node: the converter casts the
+    blocked node's float32 result back to float16 and the graph output ends up float16. The
+    cast feeding such an output is turned into a cast to float32 (a no-op on the float32 value).
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for output in model.graph.output:
+        if output.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16:
+            continue
+        cast = producers.get(output.name)
+        if cast is None or cast.op_type != "Cast":
+            raise RuntimeError(f"fp16 conversion left output {output.name} as float16 with no cast to fix")
+        for attr in cast.attribute:
+            if attr.name == "to":
+                attr.i = onnx.TensorProto.FLOAT
+        output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+
+
+def weight_matmul_nodes(model: onnx.ModelProto) -> list[str]:
+    """MatMul/Gemm nodes with a constant weight: the ones INT8 quantizes.
+
+    Activation x activation MatMuls (attention scores) and the patch-embedding Conv stay in
+    float: quantizing them costs accuracy for little speed (reports on ViT-L/14 PTQ).
+    """
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(i in constants for i in n.input[:2])]
+
+
+class FeedReader:
+    """onnxruntime CalibrationDataReader over a list of input feeds."""
+
+    def __init__(self, feeds: Iterable[Mapping[str, np.ndarray]]):
+        self._feeds = list(feeds)
+        self._it: Iterator | None = None
+        self.rewind()
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter([dict(f) for f in self._feeds])
+
+
+def _strip_value_info(src: Path, dst: Path) -> None:
+    # The exporter's value_info can disagree with onnx's own inference once equal initializers
+    # are deduplicated ("Inferred shape and existing shape differ"); quantization re-infers it.
+    model = onnx.load(str(src))
+    del model.graph.value_info[:]
+    save_onnx(model, dst)
+
+
+def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: list[Mapping[str, np.ndarray]] | None) -> dict:
+    """INT8 from the fp32 graph ``src``. Returns what was done, for the manifest."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    nodes = weight_matmul_nodes(onnx.load(str(src), load_external_data=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        stripped, prepared = Path(tmp) / "stripped.onnx", Path(tmp) / "prepared.onnx"
+        _strip_value_info(src, stripped)
+        large = stripped.with_name(stripped.name + ".data").exists()
+        # ONNX Runtime's recommended pre-processing: shape inference + graph optimization.
+        quant_pre_process(str(stripped), str(prepared), skip_symbolic_shape=True, save_as_external_data=large)
+        if mode == "qdq":
+            if not calibration_feeds:
+                raise ValueError("static INT8 needs calibration data")
+            quantize_static(
+                str(prepared), str(dst), FeedReader(calibration_feeds), quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
+                # TensorRT's explicit quantization wants symmetric int8 (zero point 0).
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            )
+            return {"method": "static QDQ (QuantizeLinear/DequantizeLinear)", "activations": "int8 symmetric per-tensor",
+                    "weights": "int8 symmetric per-channel", "calibration": "MinMax", "quantized_nodes": len(nodes)}
+        if mode == "dynamic":
+            quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                             use_external_data_format=large, per_channel=True)
+            return {"method": "dynamic (ONNX Runtime MatMulInteger; CPU serving)", "weights": "int8 per-channel",
+                    "activations": "uint8, quantized at run time", "quantized_nodes": len(nodes)}
+    raise ValueError(f"unknown int8 mode {mode!r}")
+
+
+def ort_session(path: Path | str, providers: list | None = None, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"])
+
+
+def file_size(path: Path) -> int:
+    data = Path(str(path) + ".data")
+    return os.path.getsize(path) + (os.path.getsize(data) if data.exists() else 0)

@@ -1,0 +1,269 @@
+"""The one place where BGE-VL models and their graphs are declared.
+
+Every other part (exporter, runtime, Triton configs, benchmarks) derives input names,
+dtypes, shapes and dynamic axes from the declarations here, the way Optimum's
+``OnnxConfig`` drives its exporter.
+
+Two kinds of declaration:
+
+* :class:`ModelSpec`: a model the command line accepts (``--model tiny|base|large``): where its
+  weights come from and, for offline random-weight builds, its architecture.
+* :class:`GraphSpec`: one ONNX graph (inputs, outputs, named dynamic axes with their
+  min/opt/max ranges), built from a loaded model config by :func:`clip_graph_specs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+from bgevl.errors import BgevlError
+
+#: ONNX opset of every exported graph. >= 17 so LayerNorm is exported as the
+#: LayerNormalization op, which TensorRT maps to its normalization layer (FP16-safe).
+ONNX_OPSET = 18
+
+#: Default and max batch of the exported graphs' dynamic batch axis (TensorRT profiles,
+#: Triton ``max_batch_size`` and benchmark sweeps read these).
+DEFAULT_OPT_BATCH = 8
+DEFAULT_MAX_BATCH = 64
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+#: Minimum cosine similarity to the PyTorch reference an export must reach, per precision.
+#: Enforced on pretrained checkpoints; on random weights the figures are reported (see
+#: ``bgevl.export.validate``).
+COSINE_THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A dynamic axis: its name in the ONNX graph and the range the artifacts must serve."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min <= self.opt <= self.max):
+            raise ValueError(f"dynamic axis {self.name!r}: need 1 <= min <= opt <= max, got {self}")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64"
+    shape: tuple[int | Dim, ...]
+    description: str = ""
+
+    def symbolic_shape(self) -> list[int | str]:
+        """Shape with dynamic axes written as their names (the manifest's form)."""
+        return [d.name if isinstance(d, Dim) else d for d in self.shape]
+
+    def dynamic_axes(self) -> dict[int, Dim]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, Dim)}
+
+    def concrete_shape(self, which: str = "opt", **overrides: int) -> tuple[int, ...]:
+        """A concrete shape: each dynamic axis at its ``min``/``opt``/``max`` or an override."""
+        return tuple(
+            overrides.get(d.name, getattr(d, which)) if isinstance(d, Dim) else d for d in self.shape
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": self.symbolic_shape(),
+            "dynamic_axes": {str(i): asdict(d) for i, d in self.dynamic_axes().items()},
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TensorSpec":
+        dyn = {int(i): Dim(**d) for i, d in data.get("dynamic_axes", {}).items()}
+        shape = tuple(dyn[i] if i in dyn else int(s) for i, s in enumerate(data["shape"]))
+        return cls(data["name"], data["dtype"], shape, data.get("description", ""))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: ``name`` is also its file stem (``vision.onnx``)."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str = ""
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.onnx"
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def output(self, role: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == role)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "file": self.filename,
+            "description": self.description,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "GraphSpec":
+        return cls(
+            name=data["name"],
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+            description=data.get("description", ""),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# CLIP dual encoders (BGE-VL-base / BGE-VL-large)
+# ---------------------------------------------------------------------------------------
+
+#: Output names. ``*_embeds`` are L2-normalized (what retrieval uses); ``*_features`` are the
+#: unnormalized projections, which score fusion needs (see ``bgevl.fusion``).
+IMAGE_EMBEDS, IMAGE_FEATURES = "image_embeds", "image_features"
+TEXT_EMBEDS, TEXT_FEATURES = "text_embeds", "text_features"
+PIXEL_VALUES, INPUT_IDS, ATTENTION_MASK = "pixel_values", "input_ids", "attention_mask"
+VISION_GRAPH, TEXT_GRAPH = "vision", "text"
+
+#: For each graph: (normalized output, unnormalized output). The exporter keeps the
+#: nodes between the two in float32 (they are the final L2 normalization).
+NORMALIZED_OUTPUTS = {VISION_GRAPH: (IMAGE_EMBEDS, IMAGE_FEATURES), TEXT_GRAPH: (TEXT_EMBEDS, TEXT_FEATURES)}
+
+
+def batch_dim(opt: int = DEFAULT_OPT_BATCH, max_batch: int = DEFAULT_MAX_BATCH) -> Dim:
+    return Dim("batch", 1, min(opt, max_batch), max_batch)
+
+
+def clip_graph_specs(
+    *, image_size: int, max_text_length: int, embed_dim: int,
+    opt_batch: int = DEFAULT_OPT_BATCH, max_batch: int = DEFAULT_MAX_BATCH,
+) -> dict[str, GraphSpec]:
+    """The two graphs of a CLIP dual encoder, with projection and L2 norm inside the graph."""
+    batch = batch_dim(opt_batch, max_batch)
+    seq = Dim("sequence", 1, min(16, max_text_length), max_text_length)
+    vision = GraphSpec(
+        VISION_GRAPH,
+        inputs=(TensorSpec(PIXEL_VALUES, "float32", (batch, 3, image_size, image_size),
+                           "CLIP-normalized RGB pixels from the model's CLIPImageProcessor"),),
+        outputs=(
+            TensorSpec(IMAGE_EMBEDS, "float32", (batch, embed_dim), "L2-normalized image embedding"),
+            TensorSpec(IMAGE_FEATURES, "float32", (batch, embed_dim),
+                       "unnormalized projected image features (input of score fusion)"),
+        ),
+        description="vision tower: CLS after post_layernorm -> visual_projection -> L2 normalize",
+    )
+    text = GraphSpec(
+        TEXT_GRAPH,
+        inputs=(
+            TensorSpec(INPUT_IDS, "int64", (batch, seq), "CLIP BPE token ids, <|startoftext|> ... <|endoftext|>"),
+            TensorSpec(ATTENTION_MASK, "int64", (batch, seq), "1 for tokens, 0 for padding"),
+        ),
+        outputs=(
+            TensorSpec(TEXT_EMBEDS, "float32", (batch, embed_dim), "L2-normalized text embedding"),
+            TensorSpec(TEXT_FEATURES, "float32", (batch, embed_dim),
+                       "unnormalized projected text features (input of score fusion)"),
+        ),
+        description="text tower: EOS-token pooling after final_layer_norm -> text_projection -> L2 normalize",
+    )
+    return {VISION_GRAPH: vision, TEXT_GRAPH: text}
+
+
+def clip_graph_specs_from_config(config: Any, **batch: int) -> dict[str, GraphSpec]:
+    """Graph specs from a transformers ``CLIPConfig``."""
+    return clip_graph_specs(
+        image_size=config.vision_config.image_size,
+        max_text_length=config.text_config.max_position_embeddings,
+        embed_dim=config.projection_dim,
+        **batch,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Model registry
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    family: str  # "clip"
+    description: str
+    hub_id: str | None = None
+    #: transformers CLIPConfig kwargs of the architecture, for offline random-weight builds.
+    architecture: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def generated(self) -> bool:
+        """True for the embedded tiny models generated offline (no hub id)."""
+        return self.hub_id is None
+
+
+def _clip_arch(*, text_width: int, text_layers: int, text_heads: int, vision_width: int,
+               vision_layers: int, vision_heads: int, patch: int, image_size: int, proj: int,
+               vocab_size: int = 49408) -> dict[str, Any]:
+    return {
+        "text_config": {
+            "vocab_size": vocab_size, "hidden_size": text_width, "intermediate_size": 4 * text_width,
+            "num_hidden_layers": text_layers, "num_attention_heads": text_heads,
+            "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+        },
+        "vision_config": {
+            "hidden_size": vision_width, "intermediate_size": 4 * vision_width,
+            "num_hidden_layers": vision_layers, "num_attention_heads": vision_heads,
+            "image_size": image_size, "patch_size": patch, "hidden_act": "quick_gelu",
+        },
+        "projection_dim": proj,
+    }
+
+
+MODELS: dict[str, ModelSpec] = {
+    "tiny": ModelSpec(
+        "tiny", "clip",
+        "small random-weight CLIP (same architecture as BGE-VL-base, 2 layers, width 32), generated offline",
+        architecture=_clip_arch(text_width=32, text_layers=2, text_heads=2, vision_width=32,
+                                vision_layers=2, vision_heads=2, patch=32, image_size=224, proj=16,
+                                vocab_size=0),  # vocab size comes from the generated tokenizer
+    ),
+    "base": ModelSpec(
+        "base", "clip", "BAAI/BGE-VL-base: CLIP ViT-B/16 dual encoder (150M parameters)",
+        hub_id="BAAI/BGE-VL-base",
+        architecture=_clip_arch(text_width=512, text_layers=12, text_heads=8, vision_width=768,
+                                vision_layers=12, vision_heads=12, patch=16, image_size=224, proj=512),
+    ),
+    "large": ModelSpec(
+        "large", "clip", "BAAI/BGE-VL-large: CLIP ViT-L/14 dual encoder (428M parameters)",
+        hub_id="BAAI/BGE-VL-large",
+        architecture=_clip_arch(text_width=768, text_layers=12, text_heads=12, vision_width=1024,
+                                vision_layers=24, vision_heads=16, patch=14, image_size=224, proj=768),
+    ),
+}
+
+
+def get_model_spec(key: str) -> ModelSpec:
+    try:
+        return MODELS[key]
+    except KeyError:
+        raise BgevlError(f"unknown model {key!r}; choose one of: {', '.join(MODELS)}") from None
+
+
+def graph_specs_to_json(specs: Mapping[str, GraphSpec]) -> dict[str, Any]:
+    return {name: spec.to_json() for name, spec in specs.items()}
+
+
+def dims_of(specs: Sequence[TensorSpec]) -> dict[str, Dim]:
+    """All named dynamic axes of some tensors, by name."""
+    return {d.name: d for t in specs for d in t.dynamic_axes().values()}

@@ -1,0 +1,1 @@
+"""Triton Inference Server model repositories generated from an export directory (issue 4; not built yet)."""

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv with everything bgevl-export needs to export, run and test on CPU.
+# Idempotent: re-running only installs what changed. Used by `make` and by CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+# Debian's python3.11 when present: the Triton python-backend stub of the nvidia-pytriton wheel
+# embeds that libpython, so a venv made from it also serves python-backend models.
+PYTHON=${PYTHON:-$(command -v /usr/bin/python3.11 || command -v python3)}
+stamp="$VENV/.bgevl-installed"
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt constraints.txt ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+# torch first and pinned: an unpinned torch pulls the CUDA build (GBs); 2.13.0 is the CPU wheel here.
+$PIP install "torch==2.13.0"
+$PIP install -c constraints.txt -e ".[cpu,export,test]"
+touch "$stamp"
+echo "environment ready: $VENV" >&2

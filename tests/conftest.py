@@ -1,0 +1,58 @@
+"""Shared fixtures: the tiny random-weight CLIP (generated, saved, loaded back through the real
+path) and its exports at each precision, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bgevl.checkpoints import generate_clip_checkpoint, load_clip
+from bgevl.export import ExportOptions, run_export
+from bgevl.specs import get_model_spec
+
+
+def _has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device and onnxruntime-gpu/TensorRT; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return generate_clip_checkpoint(get_model_spec("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_checkpoint):
+    """(CLIPModel, CLIPProcessor) loaded from the generated checkpoint: the PyTorch reference."""
+    return load_clip(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory):
+    """Export factory: ``export_dir("fp16")`` -> directory, cached per option set."""
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("exports")
+
+    def make(precision: str, **kw) -> Path:
+        key = (precision, tuple(sorted(kw.items())))
+        if key not in cache:
+            name = "-".join([precision] + [f"{k}_{v}" for k, v in sorted(kw.items())])
+            cache[key] = run_export(ExportOptions(output=root / name, model="tiny", precision=precision, **kw),
+                                    sink=lambda msg: None)
+        return cache[key]
+
+    return make

@@ -1,0 +1,117 @@
+"""The command line: messages and exit codes for failures, nothing half-written, local checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bgevl.export.cli import main
+from bgevl.probes import synthetic_images
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bgevl.export.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("model", ["base", "large"])
+def test_hub_models_without_network_fail_at_once_naming_model_path(model, tmp_path):
+    # An empty cache and a hub endpoint on a closed local port: the same failure as no network.
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+    result = run_cli("--model", model, "--output", str(tmp_path / "out"), env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"BAAI/BGE-VL-{model}" in result.stderr and "--model-path" in result.stderr
+    message = [line for line in result.stderr.splitlines() if line.startswith("bgevl-export: error:")]
+    assert len(message) == 1, result.stderr  # one paragraph
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_hf_hub_offline_is_respected(tmp_path):
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = run_cli("--model", "base", "--output", str(tmp_path / "out"), env=env)
+    assert result.returncode == 2 and "HF_HUB_OFFLINE" in result.stderr and "--model-path" in result.stderr
+
+
+def test_missing_model_path_is_named(tmp_path, capsys):
+    assert main(["--model", "base", "--model-path", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--model-path" in err and "no such directory" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["--model", "base", "--model-path", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_local_checkpoint_through_model_path(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "local"
+    assert main(["--model", "base", "--model-path", str(tiny_checkpoint), "--output", str(out), "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["source"] == f"local:{tiny_checkpoint.resolve()}"
+    assert manifest["model"]["weights"] == "pretrained"  # thresholds enforced as for a real checkpoint
+    assert manifest["validation"]["passed"] is True
+    assert capsys.readouterr().out.strip() == str(out.resolve())
+
+
+def test_failed_validation_prints_figures_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "strict"
+    code = main(["--model", "tiny", "--precision", "int8", "--min-cosine", "1.01", "--output", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "failed validation (min cosine must be >= 1.01)" in err
+    for graph in ("vision", "text", "composed"):
+        assert f"  {graph} " in err
+    assert "--no-validate" in err and "--calibration-data" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_no_validate_skips_validation(tmp_path):
+    out = tmp_path / "nv"
+    assert main(["--model", "tiny", "--no-validate", "--min-cosine", "1.01", "--output", str(out), "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["validation"] == {"performed": False}
+    assert manifest["graphs"]["vision"]["validation"] is None
+
+
+def test_refuses_non_empty_output_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["--model", "tiny", "--output", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_int8_with_calibration_directory(tmp_path, tiny_reference):
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for i, image in enumerate(synthetic_images(6, seed=99)):
+        image.save(cal / f"img{i}.png")
+    (cal / "captions.txt").write_text("a red square\n\na blue circle on grass\nmake it night\n")
+    out = tmp_path / "int8cal"
+    assert main(["--model", "tiny", "--precision", "int8", "--calibration-data", str(cal), "--output", str(out), "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"] == {"source": str(cal.resolve()), "images": 6, "texts": 3}
+    assert manifest["validation"]["passed"] is True
+
+
+def test_calibration_directory_without_captions_is_explained(tmp_path, capsys):
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    Image.new("RGB", (32, 32)).save(cal / "a.png")
+    assert main(["--model", "tiny", "--precision", "int8", "--calibration-data", str(cal), "--output", str(tmp_path / "o")]) == 2
+    assert "found 1 images and 0 captions" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_lists_models_and_precisions():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for word in ("tiny", "base", "large", "fp32", "fp16", "int8", "--model-path", "--calibration-data"):
+        assert word in result.stdout
