@@ -15,7 +15,7 @@ Two kinds of declaration:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from bgevl.errors import BgevlError
 
@@ -263,7 +263,3 @@ def get_model_spec(key: str) -> ModelSpec:
 def graph_specs_to_json(specs: Mapping[str, GraphSpec]) -> dict[str, Any]:
     return {name: spec.to_json() for name, spec in specs.items()}
 
-
-def dims_of(specs: Sequence[TensorSpec]) -> dict[str, Dim]:
-    """All named dynamic axes of some tensors, by name."""
-    return {d.name: d for t in specs for d in t.dynamic_axes().values()}

@@ -55,6 +55,7 @@ def test_local_checkpoint_through_model_path(tiny_checkpoint, tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["source"] == f"local:{tiny_checkpoint.resolve()}"
     assert manifest["model"]["weights"] == "pretrained"  # thresholds enforced as for a real checkpoint
+    assert manifest["command"] == f"bgevl-export --model base --model-path {tiny_checkpoint} --output {out} -q"
     assert manifest["validation"]["passed"] is True
     assert capsys.readouterr().out.strip() == str(out.resolve())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         precision=args.precision, int8_mode=args.int8_mode, calibration_data=args.calibration_data,
         calibration_size=args.calibration_size, validate=args.validate, min_cosine=args.min_cosine,
         opt_batch=args.opt_batch, max_batch=args.max_batch, overwrite=args.overwrite,
+        command=shlex.join(["bgevl-export", *(sys.argv[1:] if argv is None else argv)]),
     )
     try:
         out = run_export(opts, sink=(lambda msg: None) if args.quiet else None)

@@ -219,16 +219,6 @@ def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: list[Mappi
     raise ValueError(f"unknown int8 mode {mode!r}")
 
 
-def ort_session(path: Path | str, providers: list | None = None, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"])
-
-
 def file_size(path: Path) -> int:
     data = Path(str(path) + ".data")
     return os.path.getsize(path) + (os.path.getsize(data) if data.exists() else 0)

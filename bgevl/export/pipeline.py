@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -26,6 +26,7 @@ from bgevl.fusion import score_fusion
 from bgevl.manifest import write_manifest
 from bgevl.probes import builtin_calibration_set, probe_set
 from bgevl.runtime.preprocessing import ClipPreprocessor, load_image
+from bgevl.runtime.providers import create_session
 from bgevl.specs import (
     IMAGE_EMBEDS, IMAGE_FEATURES, NORMALIZED_OUTPUTS, ONNX_OPSET, PRECISIONS, TEXT_EMBEDS, TEXT_FEATURES,
     TEXT_GRAPH, VISION_GRAPH, GraphSpec, clip_graph_specs_from_config, get_model_spec, graph_specs_to_json,
@@ -52,7 +53,7 @@ class ExportOptions:
     max_batch: int = 64
     overwrite: bool = False
     probe_count: int = 8
-    extra: dict = field(default_factory=dict)
+    command: str | None = None  # the command line, recorded in the manifest
 
 
 class Progress:
@@ -216,7 +217,7 @@ def _export_clip(spec, opts: ExportOptions, staging: Path, work: Path, progress:
                  f"{len(probes.composed)} composed queries")
         ref = {name: run_reference(modules[name], feeds[name]) for name in graphs}
         ref_composed = {name: run_reference(modules[name], composed_feeds[name]) for name in graphs}
-        sessions = {name: onnx_tools.ort_session(staging / g.filename) for name, g in graphs.items()}
+        sessions = {name: create_session(staging / g.filename) for name, g in graphs.items()}
         got = {name: sessions[name].run(None, feeds[name]) for name in graphs}
         got_composed = {name: sessions[name].run(None, composed_feeds[name]) for name in graphs}
         out_index = {name: {o: i for i, o in enumerate(g.output_names)} for name, g in graphs.items()}
@@ -274,5 +275,5 @@ def _export_clip(spec, opts: ExportOptions, staging: Path, work: Path, progress:
         },
         "validation": validation,
         "versions": _versions(),
-        "command": " ".join(["bgevl-export", *sys.argv[1:]]) if sys.argv and "bgevl" in sys.argv[0] else None,
+        "command": opts.command,
     }

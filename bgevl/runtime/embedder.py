@@ -25,7 +25,7 @@ from bgevl.errors import InputError
 from bgevl.fusion import score_fusion
 from bgevl.manifest import Manifest, read_manifest
 from bgevl.runtime.preprocessing import ClipPreprocessor, as_list
-from bgevl.runtime.providers import provider_options_for, select_providers
+from bgevl.runtime.providers import create_session, provider_options_for, select_providers
 from bgevl.specs import IMAGE_EMBEDS, IMAGE_FEATURES, TEXT_EMBEDS, TEXT_FEATURES, TEXT_GRAPH, VISION_GRAPH
 
 
@@ -33,14 +33,8 @@ class OnnxGraph:
     """An ONNX Runtime session for one graph of the manifest, run in batches up to its max batch."""
 
     def __init__(self, manifest: Manifest, name: str, providers: list, threads: int | None = None):
-        import onnxruntime as ort
-
         self.spec = manifest.graph_spec(name)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(manifest.graph_path(name)), sess_options=options, providers=providers)
+        self.session = create_session(manifest.graph_path(name), providers, threads)
         self.max_batch = self.spec.inputs[0].shape[0].max
         self._index = {o: i for i, o in enumerate(self.spec.output_names)}
 

@@ -45,6 +45,17 @@ def select_providers(requested: str = "auto", available: Sequence[str] | None = 
     return [name] + ([cpu] if name != cpu else [])
 
 
+def create_session(path: str | Path, providers: Sequence | None = None, threads: int | None = None):
+    """An ONNX Runtime session with quiet logging (``providers``: names or (name, options) pairs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or [PROVIDERS["cpu"]]))
+
+
 def provider_options_for(providers: Sequence[str], artifact_dir: Path) -> list:
     """(name, options) pairs: the TensorRT EP caches its engines beside the artifacts."""
     out: list = []
