@@ -215,21 +215,22 @@ def _export_clip(spec, opts: ExportOptions, staging: Path, work: Path, progress:
     if opts.validate:
         progress(f"validating against PyTorch on {len(probes.images)} images, {len(probes.texts)} texts, "
                  f"{len(probes.composed)} composed queries")
-        ref = {name: run_reference(modules[name], feeds[name]) for name in graphs}
-        ref_composed = {name: run_reference(modules[name], composed_feeds[name]) for name in graphs}
         sessions = {name: create_session(staging / g.filename) for name, g in graphs.items()}
-        got = {name: sessions[name].run(None, feeds[name]) for name in graphs}
-        got_composed = {name: sessions[name].run(None, composed_feeds[name]) for name in graphs}
-        out_index = {name: {o: i for i, o in enumerate(g.output_names)} for name, g in graphs.items()}
 
-        def pick(results, name, output):
-            return results[name][out_index[name][output]]
+        def outputs(run, graph_feeds) -> dict[str, np.ndarray]:
+            """Every output of every graph, by output name (names are unique across graphs)."""
+            return {o: v for name, g in graphs.items() for o, v in zip(g.output_names, run(name, graph_feeds[name]))}
 
-        ref_img, ref_txt = pick(ref, VISION_GRAPH, IMAGE_EMBEDS), pick(ref, TEXT_GRAPH, TEXT_EMBEDS)
-        figures[VISION_GRAPH] = parity_figures(pick(got, VISION_GRAPH, IMAGE_EMBEDS), ref_img, ref_txt)
-        figures[TEXT_GRAPH] = parity_figures(pick(got, TEXT_GRAPH, TEXT_EMBEDS), ref_txt, ref_img)
-        ref_fused = score_fusion(pick(ref_composed, VISION_GRAPH, IMAGE_FEATURES), pick(ref_composed, TEXT_GRAPH, TEXT_FEATURES))
-        got_fused = score_fusion(pick(got_composed, VISION_GRAPH, IMAGE_FEATURES), pick(got_composed, TEXT_GRAPH, TEXT_FEATURES))
+        ref = outputs(lambda name, feed: run_reference(modules[name], feed), feeds)
+        ref_composed = outputs(lambda name, feed: run_reference(modules[name], feed), composed_feeds)
+        got = outputs(lambda name, feed: sessions[name].run(None, feed), feeds)
+        got_composed = outputs(lambda name, feed: sessions[name].run(None, feed), composed_feeds)
+
+        ref_img, ref_txt = ref[IMAGE_EMBEDS], ref[TEXT_EMBEDS]
+        figures[VISION_GRAPH] = parity_figures(got[IMAGE_EMBEDS], ref_img, ref_txt)
+        figures[TEXT_GRAPH] = parity_figures(got[TEXT_EMBEDS], ref_txt, ref_img)
+        ref_fused = score_fusion(ref_composed[IMAGE_FEATURES], ref_composed[TEXT_FEATURES])
+        got_fused = score_fusion(got_composed[IMAGE_FEATURES], got_composed[TEXT_FEATURES])
         figures["composed"] = parity_figures(got_fused, ref_fused, ref_img)
         progress.info("parity vs PyTorch fp32 (ONNX Runtime CPU):\n" + format_figures(figures))
         threshold = threshold_for(opts.precision, opts.min_cosine)

@@ -36,7 +36,6 @@ class OnnxGraph:
         self.spec = manifest.graph_spec(name)
         self.session = create_session(manifest.graph_path(name), providers, threads)
         self.max_batch = self.spec.inputs[0].shape[0].max
-        self._index = {o: i for i, o in enumerate(self.spec.output_names)}
 
     @property
     def providers(self) -> list[str]:

@@ -130,9 +130,11 @@ class ClipPreprocessor:
 
     def tokens(self, texts: Sequence[Any]) -> dict[str, np.ndarray]:
         texts = check_texts(texts)
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
-        over = [(i, n) for i, n in enumerate(lengths) if n > self.max_text_length]
-        if over:
+        enc = self.tokenizer(texts, add_special_tokens=True, verbose=False)
+        over = [(i, len(ids)) for i, ids in enumerate(enc["input_ids"]) if len(ids) > self.max_text_length]
+        if not over:  # the common case: pad the one tokenization, no second pass
+            enc = self.tokenizer.pad(enc, padding=True, return_tensors="np")
+        else:
             listed = ", ".join(f"text[{i}] ({n} tokens)" for i, n in over)
             if self.text_overflow == "error":
                 raise InputError(
@@ -140,5 +142,6 @@ class ClipPreprocessor:
                     f"use text_overflow='truncate'"
                 )
             log.warning("truncating %s to the model's limit of %d tokens", listed, self.max_text_length)
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="np")
+            # re-tokenized by the tokenizer itself so truncation keeps <|endoftext|> last (EOS pooling)
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="np")
         return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
