@@ -115,7 +115,8 @@ def resolve_checkpoint(spec: ModelSpec, *, model_path: str | os.PathLike | None,
             )
         return ResolvedCheckpoint(path.resolve(), f"local:{path.resolve()}", "pretrained")
     if spec.generated or random_weights:
-        path = generate_clip_checkpoint(spec, workdir / f"generated-{spec.key}")
+        generate = generate_clip_checkpoint if spec.family == "clip" else generate_mllm_checkpoint
+        path = generate(spec, workdir / f"generated-{spec.key}")
         return ResolvedCheckpoint(path, f"generated:{spec.key} (random weights, seed {GENERATED_SEED})", "random")
     return ResolvedCheckpoint(_download(spec), f"hub:{spec.hub_id}", "pretrained")
 
@@ -157,5 +158,96 @@ def load_clip(path: Path) -> tuple[Any, Any]:
         raise CheckpointError(
             f"cannot load a CLIP checkpoint from {path}: {exc}. The directory needs config.json, "
             f"the weights (model.safetensors or pytorch_model.bin) and the tokenizer/preprocessor files."
+        ) from exc
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------
+# LLaVA-NeXT embedders (BGE-VL-MLLM)
+# ---------------------------------------------------------------------------------------
+
+#: Tokens of the generated Llama-style tokenizer beyond bytes and single characters.
+_TINY_LLAMA_MERGES = (
+    ("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("▁", "a"), ("e", "r"), ("o", "n"), ("▁", "["),
+    ("I", "N"), ("IN", "S"), ("INS", "T"), ("T", "]"), ("▁", "<"), ("r", "e"), ("▁", "o"), ("a", "t"),
+)
+
+
+def generated_llama_tokenizer() -> Any:
+    """A Mistral/Llama-style tokenizer (``LlamaTokenizer``: Metaspace, byte fallback, ``<s>`` prepended,
+    left padding) with a small deterministic vocabulary, plus ``<pad>`` and the ``<image>``
+    placeholder, as llava-v1.6-mistral adds them. Used by the generated tiny MLLM only."""
+    import string
+
+    from tokenizers import AddedToken
+    from transformers import LlamaTokenizer
+
+    vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for ch in ["▁", *sorted(set(string.ascii_letters + string.digits + string.punctuation))]:
+        vocab.setdefault(ch, len(vocab))
+    for a, b in _TINY_LLAMA_MERGES:
+        vocab.setdefault(a + b, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=list(_TINY_LLAMA_MERGES), padding_side="left",
+                               add_bos_token=True, add_eos_token=False, model_max_length=32768)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    return tokenizer
+
+
+def generate_mllm_checkpoint(spec: ModelSpec, directory: Path) -> Path:
+    """Write a random-weight LLaVA-NeXT of ``spec.architecture`` (+ processor files) to ``directory``."""
+    import copy
+
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    tokenizer = generated_llama_tokenizer()
+    arch = copy.deepcopy(dict(spec.architecture))
+    text = arch["text_config"]
+    text["vocab_size"] = max(text.get("vocab_size") or 0, len(tokenizer))
+    text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaNextConfig(**arch, image_token_index=image_token_id)
+    tile = config.vision_config.image_size
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+            image_grid_pinpoints=config.image_grid_pinpoints),
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # the CLS token, as in llava-hf's processor configs
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(GENERATED_SEED)
+        model = LlavaNextForConditionalGeneration(config).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def load_mllm(path: Path) -> tuple[Any, Any]:
+    """Load a BGE-VL-MLLM checkpoint with transformers' LlavaNextForConditionalGeneration.
+
+    The hub checkpoints name the remote-code class ``LLaVANextForEmbedding`` (MegaPairs
+    ``modeling_llava_next.py``): a ``LlavaNextForConditionalGeneration`` whose language-model forward
+    returns the last hidden states instead of logits. The weights are the same modules, so they
+    load into today's class without ``trust_remote_code``; the LM head is loaded but never exported.
+    """
+    from transformers import AutoProcessor, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    try:
+        config = LlavaNextConfig.from_pretrained(path)
+        model = LlavaNextForConditionalGeneration.from_pretrained(
+            path, config=config, attn_implementation="eager", dtype="float32").eval()
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot load a LLaVA-NeXT checkpoint from {path}: {exc}. The directory needs config.json, "
+            f"the weights (*.safetensors) and the tokenizer/processor files."
         ) from exc
     return model, processor

@@ -1,5 +1,5 @@
-"""Shared fixtures: the tiny random-weight CLIP (generated, saved, loaded back through the real
-path) and its exports at each precision, built once per test session."""
+"""Shared fixtures: the tiny random-weight CLIP and LLaVA-NeXT (generated, saved, loaded back
+through the real path) and their exports at each precision, built once per test session."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bgevl.checkpoints import generate_clip_checkpoint, load_clip
+from bgevl.checkpoints import generate_clip_checkpoint, generate_mllm_checkpoint, load_clip, load_mllm
 from bgevl.export import ExportOptions, run_export
 from bgevl.specs import get_model_spec
 
@@ -42,16 +42,23 @@ def tiny_reference(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def tiny_mllm_reference(tmp_path_factory):
+    """(LlavaNextForConditionalGeneration, LlavaNextProcessor) of the generated tiny-mllm checkpoint."""
+    path = generate_mllm_checkpoint(get_model_spec("tiny-mllm"), tmp_path_factory.mktemp("ckpt") / "tiny-mllm")
+    return load_mllm(path)
+
+
+@pytest.fixture(scope="session")
 def export_dir(tmp_path_factory):
     """Export factory: ``export_dir("fp16")`` -> directory, cached per option set."""
     cache: dict = {}
     root = tmp_path_factory.mktemp("exports")
 
-    def make(precision: str, **kw) -> Path:
-        key = (precision, tuple(sorted(kw.items())))
+    def make(precision: str, model: str = "tiny", **kw) -> Path:
+        key = (model, precision, tuple(sorted(kw.items())))
         if key not in cache:
-            name = "-".join([precision] + [f"{k}_{v}" for k, v in sorted(kw.items())])
-            cache[key] = run_export(ExportOptions(output=root / name, model="tiny", precision=precision, **kw),
+            name = "-".join([model, precision] + [f"{k}_{v}" for k, v in sorted(kw.items())])
+            cache[key] = run_export(ExportOptions(output=root / name, model=model, precision=precision, **kw),
                                     sink=lambda msg: None)
         return cache[key]
 

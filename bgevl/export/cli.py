@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from bgevl.errors import BgevlError
-from bgevl.specs import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, MODELS, PRECISIONS
+from bgevl.specs import (
+    DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, DEFAULT_OPT_BATCH, MLLM_MAX_BATCH, MLLM_OPT_BATCH, MODELS, PRECISIONS,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="tiny", choices=list(MODELS),
-                   help="tiny: offline random-weight CLIP; base/large: BAAI/BGE-VL-base/-large (hub or --model-path)")
+                   help="tiny / tiny-mllm: offline random-weight CLIP / LLaVA-NeXT; base, large, mllm-s1, mllm-s2: "
+                        "BAAI/BGE-VL-base, -large, -MLLM-S1, -MLLM-S2 (hub or --model-path)")
     p.add_argument("--model-path", type=Path, default=None, help="local checkpoint directory (config.json, weights, processor files)")
     p.add_argument("--random-weights", action="store_true",
                    help="build the --model architecture with random weights, offline (for structure and speed checks)")
@@ -34,8 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the parity check against PyTorch")
     p.add_argument("--min-cosine", type=float, default=None,
                    help="override the validation threshold (default: fp32 0.99999, fp16 0.999, int8 0.99)")
-    p.add_argument("--opt-batch", type=int, default=DEFAULT_OPT_BATCH, help="batch size to optimize for (TensorRT profile, Triton)")
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="largest batch the artifacts serve")
+    p.add_argument("--opt-batch", type=int, default=None,
+                   help=f"batch size to optimize for (TensorRT profile, Triton); default {DEFAULT_OPT_BATCH} for CLIP, "
+                        f"{MLLM_OPT_BATCH} for the MLLM")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help=f"largest batch the artifacts serve; default {DEFAULT_MAX_BATCH} for CLIP, {MLLM_MAX_BATCH} for the MLLM")
+    p.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE,
+                   help="MLLM: longest prompt plus image tokens the language graph serves (one 512x512 image is 2928 tokens)")
+    p.add_argument("--force-fp32", action="store_true", help="allow --precision fp32 for the 7B MLLM (about 60 GB of memory)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the result and errors")
     return p
 
@@ -51,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         precision=args.precision, int8_mode=args.int8_mode, calibration_data=args.calibration_data,
         calibration_size=args.calibration_size, validate=args.validate, min_cosine=args.min_cosine,
         opt_batch=args.opt_batch, max_batch=args.max_batch, overwrite=args.overwrite,
+        max_sequence_length=args.max_sequence_length, force_fp32=args.force_fp32,
         command=shlex.join(["bgevl-export", *(sys.argv[1:] if argv is None else argv)]),
     )
     try:

@@ -222,3 +222,120 @@ def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: list[Mappi
 def file_size(path: Path) -> int:
     data = Path(str(path) + ".data")
     return os.path.getsize(path) + (os.path.getsize(data) if data.exists() else 0)
+
+
+def rms_norm_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes of the RMSNorms (Mistral/Llama) as the exporter decomposes them: Pow(x, 2) ->
+    ReduceMean -> Add(eps) -> Sqrt -> Reciprocal -> Mul(x, .). Held in float32 by the fp16 pass:
+    the square of a hidden state over 256 overflows float16 (transformers computes the RMSNorm in
+    float32 for the same reason)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    chain = ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Mul")
+    keep: list[str] = []
+    for node in model.graph.node:
+        if node.op_type != "Pow":
+            continue
+        found, current = [node.name], node
+        for op in chain:
+            nxt = [c for c in consumers.get(current.output[0], []) if c.op_type == op]
+            if not nxt:
+                break
+            current = nxt[0]
+            found.append(current.name)
+        if len(found) == len(chain) + 1:
+            keep.extend(found)
+    return keep
+
+
+def quantize_weights_int8(src: Path, dst: Path, mode: str) -> dict:
+    """Weight-only INT8 of every MatMul with a constant weight (activations stay float).
+
+    * ``qdq``: the weight becomes int8 + a per-output-channel float scale feeding a
+      DequantizeLinear before the MatMul: the explicit weight-only form TensorRT builds INT8
+      weight-only GEMMs from, and ONNX Runtime runs as is. onnxruntime's MatMulNBits quantizer
+      writes QDQ only for 4 bits, hence this small pass (symmetric, zero point 0).
+    * ``dynamic``: onnxruntime's ``MatMulNBitsQuantizer`` with 8 bits (contrib op MatMulNBits,
+      blockwise, ONNX Runtime CPU/CUDA only).
+    """
+    model = onnx.load(str(src))
+    nodes = set(weight_matmul_nodes(model))
+    if mode == "dynamic":
+        from onnxruntime.quantization import QuantFormat
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+        config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, bits=8, quant_format=QuantFormat.QOperator)
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+        quantizer.process()
+        save_onnx(quantizer.model.model, dst)
+        count = sum(1 for n in quantizer.model.model.graph.node if n.op_type == "MatMulNBits")
+        return {"method": "weight-only int8 (onnxruntime MatMulNBits, 8 bits, symmetric, block 128)",
+                "activations": "float (not quantized)", "quantized_nodes": count}
+    if mode != "qdq":
+        raise ValueError(f"unknown int8 mode {mode!r}")
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in model.graph.initializer}
+    new_inits, new_nodes, count = [], [], 0
+    for node in model.graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if node.name not in nodes or weight is None or len(weight.dims) != 2:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(weight).astype(np.float32)
+        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0  # per output channel (axis 1 of [K, N])
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        base = f"{node.name}_w8"
+        new_inits += [numpy_helper.from_array(q, f"{base}_q"), numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
+                      numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{base}_zero")]
+        new_nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_scale", f"{base}_zero"],
+                                               [f"{base}_dq"], name=f"{base}_dequantize", axis=1))
+        node.input[1] = f"{base}_dq"
+        new_nodes.append(node)
+        count += 1
+    used = {name for n in new_nodes for name in n.input}
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + new_inits)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    save_onnx(model, dst)
+    return {"method": "weight-only int8 QDQ (int8 weights -> DequantizeLinear -> MatMul)",
+            "weights": "int8 symmetric per output channel", "activations": "float (not quantized)",
+            "quantized_nodes": count}
+
+
+def rotary_nodes(model: onnx.ModelProto, max_depth: int = 8) -> list[str]:
+    """Nodes of the rotary position embedding: from the Cast of the integer positions to float
+    through to the Cos and Sin. Held in float32 by the fp16 pass: float16 represents integers
+    exactly only up to 2048, and image queries of BGE-VL-MLLM are about 3000 tokens long, so
+    positions (and the angles from them) must stay float32 (transformers computes them in float32)."""
+    int_types = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    keep: set[str] = set()
+    for node in model.graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if node.op_type != "Cast" or to != onnx.TensorProto.FLOAT or types.get(node.input[0]) not in int_types:
+            continue
+        found, frontier, reached = {node.name}, [node], False
+        for _ in range(max_depth):
+            nxt = []
+            for n in frontier:
+                for c in (c for out in n.output for c in consumers.get(out, [])):
+                    if c.name in found:
+                        continue
+                    found.add(c.name)
+                    if c.op_type in ("Cos", "Sin"):
+                        reached = True
+                    else:
+                        nxt.append(c)
+            frontier = nxt
+        if reached:
+            keep |= found
+    return sorted(keep)

@@ -29,7 +29,7 @@ from bgevl.runtime.preprocessing import ClipPreprocessor, load_image
 from bgevl.runtime.providers import create_session
 from bgevl.specs import (
     IMAGE_EMBEDS, IMAGE_FEATURES, NORMALIZED_OUTPUTS, ONNX_OPSET, PRECISIONS, TEXT_EMBEDS, TEXT_FEATURES,
-    TEXT_GRAPH, VISION_GRAPH, GraphSpec, clip_graph_specs_from_config, get_model_spec, graph_specs_to_json,
+    TEXT_GRAPH, VISION_GRAPH, DEFAULT_MAX_SEQUENCE, GraphSpec, clip_graph_specs_from_config, get_model_spec, graph_specs_to_json,
 )
 
 INT8_MODES = ("qdq", "dynamic")
@@ -49,8 +49,10 @@ class ExportOptions:
     calibration_size: int = 32
     validate: bool = True
     min_cosine: float | None = None
-    opt_batch: int = 8
-    max_batch: int = 64
+    opt_batch: int | None = None  # None: the model family's default (bgevl.specs.ModelSpec.default_batch)
+    max_batch: int | None = None
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE  # MLLM language graph: prompt + image tokens
+    force_fp32: bool = False  # allow fp32 for models over FP32_LIMIT_BILLIONS
     overwrite: bool = False
     probe_count: int = 8
     command: str | None = None  # the command line, recorded in the manifest
@@ -74,8 +76,14 @@ def _check_options(opts: ExportOptions) -> None:
         raise BgevlError(f"--precision {opts.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if opts.int8_mode not in INT8_MODES:
         raise BgevlError(f"--int8-mode {opts.int8_mode!r}: choose one of {', '.join(INT8_MODES)}")
+    spec = get_model_spec(opts.model)
+    default_opt, default_max = spec.default_batch
+    opts.max_batch = opts.max_batch or max(default_max, opts.opt_batch or 0)
+    opts.opt_batch = opts.opt_batch or min(default_opt, opts.max_batch)
     if not 1 <= opts.opt_batch <= opts.max_batch:
         raise BgevlError(f"need 1 <= --opt-batch <= --max-batch, got {opts.opt_batch} and {opts.max_batch}")
+    if opts.max_sequence_length < 16:
+        raise BgevlError(f"--max-sequence-length {opts.max_sequence_length}: need at least 16 tokens")
     out = Path(opts.output)
     if out.exists() and not out.is_dir():
         raise BgevlError(f"--output {out} is a file; pass a directory path")
@@ -128,7 +136,12 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with tempfile.TemporaryDirectory(prefix="bgevl-export-") as work:
-            manifest = _export_clip(spec, opts, staging, Path(work), progress)
+            if spec.family == "mllm":
+                from bgevl.export.mllm_export import export_mllm
+
+                manifest = export_mllm(spec, opts, staging, Path(work), progress)
+            else:
+                manifest = _export_clip(spec, opts, staging, Path(work), progress)
         write_manifest(staging, manifest)
         if out.exists():
             shutil.rmtree(out)

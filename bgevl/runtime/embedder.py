@@ -1,16 +1,22 @@
-"""One embedding API over exported BGE-VL artifacts.
+"""One embedding API over exported BGE-VL artifacts: ``Embedder.load(dir).encode(images=..., text=...)``.
 
-``Embedder.load("out/")`` then ``encode(images=..., text=...)``, with the semantics of BGE-VL's own
-``model.encode`` for the CLIP models:
+``Embedder.load`` reads ``manifest.json`` and returns the implementation for the model family;
+``encode`` returns float32 L2-normalized embeddings ``[N, dim]``.
 
-* images only -> L2-normalized image embeddings (vision graph's ``image_embeds``);
-* text only   -> L2-normalized text embeddings (text graph's ``text_embeds``);
+CLIP models (BGE-VL-base/-large), with the semantics of BGE-VL's own ``model.encode``:
+
+* images only -> image embeddings (vision graph's ``image_embeds``);
+* text only   -> text embeddings (text graph's ``text_embeds``);
 * both        -> composed-query embeddings by score fusion: the *unnormalized* image and text
   features summed, then normalized once (``bgevl.fusion.score_fusion``; the normalization order
   is documented there with its source).
 
-Returns a float32 array ``[N, dim]``. Preprocessing is the checkpoint's own CLIPProcessor,
-shipped in the export directory.
+MLLM models (BGE-VL-MLLM-S1/-S2), with the semantics of the remote code's ``data_process``:
+``role`` is ``"query"`` or ``"candidate"`` (BGE-VL's ``q_or_c``), ``instruction`` the task
+instruction of queries; images and texts pair up item by item and either may be ``None`` in an
+item, so one call can mix image-only, text-only and composed items.
+
+Preprocessing is the checkpoint's own processor, shipped in the export directory.
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ import numpy as np
 from bgevl.errors import InputError
 from bgevl.fusion import score_fusion
 from bgevl.manifest import Manifest, read_manifest
+from bgevl.runtime.mllm_preprocessing import BGEVL_IMAGE_RESIZE, QUERY, ImageLayout, MllmPreprocessor, normalize_role
 from bgevl.runtime.preprocessing import ClipPreprocessor, as_list
 from bgevl.runtime.providers import create_session, provider_options_for, select_providers
-from bgevl.specs import IMAGE_EMBEDS, IMAGE_FEATURES, TEXT_EMBEDS, TEXT_FEATURES, TEXT_GRAPH, VISION_GRAPH
+from bgevl.specs import (
+    ATTENTION_MASK, EMBEDDING, IMAGE_EMBEDS, IMAGE_FEATURE_INDEX, IMAGE_FEATURES, IMAGE_TILES, INPUT_IDS,
+    MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH, TEXT_EMBEDS, TEXT_FEATURES, TEXT_GRAPH, TILE_FEATURES, VISION_GRAPH,
+)
 
 
 class OnnxGraph:
@@ -53,24 +63,24 @@ class OnnxGraph:
 class Embedder:
     """Embeds images, texts and composed image+text queries with exported BGE-VL graphs."""
 
-    def __init__(self, manifest: Manifest, provider: str = "auto", text_overflow: str = "truncate",
-                 threads: int | None = None):
-        self.manifest = manifest
-        self.preprocessor = ClipPreprocessor.from_pretrained(manifest.processor_dir, manifest.max_text_length, text_overflow)
-        providers = provider_options_for(select_providers(provider), manifest.directory)
-        self.vision = OnnxGraph(manifest, VISION_GRAPH, providers, threads)
-        self.text = OnnxGraph(manifest, TEXT_GRAPH, providers, threads)
+    manifest: Manifest
 
     @classmethod
     def load(cls, directory: str | os.PathLike, provider: str = "auto", text_overflow: str = "truncate",
-             threads: int | None = None) -> "Embedder":
+             threads: int | None = None, **options: Any) -> "Embedder":
         """Load an export directory (the one holding ``manifest.json``).
 
         ``provider``: ``"auto"`` (TensorRT EP, then CUDA EP, then CPU, as installed), ``"tensorrt"``,
-        ``"cuda"`` or ``"cpu"``. ``text_overflow``: ``"truncate"`` (warn) or ``"error"`` for texts over
-        the model's token limit.
+        ``"cuda"`` or ``"cpu"``. ``text_overflow`` (CLIP): ``"truncate"`` (warn) or ``"error"`` for texts
+        over the model's token limit. MLLM options: ``image_resize`` (default: BGE-VL's 512x512; ``None``
+        keeps the images' own sizes).
         """
-        return cls(read_manifest(Path(directory)), provider, text_overflow, threads)
+        manifest = read_manifest(Path(directory))
+        if manifest.family == "mllm":
+            return MllmEmbedder(manifest, provider, threads, **options)
+        if options:
+            raise TypeError(f"unexpected options for a CLIP export: {', '.join(options)}")
+        return ClipEmbedder(manifest, provider, text_overflow, threads)
 
     @property
     def dim(self) -> int:
@@ -78,10 +88,37 @@ class Embedder:
 
     @property
     def providers(self) -> list[str]:
-        return self.vision.providers
+        return self.graphs[0].providers
 
-    def encode(self, images: Any = None, text: Any = None) -> np.ndarray:
-        """Embed ``images`` (paths, bytes or PIL images), ``text`` (strings), or both paired up."""
+    def encode_images(self, images: Any, **kw: Any) -> np.ndarray:
+        return self.encode(images=images, **kw)
+
+    def encode_text(self, text: Any, **kw: Any) -> np.ndarray:
+        return self.encode(text=text, **kw)
+
+
+class ClipEmbedder(Embedder):
+    """BGE-VL-base/-large: vision and text towers, composed queries by score fusion."""
+
+    def __init__(self, manifest: Manifest, provider: str = "auto", text_overflow: str = "truncate",
+                 threads: int | None = None):
+        self.manifest = manifest
+        self.preprocessor = ClipPreprocessor.from_pretrained(manifest.processor_dir, manifest.max_text_length, text_overflow)
+        providers = provider_options_for(select_providers(provider), manifest.directory)
+        self.vision = OnnxGraph(manifest, VISION_GRAPH, providers, threads)
+        self.text = OnnxGraph(manifest, TEXT_GRAPH, providers, threads)
+        self.graphs = [self.vision, self.text]
+
+    def encode(self, images: Any = None, text: Any = None, *, role: str | None = None,
+               instruction: str | None = None) -> np.ndarray:
+        """Embed ``images`` (paths, bytes or PIL images), ``text`` (strings), or both paired up.
+
+        CLIP encodes queries and candidates alike: ``role`` is accepted and has no effect, an
+        ``instruction`` is an error (BGE-VL's CLIP models take none)."""
+        if instruction is not None:
+            raise InputError("instruction: BGE-VL's CLIP models take no task instruction (only the MLLM does)")
+        if role is not None:
+            normalize_role(role)
         image_list, text_list = as_list(images, "images"), as_list(text, "text")
         if image_list is None and text_list is None:
             raise InputError("encode() needs images, text or both")
@@ -98,14 +135,64 @@ class Embedder:
             return self._image(image_list, IMAGE_EMBEDS)
         return self._text(text_list, TEXT_EMBEDS)
 
-    def encode_images(self, images: Any) -> np.ndarray:
-        return self.encode(images=images)
-
-    def encode_text(self, text: Any) -> np.ndarray:
-        return self.encode(text=text)
-
     def _image(self, images: list, output: str) -> np.ndarray:
         return self.vision.run({"pixel_values": self.preprocessor.pixel_values(images)}, [output])[0].astype(np.float32)
 
     def _text(self, texts: list, output: str) -> np.ndarray:
         return self.text.run(self.preprocessor.tokens(texts), [output])[0].astype(np.float32)
+
+
+_MANIFEST_RESIZE = object()
+
+
+class MllmEmbedder(Embedder):
+    """BGE-VL-MLLM: vision graph for the image tiles, then the pooled language graph."""
+
+    def __init__(self, manifest: Manifest, provider: str = "auto", threads: int | None = None,
+                 image_resize: Any = _MANIFEST_RESIZE):
+        self.manifest = manifest
+        mllm = manifest.data["mllm"]
+        resize = mllm.get("image_resize", BGEVL_IMAGE_RESIZE) if image_resize is _MANIFEST_RESIZE else image_resize
+        self.layout = ImageLayout.from_json(mllm["image_layout"])
+        self.default_instruction = mllm.get("default_query_instruction")
+        self.preprocessor = MllmPreprocessor.from_pretrained(manifest.processor_dir, self.layout,
+                                                             manifest.max_text_length, resize)
+        providers = provider_options_for(select_providers(provider), manifest.directory)
+        self.vision = OnnxGraph(manifest, MLLM_VISION_GRAPH, providers, threads)
+        self.language = OnnxGraph(manifest, MLLM_LANGUAGE_GRAPH, providers, threads)
+        self.graphs = [self.vision, self.language]
+        self.max_batch = self.language.max_batch
+        hidden = self.language.spec.outputs[0].shape[-1]
+        self._no_image = np.zeros((1, self.layout.tile_tokens, hidden), dtype=np.float32)
+
+    def encode(self, images: Any = None, text: Any = None, *, role: str | None = None,
+               instruction: str | None = None) -> np.ndarray:
+        """``role``: ``"query"`` or ``"candidate"``; default ``"query"`` when an ``instruction`` is given,
+        else ``"candidate"``. Lists of images and texts pair up item by item; ``None`` entries make
+        image-only or text-only items."""
+        image_list, text_list = as_list(images, "images"), as_list(text, "text")
+        if image_list is None and text_list is None:
+            raise InputError("encode() needs images, text or both")
+        if image_list is not None and text_list is not None and len(image_list) != len(text_list):
+            raise InputError(
+                f"images and texts pair up item by item, got {len(image_list)} images and {len(text_list)} texts; "
+                f"pass lists of equal length (None for a missing part)"
+            )
+        role = normalize_role(role) if role is not None else (QUERY if instruction is not None else "candidate")
+        n = len(image_list if image_list is not None else text_list)
+        out = []
+        for start in range(0, n, self.max_batch):
+            chunk_images = image_list[start:start + self.max_batch] if image_list is not None else None
+            chunk_texts = text_list[start:start + self.max_batch] if text_list is not None else None
+            out.append(self._run(self.preprocessor(chunk_images, chunk_texts, role, instruction)))
+        return np.concatenate(out).astype(np.float32)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if IMAGE_TILES in feeds:
+            tiles = self.vision.session.run([TILE_FEATURES], {IMAGE_TILES: feeds[IMAGE_TILES]})[0]
+        else:
+            tiles = self._no_image
+        language_feed = {INPUT_IDS: feeds[INPUT_IDS], ATTENTION_MASK: feeds[ATTENTION_MASK],
+                         TILE_FEATURES: tiles.astype(np.float32, copy=False),
+                         IMAGE_FEATURE_INDEX: feeds[IMAGE_FEATURE_INDEX]}
+        return self.language.session.run([EMBEDDING], language_feed)[0]

@@ -1,0 +1,215 @@
+"""Export of BGE-VL-MLLM (LLaVA-NeXT) embedders: two graphs, precision passes, parity with transformers.
+
+Called by ``bgevl.export.pipeline.run_export`` for models of family ``mllm``. The graphs are
+declared in ``bgevl.specs.mllm_graph_specs`` and defined in ``bgevl.export.mllm_modules``.
+
+Precisions:
+
+* fp32: as exported. Refused above ``FP32_LIMIT_BILLIONS`` parameters unless ``--force-fp32``.
+* fp16: onnxconverter_common with float32 graph inputs/outputs; LayerNorm, Softmax, every
+  RMSNorm (found by structure) and the final L2 normalization kept in float32.
+* int8: weight-only (activations stay float): ``qdq`` writes int8 weights + DequantizeLinear
+  (TensorRT weight-only INT8, ONNX Runtime), ``dynamic`` ONNX Runtime's MatMulNBits (8 bits). Not
+  static activation quantization: the activations of 7B decoders carry outlier channels that
+  per-tensor int8 ranges cannot hold (LLM.int8(), SmoothQuant), so W8A8 from a MinMax calibration
+  costs far more accuracy than weight-only int8.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bgevl.errors import BgevlError
+from bgevl.specs import (
+    EMBEDDING, FP32_LIMIT_BILLIONS, IMAGE_FEATURE_INDEX, IMAGE_TILES, MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH,
+    NORMALIZED_OUTPUTS, ONNX_OPSET, TILE_FEATURES, GraphSpec, ModelSpec, graph_specs_to_json, mllm_graph_specs_from_config,
+)
+
+#: Items per validation batch: mixed image-only, text-only and composed items in each batch.
+VALIDATION_BATCH = 4
+
+
+def check_mllm_options(spec: ModelSpec, opts: Any) -> None:
+    if opts.precision == "fp32" and spec.billions > FP32_LIMIT_BILLIONS and not opts.force_fp32:
+        raise BgevlError(
+            f"--precision fp32 for {spec.key} ({spec.billions:.2f}B parameters) needs about "
+            f"{spec.billions * 4:.0f} GB for the weights alone and about twice that while exporting; "
+            f"fp16 is the production precision of this model. Use --precision fp16 (or int8), or pass "
+            f"--force-fp32 on a machine with the memory for it."
+        )
+    if opts.calibration_data is not None:
+        raise BgevlError("--calibration-data does not apply to the MLLM: its int8 is weight-only and needs no calibration")
+
+
+def validation_items(probes: Any) -> list[tuple[Any, str | None, str]]:
+    """(image or None, text or None, role) per item: image-only candidates, text-only candidates,
+    composed queries and text-only queries, interleaved so every batch is mixed."""
+    n = len(probes.images)
+    items = []
+    for i in range(n):
+        items.append((probes.images[i], None, "candidate"))
+        items.append((None, probes.texts[i], "candidate"))
+        img, txt = probes.composed[i]
+        items.append((probes.images[img], probes.texts[txt], "query"))
+        items.append((None, probes.texts[(i + 2) % n], "query"))
+    return items
+
+
+def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress: Any) -> dict:
+    import onnx
+    import torch
+
+    from bgevl.checkpoints import load_mllm, resolve_checkpoint
+    from bgevl.export import onnx_tools
+    from bgevl.export.mllm_modules import graph_modules, reference_embeddings
+    from bgevl.export.pipeline import _versions
+    from bgevl.export.validate import check_thresholds, format_figures, parity_figures, threshold_for
+    from bgevl.probes import probe_set
+    from bgevl.runtime.mllm_preprocessing import BGEVL_IMAGE_RESIZE, CIR_INSTRUCTION, ImageLayout, MllmPreprocessor
+    from bgevl.runtime.providers import create_session
+
+    check_mllm_options(spec, opts)
+    source = "--model-path" if opts.model_path else ("generated" if spec.generated or opts.random_weights else "hub")
+    progress(f"loading {spec.key} ({source})")
+    ckpt = resolve_checkpoint(spec, model_path=opts.model_path, random_weights=opts.random_weights, workdir=work)
+    model, processor = load_mllm(ckpt.path)
+    config = model.config
+    layout = ImageLayout.from_config(config)
+    graphs: dict[str, GraphSpec] = mllm_graph_specs_from_config(
+        config, opt_batch=opts.opt_batch, max_batch=opts.max_batch, max_sequence=opts.max_sequence_length)
+    hidden = int(config.text_config.hidden_size)
+    n_params = sum(p.numel() for p in model.parameters()) - model.lm_head.weight.numel()
+    progress.info(f"{ckpt.source}; {n_params / 1e6:.1f}M parameters without the LM head, embedding dim {hidden}, "
+                  f"tokenizer padding side {processor.tokenizer.padding_side}")
+
+    # Validation runs on the images' own sizes (no 512x512 resize) so that several anyres grids
+    # and aspect ratios are exercised; the runtime applies BGE-VL's resize by default.
+    pre = MllmPreprocessor(processor, layout, opts.max_sequence_length, resize=None)
+    probes = probe_set(opts.probe_count)
+    items = validation_items(probes)
+    batches = [items[i:i + VALIDATION_BATCH] for i in range(0, len(items), VALIDATION_BATCH)]
+
+    def preprocess(batch):
+        feeds = []
+        for role in ("candidate", "query"):
+            part = [it for it in batch if it[2] == role]
+            if part:
+                images = [it[0] for it in part] if any(it[0] is not None for it in part) else None
+                texts = [it[1] for it in part] if any(it[1] is not None for it in part) else None
+                feeds.append((part, pre(images, texts, role, CIR_INSTRUCTION if role == "query" else None),
+                              pre.prompts(images, texts, role, CIR_INSTRUCTION if role == "query" else None)))
+        return feeds
+
+    prepared = [f for batch in batches for f in preprocess(batch)]
+    modules = graph_modules(model)
+
+    progress(f"exporting {len(graphs)} graphs to ONNX (opset {ONNX_OPSET}, fp32)")
+    fp32_dir = work / "fp32"
+    fp32_dir.mkdir()
+    example = next(feed for _, feed, _ in prepared if IMAGE_TILES in feed and len(feed[IMAGE_TILES]) >= 2
+                   and len(feed["input_ids"]) >= 2)
+    onnx_tools.export_torch_graph(modules[MLLM_VISION_GRAPH], graphs[MLLM_VISION_GRAPH],
+                                  {IMAGE_TILES: example[IMAGE_TILES]}, fp32_dir / graphs[MLLM_VISION_GRAPH].filename)
+    with torch.inference_mode():
+        tile_features = modules[MLLM_VISION_GRAPH](torch.from_numpy(example[IMAGE_TILES])).numpy()
+    language_example = {k: v for k, v in example.items() if k != IMAGE_TILES}
+    language_example[TILE_FEATURES] = tile_features
+    onnx_tools.export_torch_graph(modules[MLLM_LANGUAGE_GRAPH], graphs[MLLM_LANGUAGE_GRAPH], language_example,
+                                  fp32_dir / graphs[MLLM_LANGUAGE_GRAPH].filename)
+    for g in graphs.values():
+        progress.info(f"{g.filename}: {onnx_tools.file_size(fp32_dir / g.filename) / 1e6:.1f} MB")
+
+    progress(f"converting to {opts.precision}" + (f" (weight-only, {opts.int8_mode})" if opts.precision == "int8" else ""))
+    precision_details: dict[str, dict] = {}
+    for name, gspec in graphs.items():
+        src, dst = fp32_dir / gspec.filename, staging / gspec.filename
+        if opts.precision == "fp32":
+            onnx_tools.save_onnx(onnx.load(str(src)), dst)
+            precision_details[name] = {"method": "float32 as exported"}
+        elif opts.precision == "fp16":
+            fp32_model = onnx.load(str(src))
+            keep = onnx_tools.rms_norm_nodes(fp32_model) + onnx_tools.rotary_nodes(fp32_model)
+            if name in NORMALIZED_OUTPUTS:
+                keep += onnx_tools.nodes_between_outputs(fp32_model, *NORMALIZED_OUTPUTS[name])
+            onnx_tools.save_onnx(onnx_tools.convert_to_fp16(fp32_model, keep), dst)
+            precision_details[name] = {
+                "method": "onnxconverter_common float16, float32 inputs/outputs",
+                "kept_float32": list(onnx_tools.FP16_BLOCKED_OPS) + ["RMSNorm", "rotary positions and angles", "final L2 normalization"],
+                "kept_float32_nodes": len(keep),
+            }
+        else:
+            precision_details[name] = onnx_tools.quantize_weights_int8(src, dst, opts.int8_mode)
+        onnx_tools.check_onnx(dst)
+
+    validation: dict = {"performed": False}
+    figures: dict[str, dict] = {}
+    if opts.validate:
+        progress(f"validating against transformers on {len(items)} items (image-only, text-only, composed; "
+                 f"queries and candidates; {len(set(im.size for im in probes.images))} image sizes)")
+        sessions = {name: create_session(staging / g.filename) for name, g in graphs.items()}
+        zero_tile = np.zeros((1, layout.tile_tokens, hidden), np.float32)
+        got_parts, ref_parts, kinds = [], [], []
+        for part, feeds, prompts in prepared:
+            images = [it[0] for it in part if it[0] is not None]
+            enc = processor(text=prompts, images=images or None, padding=True, return_tensors="np")
+            ref_parts.append(reference_embeddings(model, {k: v for k, v in enc.items()}))
+            tiles = sessions[MLLM_VISION_GRAPH].run(None, {IMAGE_TILES: feeds[IMAGE_TILES]})[0] if IMAGE_TILES in feeds else zero_tile
+            language_feed = {k: feeds[k] for k in ("input_ids", "attention_mask", IMAGE_FEATURE_INDEX)}
+            language_feed[TILE_FEATURES] = tiles
+            got_parts.append(sessions[MLLM_LANGUAGE_GRAPH].run([EMBEDDING], language_feed)[0])
+            kinds += [("image" if it[1] is None else "text" if it[0] is None else "composed") for it in part]
+        got, ref = np.concatenate(got_parts), np.concatenate(ref_parts)
+        kinds_arr = np.array(kinds)
+        gallery = ref[kinds_arr == "image"]
+        for kind in ("image", "text", "composed"):
+            sel = kinds_arr == kind
+            figures[kind] = parity_figures(got[sel], ref[sel], gallery if kind != "image" else ref[kinds_arr == "text"])
+        progress.info("parity vs transformers fp32 (ONNX Runtime CPU):\n" + format_figures(figures))
+        threshold = threshold_for(opts.precision, opts.min_cosine)
+        validation = {
+            "performed": True,
+            "reference": "PyTorch fp32: transformers LlavaNextModel forward, last non-padding token, L2 normalize",
+            "runtime": "onnxruntime CPUExecutionProvider",
+            "probe_set": {**probes.describe(), "items": len(items), "batch": VALIDATION_BATCH,
+                          "image_resize": "none (images at their own sizes)"},
+            **check_thresholds(figures, opts.precision, threshold, ckpt.weights),
+        }
+    else:
+        progress("validation skipped (--no-validate)")
+
+    progress("writing processor files and manifest")
+    processor.save_pretrained(staging / "processor")
+    graph_json = graph_specs_to_json(graphs)
+    for name in graphs:
+        graph_json[name].update(
+            precision=opts.precision, opset=ONNX_OPSET, source_checkpoint=ckpt.source,
+            bytes=onnx_tools.file_size(staging / graphs[name].filename), precision_details=precision_details[name],
+        )
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "key": spec.key, "family": spec.family, "description": spec.description, "source": ckpt.source,
+            "weights": ckpt.weights, "embedding_dim": hidden, "max_text_length": int(opts.max_sequence_length),
+            "parameters_without_lm_head": int(n_params),
+        },
+        "mllm": {
+            "image_layout": layout.to_json(),
+            "image_resize": list(BGEVL_IMAGE_RESIZE),
+            "padding_side": processor.tokenizer.padding_side,
+            "default_query_instruction": CIR_INSTRUCTION,
+            "prompt_source": "VectorSpaceLab/MegaPairs LLaVANextForEmbedding.prepare_text_input",
+        },
+        "precision": opts.precision,
+        "int8_mode": opts.int8_mode if opts.precision == "int8" else None,
+        "calibration": None,
+        "opset": ONNX_OPSET,
+        "processor_dir": "processor",
+        "graphs": graph_json,
+        "validation": {**validation, "figures": figures} if figures else validation,
+        "versions": _versions(),
+        "command": opts.command,
+    }

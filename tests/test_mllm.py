@@ -1,0 +1,218 @@
+"""BGE-VL-MLLM (LLaVA-NeXT) export: parity with transformers, pooling, anyres layout, structure.
+
+The reference is computed here, independently of the exporter: the prompt strings written out
+as BGE-VL-MLLM's remote code builds them, the checkpoint's ``LlavaNextProcessor``, transformers'
+``LlavaNextModel`` forward and the last token's hidden state (``[:, -1]`` for left padding, the
+row's last real token for right padding), L2-normalized.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from bgevl.errors import InputError
+from bgevl.export import ExportOptions, run_export
+from bgevl.runtime import Embedder
+from bgevl.runtime.mllm_preprocessing import ImageLayout, build_prompt
+
+INSTRUCTION = "Retrieve the target image that best meets the combined criteria: "
+# (height, width): square, wide, tall, very wide: four anyres grids and unpadding directions
+SIZES = [(60, 60), (40, 100), (120, 50), (33, 170), (90, 64)]
+BOUNDS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
+
+
+def images(seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for h, w in SIZES:
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 255], -1)
+        out.append(Image.fromarray((base + rng.integers(0, 40, (h, w, 3))).clip(0, 255).astype(np.uint8)))
+    return out
+
+
+# A mixed batch: image-only, text-only and composed items, texts of different lengths.
+ITEMS = [(0, "a cat"), (None, "only some text here, rather longer than the others"), (1, None),
+         (2, "the long one " * 6), (None, "x"), (3, None), (4, "make it red")]
+
+
+def original_prompt(text, has_image, query):
+    """BGE-VL-MLLM's ``prepare_text_input``, spelled out (MegaPairs remote code)."""
+    if query:
+        p = f"[INST] \n <instruct> {INSTRUCTION} <query> "
+        p = f"{p} {text} \n" if text is not None else p
+    else:
+        p = "[INST] "
+        p = f"{p} {text} \n" if text is not None else p
+    p = f"{p} <image>" if has_image else p
+    return f"{p} [/INST]"
+
+
+@torch.inference_mode()
+def reference(model, processor, items, imgs, query, padding_side):
+    processor.tokenizer.padding_side = padding_side
+    try:
+        prompts = [original_prompt(t, i is not None, query) for i, t in items]
+        pics = [imgs[i] for i, _ in items if i is not None]
+        enc = processor(text=prompts, images=pics or None, padding=True, return_tensors="pt")
+    finally:
+        processor.tokenizer.padding_side = "left"
+    hidden = model.model(**enc, use_cache=False).last_hidden_state
+    if padding_side == "left":
+        pooled = hidden[:, -1]
+    else:
+        pooled = hidden[torch.arange(len(items)), enc["attention_mask"].sum(1) - 1]
+    return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+
+def encode(emb, items, imgs, query):
+    return emb.encode(images=[imgs[i] if i is not None else None for i, _ in items], text=[t for _, t in items],
+                      role="query" if query else "candidate", instruction=INSTRUCTION if query else None)
+
+
+def test_prompts_match_the_original_strings():
+    # the exact reprs from the remote code's prepare_text_input
+    assert build_prompt("T", True, "q", "I") == "[INST] \n <instruct> I <query>  T \n <image> [/INST]"
+    assert build_prompt(None, True, "c", None) == "[INST]  <image> [/INST]"
+    assert build_prompt("T", False, "c", None) == "[INST]  T \n [/INST]"
+    assert build_prompt("T", False, "query", None) == "[INST] \n <instruct>  <query> T \n [/INST]"
+    for text, img, q in [("a b", True, True), (None, True, False), ("z", False, True), ("y", True, False)]:
+        assert build_prompt(text, img, "query" if q else "candidate", INSTRUCTION if q else None) == original_prompt(text, img, q)
+
+
+def test_anyres_index_matches_transformers_packing(tiny_mllm_reference):
+    """The precomputed index reproduces LlavaNextModel.pack_image_features (grid, unpad, newline)."""
+    model, processor = tiny_mllm_reference
+    layout = ImageLayout.from_config(model.config)
+    hidden = model.config.text_config.hidden_size
+    for h, w in SIZES + [(336, 100), (20, 20), (512, 512)]:
+        tiles = layout.num_tiles(h, w)
+        # features that encode their own (tile, patch) row number
+        feats = torch.arange(tiles * layout.tile_tokens, dtype=torch.float32).reshape(tiles, layout.tile_tokens, 1)
+        feats = feats.expand(-1, -1, hidden).contiguous()
+        newline = torch.full((hidden,), -1.0)
+        packed, lens = model.model.pack_image_features([feats], torch.tensor([[h, w]]), "default", newline)
+        want = packed[0][:, 0].long().numpy()
+        np.testing.assert_array_equal(layout.packed_rows(h, w), want, err_msg=f"size {(h, w)}")
+        assert len(want) == processor._get_number_of_features(h, w, layout.tile_size, layout.tile_size) - 1
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("query", [True, False], ids=["query", "candidate"])
+def test_fp32_parity_mixed_batches(padding_side, query, export_dir, tiny_mllm_reference):
+    model, processor = tiny_mllm_reference
+    emb = Embedder.load(export_dir("fp32", model="tiny-mllm"), provider="cpu", image_resize=None)
+    emb.preprocessor.tokenizer.padding_side = padding_side
+    imgs = images()
+    got = encode(emb, ITEMS, imgs, query)
+    want = reference(model, processor, ITEMS, imgs, query, padding_side)
+    assert got.shape == (len(ITEMS), model.config.text_config.hidden_size) and got.dtype == np.float32
+    cos = np.sum(got * want, axis=1)
+    assert cos.min() >= 0.9999, cos
+    assert np.abs(got - want).max() < 1e-4
+    # retrieval: each embedding's nearest reference is its own item
+    assert (np.argmax(got @ want.T, axis=1) == np.arange(len(ITEMS))).all()
+
+
+def test_left_and_right_padding_give_the_same_embeddings(export_dir):
+    emb = Embedder.load(export_dir("fp32", model="tiny-mllm"), provider="cpu", image_resize=None)
+    imgs = images()
+    left = encode(emb, ITEMS, imgs, True)
+    emb.preprocessor.tokenizer.padding_side = "right"
+    right = encode(emb, ITEMS, imgs, True)
+    assert np.sum(left * right, axis=1).min() >= 0.9999
+    # pooling position -1 would be wrong for right padding: the rows differ in length
+    one_by_one = np.concatenate([encode(emb, [item], imgs, True) for item in ITEMS])
+    assert np.sum(left * one_by_one, axis=1).min() >= 0.9999
+
+
+@pytest.mark.parametrize("precision,mode", [("fp16", "qdq"), ("int8", "qdq"), ("int8", "dynamic")])
+def test_reduced_precision_parity(precision, mode, export_dir, tiny_mllm_reference):
+    model, processor = tiny_mllm_reference
+    kw = {"int8_mode": mode} if precision == "int8" else {}
+    directory = export_dir(precision, model="tiny-mllm", **kw)
+    emb = Embedder.load(directory, provider="cpu", image_resize=None)
+    imgs = images()
+    got = encode(emb, ITEMS, imgs, True)
+    want = reference(model, processor, ITEMS, imgs, True, "left")
+    assert np.sum(got * want, axis=1).min() >= BOUNDS[precision]
+    assert (np.argmax(got @ want.T, axis=1) == np.arange(len(ITEMS))).all()
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["validation"]["passed"] and manifest["precision"] == precision
+    ops = {n.op_type for n in onnx.load(str(directory / "mllm_language.onnx")).graph.node}
+    if precision == "int8":  # weight-only: no activation quantization anywhere
+        assert "QuantizeLinear" not in ops and "DynamicQuantizeLinear" not in ops
+        assert ("DequantizeLinear" if mode == "qdq" else "MatMulNBits") in ops
+
+
+def test_fp16_keeps_rmsnorm_rotary_and_norm_in_float32(export_dir):
+    model = onnx.load(str(export_dir("fp16", model="tiny-mllm") / "mllm_language.onnx"))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    fragile = [n for n in inferred.graph.node if n.op_type in ("Pow", "ReduceMean", "Sqrt", "Cos", "Sin", "Softmax", "ReduceL2")]
+    assert {n.op_type for n in fragile} == {"Pow", "ReduceMean", "Sqrt", "Cos", "Sin", "Softmax", "ReduceL2"}
+    for node in fragile:
+        assert types[node.input[0]] == onnx.TensorProto.FLOAT, f"{node.op_type} {node.name} runs in float16"
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+
+
+def test_no_lm_head_and_no_vocabulary_sized_output(export_dir, tiny_mllm_reference):
+    model, _ = tiny_mllm_reference
+    vocab, hidden = model.config.text_config.vocab_size, model.config.text_config.hidden_size
+    directory = export_dir("fp32", model="tiny-mllm")
+    matrices = 0
+    for name in ("mllm_vision", "mllm_language"):
+        graph = onnx.load(str(directory / f"{name}.onnx")).graph
+        for out in graph.output:
+            dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
+            assert vocab not in dims, f"{name} output {out.name} has a vocabulary-sized axis {dims}"
+        matrices += sum(1 for i in graph.initializer if sorted(i.dims) == sorted([vocab, hidden]))
+    assert matrices == 1, "the vocabulary x hidden matrix must appear once (token embeddings), not twice (LM head)"
+    language = onnx.load(str(directory / "mllm_language.onnx")).graph
+    assert [o.name for o in language.output] == ["embeds", "pooled_hidden"]
+    assert [i.name for i in language.input] == ["input_ids", "attention_mask", "tile_features", "image_feature_index"]
+
+
+def test_runtime_default_resizes_to_512_and_batches(export_dir):
+    directory = export_dir("fp32", model="tiny-mllm")
+    emb = Embedder.load(directory, provider="cpu")
+    imgs = images()
+    # BGE-VL resizes every image to 512x512 first: the same picture at two sizes embeds the same
+    small, big = imgs[0], imgs[0].resize((300, 170))
+    a, b = emb.encode(images=[small, big])
+    assert float(a @ b) > 0.9999
+    native = Embedder.load(directory, provider="cpu", image_resize=None)
+    a, b = native.encode(images=[small, big])  # at their own sizes: different anyres grids
+    assert float(a @ b) < 0.999
+    many = emb.encode(text=[f"text number {i}" for i in range(19)])  # over the max batch of 8
+    assert many.shape == (19, emb.dim)
+    np.testing.assert_allclose(many[3], emb.encode(text="text number 3")[0], atol=1e-5)
+
+
+def test_input_errors(export_dir):
+    emb = Embedder.load(export_dir("fp32", model="tiny-mllm"), provider="cpu")
+    with pytest.raises(InputError, match="instruction applies to queries only"):
+        emb.encode(text="a", role="candidate", instruction="x")
+    with pytest.raises(InputError, match="item 1: needs an image, a text or both"):
+        emb.encode(images=[images()[0], None], text=["a", None])
+    with pytest.raises(InputError, match=r"text\[0\]: empty text"):
+        emb.encode(text=["  "])
+    with pytest.raises(InputError, match="role 'x'"):
+        emb.encode(text="a", role="x")
+    with pytest.raises(InputError, match=r"images\[0\] <5 bytes>: not a readable image"):
+        emb.encode(images=[b"junk!"])
+    with pytest.raises(InputError, match="over the exported sequence limit of 4096 tokens"):
+        emb.encode(text="word " * 5000)
+
+
+def test_fp32_of_the_7b_model_is_refused_without_force(tmp_path):
+    with pytest.raises(Exception, match="--precision fp32 for mllm-s1 .* --force-fp32"):
+        run_export(ExportOptions(output=tmp_path / "x", model="mllm-s1", precision="fp32"), sink=lambda m: None)
+    assert not (tmp_path / "x").exists()
