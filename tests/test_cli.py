@@ -20,14 +20,15 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("model", ["base", "large"])
+@pytest.mark.parametrize("model", ["base", "large", "mllm-s2"])
 def test_hub_models_without_network_fail_at_once_naming_model_path(model, tmp_path):
     # An empty cache and a hub endpoint on a closed local port: the same failure as no network.
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
-    result = run_cli("--model", model, "--output", str(tmp_path / "out"), env=env)
+    result = run_cli("--model", model, "--precision", "fp16", "--output", str(tmp_path / "out"), env=env)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert f"BAAI/BGE-VL-{model}" in result.stderr and "--model-path" in result.stderr
+    hub_id = {"base": "BAAI/BGE-VL-base", "large": "BAAI/BGE-VL-large", "mllm-s2": "BAAI/BGE-VL-MLLM-S2"}[model]
+    assert hub_id in result.stderr and "--model-path" in result.stderr
     message = [line for line in result.stderr.splitlines() if line.startswith("bgevl-export: error:")]
     assert len(message) == 1, result.stderr  # one paragraph
     assert not (tmp_path / "out").exists()
@@ -116,3 +117,10 @@ def test_help_lists_models_and_precisions():
     assert result.returncode == 0
     for word in ("tiny", "base", "large", "fp32", "fp16", "int8", "--model-path", "--calibration-data"):
         assert word in result.stdout
+
+
+def test_mllm_fp32_refused_without_force_and_flags_parse(tmp_path, capsys):
+    code = main(["--model", "mllm-s1", "--precision", "fp32", "--max-sequence-length", "3500", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--force-fp32" in err and "--precision fp16" in err
+    assert not (tmp_path / "o").exists()

@@ -23,3 +23,29 @@ def test_full_size_architecture_exports_and_validates(model, precision, dim, tmp
     for name in ("vision", "text"):
         assert manifest["graphs"][name]["validation"]["min_cosine"] >= manifest["validation"]["threshold_min_cosine"]
     print(json.dumps({k: v["validation"] for k, v in manifest["graphs"].items()}, indent=1))
+
+
+@pytest.mark.slow
+def test_full_width_llava_next_mistral_exports_with_external_data(tmp_path, monkeypatch):
+    """The BGE-VL-MLLM architecture at full width: CLIP ViT-L/14-336 (all 24 layers), the
+    4096-wide projector, 32005 x 4096 token embeddings and Mistral-7B decoder layers (GQA 32/8
+    heads, MLP 14336), random weights, with 2 of the 32 decoder layers: 32 layers do not fit in
+    this machine's 24 GiB (30 GB of fp32 weights, about twice that while exporting). The decoder
+    layers are identical blocks, so the graph structure is the same apart from the repeat count.
+    The language graph is over 2 GB, so it exercises ONNX external data."""
+    import copy
+    import dataclasses
+
+    from bgevl import specs
+
+    arch = copy.deepcopy(dict(specs.MODELS["mllm-s1"].architecture))
+    arch["text_config"]["num_hidden_layers"] = 2
+    spec = dataclasses.replace(specs.MODELS["mllm-s1"], key="mllm-s1-2layers", architecture=arch)
+    monkeypatch.setitem(specs.MODELS, spec.key, spec)
+    out = run_export(ExportOptions(output=tmp_path / "mllm", model=spec.key, random_weights=True, precision="fp16",
+                                   probe_count=1, max_batch=2, opt_batch=1), sink=print)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["embedding_dim"] == 4096 and manifest["validation"]["passed"] is True
+    assert (out / "mllm_language.onnx.data").is_file() or manifest["graphs"]["mllm_language"]["bytes"] < 2 * 1024**3
+    print(json.dumps(manifest["validation"], indent=1))
+    print(json.dumps({k: v["bytes"] for k, v in manifest["graphs"].items()}))

@@ -58,8 +58,9 @@ def export_torch_graph(module, spec: GraphSpec, example: Mapping[str, np.ndarray
         axes = {}
         for axis, dim in tensor.dynamic_axes().items():
             # torch.export specializes sizes 0 and 1, so the exported range starts at 2; the
-            # resulting graph still runs at 1 (the axis stays symbolic in ONNX).
-            axes[axis] = dims.setdefault(dim.name, torch.export.Dim(dim.name, min=2, max=dim.max))
+            # resulting graph still runs at 1 (the axis stays symbolic in ONNX). torch also needs
+            # max > min, so a declared max of 2 is traced with 3.
+            axes[axis] = dims.setdefault(dim.name, torch.export.Dim(dim.name, min=2, max=max(dim.max, 3)))
         dynamic_shapes[tensor.name] = axes
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[t.name])) for t in spec.inputs)
     for tensor, arg in zip(spec.inputs, args):

@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     texts = list(PROBE_TEXTS[:3])
     img = embedder.encode(images=images)
     txt = embedder.encode(text=texts)
-    composed = embedder.encode(images=images[:1], text=[PROBE_TEXTS[1]])
+    if m.family == "mllm":  # BGE-VL-MLLM: queries carry a task instruction, candidates none
+        composed = embedder.encode(images=images[:1], text=[PROBE_TEXTS[1]], role="query",
+                                   instruction=m.data["mllm"]["default_query_instruction"])
+    else:  # CLIP: score fusion
+        composed = embedder.encode(images=images[:1], text=[PROBE_TEXTS[1]])
     np.set_printoptions(precision=4, suppress=True)
     print("image x text cosine similarities (rows: 3 synthetic images; columns: texts):")
     for t in texts:
