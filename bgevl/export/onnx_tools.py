@@ -124,11 +124,21 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32_nodes: Iterable[str]) -> o
 
     from onnxconverter_common.float16 import convert_float_to_float16
 
+    large = model.ByteSize() >= PROTOBUF_LIMIT
+    if large:
+        # The converter's own shape inference serializes the model in memory, which protobuf refuses
+        # over 2 GB; infer shapes from a file (onnx's path-based inference) and skip that step.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            save_onnx(model, path)
+            onnx.shape_inference.infer_shapes_path(str(path), str(path))
+            model = onnx.load(str(path))
     with warnings.catch_warnings():
         # "the float32 number X will be truncated": tiny constants (epsilons) clamp to fp16's range.
         warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
         converted = convert_float_to_float16(
             model, keep_io_types=True, op_block_list=list(FP16_BLOCKED_OPS), node_block_list=list(keep_fp32_nodes),
+            disable_shape_infer=large,
         )
     _restore_float32_outputs(converted)
     return converted
