@@ -60,33 +60,44 @@ def generated_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=list(_TINY_MERGES), model_max_length=77)
 
 
-def generate_clip_checkpoint(spec: ModelSpec, directory: Path) -> Path:
-    """Write a random-weight CLIP of ``spec.architecture`` (+ processor files) to ``directory``."""
+def _architecture_for(spec: ModelSpec, tokenizer: Any) -> dict[str, Any]:
+    """``spec.architecture`` with the text config's vocabulary and special ids taken from the tokenizer."""
     import copy
 
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
-
-    tokenizer = generated_tokenizer()
     arch = copy.deepcopy(dict(spec.architecture))
     text = arch["text_config"]
     text["vocab_size"] = max(text.get("vocab_size") or 0, len(tokenizer))
     text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
-    config = CLIPConfig(**arch)
+    return arch
+
+
+def _save_random_model(model_class: Any, config: Any, processor: Any, directory: Path) -> Path:
+    """Build ``model_class(config)`` with the generator seed and save it with its processor files."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(GENERATED_SEED)
+        model = model_class(config).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def generate_clip_checkpoint(spec: ModelSpec, directory: Path) -> Path:
+    """Write a random-weight CLIP of ``spec.architecture`` (+ processor files) to ``directory``."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    tokenizer = generated_tokenizer()
+    config = CLIPConfig(**_architecture_for(spec, tokenizer))
     image_size = config.vision_config.image_size
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                               crop_size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(GENERATED_SEED)
-        model = CLIPModel(config).eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return _save_random_model(CLIPModel, config, processor, directory)
 
 
 def _hub_offline_message(spec: ModelSpec, reason: str) -> str:
@@ -198,19 +209,11 @@ def generated_llama_tokenizer() -> Any:
 
 def generate_mllm_checkpoint(spec: ModelSpec, directory: Path) -> Path:
     """Write a random-weight LLaVA-NeXT of ``spec.architecture`` (+ processor files) to ``directory``."""
-    import copy
-
-    import torch
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
 
     tokenizer = generated_llama_tokenizer()
-    arch = copy.deepcopy(dict(spec.architecture))
-    text = arch["text_config"]
-    text["vocab_size"] = max(text.get("vocab_size") or 0, len(tokenizer))
-    text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    config = LlavaNextConfig(**arch, image_token_index=image_token_id)
+    config = LlavaNextConfig(**_architecture_for(spec, tokenizer),
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     tile = config.vision_config.image_size
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(
@@ -221,13 +224,7 @@ def generate_mllm_checkpoint(spec: ModelSpec, directory: Path) -> Path:
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # the CLS token, as in llava-hf's processor configs
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(GENERATED_SEED)
-        model = LlavaNextForConditionalGeneration(config).eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return _save_random_model(LlavaNextForConditionalGeneration, config, processor, directory)
 
 
 def load_mllm(path: Path) -> tuple[Any, Any]:
