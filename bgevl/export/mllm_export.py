@@ -26,7 +26,7 @@ import numpy as np
 from bgevl.errors import BgevlError
 from bgevl.specs import (
     EMBEDDING, FP32_LIMIT_BILLIONS, IMAGE_FEATURE_INDEX, IMAGE_TILES, MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH,
-    NORMALIZED_OUTPUTS, ONNX_OPSET, TILE_FEATURES, GraphSpec, ModelSpec, graph_specs_to_json, mllm_graph_specs_from_config,
+    ONNX_OPSET, TILE_FEATURES, GraphSpec, ModelSpec, graph_specs_to_json, mllm_graph_specs_from_config,
 )
 
 #: Items per validation batch: mixed image-only, text-only and composed items in each batch.
@@ -60,13 +60,12 @@ def validation_items(probes: Any) -> list[tuple[Any, str | None, str]]:
 
 
 def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress: Any) -> dict:
-    import onnx
     import torch
 
     from bgevl.checkpoints import load_mllm, resolve_checkpoint
     from bgevl.export import onnx_tools
     from bgevl.export.mllm_modules import graph_modules, reference_embeddings
-    from bgevl.export.pipeline import _versions
+    from bgevl.export.pipeline import _versions, convert_graph
     from bgevl.export.validate import check_thresholds, format_figures, parity_figures, threshold_for
     from bgevl.probes import probe_set
     from bgevl.runtime.mllm_preprocessing import BGEVL_IMAGE_RESIZE, CIR_INSTRUCTION, ImageLayout, MllmPreprocessor
@@ -127,23 +126,8 @@ def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress:
     precision_details: dict[str, dict] = {}
     for name, gspec in graphs.items():
         src, dst = fp32_dir / gspec.filename, staging / gspec.filename
-        if opts.precision == "fp32":
-            onnx_tools.save_onnx(onnx.load(str(src)), dst)
-            precision_details[name] = {"method": "float32 as exported"}
-        elif opts.precision == "fp16":
-            fp32_model = onnx.load(str(src))
-            keep = onnx_tools.rms_norm_nodes(fp32_model) + onnx_tools.rotary_nodes(fp32_model)
-            if name in NORMALIZED_OUTPUTS:
-                keep += onnx_tools.nodes_between_outputs(fp32_model, *NORMALIZED_OUTPUTS[name])
-            onnx_tools.save_onnx(onnx_tools.convert_to_fp16(fp32_model, keep), dst)
-            precision_details[name] = {
-                "method": "onnxconverter_common float16, float32 inputs/outputs",
-                "kept_float32": list(onnx_tools.FP16_BLOCKED_OPS) + ["RMSNorm", "rotary positions and angles", "final L2 normalization"],
-                "kept_float32_nodes": len(keep),
-            }
-        else:
-            precision_details[name] = onnx_tools.quantize_weights_int8(src, dst, opts.int8_mode)
-        onnx_tools.check_onnx(dst)
+        precision_details[name] = convert_graph(
+            name, src, dst, opts.precision, int8=lambda: onnx_tools.quantize_weights_int8(src, dst, opts.int8_mode))
 
     validation: dict = {"performed": False}
     figures: dict[str, dict] = {}

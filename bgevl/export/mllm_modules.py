@@ -100,16 +100,3 @@ def reference_embeddings(llava: Any, processor_outputs: dict[str, Any]) -> np.nd
     pooled = hidden[torch.arange(hidden.shape[0]), last]
     return torch.nn.functional.normalize(pooled.float(), dim=-1).numpy()
 
-
-@torch.inference_mode()
-def run_modules(modules: dict[str, torch.nn.Module], feeds: dict[str, np.ndarray], zero_tile: np.ndarray) -> np.ndarray:
-    """The two graph modules in PyTorch on one preprocessed batch (the exporter's own view)."""
-    from bgevl.specs import IMAGE_TILES
-
-    if IMAGE_TILES in feeds:
-        tiles = modules[MLLM_VISION_GRAPH](torch.from_numpy(feeds[IMAGE_TILES]))
-    else:
-        tiles = torch.from_numpy(zero_tile)
-    args = [torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask")]
-    embedding, _ = modules[MLLM_LANGUAGE_GRAPH](*args, tiles, torch.from_numpy(feeds["image_feature_index"]))
-    return embedding.numpy()

@@ -144,6 +144,25 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32_nodes: Iterable[str]) -> o
     return converted
 
 
+def fp16_graph(src: Path, dst: Path, normalized_outputs: tuple[str, str] | None = None) -> dict:
+    """The fp16 pass of every graph: float16 with LayerNorm and Softmax (by op type) and, found by
+    structure, RMSNorms, rotary positions/angles and the final L2 normalization kept in float32.
+    Returns what was done, for the manifest."""
+    model = onnx.load(str(src))
+    kept = {
+        "RMSNorm": rms_norm_nodes(model),
+        "rotary positions and angles": rotary_nodes(model),
+        "final L2 normalization": nodes_between_outputs(model, *normalized_outputs) if normalized_outputs else [],
+    }
+    keep = [node for nodes in kept.values() for node in nodes]
+    save_onnx(convert_to_fp16(model, keep), dst)
+    return {
+        "method": "onnxconverter_common float16, float32 inputs/outputs",
+        "kept_float32": list(FP16_BLOCKED_OPS) + [what for what, nodes in kept.items() if nodes],
+        "kept_float32_nodes": len(keep),
+    }
+
+
 def _restore_float32_outputs(model: onnx.ModelProto) -> None:
     """Make every float graph output float32 again.
 
@@ -235,15 +254,21 @@ def file_size(path: Path) -> int:
     return os.path.getsize(path) + (os.path.getsize(data) if data.exists() else 0)
 
 
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def rms_norm_nodes(model: onnx.ModelProto) -> list[str]:
     """Nodes of the RMSNorms (Mistral/Llama) as the exporter decomposes them: Pow(x, 2) ->
     ReduceMean -> Add(eps) -> Sqrt -> Reciprocal -> Mul(x, .). Held in float32 by the fp16 pass:
     the square of a hidden state over 256 overflows float16 (transformers computes the RMSNorm in
     float32 for the same reason)."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(model)
     chain = ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Mul")
     keep: list[str] = []
     for node in model.graph.node:
@@ -325,10 +350,7 @@ def rotary_nodes(model: onnx.ModelProto, max_depth: int = 8) -> list[str]:
     positions (and the angles from them) must stay float32 (transformers computes them in float32)."""
     int_types = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(model)
     keep: set[str] = set()
     for node in model.graph.node:
         to = next((a.i for a in node.attribute if a.name == "to"), None)

@@ -126,6 +126,25 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def convert_graph(name: str, src: Path, dst: Path, precision: str, int8: Callable[[], dict]) -> dict:
+    """Write the exported fp32 graph ``src`` at ``precision`` to ``dst`` and check it; returns what was
+    done, for the manifest. ``int8`` is the model family's int8 pass (it differs: static QDQ for CLIP,
+    weight-only for the MLLM)."""
+    import onnx
+
+    from bgevl.export import onnx_tools
+
+    if precision == "fp32":
+        onnx_tools.save_onnx(onnx.load(str(src)), dst)
+        details = {"method": "float32 as exported"}
+    elif precision == "fp16":
+        details = onnx_tools.fp16_graph(src, dst, NORMALIZED_OUTPUTS.get(name))
+    else:
+        details = int8()
+    onnx_tools.check_onnx(dst)
+    return details
+
+
 def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -> Path:
     """Run the whole export; returns the output directory."""
     _check_options(opts)
@@ -154,8 +173,6 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
 
 
 def _export_clip(spec, opts: ExportOptions, staging: Path, work: Path, progress: Progress) -> dict:
-    import onnx
-
     from bgevl.export import onnx_tools
     from bgevl.export.clip_modules import graph_modules, run_reference
     from bgevl.export.validate import check_thresholds, format_figures, parity_figures, threshold_for
@@ -206,22 +223,9 @@ def _export_clip(spec, opts: ExportOptions, staging: Path, work: Path, progress:
         }
     for name, gspec in graphs.items():
         src, dst = fp32_dir / gspec.filename, staging / gspec.filename
-        if opts.precision == "fp32":
-            onnx_tools.save_onnx(onnx.load(str(src)), dst)
-            precision_details[name] = {"method": "float32 as exported"}
-        elif opts.precision == "fp16":
-            fp32_model = onnx.load(str(src))
-            keep = onnx_tools.nodes_between_outputs(fp32_model, *NORMALIZED_OUTPUTS[name])
-            onnx_tools.save_onnx(onnx_tools.convert_to_fp16(fp32_model, keep), dst)
-            precision_details[name] = {
-                "method": "onnxconverter_common float16, float32 inputs/outputs",
-                "kept_float32": list(onnx_tools.FP16_BLOCKED_OPS) + ["final L2 normalization"],
-                "kept_float32_nodes": len(keep),
-            }
-        else:
-            precision_details[name] = onnx_tools.quantize_int8(
-                src, dst, opts.int8_mode, cal_feeds[name] if opts.int8_mode == "qdq" else None)
-        onnx_tools.check_onnx(dst)
+        precision_details[name] = convert_graph(
+            name, src, dst, opts.precision,
+            int8=lambda: onnx_tools.quantize_int8(src, dst, opts.int8_mode, cal_feeds[name] if opts.int8_mode == "qdq" else None))
 
     validation: dict = {"performed": False}
     figures: dict[str, dict] = {}

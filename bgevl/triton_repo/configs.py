@@ -60,14 +60,17 @@ def _tensor(msg, tensor: TensorSpec, *, batched: bool, optional: bool = False) -
         msg.optional = True
 
 
+def _instances(config, batching: Batching) -> None:
+    group = config.instance_group.add()
+    group.count = batching.instances
+    group.kind = _pb().ModelInstanceGroup.Kind.Value(batching.kind)
+
+
 def _batching(config, batching: Batching) -> None:
-    pb = _pb()
     config.max_batch_size = batching.max_batch
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred)
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
-    group = config.instance_group.add()
-    group.count = batching.instances
-    group.kind = pb.ModelInstanceGroup.Kind.Value(batching.kind)
+    _instances(config, batching)
 
 
 def encoder_config(name: str, graph: GraphSpec, backend: str, batching: Batching, *, model_file: str | None = None):
@@ -92,9 +95,7 @@ def encoder_config(name: str, graph: GraphSpec, backend: str, batching: Batching
     if batched:
         _batching(config, batching)
     else:  # max_batch_size 0: full shapes, one request per execution
-        group = config.instance_group.add()
-        group.count = batching.instances
-        group.kind = _pb().ModelInstanceGroup.Kind.Value(batching.kind)
+        _instances(config, batching)
     return config
 
 
