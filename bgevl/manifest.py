@@ -53,6 +53,23 @@ class Manifest:
     def graph_path(self, name: str) -> Path:
         return self.directory / self.data["graphs"][name]["file"]
 
+    def engine(self, name: str) -> dict[str, Any]:
+        """The TensorRT engine entry of graph ``name`` (``engines`` section, written by the engine build)."""
+        engines = self.data.get("engines") or {}
+        if name not in engines:
+            raise BgevlError(f"{self.directory} has no TensorRT engine for graph {name!r}; build the engines with "
+                             f"`bgevl-export build-engines {self.directory}` on a machine with TensorRT and a GPU")
+        return engines[name]
+
+    def path_of(self, relative: str) -> Path:
+        return self.directory / relative
+
+    def graph_files(self, name: str) -> list[Path]:
+        """The graph file and, for graphs over 2 GB, its external-data file ``<file>.data``."""
+        path = self.graph_path(name)
+        data = path.with_name(path.name + ".data")
+        return [path] + ([data] if data.exists() else [])
+
 
 def write_manifest(directory: Path, data: dict[str, Any]) -> Path:
     path = Path(directory) / MANIFEST_NAME

@@ -107,8 +107,11 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def output(self, role: str) -> TensorSpec:
-        return next(t for t in self.outputs if t.name == role)
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -268,6 +271,19 @@ def mllm_graph_specs_from_config(config: Any, **kw: int) -> dict[str, GraphSpec]
     max_tiles = 1 + max((h // vc.image_size) * (w // vc.image_size) for h, w in pinpoints)
     return mllm_graph_specs(tile_size=vc.image_size, tile_tokens=tile_tokens, hidden_size=config.text_config.hidden_size,
                             max_tiles_per_image=max_tiles, **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# Serving API (the Triton repository's entry model; clients and benchmarks use these names)
+# ---------------------------------------------------------------------------------------
+
+#: Inputs and output of the entry model ``<name>`` of a generated Triton repository. TEXT and
+#: IMAGE are BYTES (UTF-8 text, encoded image files), each optional: send either or both.
+#: INSTRUCTION and ROLE (MLLM only, BYTES [1]) are the query task instruction and
+#: ``query``/``candidate``.
+SERVING_TEXT, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE = "TEXT", "IMAGE", "INSTRUCTION", "ROLE"
+SERVING_EMBEDDING = "EMBEDDING"
+DEFAULT_SERVING_NAME = "bgevl"
 
 
 # ---------------------------------------------------------------------------------------

@@ -124,3 +124,23 @@ def test_mllm_fp32_refused_without_force_and_flags_parse(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--force-fp32" in err and "--precision fp16" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_export_with_triton_repo_and_the_packaging_subcommand(tmp_path, capsys, export_dir):
+    from bgevl.triton_repo.configs import parse_pbtxt
+
+    repo = tmp_path / "repo"
+    assert main(["--model", "tiny", "--output", str(tmp_path / "export"), "--triton-repo", str(repo), "--quiet"]) == 0
+    assert parse_pbtxt((repo / "bgevl" / "config.pbtxt").read_text()).backend == "python"
+    # a non-empty --triton-repo is refused before minutes of exporting, not after
+    assert main(["--model", "tiny", "--output", str(tmp_path / "again"), "--triton-repo", str(repo)]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+    # the subcommand packages an existing export, here with onnxruntime encoders and another name
+    packaged = tmp_path / "ort"
+    assert main(["triton-repo", str(export_dir("fp16")), "--output", str(packaged), "--triton-backend", "onnxruntime",
+                 "--triton-name", "clip"]) == 0
+    config = parse_pbtxt((packaged / "clip_vision" / "config.pbtxt").read_text())
+    assert config.platform == "onnxruntime_onnx" and (packaged / "clip_vision/1" / config.default_model_filename).is_file()
+    assert main(["triton-repo", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err

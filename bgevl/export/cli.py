@@ -46,10 +46,66 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLLM: longest prompt plus image tokens the language graph serves (one 512x512 image is 2928 tokens)")
     p.add_argument("--force-fp32", action="store_true", help="allow --precision fp32 for the 7B MLLM (about 60 GB of memory)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the result and errors")
+    _triton_options(p, standalone=False)
     return p
 
 
+def _triton_options(p: argparse.ArgumentParser, standalone: bool) -> None:
+    from bgevl.specs import DEFAULT_SERVING_NAME
+    from bgevl.triton_repo.configs import ENCODER_BACKENDS
+
+    g = p.add_argument_group("Triton model repository")
+    if not standalone:
+        g.add_argument("--triton-repo", type=Path, default=None, metavar="DIR",
+                       help="also write a Triton model repository of the export to DIR")
+    g.add_argument("--triton-backend", default="python", choices=ENCODER_BACKENDS,
+                   help="encoders as python-backend ONNX Runtime models (what the CPU server from nvidia-pytriton "
+                        "serves), onnxruntime_onnx models, or tensorrt_plan engines")
+    g.add_argument("--triton-name", default=DEFAULT_SERVING_NAME, help="name of the entry model; the others are NAME_<part>")
+    g.add_argument("--triton-instances", type=int, default=1, help="instances per model (instance_group count)")
+    g.add_argument("--triton-queue-delay-us", type=int, default=2000, help="dynamic batching max queue delay")
+
+
+def build_triton_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bgevl-export triton-repo",
+        description="Package an existing export directory as a Triton model repository.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("export_dir", type=Path, help="a bgevl-export output directory (with manifest.json)")
+    p.add_argument("--output", "-o", type=Path, required=True, help="repository directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty repository directory")
+    _triton_options(p, standalone=True)
+    return p
+
+
+def _write_triton(args, export_dir: Path, output: Path, overwrite: bool, quiet: bool) -> Path:
+    from bgevl.triton_repo.repository import write_repository
+
+    return write_repository(export_dir, output, backend=args.triton_backend, name=args.triton_name,
+                            instances=args.triton_instances, queue_delay_us=args.triton_queue_delay_us,
+                            overwrite=overwrite, sink=None if quiet else print)
+
+
+def triton_main(argv: list[str]) -> int:
+    args = build_triton_parser().parse_args(argv)
+    try:
+        print(_write_triton(args, args.export_dir, args.output, args.overwrite, quiet=False))
+    except BgevlError as exc:
+        print(f"bgevl-export triton-repo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+SUBCOMMANDS = {"triton-repo": triton_main}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``bgevl-export [options]`` exports; ``bgevl-export triton-repo EXPORT_DIR ...`` packages an export."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return SUBCOMMANDS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from bgevl.export.pipeline import ExportOptions, run_export
@@ -61,10 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         calibration_size=args.calibration_size, validate=args.validate, min_cosine=args.min_cosine,
         opt_batch=args.opt_batch, max_batch=args.max_batch, overwrite=args.overwrite,
         max_sequence_length=args.max_sequence_length, force_fp32=args.force_fp32,
-        command=shlex.join(["bgevl-export", *(sys.argv[1:] if argv is None else argv)]),
+        command=shlex.join(["bgevl-export", *argv]),
     )
     try:
+        repo = args.triton_repo
+        if repo is not None and repo.is_dir() and any(repo.iterdir()) and not args.overwrite:
+            raise BgevlError(f"--triton-repo {repo} exists and is not empty; pass --overwrite or choose another directory")
         out = run_export(opts, sink=(lambda msg: None) if args.quiet else None)
+        if args.triton_repo is not None:
+            _write_triton(args, out, args.triton_repo, args.overwrite, args.quiet)
     except BgevlError as exc:
         print(f"bgevl-export: error: {exc}", file=sys.stderr)
         return 2

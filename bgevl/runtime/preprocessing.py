@@ -128,12 +128,16 @@ class ClipPreprocessor:
         pil = [load_image(item, i) for i, item in enumerate(images)]
         return np.asarray(self.image_processor(images=pil, return_tensors="np")["pixel_values"], dtype=np.float32)
 
-    def tokens(self, texts: Sequence[Any]) -> dict[str, np.ndarray]:
+    def tokens(self, texts: Sequence[Any], pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
+        """Token ids and attention mask, padded to the longest text, or to the model's limit with
+        ``pad_to_max_length`` (fixed shapes, which Triton's dynamic batcher needs to merge requests)."""
         texts = check_texts(texts)
+        padding = "max_length" if pad_to_max_length else True
         enc = self.tokenizer(texts, add_special_tokens=True, verbose=False)
         over = [(i, len(ids)) for i, ids in enumerate(enc["input_ids"]) if len(ids) > self.max_text_length]
         if not over:  # the common case: pad the one tokenization, no second pass
-            enc = self.tokenizer.pad(enc, padding=True, return_tensors="np")
+            enc = self.tokenizer.pad(enc, padding=padding, max_length=self.max_text_length if pad_to_max_length else None,
+                                     return_tensors="np")
         else:
             listed = ", ".join(f"text[{i}] ({n} tokens)" for i, n in over)
             if self.text_overflow == "error":
@@ -143,5 +147,5 @@ class ClipPreprocessor:
                 )
             log.warning("truncating %s to the model's limit of %d tokens", listed, self.max_text_length)
             # re-tokenized by the tokenizer itself so truncation keeps <|endoftext|> last (EOS pooling)
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="np")
+            enc = self.tokenizer(texts, padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="np")
         return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}

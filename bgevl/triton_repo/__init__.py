@@ -1,7 +1,8 @@
 """Triton Inference Server packaging of exported BGE-VL models.
 
-Done so far: ``configs`` builds every ``config.pbtxt`` (python-backend, onnxruntime_onnx and
-tensorrt_plan encoders, ensembles) as Triton ``ModelConfig`` messages derived from the export's
-graph declarations, and checks ensemble wiring. Not built yet: the repository writer, the
-python-backend models, ``bgevl-serve`` and the server round-trip tests (issue 4).
+* ``configs``: every ``config.pbtxt`` as a Triton ``ModelConfig`` message derived from the graph
+  declarations (python-backend, onnxruntime_onnx and tensorrt_plan encoders, ensembles);
+* ``repository``: the repository writer (``bgevl-export --triton-repo`` / ``triton-repo``);
+* ``models``: the python-backend models (preprocessing, ONNX Runtime encoders, fusion, entry);
+* ``server``: ``bgevl-serve``, the CPU tritonserver bundled in the nvidia-pytriton wheel.
 """

@@ -67,13 +67,16 @@ def _instances(config, batching: Batching) -> None:
 
 
 def _batching(config, batching: Batching) -> None:
+    """``max_batch == 0``: full shapes, one request per execution, no dynamic batching."""
     config.max_batch_size = batching.max_batch
-    config.dynamic_batching.preferred_batch_size.extend(batching.preferred)
-    config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    if batching.max_batch > 0:
+        config.dynamic_batching.preferred_batch_size.extend(p for p in batching.preferred if p <= batching.max_batch)
+        config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
     _instances(config, batching)
 
 
-def encoder_config(name: str, graph: GraphSpec, backend: str, batching: Batching, *, model_file: str | None = None):
+def encoder_config(name: str, graph: GraphSpec, backend: str, batching: Batching, *, model_file: str | None = None,
+                   parameters: Mapping[str, str] | None = None):
     """Config of one exported graph served on its own (addressable directly)."""
     if backend not in ENCODER_BACKENDS:
         raise ValueError(f"encoder backend {backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
@@ -96,6 +99,8 @@ def encoder_config(name: str, graph: GraphSpec, backend: str, batching: Batching
         _batching(config, batching)
     else:  # max_batch_size 0: full shapes, one request per execution
         _instances(config, batching)
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = value
     return config
 
 
@@ -109,7 +114,8 @@ def batch_aligned(graph: GraphSpec) -> bool:
 
 def python_config(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], batching: Batching,
                   *, optional: Iterable[str] = (), parameters: Mapping[str, str] | None = None):
-    """Config of a python-backend model (preprocessing, fusion). Shapes exclude the batch axis."""
+    """Config of a python-backend model (preprocessing, fusion, entry). Shapes exclude the batch
+    axis when ``batching.max_batch > 0``; with 0 they are the full shapes."""
     config = _pb().ModelConfig()
     config.name = name
     config.backend = "python"

@@ -1,0 +1,285 @@
+"""A local Triton server on a CPU machine: the ``tritonserver`` bundled in the ``nvidia-pytriton`` wheel.
+
+``bgevl-serve REPO`` (or :class:`TritonServer` as a context manager in tests and benchmarks):
+
+* builds a backend directory with the wheel's python backend (``libtriton_python.so``,
+  ``triton_python_backend_utils.py`` and the stub for this Python version);
+* starts the server with ``LD_LIBRARY_PATH`` at the wheel's libraries and this environment's
+  ``bin`` first on ``PATH``: the python-backend stub starts its embedded interpreter isolated and
+  resolves ``python3`` on ``PATH``, so that environment's site-packages (numpy<2, onnxruntime,
+  transformers, bgevl) are what the models import, without PYTHONPATH (which the stub ignores);
+* waits until every model is ready, checking that the process it started is still alive (a
+  second server on a busy port exits while the first one answers the readiness poll);
+* stops with SIGINT (Triton's graceful shutdown), then kills the whole process group (server and
+  stubs) if it has not exited in time, so nothing is left running.
+
+What was observed on this machine type is in ``shared/reference/triton-on-cpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from bgevl.errors import BgevlError
+
+#: Backends the bundled server has: the python backend only (no onnxruntime, tensorrt, pytorch).
+BUNDLED_BACKENDS = {"python", "ensemble"}
+
+
+def pytriton_paths() -> dict[str, Path]:
+    """Locations inside the installed nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise BgevlError("the local Triton server comes from the nvidia-pytriton wheel: "
+                         "pip install 'bgevl-export[serving]'") from exc
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    paths = {
+        "server": root / "bin" / "tritonserver",
+        "libs": Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs",
+        "backend": root / "backends" / "python",
+        "stub": root / "python_backend_stubs" / version / "triton_python_backend_stub",
+    }
+    if not paths["stub"].is_file():
+        raise BgevlError(f"nvidia-pytriton has no python-backend stub for Python {version} "
+                         f"({paths['stub'].parent.parent} lists the supported versions); use one of those Pythons")
+    for key in ("server", "libs", "backend"):
+        if not paths[key].exists():
+            raise BgevlError(f"the nvidia-pytriton install is incomplete: {paths[key]} is missing; reinstall it")
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+def check_servable(repository: Path) -> list[str]:
+    """Model names of the repository; refuses backends the bundled server lacks."""
+    from bgevl.triton_repo.repository import repository_backends
+
+    backends = repository_backends(repository)
+    if not backends:
+        raise BgevlError(f"{repository} holds no model (no <model>/config.pbtxt); write one with "
+                         f"`bgevl-export --triton-repo DIR` or `bgevl-export triton-repo EXPORT_DIR --output DIR`")
+    missing = {name: b for name, b in backends.items() if b not in BUNDLED_BACKENDS}
+    if missing:
+        listed = ", ".join(f"{n} ({b})" for n, b in sorted(missing.items()))
+        raise BgevlError(
+            f"the CPU Triton server bundled in nvidia-pytriton has only the python backend, and {listed} need(s) "
+            f"another. Package the export with --triton-backend python for this server, or serve this repository "
+            f"with a full Triton (e.g. the nvcr.io/nvidia/tritonserver container)")
+    return sorted(backends)
+
+
+class TritonServer:
+    """The bundled ``tritonserver`` serving one repository; a context manager."""
+
+    def __init__(self, repository: str | os.PathLike, *, http_port: int | None = 8000, grpc_port: int | None = 8001,
+                 metrics_port: int | None = 8002, log_file: str | os.PathLike | None = None, verbose: bool = False):
+        self.repository = Path(repository).expanduser().resolve()
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.verbose = verbose
+        self.models = check_servable(self.repository)
+        self._workdir = Path(tempfile.mkdtemp(prefix="bgevl-triton-"))
+        self.log_file = Path(log_file) if log_file else self._workdir / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    def _backend_dir(self, paths: dict[str, Path]) -> Path:
+        backend = self._workdir / "backends" / "python"
+        backend.mkdir(parents=True)
+        for src in (paths["backend"] / "libtriton_python.so", paths["backend"] / "triton_python_backend_utils.py",
+                    paths["stub"]):
+            shutil.copy2(src, backend / src.name)  # copies: the backend finds the stub beside its own real path
+        return backend.parent
+
+    def command(self, backend_dir: Path, server: Path) -> list[str]:
+        return [str(server), f"--model-repository={self.repository}", f"--backend-directory={backend_dir}",
+                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
+                "--allow-metrics=true", "--exit-timeout-secs=10", f"--log-verbose={1 if self.verbose else 0}"]
+
+    def environment(self, libs: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env_bin = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([env_bin, env.get("PATH", "")])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        env.pop("PYTHONPATH", None)  # ignored by the stub anyway; keep the server's view unambiguous
+        return env
+
+    def start(self, timeout: float = 180.0, progress=None) -> "TritonServer":
+        for port in (self.http_port, self.grpc_port, self.metrics_port):
+            if _port_in_use(port):
+                raise BgevlError(f"port {port} is in use (another Triton server?); stop it or pass other "
+                                 f"--http-port/--grpc-port/--metrics-port")
+        paths = pytriton_paths()
+        backend_dir = self._backend_dir(paths)
+        log = open(self.log_file, "wb")
+        self.process = subprocess.Popen(self.command(backend_dir, paths["server"]), stdout=log, stderr=subprocess.STDOUT,
+                                        env=self.environment(paths["libs"]), start_new_session=True)
+        log.close()
+        try:
+            self._wait_ready(timeout, progress)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except (urllib.error.URLError, OSError):
+            return 0
+
+    def _wait_ready(self, timeout: float, progress) -> None:
+        deadline, last = time.monotonic() + timeout, 0.0
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BgevlError(f"tritonserver exited with code {self.process.returncode} while loading "
+                                 f"{self.repository}:\n{self.log_tail()}")
+            if self._get("/v2/health/ready") == 200 and all(self._get(f"/v2/models/{m}/ready") == 200 for m in self.models):
+                return
+            if progress and time.monotonic() - last > 5:
+                progress(f"waiting for {len(self.models)} models to load ...")
+                last = time.monotonic()
+            time.sleep(0.2)
+        raise BgevlError(f"tritonserver did not become ready within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Graceful SIGINT, then SIGKILL of the whole process group; returns the server's exit code."""
+        if self.process is None:
+            return None
+        pgid = self.process.pid
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # stubs that outlived the server, or a server that ignored SIGINT
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        code = self.process.wait()
+        deadline = time.monotonic() + 10
+        while self.group_alive() and time.monotonic() < deadline:  # killed stubs take a moment to go
+            time.sleep(0.05)
+        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        return code
+
+    def group_alive(self) -> bool:
+        """True while any process of the server's process group (server, stubs) exists."""
+        if self.process is None:
+            return False
+        try:
+            os.killpg(self.process.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bgevl-serve", description=(
+        "Serve a Triton model repository written by bgevl-export with the CPU tritonserver bundled in the "
+        "nvidia-pytriton wheel. Ctrl-C stops it."), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("repository", type=Path, help="model repository (bgevl-export --triton-repo DIR)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary file, printed at start)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models to load")
+    p.add_argument("--verbose", action="store_true", help="Triton's verbose log")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    def on_signal(signum, frame):  # SIGTERM (docker stop, kill): the same clean shutdown as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    server = None
+    try:
+        server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port, log_file=args.log_file, verbose=args.verbose)
+        print(f"starting tritonserver for {server.repository}", flush=True)
+        server.start(args.timeout, progress=lambda msg: print(msg, flush=True))
+        print(f"tritonserver pid {server.process.pid}, log {server.log_file}", flush=True)
+        print(f"ready: {len(server.models)} models ({', '.join(server.models)})", flush=True)
+        print(f"  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n  metrics  {server.metrics_url}", flush=True)
+        print("Ctrl-C to stop", flush=True)
+        while server.alive():
+            time.sleep(0.5)
+        print(f"bgevl-serve: tritonserver exited unexpectedly (code {server.process.returncode}):\n{server.log_tail()}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if server is not None and server.process is not None:
+            print("stopping tritonserver ...", flush=True)
+            code = server.stop()
+            print(f"stopped (exit code {code})", flush=True)
+        return 0
+    except BgevlError as exc:
+        print(f"bgevl-serve: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if server is not None and server.alive():
+            server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Generated Triton repositories on a real server (the CPU tritonserver of the nvidia-pytriton wheel).
+
+Embeddings over HTTP and gRPC are compared with ``bgevl.runtime`` on the same export; bad requests
+must come back as Triton errors naming the problem while the server keeps serving; every server
+started here is stopped, with no process of its group left.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("tritonclient.grpc", reason="needs the serving extra: pip install '.[serving]'")
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from bgevl.errors import BgevlError  # noqa: E402
+from bgevl.runtime import Embedder  # noqa: E402
+from bgevl.runtime.preprocessing import ClipPreprocessor  # noqa: E402
+from bgevl.triton_repo.configs import check_ensemble_wiring, parse_pbtxt  # noqa: E402
+from bgevl.triton_repo.repository import write_repository  # noqa: E402
+from bgevl.triton_repo.server import TritonServer, free_port  # noqa: E402
+
+MIN_COSINE = 0.9999
+TEXTS = ["a red car parked by the sea", "two dogs", "a photo of a cat sleeping on a keyboard at night"]
+CLIENTS = {"http": httpclient, "grpc": grpcclient}
+
+
+def png(seed: int, size=(48, 64)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+IMAGES = [png(1), png(2, (80, 40)), png(3, (64, 64))]
+
+
+def bytes_input(module, name: str, values: list[bytes]):
+    tensor = module.InferInput(name, [len(values), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array(values, dtype=object).reshape(-1, 1))
+    return tensor
+
+
+def request(module, images=None, texts=None, **extra):
+    inputs = []
+    if texts is not None:
+        inputs.append(bytes_input(module, "TEXT", [t.encode() for t in texts]))
+    if images is not None:
+        inputs.append(bytes_input(module, "IMAGE", list(images)))
+    for name, value in extra.items():
+        n = len(texts if texts is not None else images)
+        inputs.append(bytes_input(module, name.upper(), [value.encode()] * n))
+    return inputs
+
+
+def client(server, protocol: str):
+    return CLIENTS[protocol].InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+
+
+def embed(server, protocol: str, model: str = "bgevl", **kw) -> np.ndarray:
+    return client(server, protocol).infer(model, request(CLIENTS[protocol], **kw)).as_numpy("EMBEDDING")
+
+
+def assert_matches(served: np.ndarray, direct: np.ndarray) -> None:
+    assert served.shape == direct.shape and served.dtype == np.float32
+    cosine = (served * direct).sum(axis=1) / np.linalg.norm(served, axis=1) / np.linalg.norm(direct, axis=1)
+    assert cosine.min() >= MIN_COSINE, cosine
+
+
+def started(repository) -> TritonServer:
+    return TritonServer(repository, http_port=None, grpc_port=None, metrics_port=None).start()
+
+
+def stopped(server: TritonServer) -> None:
+    assert server.alive(), f"the server died during the tests:\n{server.log_tail()}"
+    server.stop()
+    assert not server.group_alive(), "a process of the server's group (server or python-backend stub) is still running"
+
+
+@pytest.fixture(scope="module")
+def clip_export(export_dir):
+    return export_dir("fp32")
+
+
+@pytest.fixture(scope="module")
+def clip_served(clip_export, tmp_path_factory):
+    server = started(write_repository(clip_export, tmp_path_factory.mktemp("triton") / "clip", sink=None))
+    yield server, Embedder.load(clip_export, provider="cpu")
+    stopped(server)
+
+
+@pytest.fixture(scope="module")
+def mllm_served(export_dir, tmp_path_factory):
+    export = export_dir("fp32", model="tiny-mllm")
+    server = started(write_repository(export, tmp_path_factory.mktemp("triton") / "mllm", sink=None))
+    yield server, Embedder.load(export, provider="cpu")
+    stopped(server)
+
+
+# --- the repository on disk --------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_repository_configs_parse_and_follow_the_manifest(clip_export, tmp_path, backend):
+    repo = write_repository(clip_export, tmp_path / "repo", backend=backend, sink=None)
+    configs = {p.parent.name: parse_pbtxt(p.read_text()) for p in repo.glob("*/config.pbtxt")}
+    assert set(configs) == {"bgevl", "bgevl_preprocess", "bgevl_vision", "bgevl_text", "bgevl_fusion", "bgevl_composed"}
+    manifest = Embedder.load(clip_export, provider="cpu").manifest
+    for graph in ("vision", "text"):
+        config, spec = configs[f"bgevl_{graph}"], manifest.graph_spec(graph)
+        assert config.max_batch_size == spec.inputs[0].shape[0].max
+        assert [i.name for i in config.input] == spec.input_names
+        if backend == "onnxruntime":
+            assert config.platform == "onnxruntime_onnx" and (repo / f"bgevl_{graph}/1" / config.default_model_filename).is_file()
+        else:
+            assert config.backend == "python" and (repo / f"bgevl_{graph}/1/{graph}.onnx").is_file()
+    check_ensemble_wiring(configs["bgevl_composed"], configs)
+    assert (repo / "bgevl_preprocess/1/processor/tokenizer.json").is_file()
+    assert [i.optional for i in configs["bgevl"].input] == [True, True]
+
+
+def test_repository_writer_refuses_what_it_cannot_build(clip_export, tmp_path):
+    with pytest.raises(BgevlError, match="no TensorRT engines.*build-engines"):
+        write_repository(clip_export, tmp_path / "trt", backend="tensorrt", sink=None)
+    assert not (tmp_path / "trt").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    with pytest.raises(BgevlError, match="not empty; pass --overwrite"):
+        write_repository(clip_export, tmp_path / "busy", sink=None)
+
+
+def test_bundled_server_refuses_backends_it_lacks(clip_export, tmp_path):
+    repo = write_repository(clip_export, tmp_path / "ort", backend="onnxruntime", sink=None)
+    with pytest.raises(BgevlError, match="only the python backend.*bgevl_text \\(onnxruntime_onnx\\).*--triton-backend python"):
+        TritonServer(repo)
+
+
+# --- CLIP on the server ------------------------------------------------------------------
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("kind", ["text", "image", "composed"])
+def test_clip_embeddings_match_the_runtime(clip_served, protocol, kind):
+    server, embedder = clip_served
+    kw = {"text": {"texts": TEXTS}, "image": {"images": IMAGES}, "composed": {"texts": TEXTS, "images": IMAGES}}[kind]
+    direct = embedder.encode(images=kw.get("images"), text=kw.get("texts"))
+    assert_matches(embed(server, protocol, **kw), direct)
+
+
+def test_composed_ensemble_and_encoders_are_addressable(clip_served):
+    server, embedder = clip_served
+    assert_matches(embed(server, "grpc", "bgevl_composed", texts=TEXTS, images=IMAGES),
+                   embedder.encode(images=IMAGES, text=TEXTS))
+    pixels = ClipPreprocessor.from_pretrained(embedder.manifest.processor_dir, embedder.manifest.max_text_length).pixel_values(IMAGES)
+    tensor = httpclient.InferInput("pixel_values", list(pixels.shape), "FP32")
+    tensor.set_data_from_numpy(pixels)
+    out = client(server, "http").infer("bgevl_vision", [tensor]).as_numpy("image_embeds")
+    assert_matches(out, embedder.encode(images=IMAGES))
+
+
+def test_concurrent_requests_are_merged_by_dynamic_batching(clip_served):
+    server, embedder = clip_served
+    stats_client = client(server, "grpc")
+
+    def executions():
+        stats = stats_client.get_inference_statistics("bgevl_text", as_json=True)["model_stats"][0]
+        return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+    before = executions()
+    jobs = [{"texts": [f"{TEXTS[i % 3]} number {i}"]} if i % 2 else {"texts": [TEXTS[i % 3]], "images": [IMAGES[i % 3]]}
+            for i in range(32)]
+    with ThreadPoolExecutor(16) as pool:
+        served = list(pool.map(lambda kw: embed(server, "grpc", **kw), jobs))
+    for kw, out in zip(jobs, served):
+        assert_matches(out, embedder.encode(images=kw.get("images"), text=kw["texts"]))
+    inferences, runs = (a - b for a, b in zip(executions(), before))
+    assert inferences == 32
+    assert runs < inferences, f"{inferences} text-encoder inferences took {runs} executions: nothing was batched"
+
+
+def _wrong_dtype(module):
+    tensor = module.InferInput("TEXT", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 1), np.float32))
+    return [tensor]
+
+
+BAD_REQUESTS = {
+    "no input": (lambda m: [], "request has 0 inputs"),  # Triton rejects it before the model runs
+    "undecodable image": (lambda m: request(m, images=[b"not an image at all"]), "not a readable image"),
+    "truncated image": (lambda m: request(m, images=[IMAGES[0][:60]]), "corrupt or truncated"),
+    "empty text": (lambda m: request(m, texts=["   "]), "empty text"),
+    "invalid utf-8": (lambda m: [bytes_input(m, "TEXT", [b"\xff\xfe"])], "not valid UTF-8"),
+    "wrong dtype": (_wrong_dtype, "input 'TEXT' data-type is 'FP32', but model 'bgevl' expects 'BYTES'"),
+    "batch over the limit": (lambda m: request(m, texts=["a cat"] * 65), "batch-size must be <= 64"),
+}
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_fail_cleanly_and_the_server_keeps_serving(clip_served, protocol, case):
+    server, embedder = clip_served
+    make, message = BAD_REQUESTS[case]
+    module = CLIENTS[protocol]
+    with pytest.raises(InferenceServerException, match=message.replace("(", "\\(").replace(")", "\\)")):
+        client(server, protocol).infer("bgevl", make(module))
+    assert_matches(embed(server, protocol, texts=TEXTS[:1]), embedder.encode(text=TEXTS[:1]))
+
+
+# --- MLLM on the server ------------------------------------------------------------------
+
+INSTRUCTION = "Retrieve the target image that best meets the combined criteria"
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_mllm_embeddings_match_the_runtime(mllm_served, protocol):
+    server, embedder = mllm_served
+    cases = [
+        ({"texts": TEXTS, "instruction": INSTRUCTION}, dict(text=TEXTS, role="query", instruction=INSTRUCTION)),
+        ({"images": IMAGES, "role": "candidate"}, dict(images=IMAGES, role="candidate")),
+        ({"texts": TEXTS[:2], "images": IMAGES[:2], "role": "query", "instruction": INSTRUCTION},
+         dict(images=IMAGES[:2], text=TEXTS[:2], role="query", instruction=INSTRUCTION)),
+        ({"texts": TEXTS}, dict(text=TEXTS)),  # no role, no instruction: a candidate, as in the runtime
+    ]
+    for request_kw, runtime_kw in cases:
+        assert_matches(embed(server, protocol, **request_kw), embedder.encode(**runtime_kw))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"role": "judge"}, "role"),
+    ({"role": "candidate", "instruction": INSTRUCTION}, "instruction applies to queries only"),
+])
+def test_mllm_bad_requests_name_the_problem(mllm_served, extra, message):
+    server, embedder = mllm_served
+    with pytest.raises(InferenceServerException, match=message):
+        embed(server, "http", texts=TEXTS[:1], **extra)
+    assert_matches(embed(server, "http", texts=TEXTS[:1]), embedder.encode(text=TEXTS[:1]))
+
+
+# --- bgevl-serve -------------------------------------------------------------------------
+
+def test_bgevl_serve_starts_prints_endpoints_and_stops_on_ctrl_c(clip_export, tmp_path):
+    repo = write_repository(clip_export, tmp_path / "repo", sink=None)
+    ports = [free_port() for _ in range(3)]
+    cmd = [sys.executable, "-m", "bgevl.triton_repo.server", str(repo), "--http-port", str(ports[0]),
+           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        out = "".join(lines)
+        assert "ready: 6 models" in out, out
+        assert f"HTTP     localhost:{ports[0]}" in out and f"gRPC     localhost:{ports[1]}" in out
+        assert f"http://localhost:{ports[2]}/metrics" in out
+        served = httpclient.InferenceServerClient(f"localhost:{ports[0]}").infer("bgevl", request(httpclient, texts=TEXTS[:1]))
+        assert served.as_numpy("EMBEDDING").shape == (1, 16)
+        server_pid = int(out.split("tritonserver pid ")[1].split(",")[0])
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out + rest
+    assert "stopped (exit code 0)" in rest
+    for group in (proc.pid, server_pid):  # bgevl-serve's group and the server's (server and stubs)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
