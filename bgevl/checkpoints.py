@@ -153,8 +153,11 @@ def _download(spec: ModelSpec) -> Path:
         raise CheckpointError(_hub_offline_message(spec, f"{type(exc).__name__}: {exc}")) from exc
 
 
-def load_clip(path: Path) -> tuple[Any, Any]:
+def load_clip(path: Path, attn_implementation: str = "eager") -> tuple[Any, Any]:
     """Load a BGE-VL CLIP checkpoint with transformers' CLIPModel and its processor.
+
+    ``attn_implementation``: eager (the export's reference) or sdpa (transformers' default, what
+    the benchmarks compare against).
 
     BGE-VL-base/large ship remote code (``MMRet_CLIP``) that is transformers' CLIPModel plus
     helper methods; the weights load into today's ``CLIPModel`` without ``trust_remote_code``.
@@ -163,7 +166,7 @@ def load_clip(path: Path) -> tuple[Any, Any]:
 
     try:
         config = CLIPConfig.from_pretrained(path)
-        model = CLIPModel.from_pretrained(path, config=config, attn_implementation="eager").eval()
+        model = CLIPModel.from_pretrained(path, config=config, attn_implementation=attn_implementation).eval()
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise CheckpointError(
@@ -227,7 +230,7 @@ def generate_mllm_checkpoint(spec: ModelSpec, directory: Path) -> Path:
     return _save_random_model(LlavaNextForConditionalGeneration, config, processor, directory)
 
 
-def load_mllm(path: Path) -> tuple[Any, Any]:
+def load_mllm(path: Path, attn_implementation: str = "eager") -> tuple[Any, Any]:
     """Load a BGE-VL-MLLM checkpoint with transformers' LlavaNextForConditionalGeneration.
 
     The hub checkpoints name the remote-code class ``LLaVANextForEmbedding`` (MegaPairs
@@ -240,7 +243,7 @@ def load_mllm(path: Path) -> tuple[Any, Any]:
     try:
         config = LlavaNextConfig.from_pretrained(path)
         model = LlavaNextForConditionalGeneration.from_pretrained(
-            path, config=config, attn_implementation="eager", dtype="float32").eval()
+            path, config=config, attn_implementation=attn_implementation, dtype="float32").eval()
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise CheckpointError(

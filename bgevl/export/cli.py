@@ -45,9 +45,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE,
                    help="MLLM: longest prompt plus image tokens the language graph serves (one 512x512 image is 2928 tokens)")
     p.add_argument("--force-fp32", action="store_true", help="allow --precision fp32 for the 7B MLLM (about 60 GB of memory)")
+    p.add_argument("--format", default="auto", choices=("auto", "onnx", "tensorrt"),
+                   help="auto: ONNX, plus TensorRT engines when TensorRT and a CUDA device are present; onnx: ONNX only; "
+                        "tensorrt: ONNX and engines, an error where they cannot be built")
+    _engine_options(p)
     p.add_argument("--quiet", "-q", action="store_true", help="print only the result and errors")
     _triton_options(p, standalone=False)
     return p
+
+
+def _engine_options(p: argparse.ArgumentParser, standalone: bool = False) -> None:
+    from bgevl.export.tensorrt import DEFAULT_WORKSPACE_GB
+
+    g = p.add_argument_group("TensorRT engines")
+    if standalone:  # the export's own --max-batch/--opt-batch/--max-sequence-length apply otherwise
+        g.add_argument("--max-batch", type=int, default=None, help="profile max batch (unset: the manifest's)")
+        g.add_argument("--opt-batch", type=int, default=None, help="profile opt batch (unset: the manifest's)")
+        g.add_argument("--max-sequence-length", type=int, default=None, help="MLLM: profile max sequence (unset: the manifest's)")
+        g.add_argument("--min-cosine", type=float, default=None, help="override the validation threshold")
+        g.add_argument("--no-validate", dest="validate", action="store_false", help="skip the engines' parity check")
+    g.add_argument("--max-tiles", type=int, default=None, help="MLLM: profile max image tiles per batch (unset: the manifest's)")
+    g.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB, help="TensorRT builder workspace limit")
+    g.add_argument("--timing-cache", type=Path, default=None,
+                   help="timing cache file to reuse and update (default: <export>/tensorrt/timing.cache)")
+
+
+def build_engines_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bgevl-export build-engines",
+        description="Build, validate and register TensorRT engines for an existing export directory "
+                    "(needs TensorRT and a CUDA device: pip install 'bgevl-export[tensorrt]').",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("export_dir", type=Path, help="a bgevl-export output directory (with manifest.json)")
+    _engine_options(p, standalone=True)
+    return p
+
+
+def _engine_options_from(args, standalone: bool):
+    from bgevl.export.tensorrt import EngineOptions
+
+    return EngineOptions(max_batch=args.max_batch, opt_batch=args.opt_batch,
+                         max_sequence=args.max_sequence_length if standalone else None, max_tiles=args.max_tiles,
+                         workspace_gb=args.workspace_gb, timing_cache=args.timing_cache, validate=args.validate,
+                         min_cosine=args.min_cosine)
+
+
+def build_engines_main(argv: list[str]) -> int:
+    from bgevl.export.tensorrt import build_engines
+
+    args = build_engines_parser().parse_args(argv)
+    try:
+        print(build_engines(args.export_dir, _engine_options_from(args, standalone=True)))
+    except BgevlError as exc:
+        print(f"bgevl-export build-engines: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _triton_options(p: argparse.ArgumentParser, standalone: bool) -> None:
@@ -97,7 +150,7 @@ def triton_main(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"triton-repo": triton_main}
+SUBCOMMANDS = {"triton-repo": triton_main, "build-engines": build_engines_main}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +176,22 @@ def main(argv: list[str] | None = None) -> int:
         repo = args.triton_repo
         if repo is not None and repo.is_dir() and any(repo.iterdir()) and not args.overwrite:
             raise BgevlError(f"--triton-repo {repo} exists and is not empty; pass --overwrite or choose another directory")
+        engines_ok, engines_why = (False, "--format onnx")
+        if args.format != "onnx":
+            from bgevl.runtime.tensorrt import tensorrt_status
+
+            engines_ok, engines_why = tensorrt_status()
+            if args.format == "tensorrt" and not engines_ok:
+                raise BgevlError(f"--format tensorrt: {engines_why}. Export with --format onnx here and build the engines "
+                                 f"on a GPU machine with `bgevl-export build-engines DIR`")
         out = run_export(opts, sink=(lambda msg: None) if args.quiet else None)
+        if engines_ok:
+            from bgevl.export.tensorrt import build_engines
+
+            build_engines(out, _engine_options_from(args, standalone=False), progress=(lambda msg: None) if args.quiet else print)
+        elif args.format == "auto":
+            print(f"TensorRT engines not built ({engines_why}); build them on a GPU machine with: "
+                  f"bgevl-export build-engines {out}", file=sys.stderr)
         if args.triton_repo is not None:
             _write_triton(args, out, args.triton_repo, args.overwrite, args.quiet)
     except BgevlError as exc:

@@ -25,7 +25,7 @@ import numpy as np
 
 from bgevl.errors import BgevlError
 from bgevl.specs import (
-    EMBEDDING, FP32_LIMIT_BILLIONS, IMAGE_FEATURE_INDEX, IMAGE_TILES, MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH,
+    FP32_LIMIT_BILLIONS, IMAGE_TILES, MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH,
     ONNX_OPSET, TILE_FEATURES, GraphSpec, ModelSpec, graph_specs_to_json, mllm_graph_specs_from_config,
 )
 
@@ -66,7 +66,9 @@ def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress:
     from bgevl.export import onnx_tools
     from bgevl.export.mllm_modules import graph_modules, reference_embeddings
     from bgevl.export.pipeline import _versions, convert_graph
-    from bgevl.export.validate import check_thresholds, format_figures, parity_figures, threshold_for
+    from bgevl.export.validate import (
+        VALIDATION_ARRAYS, check_thresholds, format_figures, mllm_parity, mllm_reference_arrays, save_arrays, threshold_for,
+    )
     from bgevl.probes import probe_set
     from bgevl.runtime.mllm_preprocessing import BGEVL_IMAGE_RESIZE, CIR_INSTRUCTION, ImageLayout, MllmPreprocessor
     from bgevl.runtime.providers import create_session
@@ -135,23 +137,16 @@ def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress:
         progress(f"validating against transformers on {len(items)} items (image-only, text-only, composed; "
                  f"queries and candidates; {len(set(im.size for im in probes.images))} image sizes)")
         sessions = {name: create_session(staging / g.filename) for name, g in graphs.items()}
-        zero_tile = np.zeros((1, layout.tile_tokens, hidden), np.float32)
-        got_parts, ref_parts, kinds = [], [], []
+        parts, ref_parts, kinds = [], [], []
         for part, feeds, prompts in prepared:
             images = [it[0] for it in part if it[0] is not None]
             enc = processor(text=prompts, images=images or None, padding=True, return_tensors="np")
             ref_parts.append(reference_embeddings(model, {k: v for k, v in enc.items()}))
-            tiles = sessions[MLLM_VISION_GRAPH].run(None, {IMAGE_TILES: feeds[IMAGE_TILES]})[0] if IMAGE_TILES in feeds else zero_tile
-            language_feed = {k: feeds[k] for k in ("input_ids", "attention_mask", IMAGE_FEATURE_INDEX)}
-            language_feed[TILE_FEATURES] = tiles
-            got_parts.append(sessions[MLLM_LANGUAGE_GRAPH].run([EMBEDDING], language_feed)[0])
+            parts.append(feeds)
             kinds += [("image" if it[1] is None else "text" if it[0] is None else "composed") for it in part]
-        got, ref = np.concatenate(got_parts), np.concatenate(ref_parts)
-        kinds_arr = np.array(kinds)
-        gallery = ref[kinds_arr == "image"]
-        for kind in ("image", "text", "composed"):
-            sel = kinds_arr == kind
-            figures[kind] = parity_figures(got[sel], ref[sel], gallery if kind != "image" else ref[kinds_arr == "text"])
+        arrays = mllm_reference_arrays(parts, np.concatenate(ref_parts), kinds, (1, layout.tile_tokens, hidden))
+        figures.update(mllm_parity(arrays, lambda name, feed, outs: sessions[name].run(list(outs), dict(feed))))
+        save_arrays(staging / VALIDATION_ARRAYS, arrays)
         progress.info("parity vs transformers fp32 (ONNX Runtime CPU):\n" + format_figures(figures))
         threshold = threshold_for(opts.precision, opts.min_cosine)
         validation = {
@@ -160,6 +155,7 @@ def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress:
             "runtime": "onnxruntime CPUExecutionProvider",
             "probe_set": {**probes.describe(), "items": len(items), "batch": VALIDATION_BATCH,
                           "image_resize": "none (images at their own sizes)"},
+            "arrays": VALIDATION_ARRAYS,
             **check_thresholds(figures, opts.precision, threshold, ckpt.weights),
         }
     else:

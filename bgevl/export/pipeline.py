@@ -22,13 +22,12 @@ import numpy as np
 from bgevl import __version__
 from bgevl.checkpoints import load_clip, resolve_checkpoint
 from bgevl.errors import BgevlError
-from bgevl.fusion import score_fusion
 from bgevl.manifest import write_manifest
 from bgevl.probes import builtin_calibration_set, probe_set
 from bgevl.runtime.preprocessing import ClipPreprocessor, load_image
 from bgevl.runtime.providers import create_session
 from bgevl.specs import (
-    IMAGE_EMBEDS, IMAGE_FEATURES, NORMALIZED_OUTPUTS, ONNX_OPSET, PRECISIONS, TEXT_EMBEDS, TEXT_FEATURES,
+    IMAGE_FEATURES, NORMALIZED_OUTPUTS, ONNX_OPSET, PRECISIONS, TEXT_FEATURES,
     TEXT_GRAPH, VISION_GRAPH, DEFAULT_MAX_SEQUENCE, GraphSpec, clip_graph_specs_from_config, get_model_spec, graph_specs_to_json,
 )
 
@@ -175,7 +174,9 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
 def _export_clip(spec, opts: ExportOptions, staging: Path, work: Path, progress: Progress) -> dict:
     from bgevl.export import onnx_tools
     from bgevl.export.clip_modules import graph_modules, run_reference
-    from bgevl.export.validate import check_thresholds, format_figures, parity_figures, threshold_for
+    from bgevl.export.validate import (
+        VALIDATION_ARRAYS, check_thresholds, clip_parity, clip_reference_arrays, format_figures, save_arrays, threshold_for,
+    )
 
     source = "--model-path" if opts.model_path else ("generated" if spec.generated or opts.random_weights else "hub")
     progress(f"loading {spec.key} ({source})")
@@ -234,21 +235,14 @@ def _export_clip(spec, opts: ExportOptions, staging: Path, work: Path, progress:
                  f"{len(probes.composed)} composed queries")
         sessions = {name: create_session(staging / g.filename) for name, g in graphs.items()}
 
-        def outputs(run, graph_feeds) -> dict[str, np.ndarray]:
+        def reference(graph_feeds) -> dict[str, np.ndarray]:
             """Every output of every graph, by output name (names are unique across graphs)."""
-            return {o: v for name, g in graphs.items() for o, v in zip(g.output_names, run(name, graph_feeds[name]))}
+            return {o: v for name, g in graphs.items()
+                    for o, v in zip(g.output_names, run_reference(modules[name], graph_feeds[name]))}
 
-        ref = outputs(lambda name, feed: run_reference(modules[name], feed), feeds)
-        ref_composed = outputs(lambda name, feed: run_reference(modules[name], feed), composed_feeds)
-        got = outputs(lambda name, feed: sessions[name].run(None, feed), feeds)
-        got_composed = outputs(lambda name, feed: sessions[name].run(None, feed), composed_feeds)
-
-        ref_img, ref_txt = ref[IMAGE_EMBEDS], ref[TEXT_EMBEDS]
-        figures[VISION_GRAPH] = parity_figures(got[IMAGE_EMBEDS], ref_img, ref_txt)
-        figures[TEXT_GRAPH] = parity_figures(got[TEXT_EMBEDS], ref_txt, ref_img)
-        ref_fused = score_fusion(ref_composed[IMAGE_FEATURES], ref_composed[TEXT_FEATURES])
-        got_fused = score_fusion(got_composed[IMAGE_FEATURES], got_composed[TEXT_FEATURES])
-        figures["composed"] = parity_figures(got_fused, ref_fused, ref_img)
+        arrays = clip_reference_arrays(feeds, composed_feeds, reference(feeds), reference(composed_feeds))
+        figures.update(clip_parity(arrays, lambda name, feed, outs: sessions[name].run(list(outs), dict(feed))))
+        save_arrays(staging / VALIDATION_ARRAYS, arrays)
         progress.info("parity vs PyTorch fp32 (ONNX Runtime CPU):\n" + format_figures(figures))
         threshold = threshold_for(opts.precision, opts.min_cosine)
         validation = {
@@ -256,6 +250,7 @@ def _export_clip(spec, opts: ExportOptions, staging: Path, work: Path, progress:
             "reference": "PyTorch fp32 (transformers CLIPModel, eager attention)",
             "runtime": "onnxruntime CPUExecutionProvider",
             "probe_set": probes.describe(),
+            "arrays": VALIDATION_ARRAYS,
             **check_thresholds(figures, opts.precision, threshold, ckpt.weights),
         }
     else:

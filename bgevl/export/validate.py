@@ -13,11 +13,17 @@ Figures, per graph and for composed queries:
 
 from __future__ import annotations
 
+from typing import Callable, Mapping, Sequence
+
 import numpy as np
 
 from bgevl.errors import ValidationFailed
-from bgevl.fusion import l2_normalize
-from bgevl.specs import COSINE_THRESHOLDS
+from bgevl.fusion import l2_normalize, score_fusion
+from bgevl.specs import (
+    ATTENTION_MASK, COSINE_THRESHOLDS, EMBEDDING, IMAGE_EMBEDS, IMAGE_FEATURE_INDEX, IMAGE_FEATURES, IMAGE_TILES,
+    INPUT_IDS, MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH, TEXT_EMBEDS, TEXT_FEATURES, TEXT_GRAPH, TILE_FEATURES,
+    VISION_GRAPH,
+)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -83,3 +89,85 @@ def format_figures(figures: dict[str, dict]) -> str:
             f"{f['top1_agreement']:>10.2%}"
         )
     return "\n".join(lines)
+
+
+# --- the reference set, kept with the export ----------------------------------------------
+#
+# The probe feeds and the PyTorch reference outputs are saved beside the graphs
+# (``validation.npz``), so that artifacts built later from the export (TensorRT engines, on a GPU
+# machine that may have neither torch nor the checkpoint) are validated on the same inputs
+# against the same reference with the same thresholds. ``run(graph, feed, outputs)`` is any
+# backend: ONNX Runtime sessions during the export, TensorRT engines after ``build-engines``.
+
+VALIDATION_ARRAYS = "validation.npz"
+
+#: run(graph name, feed, output names) -> list of arrays
+GraphRunner = Callable[[str, Mapping[str, np.ndarray], Sequence[str]], Sequence[np.ndarray]]
+
+
+def _feed(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def clip_reference_arrays(feeds: Mapping[str, Mapping[str, np.ndarray]], composed_feeds: Mapping[str, Mapping[str, np.ndarray]],
+                          ref: Mapping[str, np.ndarray], ref_composed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    arrays = {f"feed/{g}/{k}": v for g, feed in feeds.items() for k, v in feed.items()}
+    arrays.update({f"composed/{g}/{k}": v for g, feed in composed_feeds.items() for k, v in feed.items()})
+    arrays["ref/image_embeds"], arrays["ref/text_embeds"] = ref[IMAGE_EMBEDS], ref[TEXT_EMBEDS]
+    arrays["ref/composed"] = score_fusion(ref_composed[IMAGE_FEATURES], ref_composed[TEXT_FEATURES])
+    return arrays
+
+
+def clip_parity(arrays: Mapping[str, np.ndarray], run: GraphRunner) -> dict[str, dict]:
+    """Figures of the vision and text graphs and of composed queries (score fusion of the graphs' features)."""
+    image = run(VISION_GRAPH, _feed(arrays, f"feed/{VISION_GRAPH}/"), [IMAGE_EMBEDS])[0]
+    text = run(TEXT_GRAPH, _feed(arrays, f"feed/{TEXT_GRAPH}/"), [TEXT_EMBEDS])[0]
+    image_features = run(VISION_GRAPH, _feed(arrays, f"composed/{VISION_GRAPH}/"), [IMAGE_FEATURES])[0]
+    text_features = run(TEXT_GRAPH, _feed(arrays, f"composed/{TEXT_GRAPH}/"), [TEXT_FEATURES])[0]
+    ref_image, ref_text = arrays["ref/image_embeds"], arrays["ref/text_embeds"]
+    return {
+        VISION_GRAPH: parity_figures(image, ref_image, ref_text),
+        TEXT_GRAPH: parity_figures(text, ref_text, ref_image),
+        "composed": parity_figures(score_fusion(image_features, text_features), arrays["ref/composed"], ref_image),
+    }
+
+
+def mllm_reference_arrays(parts: Sequence[Mapping[str, np.ndarray]], reference: np.ndarray, kinds: Sequence[str],
+                          zero_tile_shape: Sequence[int]) -> dict[str, np.ndarray]:
+    arrays = {f"part{i}/{k}": v for i, feed in enumerate(parts) for k, v in feed.items()}
+    arrays["ref/embeds"], arrays["kinds"] = reference, np.array(kinds)
+    arrays["zero_tile_shape"] = np.array(zero_tile_shape, dtype=np.int64)
+    return arrays
+
+
+def mllm_parity(arrays: Mapping[str, np.ndarray], run: GraphRunner) -> dict[str, dict]:
+    """Figures of image-only, text-only and composed items through the vision and language graphs."""
+    zero_tile = np.zeros(tuple(arrays["zero_tile_shape"]), np.float32)
+    got, i = [], 0
+    while f"part{i}/{INPUT_IDS}" in arrays:
+        feed = _feed(arrays, f"part{i}/")
+        tiles = run(MLLM_VISION_GRAPH, {IMAGE_TILES: feed[IMAGE_TILES]}, [TILE_FEATURES])[0] if IMAGE_TILES in feed else zero_tile
+        language = {k: feed[k] for k in (INPUT_IDS, ATTENTION_MASK, IMAGE_FEATURE_INDEX)}
+        language[TILE_FEATURES] = np.asarray(tiles, np.float32)
+        got.append(run(MLLM_LANGUAGE_GRAPH, language, [EMBEDDING])[0])
+        i += 1
+    got_all, ref, kinds = np.concatenate(got), arrays["ref/embeds"], arrays["kinds"]
+    figures = {}
+    for kind in ("image", "text", "composed"):
+        sel = kinds == kind
+        gallery = ref[kinds == ("text" if kind == "image" else "image")]
+        figures[kind] = parity_figures(got_all[sel], ref[sel], gallery)
+    return figures
+
+
+def parity(family: str, arrays: Mapping[str, np.ndarray], run: GraphRunner) -> dict[str, dict]:
+    return mllm_parity(arrays, run) if family == "mllm" else clip_parity(arrays, run)
+
+
+def save_arrays(path, arrays: Mapping[str, np.ndarray]) -> None:
+    np.savez(path, **arrays)
+
+
+def load_arrays(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}

@@ -51,13 +51,35 @@ class OnnxGraph:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    def run_whole(self, feed: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        """One call, no chunking (feeds whose first axes differ, like the MLLM language graph's)."""
+        return self.session.run(list(outputs), feed)
+
     def run(self, feed: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        """In chunks of the graph's max batch along the (shared) first axis."""
         n = len(next(iter(feed.values())))
         parts = []
         for start in range(0, n, self.max_batch):
             chunk = {k: v[start:start + self.max_batch] for k, v in feed.items()}
             parts.append(self.session.run(list(outputs), chunk))
         return [np.concatenate(p) for p in zip(*parts)]
+
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def open_graphs(manifest: Manifest, names: Sequence[str], backend: str = "onnxruntime", provider: str = "auto",
+                threads: int | None = None, provider_options: Any = None, engine_cache_dir: Any = None) -> list:
+    """The graphs ``names`` of an export on ONNX Runtime (with ``provider``) or as TensorRT engines."""
+    if backend == "tensorrt":
+        from bgevl.runtime.tensorrt import TensorRTGraph
+
+        return [TensorRTGraph.from_manifest(manifest, name) for name in names]
+    if backend != "onnxruntime":
+        raise InputError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    providers = provider_options_for(select_providers(provider), manifest.directory, precision=manifest.precision,
+                                     engine_cache_dir=engine_cache_dir, overrides=provider_options)
+    return [OnnxGraph(manifest, name, providers, threads) for name in names]
 
 
 class Embedder:
@@ -67,20 +89,27 @@ class Embedder:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, provider: str = "auto", text_overflow: str = "truncate",
-             threads: int | None = None, **options: Any) -> "Embedder":
+             threads: int | None = None, *, backend: str = "onnxruntime", provider_options: Any = None,
+             engine_cache_dir: Any = None, **options: Any) -> "Embedder":
         """Load an export directory (the one holding ``manifest.json``).
 
-        ``provider``: ``"auto"`` (TensorRT EP, then CUDA EP, then CPU, as installed), ``"tensorrt"``,
-        ``"cuda"`` or ``"cpu"``. ``text_overflow`` (CLIP): ``"truncate"`` (warn) or ``"error"`` for texts
-        over the model's token limit. MLLM options: ``image_resize`` (default: BGE-VL's 512x512; ``None``
-        keeps the images' own sizes).
+        ``backend``: ``"onnxruntime"`` (the ONNX graphs) or ``"tensorrt"`` (the engines of
+        ``bgevl-export build-engines``). ``provider`` (ONNX Runtime): ``"auto"`` (TensorRT EP, then
+        CUDA EP, then CPU, as installed), ``"tensorrt"``, ``"cuda"`` or ``"cpu"``;
+        ``provider_options`` per provider name overrides the defaults (see
+        ``bgevl.runtime.providers.provider_options_for``); ``engine_cache_dir``: the TensorRT EP's
+        engine cache (default ``<export>/trt-cache``). ``text_overflow`` (CLIP): ``"truncate"``
+        (warn) or ``"error"`` for texts over the model's token limit. MLLM options:
+        ``image_resize`` (default: BGE-VL's 512x512; ``None`` keeps the images' own sizes).
         """
         manifest = read_manifest(Path(directory))
+        graphs = dict(backend=backend, provider=provider, threads=threads, provider_options=provider_options,
+                      engine_cache_dir=engine_cache_dir)
         if manifest.family == "mllm":
-            return MllmEmbedder(manifest, provider, threads, **options)
+            return MllmEmbedder(manifest, graphs, **options)
         if options:
             raise TypeError(f"unexpected options for a CLIP export: {', '.join(options)}")
-        return ClipEmbedder(manifest, provider, text_overflow, threads)
+        return ClipEmbedder(manifest, graphs, text_overflow)
 
     @property
     def dim(self) -> int:
@@ -100,14 +129,10 @@ class Embedder:
 class ClipEmbedder(Embedder):
     """BGE-VL-base/-large: vision and text towers, composed queries by score fusion."""
 
-    def __init__(self, manifest: Manifest, provider: str = "auto", text_overflow: str = "truncate",
-                 threads: int | None = None):
+    def __init__(self, manifest: Manifest, graphs: dict | None = None, text_overflow: str = "truncate"):
         self.manifest = manifest
         self.preprocessor = ClipPreprocessor.from_pretrained(manifest.processor_dir, manifest.max_text_length, text_overflow)
-        providers = provider_options_for(select_providers(provider), manifest.directory)
-        self.vision = OnnxGraph(manifest, VISION_GRAPH, providers, threads)
-        self.text = OnnxGraph(manifest, TEXT_GRAPH, providers, threads)
-        self.graphs = [self.vision, self.text]
+        self.vision, self.text = self.graphs = open_graphs(manifest, [VISION_GRAPH, TEXT_GRAPH], **(graphs or {}))
 
     def encode(self, images: Any = None, text: Any = None, *, role: str | None = None,
                instruction: str | None = None) -> np.ndarray:
@@ -148,8 +173,7 @@ _MANIFEST_RESIZE = object()
 class MllmEmbedder(Embedder):
     """BGE-VL-MLLM: vision graph for the image tiles, then the pooled language graph."""
 
-    def __init__(self, manifest: Manifest, provider: str = "auto", threads: int | None = None,
-                 image_resize: Any = _MANIFEST_RESIZE):
+    def __init__(self, manifest: Manifest, graphs: dict | None = None, image_resize: Any = _MANIFEST_RESIZE):
         self.manifest = manifest
         mllm = manifest.data["mllm"]
         resize = mllm.get("image_resize", BGEVL_IMAGE_RESIZE) if image_resize is _MANIFEST_RESIZE else image_resize
@@ -157,10 +181,8 @@ class MllmEmbedder(Embedder):
         self.default_instruction = mllm.get("default_query_instruction")
         self.preprocessor = MllmPreprocessor.from_pretrained(manifest.processor_dir, self.layout,
                                                              manifest.max_text_length, resize)
-        providers = provider_options_for(select_providers(provider), manifest.directory)
-        self.vision = OnnxGraph(manifest, MLLM_VISION_GRAPH, providers, threads)
-        self.language = OnnxGraph(manifest, MLLM_LANGUAGE_GRAPH, providers, threads)
-        self.graphs = [self.vision, self.language]
+        self.vision, self.language = self.graphs = open_graphs(manifest, [MLLM_VISION_GRAPH, MLLM_LANGUAGE_GRAPH],
+                                                               **(graphs or {}))
         self.max_batch = self.language.max_batch
         hidden = self.language.spec.outputs[0].shape[-1]
         self._no_image = np.zeros((1, self.layout.tile_tokens, hidden), dtype=np.float32)
@@ -189,10 +211,10 @@ class MllmEmbedder(Embedder):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if IMAGE_TILES in feeds:
-            tiles = self.vision.session.run([TILE_FEATURES], {IMAGE_TILES: feeds[IMAGE_TILES]})[0]
+            tiles = self.vision.run({IMAGE_TILES: feeds[IMAGE_TILES]}, [TILE_FEATURES])[0]
         else:
             tiles = self._no_image
         language_feed = {INPUT_IDS: feeds[INPUT_IDS], ATTENTION_MASK: feeds[ATTENTION_MASK],
                          TILE_FEATURES: tiles.astype(np.float32, copy=False),
                          IMAGE_FEATURE_INDEX: feeds[IMAGE_FEATURE_INDEX]}
-        return self.language.session.run([EMBEDDING], language_feed)[0]
+        return self.language.run_whole(language_feed, [EMBEDDING])[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from bgevl.errors import BgevlError
 
@@ -56,14 +56,30 @@ def create_session(path: str | Path, providers: Sequence | None = None, threads:
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or [PROVIDERS["cpu"]]))
 
 
-def provider_options_for(providers: Sequence[str], artifact_dir: Path) -> list:
-    """(name, options) pairs: the TensorRT EP caches its engines beside the artifacts."""
+def provider_options_for(providers: Sequence[str], artifact_dir: Path, *, precision: str = "fp32",
+                         engine_cache_dir: str | Path | None = None,
+                         overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list:
+    """(name, options) pairs for an InferenceSession.
+
+    TensorRT EP: engine and timing caches in ``engine_cache_dir`` (default ``<export>/trt-cache``),
+    ``trt_fp16_enable`` for fp16 exports (the graph's fp32 islands stay fp32: TensorRT follows the
+    Cast nodes), ``trt_int8_enable`` for QDQ int8 exports (explicit quantization, no calibration
+    table). ``overrides``: per provider short name (``"tensorrt"``, ``"cuda"``), options that replace
+    these, e.g. ``{"tensorrt": {"trt_max_workspace_size": 2 << 30}, "cuda": {"device_id": 1}}``.
+    """
+    overrides = overrides or {}
+    short = {v: k for k, v in PROVIDERS.items()}
     out: list = []
     for name in providers:
+        options: dict[str, Any] = {}
         if name == PROVIDERS["tensorrt"]:
-            cache = Path(artifact_dir) / "trt-cache"
-            out.append((name, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}))
-        else:
-            out.append(name)
+            cache = Path(engine_cache_dir) if engine_cache_dir else Path(artifact_dir) / "trt-cache"
+            options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                       "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+                       "trt_fp16_enable": precision in ("fp16", "int8"), "trt_int8_enable": precision == "int8"}
+        options.update(overrides.get(short.get(name, name), {}))
+        out.append((name, options) if options else name)
+    unknown = set(overrides) - set(PROVIDERS)
+    if unknown:
+        raise BgevlError(f"provider options for {sorted(unknown)}: use the names {', '.join(PROVIDERS)}")
     return out

@@ -38,7 +38,7 @@ from bgevl.specs import (
     DEFAULT_SERVING_NAME, Dim, GraphSpec, TensorSpec,
 )
 from bgevl.triton_repo.configs import (
-    ENCODER_BACKENDS, Batching, Step, check_ensemble_wiring, encoder_config, ensemble_config,
+    ENCODER_BACKENDS, Batching, Step, batch_aligned, check_ensemble_wiring, encoder_config, ensemble_config,
     python_config, to_pbtxt,
 )
 
@@ -107,7 +107,12 @@ class RepositoryWriter:
         batch = graph.inputs[0].shape[0]
         batching = self._batching(batch, ENCODER_KIND[self.backend])
         if self.backend == "tensorrt":
-            engine = self.manifest.path_of(self.manifest.engine(graph_name)["file"])
+            entry = self.manifest.engine(graph_name)
+            engine = self.manifest.path_of(entry["file"])
+            profile = entry["profiles"][graph.inputs[0].name]  # the engine's profile, which may differ from the ONNX's range
+            if batch_aligned(graph):
+                batching = self._batching(Dim(batch.name, profile["min"][0], profile["opt"][0], profile["max"][0]),
+                                          ENCODER_KIND[self.backend])
             config = encoder_config(name, graph, "tensorrt", batching)
             _link_or_copy(engine, self._write(config) / config.default_model_filename)
             return name

@@ -1,0 +1,219 @@
+"""TensorRT: everything that needs no GPU runs here (profiles, precision plans, sidecar and version
+checks, the command line's fallback and messages, provider options, the reference set that engines
+are validated on); the tests that build and run engines are marked ``gpu`` and skip without one.
+
+On a CUDA machine: ``pip install '.[tensorrt,test]'`` then ``pytest -m gpu tests/test_tensorrt.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bgevl.errors import BgevlError
+from bgevl.export.tensorrt import FP32_LAYERS, axis_ranges, precision_plan, profile_shapes
+from bgevl.export.validate import VALIDATION_ARRAYS, load_arrays, parity
+from bgevl.manifest import read_manifest
+from bgevl.runtime import Embedder
+from bgevl.runtime.providers import provider_options_for
+from bgevl.runtime.tensorrt import DeviceInfo, check_compatible, read_sidecar, tensorrt_status
+from bgevl.specs import clip_graph_specs, mllm_graph_specs
+
+CLIP = clip_graph_specs(image_size=224, max_text_length=77, embed_dim=512, opt_batch=8, max_batch=64)
+MLLM = mllm_graph_specs(tile_size=336, tile_tokens=576, hidden_size=4096, max_batch=8, opt_batch=2, max_sequence=4096)
+
+
+def test_profiles_follow_the_declaration_and_the_command_line():
+    assert profile_shapes(CLIP["vision"]) == {"pixel_values": {"min": [1, 3, 224, 224], "opt": [8, 3, 224, 224],
+                                                               "max": [64, 3, 224, 224]}}
+    text = profile_shapes(CLIP["text"], axis_ranges(CLIP["text"], max_batch=16, opt_batch=4))
+    assert text["input_ids"] == text["attention_mask"] == {"min": [1, 1], "opt": [4, 16], "max": [16, 77]}
+    language = MLLM["mllm_language"]
+    shapes = profile_shapes(language, axis_ranges(language, max_sequence=2048, max_tiles=10))
+    assert shapes["input_ids"]["max"] == [8, 2048] and shapes["input_ids"]["opt"] == [2, 2048]
+    assert shapes["tile_features"] == {"min": [1, 576, 4096], "opt": [10, 576, 4096], "max": [10, 576, 4096]}
+    assert shapes["image_feature_index"]["max"] == [8, 2048]
+    assert profile_shapes(MLLM["mllm_vision"], axis_ranges(MLLM["mllm_vision"], max_tiles=10))["image_tiles"]["max"] == [10, 3, 336, 336]
+    with pytest.raises(BgevlError, match="profile for axis 'batch'"):
+        axis_ranges(CLIP["vision"], opt_batch=32, max_batch=16)
+
+
+def test_precision_plans():
+    fp16 = precision_plan("fp16")
+    assert fp16.strongly_typed and not fp16.builder_flags  # the fp16 ONNX's own types, fp32 islands included
+    int8 = precision_plan("int8", "qdq")
+    assert not int8.strongly_typed and int8.builder_flags == ("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS")
+    assert int8.fp32_layers == FP32_LAYERS and "NORMALIZATION" in FP32_LAYERS and "SOFTMAX" in FP32_LAYERS
+    assert precision_plan("int8", "qdq", family="mllm").strongly_typed  # weight-only Q/DQ
+    assert precision_plan("fp32").cleared_flags == ("TF32",)
+    with pytest.raises(BgevlError, match="int8-mode dynamic.*TensorRT cannot build.*--int8-mode qdq"):
+        precision_plan("int8", "dynamic")
+
+
+def test_engines_built_elsewhere_are_refused_with_a_rebuild_message(tmp_path):
+    sidecar = {"tensorrt_version": "10.7.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    check_compatible(sidecar, "10.7.0", DeviceInfo("NVIDIA H100 80GB HBM3", "9.0"))  # same: fine
+    check_compatible(sidecar, "10.7.0", DeviceInfo("NVIDIA H200", "9.0"))  # same compute capability loads
+    with pytest.raises(BgevlError, match=r"built for TensorRT 10.7.0 \(this machine has 10.9.0\).*rebuild them here "
+                                         r"with `bgevl-export build-engines DIR`"):
+        check_compatible(sidecar, "10.9.0", DeviceInfo("NVIDIA H100 80GB HBM3", "9.0"))
+    with pytest.raises(BgevlError, match=r"compute capability 9.0 on NVIDIA H100 80GB HBM3 \(this GPU, NVIDIA L4, is 8.9\)"):
+        check_compatible(sidecar, "10.7.0", DeviceInfo("NVIDIA L4", "8.9"))
+    with pytest.raises(BgevlError, match="has no sidecar vision.plan.json.*rebuild"):
+        read_sidecar(tmp_path / "vision.plan")
+
+
+def test_provider_options_expose_precision_cache_and_overrides(tmp_path):
+    names = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    trt, cuda, cpu = provider_options_for(names, tmp_path, precision="fp16", engine_cache_dir=tmp_path / "cache",
+                                          overrides={"tensorrt": {"trt_max_workspace_size": 1 << 30}, "cuda": {"device_id": 1}})
+    assert trt[0] == names[0] and trt[1]["trt_fp16_enable"] and not trt[1]["trt_int8_enable"]
+    assert trt[1]["trt_engine_cache_path"] == str(tmp_path / "cache") and trt[1]["trt_max_workspace_size"] == 1 << 30
+    assert cuda == (names[1], {"device_id": 1}) and cpu == names[2]
+    assert provider_options_for(names[:1], tmp_path, precision="int8")[0][1]["trt_int8_enable"]
+    with pytest.raises(BgevlError, match="provider options for \\['tensorrtt'\\]"):
+        provider_options_for(names, tmp_path, overrides={"tensorrtt": {}})
+
+
+@pytest.mark.skipif(tensorrt_status()[0], reason="checks the messages of a machine without TensorRT or a GPU")
+def test_without_tensorrt_the_runtime_and_builder_say_what_is_missing(export_dir):
+    from bgevl.runtime.tensorrt import TensorRTGraph
+
+    directory = export_dir("fp16")
+    with pytest.raises(BgevlError, match="has no TensorRT engine for graph 'vision'; build the engines with "
+                                         "`bgevl-export build-engines"):
+        Embedder.load(directory, backend="tensorrt")
+    with pytest.raises(BgevlError, match="TensorRT is not installed.*pip install 'bgevl-export\\[tensorrt\\]'"):
+        TensorRTGraph(read_manifest(directory).graph_spec("vision"), directory / "tensorrt" / "vision.plan")
+    with pytest.raises(BgevlError, match="backend 'tensorrrt'"):
+        Embedder.load(export_dir("fp16"), backend="tensorrrt")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "bgevl.export.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(tensorrt_status()[0], reason="checks the fallback of a machine without TensorRT or a GPU")
+def test_cli_format_auto_falls_back_to_onnx_with_one_line_and_tensorrt_fails_early(tmp_path, export_dir):
+    out = tmp_path / "auto"
+    result = _cli("--model", "tiny", "--output", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "TensorRT engines not built" in line]
+    assert len(lines) == 1 and f"bgevl-export build-engines {out.resolve()}" in lines[0]
+    assert (out / "vision.onnx").is_file() and "engines" not in read_manifest(out).data
+
+    result = _cli("--model", "tiny", "--output", str(tmp_path / "trt"), "--format", "tensorrt")
+    assert result.returncode == 2 and "--format tensorrt: TensorRT is not installed" in result.stderr
+    assert "build-engines" in result.stderr and not (tmp_path / "trt").exists()  # failed before exporting
+
+    result = _cli("build-engines", str(export_dir("fp16")))
+    assert result.returncode == 2 and "TensorRT is not installed" in result.stderr and "Traceback" not in result.stderr
+
+    result = _cli("--model", "tiny", "--output", str(tmp_path / "onnx"), "--format", "onnx", "--quiet")
+    assert result.returncode == 0 and "TensorRT" not in result.stderr
+
+
+@pytest.mark.parametrize("model,precision", [("tiny", "fp16"), ("tiny-mllm", "fp32")])
+def test_the_reference_set_reproduces_the_export_figures(export_dir, model, precision):
+    """The engines are validated by the same code on the same arrays: with ONNX Runtime as the runner it must
+    give the very figures the export recorded."""
+    from bgevl.runtime.providers import create_session
+
+    directory = export_dir(precision, model=model)
+    manifest = read_manifest(directory)
+    arrays = load_arrays(directory / VALIDATION_ARRAYS)
+    sessions = {name: create_session(manifest.graph_path(name)) for name in manifest.graph_names()}
+    figures = parity(manifest.family, arrays, lambda name, feed, outs: sessions[name].run(list(outs), dict(feed)))
+    recorded = (manifest.data["validation"]["figures"] if manifest.family == "mllm"
+                else {**{g: manifest.data["graphs"][g]["validation"] for g in manifest.graph_names()},
+                      "composed": manifest.data["fusion"]["validation"]})
+    assert set(figures) == set(recorded)
+    for name, f in figures.items():
+        assert f["min_cosine"] == pytest.approx(recorded[name]["min_cosine"], abs=1e-7), name
+        assert f["n"] == recorded[name]["n"] >= 4
+
+
+def test_triton_tensorrt_configs_take_the_engine_profile(export_dir, tmp_path):
+    """The repository writer's tensorrt_plan configs, from an export with a (placeholder) engines section."""
+    from bgevl.triton_repo.configs import parse_pbtxt
+    from bgevl.triton_repo.repository import write_repository
+
+    directory = tmp_path / "export"
+    shutil.copytree(export_dir("fp16"), directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    (directory / "tensorrt").mkdir()
+    manifest["engines"] = {}
+    for name in ("vision", "text"):
+        (directory / "tensorrt" / f"{name}.plan").write_bytes(b"placeholder")
+        spec = manifest["graphs"][name]["inputs"][0]
+        max_shape = [16] + [a if isinstance(a, int) else 77 for a in spec["shape"][1:]]
+        manifest["engines"][name] = {"file": f"tensorrt/{name}.plan",
+                                     "profiles": {spec["name"]: {"min": [1], "opt": [4], "max": max_shape}}}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    repo = write_repository(directory, tmp_path / "repo", backend="tensorrt", sink=None)
+    for name in ("vision", "text"):
+        config = parse_pbtxt((repo / f"bgevl_{name}" / "config.pbtxt").read_text())
+        assert config.platform == "tensorrt_plan" and config.max_batch_size == 16
+        assert list(config.dynamic_batching.preferred_batch_size) == [4, 16]
+        assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+        assert (repo / f"bgevl_{name}/1/model.plan").read_bytes() == b"placeholder"
+
+
+# --- on a CUDA machine with TensorRT ----------------------------------------------------
+
+def _needs_tensorrt():
+    usable, why = tensorrt_status()
+    if not usable:
+        pytest.skip(f"needs TensorRT and a CUDA device: {why}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_engines_build_validate_and_run_behind_the_embedder(tmp_path, precision):
+    _needs_tensorrt()
+    out = tmp_path / precision
+    result = _cli("--model", "tiny", "--precision", precision, "--output", str(out), "--format", "tensorrt")
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = read_manifest(out)
+    assert set(manifest.data["engines"]) == {"vision", "text"} and manifest.data["engine_validation"]["passed"]
+    sidecar = read_sidecar(out / "tensorrt" / "vision.plan")
+    assert sidecar["precision"] == precision and sidecar["compute_capability"]
+    engine = Embedder.load(out, backend="tensorrt")
+    onnx = Embedder.load(out, provider="cpu")
+    texts, images = ["a red car", "two dogs on a beach"], [np.full((32, 48, 3), 200, np.uint8)]
+    from PIL import Image
+
+    images = [Image.fromarray(a) for a in images]
+    threshold = {"fp16": 0.999, "int8": 0.99}[precision]
+    for kw in ({"text": texts}, {"images": images}, {"images": images * 2, "text": texts}):
+        a, b = engine.encode(**kw), onnx.encode(**kw)
+        assert np.min(np.sum(a * b, axis=1)) >= threshold
+    vision = engine.vision
+    before = vision.buffers.reallocations
+    engine.encode(images=images), engine.encode(images=images)
+    assert vision.buffers.reallocations == before  # repeated shapes reuse the device buffers
+
+    sidecar["tensorrt_version"] = "0.0.1"
+    (out / "tensorrt" / "vision.plan.json").write_text(json.dumps(sidecar))
+    with pytest.raises(BgevlError, match="built for TensorRT 0.0.1.*rebuild"):
+        Embedder.load(out, backend="tensorrt")
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_and_tensorrt_providers(export_dir, tmp_path):
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    for provider in ("cuda", "tensorrt"):
+        name = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[provider]
+        if name not in available:
+            pytest.skip(f"onnxruntime has no {name} here (pip install onnxruntime-gpu)")
+        emb = Embedder.load(export_dir("fp16"), provider=provider, engine_cache_dir=tmp_path / "cache")
+        assert emb.providers[0] == name
+        ref = Embedder.load(export_dir("fp16"), provider="cpu")
+        assert np.min(np.sum(emb.encode(text=["a cat"]) * ref.encode(text=["a cat"]), axis=1)) >= 0.999
