@@ -15,6 +15,6 @@ fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # torch first and pinned: an unpinned torch pulls the CUDA build (GBs); 2.13.0 is the CPU wheel here.
 $PIP install "torch==2.13.0"
-$PIP install -c constraints.txt -e ".[cpu,export,serving,test]"
+$PIP install -c constraints.txt -e ".[cpu,export,serving,bench,test]"
 touch "$stamp"
 echo "environment ready: $VENV" >&2

@@ -263,18 +263,17 @@ def _sweep(server, model, key: str, args, log, sweep: list) -> None:
         for concurrency in args.concurrency:
             requests = max(4 * concurrency, 8)
             log(f"{key}: Triton sweep, {workload}, concurrency {concurrency}, {requests} requests")
-            clients = [http.InferenceServerClient(server.http_url) for _ in range(concurrency)]
             inputs = _triton_request(http, case)
             latencies: list[float] = []
 
             def worker(i: int) -> None:
-                client = clients[i % concurrency]
+                client = http.InferenceServerClient(server.http_url)  # one per thread: it is gevent-based
                 for _ in range(requests // concurrency):
                     t0 = time.perf_counter()
                     client.infer("bgevl", inputs)
                     latencies.append(time.perf_counter() - t0)
 
-            clients[0].infer("bgevl", inputs)  # warm-up
+            http.InferenceServerClient(server.http_url).infer("bgevl", inputs)  # warm-up
             t0 = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
                 list(pool.map(worker, range(concurrency)))

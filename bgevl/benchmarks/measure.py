@@ -50,6 +50,8 @@ def interleaved(calls: Mapping[str, Callable[[], object]], *, warmup: int = 2, m
             t0 = time.perf_counter()
             call()
             timings[name].seconds.append(time.perf_counter() - t0)
+            if sampler:
+                sampler.sample(name)  # calls shorter than the sampling interval still count
         if sampler:
             sampler.current = None
         rounds += 1
@@ -61,7 +63,7 @@ def interleaved(calls: Mapping[str, Callable[[], object]], *, warmup: int = 2, m
 class MemorySampler:
     """Peak resident memory per backend (see the module docstring for what it includes)."""
 
-    def __init__(self, interval: float = 0.002):
+    def __init__(self, interval: float = 0.005):
         import psutil
 
         self.process = psutil.Process()
@@ -84,13 +86,16 @@ class MemorySampler:
                 pass
         return total
 
+    def sample(self, name: str) -> None:
+        rss = self._rss(name)
+        if rss > self.peaks.get(name, 0):
+            self.peaks[name] = rss
+
     def _run(self) -> None:
         while not self._stop.is_set():
             name = self.current
             if name is not None:
-                rss = self._rss(name)
-                if rss > self.peaks.get(name, 0):
-                    self.peaks[name] = rss
+                self.sample(name)
             time.sleep(self.interval)
 
     def __enter__(self) -> "MemorySampler":

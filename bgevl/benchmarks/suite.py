@@ -163,7 +163,6 @@ class MllmModel:
         pil = self.preprocessor.load_images(images) if images else None
         case.feeds["processor"] = dict(self.processor(text=prompts, images=pil, padding=True, return_tensors="np"))
         case.feeds["role"], case.feeds["instruction"] = role, instruction
-        import torch
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:

@@ -1,0 +1,47 @@
+"""The benchmark suite runs on the tiny models and writes well-formed reports. No speed is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from bgevl.benchmarks.cli import main
+
+pytest.importorskip("matplotlib", reason="needs the bench extra: pip install '.[bench]'")
+
+
+def test_bench_runs_every_backend_and_writes_json_markdown_and_plots(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = main(["--models", "tiny", "--batch-sizes", "1,2", "--concurrency", "1,2", "--warmup", "1", "--min-repeats", "2",
+               "--min-seconds", "0", "--output", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["command"].startswith("bgevl-bench --models tiny") and data["hardware"]["matmul_peak_gflops"] > 0
+    assert {"torch", "onnxruntime", "transformers"} <= set(data["software"])
+    backends = {"pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "runtime", "triton"}
+    rows = data["results"]
+    assert len(rows) == 3 * 2 * len(backends)  # workloads x batch sizes x backends
+    for row in rows:
+        assert row["backend"] in backends and row["repetitions"] >= 2
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["items_per_s"] > 0
+        assert row["min_cosine_vs_pytorch"] > 0.99 and row["peak_rss_mb"] > 0
+        if row["level"] == "model":
+            assert row["gflop_per_call"] > 0 and row["gflops"] > 0 and "speedup_vs_pytorch" in row
+    assert {(s["workload"], s["concurrency"]) for s in data["triton_sweep"]} == {
+        (w, c) for w in ("image", "text", "composed") for c in (1, 2)}
+    report = (out / "report.md").read_text()
+    assert "## Findings" in report and "x PyTorch eager" in report and "Triton p50" in report
+    for backend in backends:
+        assert report.count(f"| image | 2 | {backend} |") == 1
+    for plot in ("latency_tiny.png", "triton_tiny.png"):
+        assert plot in data["plots"] and f"]({plot})" in report
+        with Image.open(out / plot) as image:
+            assert image.format == "PNG" and image.width > 300
+    assert capsys.readouterr().out.strip().endswith("report.md")
+
+
+def test_bench_rejects_unknown_backends(tmp_path, capsys):
+    assert main(["--models", "tiny", "--backends", "pytorch,onnxruntime-fp64", "--output", str(tmp_path)]) == 2
+    assert "unknown ['onnxruntime-fp64']" in capsys.readouterr().err
