@@ -20,7 +20,8 @@ def test_bench_runs_every_backend_and_writes_json_markdown_and_plots(tmp_path, c
     data = json.loads((out / "results.json").read_text())
     assert data["command"].startswith("bgevl-bench --models tiny") and data["hardware"]["matmul_peak_gflops"] > 0
     assert {"torch", "onnxruntime", "transformers"} <= set(data["software"])
-    backends = {"pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "runtime", "triton"}
+    backends = {"pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-int8-dynamic",
+                "runtime", "triton"}
     rows = data["results"]
     assert len(rows) == 3 * 2 * len(backends)  # workloads x batch sizes x backends
     for row in rows:

@@ -27,8 +27,20 @@ import numpy as np
 
 from bgevl.errors import BgevlError
 
-ALL_BACKENDS = ("pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "runtime", "triton")
-GPU_BACKENDS = ("onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16", "tensorrt-fp16")
+#: Graph backends: name -> (engine, ONNX Runtime provider, export precision, int8 mode).
+GRAPH_BACKENDS = {
+    "onnxruntime-fp32": ("onnxruntime", "cpu", "fp32", None),
+    "onnxruntime-fp16": ("onnxruntime", "cpu", "fp16", None),
+    "onnxruntime-int8": ("onnxruntime", "cpu", "int8", "qdq"),
+    "onnxruntime-int8-dynamic": ("onnxruntime", "cpu", "int8", "dynamic"),
+    "onnxruntime-cuda-fp16": ("onnxruntime", "cuda", "fp16", None),
+    "onnxruntime-tensorrt-fp16": ("onnxruntime", "tensorrt", "fp16", None),
+    "tensorrt-fp16": ("tensorrt", None, "fp16", None),
+    "tensorrt-int8": ("tensorrt", None, "int8", "qdq"),
+}
+ALL_BACKENDS = ("pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-int8-dynamic",
+                "runtime", "triton")
+GPU_BACKENDS = ("onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16", "tensorrt-fp16", "tensorrt-int8")
 
 
 def _ints(text: str) -> list[int]:
@@ -47,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
     p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8], help="Triton client concurrency sweep")
     p.add_argument("--sweep-batch", type=int, default=1, help="items per request in the Triton sweep")
-    p.add_argument("--int8-mode", default="qdq", choices=("qdq", "dynamic"))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads of PyTorch and ONNX Runtime")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-repeats", type=int, default=5)
@@ -84,17 +95,18 @@ def _hardware(threads: int) -> dict[str, Any]:
             "matmul_peak_gflops": matmul_peak_gflops(threads)}
 
 
-def _export(key: str, precision: str, args, log) -> Path:
+def _export(key: str, precision: str, args, log, int8_mode: str | None = None) -> Path:
     from bgevl.export import ExportOptions, run_export
     from bgevl.manifest import MANIFEST_NAME
 
     root = args.exports or args.output / "exports"
-    int8 = f"-{args.int8_mode}" if precision == "int8" else ""
+    int8_mode = int8_mode or "qdq"
+    int8 = f"-{int8_mode}" if precision == "int8" else ""
     out = root / f"{key}{'-random' if args.random_weights else ''}-{precision}{int8}"
     if (out / MANIFEST_NAME).is_file():
         return out
     log(f"exporting {key} {precision}{int8} to {out}")
-    return run_export(ExportOptions(output=out, model=key, precision=precision, int8_mode=args.int8_mode,
+    return run_export(ExportOptions(output=out, model=key, precision=precision, int8_mode=int8_mode,
                                     random_weights=args.random_weights, model_path=args.model_path,
                                     max_batch=max(64, max(args.batch_sizes)) if not key.endswith("mllm") else None,
                                     overwrite=True), sink=lambda msg: None)
@@ -141,7 +153,7 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
     unknown = set(backends) - set(ALL_BACKENDS + GPU_BACKENDS)
     if unknown:
         raise BgevlError(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(ALL_BACKENDS + GPU_BACKENDS)}")
-    workdir = args.output / "work" / key
+    workdir = (args.exports or args.output / "exports") / "work" / key  # checkpoints, Triton repositories
     workdir.mkdir(parents=True, exist_ok=True)
     log(f"{key}: loading the PyTorch model")
     checkpoint = resolve_checkpoint(spec, model_path=args.model_path, random_weights=args.random_weights, workdir=workdir)
@@ -153,22 +165,20 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
     graphs: dict[str, dict] = {}
     providers = available_providers()
     for backend in backends:
-        if not (backend.startswith("onnxruntime") or backend.startswith("tensorrt")):
+        if backend not in GRAPH_BACKENDS:
             continue
-        parts = backend.split("-")
-        precision = parts[-1]
+        engine, provider, precision, int8_mode = GRAPH_BACKENDS[backend]
         if precision == "fp32" and spec.billions > 2:
             notes.append(f"{key}: {backend} skipped (fp32 of a {spec.billions:.1f}B model)")
             continue
-        provider = parts[1] if len(parts) == 3 else "cpu"
         if provider == "cuda" and "CUDAExecutionProvider" not in providers or \
            provider == "tensorrt" and "TensorrtExecutionProvider" not in providers:
             notes.append(f"{key}: {backend} skipped (onnxruntime has no {provider} provider here)")
             continue
-        directory = _export(key, precision, args, log)
+        directory = _export(key, precision, args, log, int8_mode)
         manifest = read_manifest(directory)
         names = manifest.graph_names()
-        if parts[0] == "tensorrt":
+        if engine == "tensorrt":
             if "engines" not in manifest.data:
                 notes.append(f"{key}: {backend} skipped (no engines: `bgevl-export build-engines {directory}` on a GPU)")
                 continue
