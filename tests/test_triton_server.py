@@ -127,6 +127,9 @@ def test_repository_configs_parse_and_follow_the_manifest(clip_export, tmp_path,
     check_ensemble_wiring(configs["bgevl_composed"], configs)
     assert (repo / "bgevl_preprocess/1/processor/tokenizer.json").is_file()
     assert [i.optional for i in configs["bgevl"].input] == [True, True]
+    if backend == "python":  # CLIP pads right: the text encoder cuts the padding past the longest text
+        assert configs["bgevl_text"].parameters["trim_right_padding"].string_value == "attention_mask"
+        assert "trim_right_padding" not in configs["bgevl_vision"].parameters
 
 
 def test_repository_writer_refuses_what_it_cannot_build(clip_export, tmp_path):

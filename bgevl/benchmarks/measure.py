@@ -70,18 +70,25 @@ class MemorySampler:
         self.interval = interval
         self.current: str | None = None
         self.peaks: dict[str, int] = {}
-        self.extra_pids: dict[str, Sequence[int]] = {}  # backend -> other processes to add (a server)
+        self.extra: dict[str, list] = {}  # backend -> other processes to add (a server and its stubs)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def add_process_tree(self, name: str, pid: int) -> None:
+        """Count a process and its children (resolved now, once: scanning /proc on every sample
+        would load the machine being measured) in ``name``'s peak."""
+        import psutil
+
+        root = psutil.Process(pid)
+        self.extra[name] = [root] + root.children(recursive=True)
 
     def _rss(self, name: str | None) -> int:
         import psutil
 
         total = self.process.memory_info().rss
-        for pid in self.extra_pids.get(name, ()):
+        for proc in self.extra.get(name, ()):
             try:
-                proc = psutil.Process(pid)
-                total += proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+                total += proc.memory_info().rss
             except psutil.Error:
                 pass
         return total
@@ -107,18 +114,42 @@ class MemorySampler:
         self._thread.join()
 
 
-def matmul_peak_gflops(threads: int | None = None, size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 GFLOP/s of a square matmul (torch, MKL/oneDNN), the machine's attainable peak."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def _best_seconds(call: Callable[[], object], repeats: int) -> float:
     for _ in range(2):
-        a @ b
+        call()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        call()
         best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best / 1e9
+    return best
+
+
+def matmul_peak_gflops(threads: int | None = None, sizes: Sequence[int] = (1024, 2048, 4096),
+                       repeats: int = 5) -> dict[str, float]:
+    """The machine's attainable fp32 rate: the best square-matmul GFLOP/s of torch (oneDNN/MKL) and of
+    ONNX Runtime's MatMul (MLAS, the kernels the exported graphs run on), over a few sizes.
+    Returns the figure per probe and their maximum under ``"peak"``."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    if threads:
+        torch.set_num_threads(threads)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    out = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out[f"torch_{n}"] = 2 * n ** 3 / _best_seconds(lambda: a @ b, repeats) / 1e9
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feed = {"a": a.numpy(), "b": b.numpy()}
+        out[f"onnxruntime_{n}"] = 2 * n ** 3 / _best_seconds(lambda: session.run(None, feed), repeats) / 1e9
+    out["peak"] = max(out.values())
+    return out

@@ -66,7 +66,8 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"{data['created']} · {hw['cpu']} · {hw['logical_cores']} logical / {hw['physical_cores']} physical cores · "
         f"{hw['memory_gb']:.0f} GB · measured fp32 matmul peak {hw['matmul_peak_gflops']:.1f} GFLOP/s "
-        f"({data['settings']['threads']} threads)",
+        f"({data['settings']['threads']} threads; the best of torch and ONNX Runtime MatMul probes at sizes "
+        f"1024-4096, at the start and the end of the run)",
         "",
         "Software: " + ", ".join(f"{k} {v}" for k, v in sw.items()),
         "",

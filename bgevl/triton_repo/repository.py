@@ -101,7 +101,12 @@ class RepositoryWriter:
         self.configs[config.name] = config
         return version
 
-    def encoder(self, graph_name: str) -> str:
+    def right_padded(self) -> bool:
+        config = self.manifest.processor_dir / "tokenizer_config.json"
+        side = json.loads(config.read_text()).get("padding_side", "right") if config.is_file() else "right"
+        return side == "right"
+
+    def encoder(self, graph_name: str, trim_right_padding: str | None = None) -> str:
         graph: GraphSpec = self.manifest.graph_spec(graph_name)
         name = self.model_name(graph_name)
         batch = graph.inputs[0].shape[0]
@@ -121,7 +126,10 @@ class RepositoryWriter:
             config = encoder_config(name, graph, "onnxruntime", batching, model_file=files[0].name)
             version = self._write(config)
         else:
-            config = encoder_config(name, graph, "python", batching, parameters={"onnx_file": files[0].name})
+            parameters = {"onnx_file": files[0].name}
+            if trim_right_padding:
+                parameters["trim_right_padding"] = trim_right_padding
+            config = encoder_config(name, graph, "python", batching, parameters=parameters)
             version = self._write(config, "onnx_encoder")
         for f in files:  # the graph keeps its file name: its external data is referenced by name
             _link_or_copy(f, version / f.name)
@@ -136,7 +144,8 @@ class RepositoryWriter:
         batch = vision.inputs[0].shape[0]
         dim = self.manifest.embedding_dim
         length = self.manifest.max_text_length
-        models = {"vision_model": self.encoder(VISION_GRAPH), "text_model": self.encoder(TEXT_GRAPH)}
+        trim = ATTENTION_MASK if self.right_padded() else None  # see models/onnx_encoder.py
+        models = {"vision_model": self.encoder(VISION_GRAPH), "text_model": self.encoder(TEXT_GRAPH, trim)}
 
         raw = [_bytes(SERVING_IMAGE), _bytes(SERVING_TEXT)]
         pre = python_config(

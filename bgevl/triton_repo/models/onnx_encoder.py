@@ -25,6 +25,10 @@ class TritonPythonModel:
         self.inputs = [i["name"] for i in self.config["input"]]
         self.outputs = [o["name"] for o in self.config["output"]]
         self.batched = int(self.config.get("max_batch_size", 0)) > 0
+        # Requests arrive padded to the model's text limit (fixed shapes let Triton merge them); with
+        # right padding and a causal, mask-pooled graph (CLIP text) the columns after the longest
+        # text in the merged batch change nothing, so they are cut before running.
+        self.trim_by = parameter(self.config, "trim_right_padding")
 
     def _requested(self, request) -> list[str]:
         names = list(request.requested_output_names())
@@ -36,8 +40,13 @@ class TritonPythonModel:
         wanted = sorted({n for r in requests for n in self._requested(r)})
         feeds = {name: [pb.get_input_tensor_by_name(r, name).as_numpy() for r in requests] for name in self.inputs}
         sizes = [len(a) for a in feeds[self.inputs[0]]]
+        merged = {k: np.concatenate(v) for k, v in feeds.items()}
+        if self.trim_by:
+            length = max(int(merged[self.trim_by].sum(axis=1).max()), 1)
+            merged = {k: v[:, :length] if v.ndim == 2 and v.shape == merged[self.trim_by].shape else v
+                      for k, v in merged.items()}
         try:
-            results = self.session.run(wanted, {k: np.concatenate(v) for k, v in feeds.items()})
+            results = self.session.run(wanted, merged)
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime's message goes back to the client
             return [error_response(f"{self.config['name']}: {exc}") for _ in requests]
         bounds = np.cumsum([0] + sizes)
