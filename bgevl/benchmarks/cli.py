@@ -156,6 +156,13 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
         raise BgevlError(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(ALL_BACKENDS + GPU_BACKENDS)}")
     workdir = (args.exports or args.output / "exports") / "work" / key  # checkpoints, Triton repositories
     workdir.mkdir(parents=True, exist_ok=True)
+    # Every export first, before any model is loaded: an export (int8 calibration above all) needs
+    # the memory the loaded backends would hold (ViT-L int8 qdq next to them ran out of 24 GB).
+    for backend in backends:
+        if backend in GRAPH_BACKENDS and not (GRAPH_BACKENDS[backend][2] == "fp32" and spec.billions > 2):
+            _export(key, GRAPH_BACKENDS[backend][2], args, log, GRAPH_BACKENDS[backend][3])
+    if "runtime" in backends or "triton" in backends:
+        _export(key, "fp16" if spec.billions > 2 else "fp32", args, log)
     log(f"{key}: loading the PyTorch model")
     checkpoint = resolve_checkpoint(spec, model_path=args.model_path, random_weights=args.random_weights, workdir=workdir)
     if spec.family == "mllm":
