@@ -8,6 +8,7 @@ figures against the PyTorch reference.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,12 @@ class Manifest:
 
 
 def write_manifest(directory: Path, data: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically (a temporary file renamed over it), so a reader or a crash
+    never sees half a manifest; updates of a finished export (the engines section) rely on it."""
     path = Path(directory) / MANIFEST_NAME
-    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **data}, indent=2, default=str) + "\n")
+    partial = path.with_name(f".{MANIFEST_NAME}.partial")
+    partial.write_text(json.dumps({"format_version": FORMAT_VERSION, **data}, indent=2, default=str) + "\n")
+    os.replace(partial, path)
     return path
 
 

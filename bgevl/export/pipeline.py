@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from bgevl import __version__
 from bgevl.checkpoints import load_clip, resolve_checkpoint
 from bgevl.errors import BgevlError
 from bgevl.manifest import write_manifest
+from bgevl.staging import staged_directory
 from bgevl.probes import builtin_calibration_set, probe_set
 from bgevl.runtime.preprocessing import ClipPreprocessor, load_image
 from bgevl.runtime.providers import create_session
@@ -151,22 +151,14 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
     out = Path(opts.output).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     progress = Progress(total=6, sink=sink)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        with tempfile.TemporaryDirectory(prefix="bgevl-export-") as work:
-            if spec.family == "mllm":
-                from bgevl.export.mllm_export import export_mllm
+    with staged_directory(out) as staging, tempfile.TemporaryDirectory(prefix="bgevl-export-") as work:
+        if spec.family == "mllm":
+            from bgevl.export.mllm_export import export_mllm
 
-                manifest = export_mllm(spec, opts, staging, Path(work), progress)
-            else:
-                manifest = _export_clip(spec, opts, staging, Path(work), progress)
+            manifest = export_mllm(spec, opts, staging, Path(work), progress)
+        else:
+            manifest = _export_clip(spec, opts, staging, Path(work), progress)
         write_manifest(staging, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     progress(f"wrote {out}")
     return out
 

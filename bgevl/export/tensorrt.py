@@ -33,7 +33,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Callable, Mapping
 
 from bgevl.errors import BgevlError
 from bgevl.manifest import Manifest, read_manifest, write_manifest
+from bgevl.staging import staged_directory
 from bgevl.runtime.tensorrt import (
     TensorRTGraph, cuda_device, import_tensorrt, sidecar_path, write_sidecar,
 )
@@ -207,12 +207,11 @@ def build_engines(export_dir: str | os.PathLike, options: EngineOptions | None =
     device = cuda_device()
     plan = precision_plan(manifest.precision, manifest.data.get("int8_mode"), manifest.family)
     final = manifest.directory / ENGINE_DIR
-    staging = Path(tempfile.mkdtemp(prefix=f".{ENGINE_DIR}.partial-", dir=manifest.directory))
     timing_cache = options.timing_cache or final / TIMING_CACHE
-    staged_cache = staging / TIMING_CACHE
-    if timing_cache.is_file():
-        shutil.copy2(timing_cache, staged_cache)
-    try:
+    with staged_directory(final) as staging:
+        staged_cache = staging / TIMING_CACHE
+        if timing_cache.is_file():
+            shutil.copy2(timing_cache, staged_cache)
         entries = {}
         for name in manifest.graph_names():
             graph = manifest.graph_spec(name)
@@ -246,18 +245,8 @@ def build_engines(export_dir: str | os.PathLike, options: EngineOptions | None =
                           **check_thresholds(figures, manifest.precision, threshold, manifest.data["model"].get("weights", ""))}
         elif options.validate:
             progress(f"engines not validated: {arrays_path.name} is missing (export made before it was recorded)")
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     data = dict(manifest.data)
     data["engines"] = entries
     data["engine_validation"] = validation
-    tmp = manifest.directory / ".manifest.partial"
-    tmp.mkdir(exist_ok=True)
-    write_manifest(tmp, data)
-    os.replace(tmp / "manifest.json", manifest.directory / "manifest.json")
-    tmp.rmdir()
+    write_manifest(manifest.directory, data)  # atomic: readers see the old manifest or the new one
     return final

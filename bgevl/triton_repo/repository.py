@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from bgevl import __version__
 from bgevl.errors import BgevlError
 from bgevl.manifest import Manifest, read_manifest
+from bgevl.staging import staged_directory
 from bgevl.specs import (
     ATTENTION_MASK, IMAGE_FEATURE_INDEX, IMAGE_FEATURES, IMAGE_TILES, INPUT_IDS,
     MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH, PIXEL_VALUES, SERVING_EMBEDDING, SERVING_IMAGE, SERVING_INSTRUCTION,
@@ -227,18 +227,10 @@ def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise BgevlError(f"{out} exists and is not empty; pass --overwrite to replace it or choose another directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         writer = RepositoryWriter(manifest, staging, backend, name, instances, queue_delay_us)
         sink(f"writing Triton repository ({manifest.family}, {backend} encoders) to {out}")
         writer.mllm() if manifest.family == "mllm" else writer.clip()
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for model in sorted(writer.configs):
         sink(f"  {model}")
     return out
