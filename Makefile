@@ -15,7 +15,7 @@ demo: env
 test: env
 	$(BIN)/python -m pytest -q
 
-# Full-size ViT-B/16 and ViT-L/14 architectures with random weights (minutes, GBs of RAM).
+# Full-size ViT-B/16 and ViT-L/14 and full-width LLaVA-NeXT architectures, random weights (minutes, GBs of RAM).
 test-slow: env
 	$(BIN)/python -m pytest -q -m slow
 

@@ -1,4 +1,5 @@
-"""Full-size BGE-VL-base (ViT-B/16) and BGE-VL-large (ViT-L/14) architectures, random weights, offline.
+"""Full-size BGE-VL-base (ViT-B/16), BGE-VL-large (ViT-L/14) and full-width BGE-VL-MLLM architectures,
+random weights, offline.
 
 Slow (minutes, several GB of RAM): deselected by default, run with ``make test-slow``.
 """
@@ -26,10 +27,6 @@ def test_full_size_architecture_exports_and_validates(model, precision, dim, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "open finding (2026-11-22): the full-width graphs export, convert to fp16 (2.27 GB language graph, "
-    "external data) and run in ONNX Runtime, but fp16 validation misses 0.999 on text-only items "
-    "(min cosine 0.9953; image-only 0.99993, composed 0.99987), so the exporter refuses to write"))
 def test_full_width_llava_next_mistral_exports_with_external_data(tmp_path, monkeypatch):
     """The BGE-VL-MLLM architecture at full width: CLIP ViT-L/14-336 (all 24 layers), the
     4096-wide projector, 32005 x 4096 token embeddings and Mistral-7B decoder layers (GQA 32/8

@@ -5,7 +5,9 @@
 * fp16: ``onnxconverter_common.float16`` (the upstream of onnxruntime's copy; the latter names
   the casts of a shared initializer twice and writes an invalid graph when the exporter has
   deduplicated equal weights), with float32 graph inputs/outputs and LayerNorm, Softmax and the
-  final L2 normalization held in float32.
+  final L2 normalization (plus RMSNorm and rotary angles, found by structure) held in float32;
+  a small pass afterwards keeps those float32 regions exact (the converter rounds values passed
+  between kept nodes, and their constants, to float16: ``_keep_float32_regions_exact``).
 * int8: ``onnxruntime.quantization``: static QDQ (the explicit-quantization form TensorRT builds
   INT8 engines from) or dynamic (ONNX Runtime CPU serving).
 """
@@ -133,6 +135,8 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32_nodes: Iterable[str]) -> o
             save_onnx(model, path)
             onnx.shape_inference.infer_shapes_path(str(path), str(path))
             model = onnx.load(str(path))
+    keep_fp32_nodes = set(keep_fp32_nodes)
+    kept_constants = _float32_constants_of(model, lambda n: n.op_type in FP16_BLOCKED_OPS or n.name in keep_fp32_nodes)
     with warnings.catch_warnings():
         # "the float32 number X will be truncated": tiny constants (epsilons) clamp to fp16's range.
         warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
@@ -140,8 +144,103 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32_nodes: Iterable[str]) -> o
             model, keep_io_types=True, op_block_list=list(FP16_BLOCKED_OPS), node_block_list=list(keep_fp32_nodes),
             disable_shape_infer=large,
         )
+    _keep_float32_regions_exact(converted, kept_constants)
     _restore_float32_outputs(converted)
     return converted
+
+
+def _float32_constants_of(model: onnx.ModelProto, kept) -> dict[str, np.ndarray]:
+    """The float32 initializers and Constant-node values read by the nodes ``kept`` selects, copied
+    before the converter rewrites them in place."""
+    from onnx import numpy_helper
+
+    names = {name for node in model.graph.node if kept(node) for name in node.input}
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+              if i.name in names and i.data_type == onnx.TensorProto.FLOAT}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in names:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and value.data_type == onnx.TensorProto.FLOAT:
+                values[node.output[0]] = numpy_helper.to_array(value)
+    return values
+
+
+def _keep_float32_regions_exact(model: onnx.ModelProto, kept_constants: Mapping[str, np.ndarray]) -> None:
+    """Undo two roundings that onnxconverter_common (1.16) leaves inside the regions it keeps in float32.
+
+    * ``float32 -> Cast(to fp16) -> Cast(to fp32)``: the converter wraps each kept node on its own, so
+      a value passed from one kept node to the next is rounded to float16 on the way. Its own clean-up
+      (``remove_unnecessary_cast_node``) misses a value read by several casts (it compares ``to`` with
+      32/16 rather than the TensorProto codes 1/10) and a value read by a cast and by other nodes
+      (onnxconverter-common#271, onnxruntime#20346). Measured on the full-width Mistral decoder: the
+      rotary angle ``position x inv_freq`` (about 2000 rad at position 2000, where float16's spacing is
+      1-2 rad) went through float16 between the Mul and the Concat, and fp16 parity fell to a
+      cosine of 0.92; the RMSNorm's ``x^2`` went through float16 between Pow and ReduceMean, where it
+      overflows above 256.
+    * ``float16 constant -> Cast(to fp32)``: a float32 constant of a kept node that the converter
+      stored as float16 (it does so when the tensor has value_info), rotary ``inv_freq`` among them.
+      The kept node gets the original float32 value.
+
+    onnxruntime.transformers' ``OnnxModel.remove_cascaded_cast_nodes`` (the workaround suggested in
+    onnxruntime#20346) rewires every Cast->Cast pair, which changes values for pairs such as
+    float->int->float; this pass removes only the float32->float16->float32 round trips, which
+    makes values exact and changes nothing else.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    constant_types = {i.name: i.data_type for i in graph.initializer}
+    constant_types.update({n.output[0]: a.t.data_type for n in graph.node if n.op_type == "Constant"
+                           for a in n.attribute if a.name == "value"})
+    types = {**{v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]}, **constant_types}
+    producer = {out: node for node in graph.node for out in node.output}
+    graph_outputs = {o.name for o in graph.output}
+
+    def cast_to(node: onnx.NodeProto | None) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    replace: dict[str, str] = {}  # output of a Cast(to fp32) -> the exact float32 tensor to read instead
+    added: dict[str, str] = {}
+    for node in graph.node:
+        if cast_to(node) != FLOAT or node.output[0] in graph_outputs:
+            continue
+        source = node.input[0]
+        parent = producer.get(source)
+        if cast_to(parent) == FLOAT16 and types.get(parent.input[0]) == FLOAT:
+            replace[node.output[0]] = parent.input[0]
+        elif source in kept_constants and constant_types.get(source) == FLOAT16:
+            if source not in added:
+                added[source] = f"{source}_float32"
+                graph.initializer.append(numpy_helper.from_array(kept_constants[source].astype(np.float32), added[source]))
+            replace[node.output[0]] = added[source]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+    _prune_dead_casts_and_initializers(model)
+
+
+def _prune_dead_casts_and_initializers(model: onnx.ModelProto) -> None:
+    """Drop the Cast nodes and initializers nothing reads any more, and their value_info. Deletes by
+    index: ``remove`` compares messages (quadratic on a large graph) and rebuilding the initializer
+    list would copy every weight."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [i for i, n in enumerate(graph.node) if n.op_type == "Cast" and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for i in reversed(dead):
+            del graph.node[i]
+    for i in reversed([i for i, init in enumerate(graph.initializer) if init.name not in read]):
+        del graph.initializer[i]
+    known = {o for node in graph.node for o in node.output} | {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    for i in reversed([i for i, v in enumerate(graph.value_info) if v.name not in known]):
+        del graph.value_info[i]
 
 
 def fp16_graph(src: Path, dst: Path, normalized_outputs: tuple[str, str] | None = None) -> dict:
