@@ -210,13 +210,19 @@ def generated_llama_tokenizer() -> Any:
     return tokenizer
 
 
+def generated_mllm_config(spec: ModelSpec, tokenizer: Any) -> Any:
+    """The LlavaNextConfig of ``spec.architecture`` fitted to the generated tokenizer."""
+    from transformers import LlavaNextConfig
+
+    return LlavaNextConfig(**_architecture_for(spec, tokenizer), image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+
+
 def generate_mllm_checkpoint(spec: ModelSpec, directory: Path) -> Path:
     """Write a random-weight LLaVA-NeXT of ``spec.architecture`` (+ processor files) to ``directory``."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
 
     tokenizer = generated_llama_tokenizer()
-    config = LlavaNextConfig(**_architecture_for(spec, tokenizer),
-                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    config = generated_mllm_config(spec, tokenizer)
     tile = config.vision_config.image_size
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(

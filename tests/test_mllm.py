@@ -216,3 +216,51 @@ def test_fp32_of_the_7b_model_is_refused_without_force(tmp_path):
     with pytest.raises(Exception, match="--precision fp32 for mllm-s1 .* --force-fp32"):
         run_export(ExportOptions(output=tmp_path / "x", model="mllm-s1", precision="fp32"), sink=lambda m: None)
     assert not (tmp_path / "x").exists()
+
+
+def test_full_depth_7b_graphs_trace_on_meta_weights(tmp_path):
+    """BGE-VL-MLLM's two graphs at full size (all 32 Mistral-7B decoder layers, ViT-L/14-336), traced
+    with the weights on the meta device (about 0.6 GB of memory instead of 30 GB) and saved with the
+    weights as graph inputs. The exporter's optimizer is off here: it constant-folds weights, which
+    meta tensors do not have. The full-width numerics (2 of the 32 layers, random weights, fp16
+    validation) are in tests/test_full_size.py."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from bgevl.checkpoints import generated_llama_tokenizer, generated_mllm_config
+    from bgevl.export import onnx_tools
+    from bgevl.export.mllm_modules import graph_modules
+    from bgevl.specs import MLLM_LANGUAGE_GRAPH, ONNX_OPSET, get_model_spec, mllm_graph_specs_from_config
+
+    config = generated_mllm_config(get_model_spec("mllm-s1"), generated_llama_tokenizer())
+    text = config.text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.vocab_size) == (32, 4096, 32005)
+    with torch.device("meta"):
+        llava = LlavaNextForConditionalGeneration(config).eval()
+    graphs, modules = mllm_graph_specs_from_config(config), graph_modules(llava)
+    weights = {}
+    for name, spec in graphs.items():
+        args = tuple(torch.zeros(t.concrete_shape("opt"), dtype=getattr(torch, t.dtype), device="meta") for t in spec.inputs)
+        program = torch.onnx.export(modules[name], args, input_names=spec.input_names, output_names=spec.output_names,
+                                    dynamic_shapes=onnx_tools.torch_dynamic_shapes(spec), opset_version=ONNX_OPSET,
+                                    dynamo=True, optimize=False)
+        path = tmp_path / spec.filename
+        program.save(str(path), include_initializers=False, keep_initializers_as_inputs=True)
+        onnx_tools.check_onnx(path)  # onnx.checker, full check (strict shape inference)
+        graph = onnx.load(str(path)).graph
+        assert [i.name for i in graph.input[:len(spec.inputs)]] == spec.input_names
+        assert [(o.name, [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]) for o in graph.output] == \
+            [(t.name, t.symbolic_shape()) for t in spec.outputs]
+        weights[name] = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input[len(spec.inputs):]}
+    language = onnx.load(str(tmp_path / graphs[MLLM_LANGUAGE_GRAPH].filename))
+    # what the fp16 pass keeps in float32 is found at full depth: every RMSNorm (2 per layer + the
+    # final norm) and the rotary angles
+    assert len(onnx_tools.rms_norm_nodes(language)) == 6 * (2 * text.num_hidden_layers + 1)
+    assert onnx_tools.rotary_nodes(language)
+    # the decoder's parameters, its rotary frequencies and the image_newline, nothing else: no LM
+    # head (a second 32005 x 4096)
+    shapes = weights[MLLM_LANGUAGE_GRAPH].values()
+    assert sum(1 for s in shapes if sorted(s) == sorted([text.vocab_size, text.hidden_size])) == 1
+    decoder = llava.model.language_model
+    expected = sum(p.numel() for p in decoder.parameters()) + decoder.rotary_emb.inv_freq.numel() + llava.model.image_newline.numel()
+    assert sum(int(np.prod(s)) for s in shapes) == expected
+    assert 7.0e9 < expected < 7.2e9  # Mistral-7B without its 131M-parameter LM head

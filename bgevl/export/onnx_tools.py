@@ -50,8 +50,8 @@ def check_onnx(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def export_torch_graph(module, spec: GraphSpec, example: Mapping[str, np.ndarray], path: Path) -> None:
-    """Export ``module`` to ``path`` with the inputs, outputs and dynamic axes of ``spec``."""
+def torch_dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, "torch.export.Dim"]]:
+    """``torch.onnx.export``'s ``dynamic_shapes`` from the graph's declaration (one Dim per axis name)."""
     import torch
 
     dims: dict[str, torch.export.Dim] = {}
@@ -64,6 +64,14 @@ def export_torch_graph(module, spec: GraphSpec, example: Mapping[str, np.ndarray
             # max > min, so a declared max of 2 is traced with 3.
             axes[axis] = dims.setdefault(dim.name, torch.export.Dim(dim.name, min=2, max=max(dim.max, 3)))
         dynamic_shapes[tensor.name] = axes
+    return dynamic_shapes
+
+
+def export_torch_graph(module, spec: GraphSpec, example: Mapping[str, np.ndarray], path: Path) -> None:
+    """Export ``module`` to ``path`` with the inputs, outputs and dynamic axes of ``spec``."""
+    import torch
+
+    dynamic_shapes = torch_dynamic_shapes(spec)
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[t.name])) for t in spec.inputs)
     for tensor, arg in zip(spec.inputs, args):
         for axis in tensor.dynamic_axes():
