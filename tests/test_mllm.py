@@ -264,3 +264,34 @@ def test_full_depth_7b_graphs_trace_on_meta_weights(tmp_path):
     expected = sum(p.numel() for p in decoder.parameters()) + decoder.rotary_emb.inv_freq.numel() + llava.model.image_newline.numel()
     assert sum(int(np.prod(s)) for s in shapes) == expected
     assert 7.0e9 < expected < 7.2e9  # Mistral-7B without its 131M-parameter LM head
+
+
+def test_loads_the_transformers_4_45_weight_layout(tmp_path, tiny_mllm_reference):
+    """BGE-VL-MLLM's hub checkpoints were saved by the remote class ``LLaVANextForEmbedding``, a
+    transformers 4.45 ``LlavaNextForConditionalGeneration``: ``language_model.model.*``,
+    ``language_model.lm_head``, top-level ``vision_tower.vision_model.*``, ``multi_modal_projector.*``
+    and ``image_newline``. Today's class nests them under ``model.``; load_mllm must map every tensor."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from bgevl.checkpoints import generate_mllm_checkpoint, load_mllm
+    from bgevl.specs import get_model_spec
+
+    source = generate_mllm_checkpoint(get_model_spec("tiny-mllm"), tmp_path / "current")
+    tensors = load_file(str(source / "model.safetensors"))
+    legacy_dir = tmp_path / "legacy"
+    shutil.copytree(source, legacy_dir)
+    # transformers 5 already saves language_model.model.*, language_model.lm_head.* and image_newline;
+    # 4.45 also kept the CLIPVisionModel wrapper's vision_model prefix
+    legacy = {re.sub(r"^vision_tower\.", "vision_tower.vision_model.", k): v for k, v in tensors.items()}
+    assert any(k.startswith("language_model.model.layers.") for k in legacy) and "image_newline" in legacy
+    assert any(k.startswith("vision_tower.vision_model.encoder.") for k in legacy)
+    save_file(legacy, str(legacy_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    model, _ = load_mllm(legacy_dir)
+    want = tiny_mllm_reference[0].state_dict()
+    got = model.state_dict()
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []  # a missing tensor would be random
