@@ -178,9 +178,9 @@ def _keep_float32_regions_exact(model: onnx.ModelProto, kept_constants: Mapping[
 
     * ``float32 -> Cast(to fp16) -> Cast(to fp32)``: the converter wraps each kept node on its own, so
       a value passed from one kept node to the next is rounded to float16 on the way. Its own clean-up
-      (``remove_unnecessary_cast_node``) misses a value read by several casts (it compares ``to`` with
-      32/16 rather than the TensorProto codes 1/10) and a value read by a cast and by other nodes
-      (onnxconverter-common#271, onnxruntime#20346). Measured on the full-width Mistral decoder: the
+      (``remove_unnecessary_cast_node``) misses every float16 value read by more than one node: that
+      branch compares ``to`` with 32/16 rather than the TensorProto codes 1/10 (onnxconverter-common#271,
+      onnxruntime#20346). Measured on the full-width Mistral decoder: the
       rotary angle ``position x inv_freq`` (about 2000 rad at position 2000, where float16's spacing is
       1-2 rad) went through float16 between the Mul and the Concat, and fp16 parity fell to a
       cosine of 0.92; the RMSNorm's ``x^2`` went through float16 between Pow and ReduceMean, where it
@@ -204,20 +204,14 @@ def _keep_float32_regions_exact(model: onnx.ModelProto, kept_constants: Mapping[
     types = {**{v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]}, **constant_types}
     producer = {out: node for node in graph.node for out in node.output}
     graph_outputs = {o.name for o in graph.output}
-
-    def cast_to(node: onnx.NodeProto | None) -> int | None:
-        if node is None or node.op_type != "Cast":
-            return None
-        return next((a.i for a in node.attribute if a.name == "to"), None)
-
     replace: dict[str, str] = {}  # output of a Cast(to fp32) -> the exact float32 tensor to read instead
     added: dict[str, str] = {}
     for node in graph.node:
-        if cast_to(node) != FLOAT or node.output[0] in graph_outputs:
+        if _cast_target(node) != FLOAT or node.output[0] in graph_outputs:
             continue
         source = node.input[0]
         parent = producer.get(source)
-        if cast_to(parent) == FLOAT16 and types.get(parent.input[0]) == FLOAT:
+        if _cast_target(parent) == FLOAT16 and types.get(parent.input[0]) == FLOAT:
             replace[node.output[0]] = parent.input[0]
         elif source in kept_constants and constant_types.get(source) == FLOAT16:
             if source not in added:
@@ -229,6 +223,13 @@ def _keep_float32_regions_exact(model: onnx.ModelProto, kept_constants: Mapping[
             if name in replace:
                 node.input[i] = replace[name]
     _prune_dead_casts_and_initializers(model)
+
+
+def _cast_target(node: onnx.NodeProto | None) -> int | None:
+    """The ``to`` type of a Cast node; None for anything else."""
+    if node is None or node.op_type != "Cast":
+        return None
+    return next((a.i for a in node.attribute if a.name == "to"), None)
 
 
 def _prune_dead_casts_and_initializers(model: onnx.ModelProto) -> None:
@@ -460,8 +461,7 @@ def rotary_nodes(model: onnx.ModelProto, max_depth: int = 8) -> list[str]:
     consumers = _consumers(model)
     keep: set[str] = set()
     for node in model.graph.node:
-        to = next((a.i for a in node.attribute if a.name == "to"), None)
-        if node.op_type != "Cast" or to != onnx.TensorProto.FLOAT or types.get(node.input[0]) not in int_types:
+        if _cast_target(node) != onnx.TensorProto.FLOAT or types.get(node.input[0]) not in int_types:
             continue
         found, frontier, reached = {node.name}, [node], False
         for _ in range(max_depth):
