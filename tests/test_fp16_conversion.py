@@ -100,6 +100,7 @@ def _float16_round_trips(model: onnx.ModelProto) -> list[str]:
     types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
     types.update({i.name: i.data_type for i in model.graph.initializer})
     producer = {out: node for node in model.graph.node for out in node.output}
+    float16_initializers = {i.name for i in model.graph.initializer if i.data_type == FLOAT16}
 
     def cast_to(node):
         return next((a.i for a in node.attribute if a.name == "to"), None) if node is not None and node.op_type == "Cast" else None
@@ -111,7 +112,7 @@ def _float16_round_trips(model: onnx.ModelProto) -> list[str]:
         parent = producer.get(node.input[0])
         if cast_to(parent) == FLOAT16 and types.get(parent.input[0]) == FLOAT:
             found.append(f"{parent.input[0]} -> {parent.name} -> {node.name}")
-        if node.input[0] in {i.name for i in model.graph.initializer if i.data_type == FLOAT16}:
+        if node.input[0] in float16_initializers:
             found.append(f"float16 initializer {node.input[0]} -> {node.name}")
     return found
 

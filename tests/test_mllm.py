@@ -237,7 +237,7 @@ def test_full_depth_7b_graphs_trace_on_meta_weights(tmp_path):
     with torch.device("meta"):
         llava = LlavaNextForConditionalGeneration(config).eval()
     graphs, modules = mllm_graph_specs_from_config(config), graph_modules(llava)
-    weights = {}
+    exported = {}
     for name, spec in graphs.items():
         args = tuple(torch.zeros(t.concrete_shape("opt"), dtype=getattr(torch, t.dtype), device="meta") for t in spec.inputs)
         program = torch.onnx.export(modules[name], args, input_names=spec.input_names, output_names=spec.output_names,
@@ -246,19 +246,20 @@ def test_full_depth_7b_graphs_trace_on_meta_weights(tmp_path):
         path = tmp_path / spec.filename
         program.save(str(path), include_initializers=False, keep_initializers_as_inputs=True)
         onnx_tools.check_onnx(path)  # onnx.checker, full check (strict shape inference)
-        graph = onnx.load(str(path)).graph
+        exported[name] = onnx.load(str(path))
+        graph = exported[name].graph
         assert [i.name for i in graph.input[:len(spec.inputs)]] == spec.input_names
         assert [(o.name, [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]) for o in graph.output] == \
             [(t.name, t.symbolic_shape()) for t in spec.outputs]
-        weights[name] = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input[len(spec.inputs):]}
-    language = onnx.load(str(tmp_path / graphs[MLLM_LANGUAGE_GRAPH].filename))
+    language = exported[MLLM_LANGUAGE_GRAPH]
     # what the fp16 pass keeps in float32 is found at full depth: every RMSNorm (2 per layer + the
     # final norm) and the rotary angles
     assert len(onnx_tools.rms_norm_nodes(language)) == 6 * (2 * text.num_hidden_layers + 1)
     assert onnx_tools.rotary_nodes(language)
     # the decoder's parameters, its rotary frequencies and the image_newline, nothing else: no LM
     # head (a second 32005 x 4096)
-    shapes = weights[MLLM_LANGUAGE_GRAPH].values()
+    shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim]
+              for i in language.graph.input[len(graphs[MLLM_LANGUAGE_GRAPH].inputs):]]
     assert sum(1 for s in shapes if sorted(s) == sorted([text.vocab_size, text.hidden_size])) == 1
     decoder = llava.model.language_model
     expected = sum(p.numel() for p in decoder.parameters()) + decoder.rotary_emb.inv_freq.numel() + llava.model.image_newline.numel()
