@@ -75,6 +75,25 @@ def synthetic_images(n: int, seed: int) -> list[Image.Image]:
     return [synthetic_image(rng, _SIZES[i % len(_SIZES)]) for i in range(n)]
 
 
+#: Pillow modes the probe images come in, in turn: RGB plus the modes whose conversion to RGB (and
+#: its order against resizing) changes pixels: RGBA (alpha; Pillow resizes it premultiplied),
+#: P (palette; resized with NEAREST) and L (grayscale).
+PROBE_MODES = ("RGB", "RGBA", "P", "L")
+
+
+def in_mode(image: Image.Image, mode: str, rng: np.random.Generator) -> Image.Image:
+    """``image`` as a ``mode`` image: RGBA with a random alpha gradient, P with an adaptive palette."""
+    if mode == "RGBA":
+        w, h = image.size
+        alpha = np.linspace(rng.integers(0, 128), 255, w, dtype=np.float32)[None, :].repeat(h, 0).astype(np.uint8)
+        rgba = image.convert("RGBA")
+        rgba.putalpha(Image.fromarray(alpha, "L"))
+        return rgba
+    if mode == "P":
+        return image.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    return image.convert(mode)
+
+
 @dataclass(frozen=True)
 class ProbeSet:
     """Images, texts and composed (image index, text index) queries used by validation."""
@@ -93,6 +112,7 @@ class ProbeSet:
         return {
             "images": len(self.images),
             "image_sizes": sorted({im.size for im in self.images}),
+            "image_modes": sorted({im.mode for im in self.images}),
             "texts": len(self.texts),
             "composed_queries": len(self.composed),
             "seed": PROBE_SEED,
@@ -101,8 +121,10 @@ class ProbeSet:
 
 
 def probe_set(n: int = 8) -> ProbeSet:
-    """The fixed validation probe set: ``n`` images, ``n`` texts, ``n`` composed queries."""
-    images = synthetic_images(n, PROBE_SEED)
+    """The fixed validation probe set: ``n`` images (in the modes of ``PROBE_MODES`` in turn), ``n`` texts,
+    ``n`` composed queries."""
+    rng = np.random.default_rng(PROBE_SEED + 1)
+    images = [in_mode(im, PROBE_MODES[i % len(PROBE_MODES)], rng) for i, im in enumerate(synthetic_images(n, PROBE_SEED))]
     texts = [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(n)]
     composed = [(i, (i * 3 + 1) % n) for i in range(n)]
     return ProbeSet(images, texts, composed)

@@ -398,6 +398,15 @@ MODELS: dict[str, ModelSpec] = {
         "mllm-s2", "mllm", "BAAI/BGE-VL-MLLM-S2: BGE-VL-MLLM-S1 fine-tuned on MMEB (7.57B parameters)",
         hub_id="BAAI/BGE-VL-MLLM-S2", architecture=_LLAVA_NEXT_MISTRAL_7B, billions=7.57,
     ),
+    # BGE-VL-v1.5: the same LLaVA-1.6-Mistral architecture, used "in the exact same way" (model card)
+    "mllm-v1.5-zs": ModelSpec(
+        "mllm-v1.5-zs", "mllm", "BAAI/BGE-VL-v1.5-zs: LLaVA-NeXT (CLIP ViT-L/14-336 + Mistral-7B) embedder, zero-shot",
+        hub_id="BAAI/BGE-VL-v1.5-zs", architecture=_LLAVA_NEXT_MISTRAL_7B, billions=7.57,
+    ),
+    "mllm-v1.5-mmeb": ModelSpec(
+        "mllm-v1.5-mmeb", "mllm", "BAAI/BGE-VL-v1.5-mmeb: BGE-VL-v1.5 fine-tuned on MMEB",
+        hub_id="BAAI/BGE-VL-v1.5-mmeb", architecture=_LLAVA_NEXT_MISTRAL_7B, billions=7.57,
+    ),
 }
 
 #: Above this size an fp32 export needs ``--force-fp32``: the weights alone are 4 bytes per

@@ -20,14 +20,15 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("model", ["base", "large", "mllm-s2"])
+@pytest.mark.parametrize("model", ["base", "large", "mllm-s2", "mllm-v1.5-zs"])
 def test_hub_models_without_network_fail_at_once_naming_model_path(model, tmp_path):
     # An empty cache and a hub endpoint on a closed local port: the same failure as no network.
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
     result = run_cli("--model", model, "--precision", "fp16", "--output", str(tmp_path / "out"), env=env)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    hub_id = {"base": "BAAI/BGE-VL-base", "large": "BAAI/BGE-VL-large", "mllm-s2": "BAAI/BGE-VL-MLLM-S2"}[model]
+    hub_id = {"base": "BAAI/BGE-VL-base", "large": "BAAI/BGE-VL-large", "mllm-s2": "BAAI/BGE-VL-MLLM-S2",
+              "mllm-v1.5-zs": "BAAI/BGE-VL-v1.5-zs"}[model]
     assert hub_id in result.stderr and "--model-path" in result.stderr
     message = [line for line in result.stderr.splitlines() if line.startswith("bgevl-export: error:")]
     assert len(message) == 1, result.stderr  # one paragraph
@@ -52,11 +53,13 @@ def test_missing_model_path_is_named(tmp_path, capsys):
 
 def test_local_checkpoint_through_model_path(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "local"
-    assert main(["--model", "base", "--model-path", str(tiny_checkpoint), "--output", str(out), "-q"]) == 0
+    # --model base would refuse this checkpoint (its sizes are not BGE-VL-base's: tests/test_hub_checkpoints.py);
+    # the generated spec tiny takes a CLIP checkpoint of any size
+    assert main(["--model", "tiny", "--model-path", str(tiny_checkpoint), "--output", str(out), "-q"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["source"] == f"local:{tiny_checkpoint.resolve()}"
     assert manifest["model"]["weights"] == "pretrained"  # thresholds enforced as for a real checkpoint
-    assert manifest["command"] == f"bgevl-export --model base --model-path {tiny_checkpoint} --output {out} -q"
+    assert manifest["command"] == f"bgevl-export --model tiny --model-path {tiny_checkpoint} --output {out} -q"
     assert manifest["validation"]["passed"] is True
     assert capsys.readouterr().out.strip() == str(out.resolve())
 

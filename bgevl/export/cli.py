@@ -150,7 +150,38 @@ def triton_main(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"triton-repo": triton_main, "build-engines": build_engines_main}
+def build_check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bgevl-export check",
+        description="Check a checkpoint the way the exporter does, without exporting: config and sizes against "
+                    "--model, weight files, a float32 load with no missing or unexpected tensors, tokenizer and "
+                    "processor files, and the original model's fp32 embeddings of the probe set (finite, distinct).",
+    )
+    p.add_argument("--model", required=True, choices=list(MODELS), help="the model the checkpoint should be")
+    p.add_argument("--model-path", type=Path, default=None, help="checkpoint directory (default: the hub / its local cache)")
+    return p
+
+
+def check_main(argv: list[str]) -> int:
+    import tempfile
+
+    from bgevl.checkpoints import check_checkpoint, resolve_checkpoint
+    from bgevl.specs import get_model_spec
+
+    args = build_check_parser().parse_args(argv)
+    try:
+        spec = get_model_spec(args.model)
+        with tempfile.TemporaryDirectory(prefix="bgevl-check-") as work:
+            ckpt = resolve_checkpoint(spec, model_path=args.model_path, random_weights=False, workdir=Path(work))
+            check_checkpoint(spec, ckpt.path)
+    except BgevlError as exc:
+        print(f"bgevl-export check: error: {exc}", file=sys.stderr)
+        return 2
+    print("checkpoint OK")
+    return 0
+
+
+SUBCOMMANDS = {"triton-repo": triton_main, "build-engines": build_engines_main, "check": check_main}
 
 
 def main(argv: list[str] | None = None) -> int:

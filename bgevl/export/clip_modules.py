@@ -1,4 +1,4 @@
-"""PyTorch modules that define the exported CLIP graphs, and the reference they are checked against.
+"""PyTorch modules that define the exported CLIP graphs (validated against ``bgevl.reference``).
 
 Each module puts the projection and the L2 normalization inside the graph and also returns the
 unnormalized projection, which score fusion needs (``bgevl.fusion``).
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from bgevl.specs import TEXT_GRAPH, VISION_GRAPH
@@ -44,14 +43,3 @@ class TextEmbedding(torch.nn.Module):
 
 def graph_modules(clip: Any) -> dict[str, torch.nn.Module]:
     return {VISION_GRAPH: VisionEmbedding(clip).eval(), TEXT_GRAPH: TextEmbedding(clip).eval()}
-
-
-@torch.inference_mode()
-def run_reference(module: torch.nn.Module, feed: dict[str, np.ndarray], batch_size: int = 16) -> list[np.ndarray]:
-    """Run a graph module in PyTorch fp32 on numpy inputs, in batches; outputs as numpy."""
-    n = len(next(iter(feed.values())))
-    chunks: list[list[np.ndarray]] = []
-    for start in range(0, n, batch_size):
-        args = [torch.from_numpy(v[start:start + batch_size]) for v in feed.values()]
-        chunks.append([o.float().numpy() for o in module(*args)])
-    return [np.concatenate(parts) for parts in zip(*chunks)]

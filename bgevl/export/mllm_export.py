@@ -64,12 +64,13 @@ def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress:
 
     from bgevl.checkpoints import load_mllm, resolve_checkpoint
     from bgevl.export import onnx_tools
-    from bgevl.export.mllm_modules import graph_modules, reference_embeddings
+    from bgevl.export.mllm_modules import graph_modules
     from bgevl.export.pipeline import _versions, convert_graph
     from bgevl.export.validate import (
         VALIDATION_ARRAYS, check_thresholds, format_figures, mllm_parity, mllm_reference_arrays, save_arrays, threshold_for,
     )
     from bgevl.probes import probe_set
+    from bgevl.reference import OriginalLlavaEmbedder
     from bgevl.runtime.mllm_preprocessing import BGEVL_IMAGE_RESIZE, CIR_INSTRUCTION, ImageLayout, MllmPreprocessor
     from bgevl.runtime.providers import create_session
 
@@ -77,7 +78,7 @@ def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress:
     source = "--model-path" if opts.model_path else ("generated" if spec.generated or opts.random_weights else "hub")
     progress(f"loading {spec.key} ({source})")
     ckpt = resolve_checkpoint(spec, model_path=opts.model_path, random_weights=opts.random_weights, workdir=work)
-    model, processor = load_mllm(ckpt.path)
+    model, processor = load_mllm(ckpt.path, spec=spec)
     config = model.config
     layout = ImageLayout.from_config(config)
     graphs: dict[str, GraphSpec] = mllm_graph_specs_from_config(
@@ -87,9 +88,9 @@ def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress:
     progress.info(f"{ckpt.source}; {n_params / 1e6:.1f}M parameters without the LM head, embedding dim {hidden}, "
                   f"tokenizer padding side {processor.tokenizer.padding_side}")
 
-    # Validation runs on the images' own sizes (no 512x512 resize) so that several anyres grids
-    # and aspect ratios are exercised; the runtime applies BGE-VL's resize by default.
-    pre = MllmPreprocessor(processor, layout, opts.max_sequence_length, resize=None)
+    # Validation preprocesses as the runtime does by default (BGE-VL's 512x512 resize before the RGB
+    # conversion); tests/test_mllm.py covers the anyres grids of images at their own sizes.
+    pre = MllmPreprocessor(processor, layout, opts.max_sequence_length)
     probes = probe_set(opts.probe_count)
     items = validation_items(probes)
     batches = [items[i:i + VALIDATION_BATCH] for i in range(0, len(items), VALIDATION_BATCH)]
@@ -101,8 +102,7 @@ def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress:
             if part:
                 images = [it[0] for it in part] if any(it[0] is not None for it in part) else None
                 texts = [it[1] for it in part] if any(it[1] is not None for it in part) else None
-                feeds.append((part, pre(images, texts, role, CIR_INSTRUCTION if role == "query" else None),
-                              pre.prompts(images, texts, role, CIR_INSTRUCTION if role == "query" else None)))
+                feeds.append((part, pre(images, texts, role, CIR_INSTRUCTION if role == "query" else None)))
         return feeds
 
     prepared = [f for batch in batches for f in preprocess(batch)]
@@ -111,7 +111,7 @@ def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress:
     progress(f"exporting {len(graphs)} graphs to ONNX (opset {ONNX_OPSET}, fp32)")
     fp32_dir = work / "fp32"
     fp32_dir.mkdir()
-    example = next(feed for _, feed, _ in prepared if IMAGE_TILES in feed and len(feed[IMAGE_TILES]) >= 2
+    example = next(feed for _, feed in prepared if IMAGE_TILES in feed and len(feed[IMAGE_TILES]) >= 2
                    and len(feed["input_ids"]) >= 2)
     onnx_tools.export_torch_graph(modules[MLLM_VISION_GRAPH], graphs[MLLM_VISION_GRAPH],
                                   {IMAGE_TILES: example[IMAGE_TILES]}, fp32_dir / graphs[MLLM_VISION_GRAPH].filename)
@@ -131,30 +131,31 @@ def export_mllm(spec: ModelSpec, opts: Any, staging: Path, work: Path, progress:
         precision_details[name] = convert_graph(
             name, src, dst, opts.precision, int8=lambda: onnx_tools.quantize_weights_int8(src, dst, opts.int8_mode))
 
+    del modules, model  # the reference below is loaded on its own; do not hold two copies
     validation: dict = {"performed": False}
     figures: dict[str, dict] = {}
     if opts.validate:
-        progress(f"validating against transformers on {len(items)} items (image-only, text-only, composed; "
-                 f"queries and candidates; {len(set(im.size for im in probes.images))} image sizes)")
-        sessions = {name: create_session(staging / g.filename) for name, g in graphs.items()}
+        progress(f"validating against the original's fp32 embeddings on {len(items)} items (image-only, text-only, "
+                 f"composed; queries and candidates; images {', '.join(sorted({im.mode for im in probes.images}))})")
+        original = OriginalLlavaEmbedder(ckpt.path)
         parts, ref_parts, kinds = [], [], []
-        for part, feeds, prompts in prepared:
-            images = [it[0] for it in part if it[0] is not None]
-            enc = processor(text=prompts, images=images or None, padding=True, return_tensors="np")
-            ref_parts.append(reference_embeddings(model, {k: v for k, v in enc.items()}))
+        for part, feeds in prepared:
+            ref_parts.append(original.encode(part, CIR_INSTRUCTION))
             parts.append(feeds)
             kinds += [("image" if it[1] is None else "text" if it[0] is None else "composed") for it in part]
+        del original
         arrays = mllm_reference_arrays(parts, np.concatenate(ref_parts), kinds, (1, layout.tile_tokens, hidden))
+        sessions = {name: create_session(staging / g.filename) for name, g in graphs.items()}
         figures.update(mllm_parity(arrays, lambda name, feed, outs: sessions[name].run(list(outs), dict(feed))))
         save_arrays(staging / VALIDATION_ARRAYS, arrays)
-        progress.info("parity vs transformers fp32 (ONNX Runtime CPU):\n" + format_figures(figures))
+        progress.info("parity vs the original's fp32 embeddings (ONNX Runtime CPU):\n" + format_figures(figures))
         threshold = threshold_for(opts.precision, opts.min_cosine)
         validation = {
             "performed": True,
-            "reference": "PyTorch fp32: transformers LlavaNextModel forward, last non-padding token, L2 normalize",
+            "reference": OriginalLlavaEmbedder.DESCRIPTION,
             "runtime": "onnxruntime CPUExecutionProvider",
             "probe_set": {**probes.describe(), "items": len(items), "batch": VALIDATION_BATCH,
-                          "image_resize": "none (images at their own sizes)"},
+                          "image_resize": f"{BGEVL_IMAGE_RESIZE[0]}x{BGEVL_IMAGE_RESIZE[1]} before RGB, as the original"},
             "arrays": VALIDATION_ARRAYS,
             **check_thresholds(figures, opts.precision, threshold, ckpt.weights),
         }

@@ -165,7 +165,8 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
 
 def _export_clip(spec, opts: ExportOptions, staging: Path, work: Path, progress: Progress) -> dict:
     from bgevl.export import onnx_tools
-    from bgevl.export.clip_modules import graph_modules, run_reference
+    from bgevl.export.clip_modules import graph_modules
+    from bgevl.reference import OriginalClip
     from bgevl.export.validate import (
         VALIDATION_ARRAYS, check_thresholds, clip_parity, clip_reference_arrays, format_figures, save_arrays, threshold_for,
     )
@@ -173,7 +174,7 @@ def _export_clip(spec, opts: ExportOptions, staging: Path, work: Path, progress:
     source = "--model-path" if opts.model_path else ("generated" if spec.generated or opts.random_weights else "hub")
     progress(f"loading {spec.key} ({source})")
     ckpt = resolve_checkpoint(spec, model_path=opts.model_path, random_weights=opts.random_weights, workdir=work)
-    model, processor = load_clip(ckpt.path)
+    model, processor = load_clip(ckpt.path, spec=spec)
     config = model.config
     graphs: dict[str, GraphSpec] = clip_graph_specs_from_config(config, opt_batch=opts.opt_batch, max_batch=opts.max_batch)
     max_len = config.text_config.max_position_embeddings
@@ -220,26 +221,26 @@ def _export_clip(spec, opts: ExportOptions, staging: Path, work: Path, progress:
             name, src, dst, opts.precision,
             int8=lambda: onnx_tools.quantize_int8(src, dst, opts.int8_mode, cal_feeds[name] if opts.int8_mode == "qdq" else None))
 
+    del modules, model  # the reference below is loaded on its own; do not hold two copies
     validation: dict = {"performed": False}
     figures: dict[str, dict] = {}
     if opts.validate:
-        progress(f"validating against PyTorch on {len(probes.images)} images, {len(probes.texts)} texts, "
+        progress(f"validating against the original's fp32 embeddings on {len(probes.images)} images "
+                 f"({', '.join(sorted({im.mode for im in probes.images}))}), {len(probes.texts)} texts, "
                  f"{len(probes.composed)} composed queries")
+        original = OriginalClip(ckpt.path)
+        arrays = clip_reference_arrays(
+            feeds, composed_feeds, original.encode(images=probes.images), original.encode(text=probes.texts),
+            original.encode(images=probes.composed_images(), text=probes.composed_texts()))
+        del original
         sessions = {name: create_session(staging / g.filename) for name, g in graphs.items()}
-
-        def reference(graph_feeds) -> dict[str, np.ndarray]:
-            """Every output of every graph, by output name (names are unique across graphs)."""
-            return {o: v for name, g in graphs.items()
-                    for o, v in zip(g.output_names, run_reference(modules[name], graph_feeds[name]))}
-
-        arrays = clip_reference_arrays(feeds, composed_feeds, reference(feeds), reference(composed_feeds))
         figures.update(clip_parity(arrays, lambda name, feed, outs: sessions[name].run(list(outs), dict(feed))))
         save_arrays(staging / VALIDATION_ARRAYS, arrays)
-        progress.info("parity vs PyTorch fp32 (ONNX Runtime CPU):\n" + format_figures(figures))
+        progress.info("parity vs the original's fp32 embeddings (ONNX Runtime CPU):\n" + format_figures(figures))
         threshold = threshold_for(opts.precision, opts.min_cosine)
         validation = {
             "performed": True,
-            "reference": "PyTorch fp32 (transformers CLIPModel, eager attention)",
+            "reference": OriginalClip.DESCRIPTION,
             "runtime": "onnxruntime CPUExecutionProvider",
             "probe_set": probes.describe(),
             "arrays": VALIDATION_ARRAYS,

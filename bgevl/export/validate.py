@@ -1,10 +1,12 @@
-"""Parity of exported graphs against the PyTorch reference on the fixed probe set.
+"""Parity of exported graphs against the original's fp32 embeddings (``bgevl.reference``) on the fixed probe set.
 
 Figures, per graph and for composed queries:
 
 * ``min_cosine`` / ``mean_cosine``: cosine similarity of each exported embedding to the
-  PyTorch fp32 embedding of the same input;
+  original's fp32 embedding of the same input;
 * ``max_abs_diff``: largest element-wise difference of the (normalized) embeddings;
+* ``max_cosine_between_probes``: the largest cosine between the embeddings of two different
+  probes (the sanity gate: above ``DISTINCT_PROBES_MAX_COSINE`` the export fails);
 * ``top1_agreement``: the fraction of probe queries whose top-1 retrieval result is the same
   with the exported embedding as with the reference one. Queries are the graph's outputs;
   the gallery is the reference embeddings of the other modality (images retrieve texts, texts
@@ -36,6 +38,42 @@ def retrieval_agreement(test_queries: np.ndarray, ref_queries: np.ndarray, ref_g
     return float(np.mean(test_top == ref_top))
 
 
+#: Sanity gate: two different probe inputs whose embeddings have a cosine above this are "the
+#: same embedding" (a tokenizer that maps every text to the same ids gives 1.0 to float precision).
+#: Different probes of untrained tiny models stay below 0.9995 (measured: CLIP about 0.99, the tiny
+#: LLaVA-NeXT about 0.998).
+DISTINCT_PROBES_MAX_COSINE = 0.99999
+
+
+def max_cosine_between_rows(embeddings: np.ndarray) -> float:
+    """The largest cosine between two different rows (inputs that are all distinct)."""
+    x = l2_normalize(np.asarray(embeddings, dtype=np.float64))
+    if len(x) < 2:
+        return float("-inf")
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return float(sims.max())
+
+
+def sanity_problem(name: str, embeddings: np.ndarray) -> str | None:
+    """Why ``embeddings`` of distinct probe inputs cannot be right (NaN/Inf, or two the same), or None."""
+    if not np.all(np.isfinite(embeddings)):
+        return f"{name}: NaN or Inf in the embeddings"
+    top = max_cosine_between_rows(embeddings)
+    if top > DISTINCT_PROBES_MAX_COSINE:
+        return (f"{name}: different probe inputs give the same embedding (cosine {top:.7f}); the weights or the "
+                f"tokenizer/processor files are degenerate")
+    return None
+
+
+def check_reference(named: Mapping[str, np.ndarray]) -> None:
+    """The sanity gate on the reference embeddings themselves, before any export is compared with them."""
+    problems = [p for name, emb in named.items() if (p := sanity_problem(name, emb))]
+    if problems:
+        raise ValidationFailed("the fp32 reference fails the sanity gate: " + "; ".join(problems)
+                               + ". Check the checkpoint (bgevl-export check --model-path DIR)")
+
+
 def parity_figures(test: np.ndarray, ref: np.ndarray, ref_gallery: np.ndarray) -> dict:
     test = np.asarray(test, dtype=np.float32)
     ref = np.asarray(ref, dtype=np.float32)
@@ -50,6 +88,7 @@ def parity_figures(test: np.ndarray, ref: np.ndarray, ref_gallery: np.ndarray) -
         "mean_cosine": float(cos.mean()),
         "max_abs_diff": float(np.max(np.abs(test - ref))),
         "top1_agreement": float(retrieval_agreement(test, ref, ref_gallery)),
+        "max_cosine_between_probes": max_cosine_between_rows(test),
         "n": int(len(test)),
     }
 
@@ -60,7 +99,8 @@ def threshold_for(precision: str, override: float | None = None) -> float:
 
 def check_thresholds(figures: dict[str, dict], precision: str, threshold: float, weights: str) -> dict:
     """Compare each entry's min cosine with the threshold; raise with all figures on failure."""
-    failed = {name: f for name, f in figures.items() if not (f["min_cosine"] >= threshold)}
+    failed = {name: f for name, f in figures.items()
+              if not (f["min_cosine"] >= threshold) or f.get("max_cosine_between_probes", -1.0) > DISTINCT_PROBES_MAX_COSINE}
     summary = {
         "threshold_min_cosine": threshold,
         "passed": not failed,
@@ -72,8 +112,10 @@ def check_thresholds(figures: dict[str, dict], precision: str, threshold: float,
             "the export's numerics on an untrained network of the same architecture"
         )
     if failed:
+        same = [n for n, f in failed.items() if f.get("max_cosine_between_probes", -1.0) > DISTINCT_PROBES_MAX_COSINE]
         raise ValidationFailed(
-            f"{precision} export failed validation (min cosine must be >= {threshold}):\n"
+            f"{precision} export failed validation (min cosine must be >= {threshold}"
+            + (f"; {', '.join(same)}: different probe inputs give the same embedding" if same else "") + "):\n"
             + format_figures(figures)
             + "\nThe artifacts were not written. Check the precision settings, calibrate INT8 on real data with "
               "--calibration-data DIR, or pass --no-validate to write them anyway."
@@ -82,18 +124,18 @@ def check_thresholds(figures: dict[str, dict], precision: str, threshold: float,
 
 
 def format_figures(figures: dict[str, dict]) -> str:
-    lines = [f"  {'graph':<10} {'min cos':>10} {'mean cos':>10} {'max|diff|':>10} {'top-1 agr':>10}"]
+    lines = [f"  {'graph':<10} {'min cos':>10} {'mean cos':>10} {'max|diff|':>10} {'top-1 agr':>10} {'probe-max cos':>14}"]
     for name, f in figures.items():
         lines.append(
             f"  {name:<10} {f['min_cosine']:>10.6f} {f['mean_cosine']:>10.6f} {f['max_abs_diff']:>10.2e} "
-            f"{f['top1_agreement']:>10.2%}"
+            f"{f['top1_agreement']:>10.2%} {f.get('max_cosine_between_probes', float('nan')):>14.6f}"
         )
     return "\n".join(lines)
 
 
 # --- the reference set, kept with the export ----------------------------------------------
 #
-# The probe feeds and the PyTorch reference outputs are saved beside the graphs
+# The probe feeds and the original's fp32 embeddings are saved beside the graphs
 # (``validation.npz``), so that artifacts built later from the export (TensorRT engines, on a GPU
 # machine that may have neither torch nor the checkpoint) are validated on the same inputs
 # against the same reference with the same thresholds. ``run(graph, feed, outputs)`` is any
@@ -110,11 +152,13 @@ def _feed(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray
 
 
 def clip_reference_arrays(feeds: Mapping[str, Mapping[str, np.ndarray]], composed_feeds: Mapping[str, Mapping[str, np.ndarray]],
-                          ref: Mapping[str, np.ndarray], ref_composed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                          ref_images: np.ndarray, ref_texts: np.ndarray, ref_composed: np.ndarray) -> dict[str, np.ndarray]:
+    """The graphs' feeds (this project's preprocessing) and the original's embeddings of the same
+    probes (``bgevl.reference.OriginalClip``), after the sanity gate on the latter."""
+    check_reference({"reference images": ref_images, "reference texts": ref_texts, "reference composed": ref_composed})
     arrays = {f"feed/{g}/{k}": v for g, feed in feeds.items() for k, v in feed.items()}
     arrays.update({f"composed/{g}/{k}": v for g, feed in composed_feeds.items() for k, v in feed.items()})
-    arrays["ref/image_embeds"], arrays["ref/text_embeds"] = ref[IMAGE_EMBEDS], ref[TEXT_EMBEDS]
-    arrays["ref/composed"] = score_fusion(ref_composed[IMAGE_FEATURES], ref_composed[TEXT_FEATURES])
+    arrays["ref/image_embeds"], arrays["ref/text_embeds"], arrays["ref/composed"] = ref_images, ref_texts, ref_composed
     return arrays
 
 
@@ -134,6 +178,7 @@ def clip_parity(arrays: Mapping[str, np.ndarray], run: GraphRunner) -> dict[str,
 
 def mllm_reference_arrays(parts: Sequence[Mapping[str, np.ndarray]], reference: np.ndarray, kinds: Sequence[str],
                           zero_tile_shape: Sequence[int]) -> dict[str, np.ndarray]:
+    check_reference({f"reference {kind}": reference[np.array(kinds) == kind] for kind in sorted(set(kinds))})
     arrays = {f"part{i}/{k}": v for i, feed in enumerate(parts) for k, v in feed.items()}
     arrays["ref/embeds"], arrays["kinds"] = reference, np.array(kinds)
     arrays["zero_tile_shape"] = np.array(zero_tile_shape, dtype=np.int64)

@@ -20,15 +20,17 @@ text token, 0 the newline vector, k >= 1 row k-1 of the flattened ``tile_feature
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from bgevl.errors import InputError
-from bgevl.runtime.preprocessing import ImageInput, load_image
+from bgevl.errors import CheckpointError, InputError
+from bgevl.runtime.preprocessing import ImageInput, load_image, load_processor
 from bgevl.specs import ATTENTION_MASK, IMAGE_FEATURE_INDEX, IMAGE_TILES, INPUT_IDS, NEWLINE_ROW, TEXT_POSITION
 
 log = logging.getLogger("bgevl")
@@ -147,6 +149,36 @@ class ImageLayout:
         return np.concatenate([base, with_newline.reshape(-1)])
 
 
+def complete_processor(processor: Any, config: Any, directory: Path) -> dict[str, Any]:
+    """Fill the ``LlavaNextProcessor`` settings that older ``processor_config.json`` files lack, from the
+    model config; returns what was filled.
+
+    transformers 5 needs ``patch_size`` (else a ``TypeError`` inside the processor) and counts one image
+    token too few unless ``num_additional_image_tokens`` is 1 for a vision tower with a CLS token: the
+    key was added after 4.45 (transformers PR #33424), whose processor always counted the CLS. The
+    BGE-VL-v1.5 wrappers set ``processor.patch_size = 14`` by hand for the same reason.
+    """
+    declared: dict[str, Any] = {}
+    path = Path(directory) / "processor_config.json"
+    if path.is_file():
+        declared = json.loads(path.read_text(encoding="utf-8"))
+    cls_tokens = 1 if config.vision_config.model_type in ("clip_vision_model", "clip") else 0
+    wanted = {"patch_size": int(config.vision_config.patch_size),
+              "vision_feature_select_strategy": config.vision_feature_select_strategy,
+              "num_additional_image_tokens": cls_tokens}
+    filled = {}
+    for key, value in wanted.items():
+        if declared.get(key) is None:
+            setattr(processor, key, value)
+            filled[key] = value
+        elif declared[key] != value:
+            raise CheckpointError(
+                f"{path}: {key} is {declared[key]!r} but the model config needs {value!r} (the vision tower "
+                f"{config.vision_config.model_type} with patch {config.vision_config.patch_size}); remove the key "
+                f"or set it to {value!r}")
+    return filled
+
+
 def image_feature_index(input_ids: np.ndarray, layout: ImageLayout, image_sizes: Sequence[tuple[int, int]]) -> np.ndarray:
     """``image_feature_index`` [batch, sequence] for a tokenized batch.
 
@@ -186,9 +218,7 @@ class MllmPreprocessor:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, layout: ImageLayout, max_sequence: int,
                         resize: tuple[int, int] | None = BGEVL_IMAGE_RESIZE) -> "MllmPreprocessor":
-        from transformers import AutoProcessor
-
-        return cls(AutoProcessor.from_pretrained(directory), layout, max_sequence, resize)
+        return cls(load_processor(directory), layout, max_sequence, resize)
 
     def prompts(self, images: Sequence[Any] | None, texts: Sequence[Any] | None, role: str,
                 instruction: str | None) -> list[str]:
@@ -217,12 +247,17 @@ class MllmPreprocessor:
         return out
 
     def load_images(self, images: Sequence[ImageInput | None]) -> list:
+        """As BGE-VL-MLLM's ``data_process``: ``Image.open(p).resize((512, 512)).convert("RGB")``, resize
+        *before* the RGB conversion (Pillow resizes palette images with NEAREST and RGBA premultiplied,
+        so the order changes the pixels of P, RGBA and LA images)."""
         loaded = []
         for i, item in enumerate(images):
             if item is None:
                 continue
-            image = load_image(item, i)
-            loaded.append(image.resize(self.resize) if self.resize else image)
+            image = load_image(item, i, convert_rgb=False)
+            if self.resize:
+                image = image.resize(self.resize)
+            loaded.append(image.convert("RGB"))
         return loaded
 
     def __call__(self, images: Sequence[ImageInput | None] | None, texts: Sequence[str | None] | None,

@@ -32,10 +32,25 @@ def _describe(item: Any) -> str:
     return f"<{type(item).__name__}>"
 
 
-def load_image(item: ImageInput, index: int = 0) -> Image.Image:
-    """Open one image (path, bytes or PIL image) fully and convert it to RGB.
+#: The image-processor backend, pinned. transformers 5 picks the torchvision backend whenever
+#: torchvision is importable and PIL otherwise (``image_processing_auto._resolve_backend``); BGE-VL's
+#: hub files name only the legacy ``CLIPFeatureExtractor`` and the original (transformers 4.45) ran
+#: the PIL/numpy path, so installing torchvision must not change any embedding.
+IMAGE_PROCESSOR_BACKEND = "pil"
 
-    BGE-VL's ``encode`` converts every image to RGB before the processor; so do we.
+
+def load_processor(directory: str | os.PathLike) -> Any:
+    """The checkpoint's (or export's) processor, with the image-processor backend pinned to PIL."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(directory, backend=IMAGE_PROCESSOR_BACKEND)
+
+
+def load_image(item: ImageInput, index: int = 0, convert_rgb: bool = True) -> Image.Image:
+    """Open one image (path, bytes or PIL image) fully and, by default, convert it to RGB.
+
+    BGE-VL's CLIP ``encode`` converts every image to RGB before the processor; so do we. The MLLM
+    resizes first and converts after (``convert_rgb=False`` here; see ``MllmPreprocessor``).
     """
     where = f"images[{index}] {_describe(item)}"
     if isinstance(item, Image.Image):
@@ -58,7 +73,7 @@ def load_image(item: ImageInput, index: int = 0) -> Image.Image:
         )
     try:
         image.load()
-        return image.convert("RGB")
+        return image.convert("RGB") if convert_rgb else image
     except (OSError, ValueError) as exc:
         raise InputError(f"{where}: the image data is corrupt or truncated ({exc}); re-encode or replace the file") from exc
 
@@ -120,9 +135,7 @@ class ClipPreprocessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, max_text_length: int, text_overflow: str = "truncate") -> "ClipPreprocessor":
-        from transformers import AutoProcessor
-
-        return cls(AutoProcessor.from_pretrained(directory), max_text_length, text_overflow)
+        return cls(load_processor(directory), max_text_length, text_overflow)
 
     def pixel_values(self, images: Iterable[ImageInput]) -> np.ndarray:
         pil = [load_image(item, i) for i, item in enumerate(images)]
