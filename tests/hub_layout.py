@@ -77,13 +77,16 @@ def _config_as_saved_by_4_45(config, **extra) -> dict:
     return data
 
 
-def clip_hub_checkpoint(directory: Path, like: str = "base", dtype: torch.dtype = torch.float16) -> Path:
-    """A random-weight tiny CLIP in the BGE-VL-base/-large hub layout (``like``: base or large)."""
+def clip_hub_checkpoint(directory: Path, like: str = "base", dtype: torch.dtype = torch.float16,
+                        architecture: dict | None = None) -> Path:
+    """A random-weight CLIP in the BGE-VL-base/-large hub layout: tiny and shaped ``like`` base or
+    large, or of ``architecture`` (a ModelSpec's, for the full-size models)."""
     from transformers import CLIPConfig, CLIPModel
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = generated_tokenizer()
-    config = CLIPConfig(**_architecture_for(ModelSpec(f"tiny-{like}", "clip", "", architecture=CLIP_LIKE[like]), tokenizer))
+    arch = architecture or CLIP_LIKE[like]
+    config = CLIPConfig(**_architecture_for(ModelSpec(f"hub-{like}", "clip", "", architecture=arch), tokenizer))
     model = _seeded(CLIPModel, config)
     tensors = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})

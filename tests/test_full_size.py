@@ -50,3 +50,26 @@ def test_full_width_llava_next_mistral_exports_with_external_data(tmp_path, monk
     assert (out / "mllm_language.onnx.data").is_file() or manifest["graphs"]["mllm_language"]["bytes"] < 2 * 1024**3
     print(json.dumps(manifest["validation"], indent=1))
     print(json.dumps({k: v["bytes"] for k, v in manifest["graphs"].items()}))
+
+
+@pytest.mark.slow
+def test_full_size_base_in_the_hub_layout_exports_float32(tmp_path):
+    """BGE-VL-base's architecture with random weights saved as the hub has them (16-bit safetensors,
+    legacy preprocessor file, auto_map, legacy EOS id): ``--model base --model-path`` passes the size
+    checks, and the fp32 export is float32 throughout and matches the original's fp32 embeddings."""
+    import onnx
+    import torch
+
+    from bgevl.specs import get_model_spec
+    from hub_layout import clip_hub_checkpoint
+
+    checkpoint = clip_hub_checkpoint(tmp_path / "hub-base", "base", torch.float16, get_model_spec("base").architecture)
+    out = run_export(ExportOptions(output=tmp_path / "out", model="base", model_path=checkpoint, precision="fp32"), sink=print)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["weights"] == "pretrained" and manifest["validation"]["passed"] is True
+    for name in ("vision", "text"):
+        graph = onnx.load(str(out / f"{name}.onnx")).graph
+        assert {i.data_type for i in graph.initializer if i.data_type in (1, 10, 16)} == {onnx.TensorProto.FLOAT}
+        assert {o.type.tensor_type.elem_type for o in graph.output} == {onnx.TensorProto.FLOAT}
+        assert manifest["graphs"][name]["validation"]["min_cosine"] >= 0.99999
+    print(json.dumps({k: v["validation"] for k, v in manifest["graphs"].items()}, indent=1))
