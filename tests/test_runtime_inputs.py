@@ -107,3 +107,100 @@ def test_load_errors_name_the_fix(tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(BgevlError, match="not a bgevl-export output"):
         read_manifest(tmp_path / "other")
+
+
+# --- bounded cost of hostile inputs ----------------------------------------------------------
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_extreme_aspect_ratio_and_pixel_count_are_refused_from_the_header(embedder):
+    """A few hundred bytes that would cost gigabytes: refused before decoding, fast, without memory growth."""
+    import time
+
+    thin = _png(Image.new("L", (40000, 2)))
+    huge = _png(Image.new("1", (13000, 13000)))  # 169 M pixels, under Pillow's own bomb limit
+    assert len(thin) < 1000 and len(huge) < 100_000
+    before = _peak_rss_mb()
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=r"images\[1\] <\d+ bytes>: 40000x2 has an aspect ratio of 20000:1, over the limit of 20:1"):
+        embedder.encode(images=[png_bytes_of(8), thin])
+    with pytest.raises(InputError, match=r"images\[0\] <\d+ bytes>: 13000x13000 is 169.0 M pixels, over the limit of 40.0 M"):
+        embedder.encode(images=[huge])
+    assert time.perf_counter() - start < 1.0
+    assert _peak_rss_mb() - before < 100
+
+
+def png_bytes_of(size: int) -> bytes:
+    return _png(synthetic_images(1, seed=size)[0])
+
+
+def test_pillow_decompression_bomb_is_an_input_error(embedder):
+    bomb = _png(Image.new("1", (20000, 10000)))  # 200 M pixels: Pillow's Image.open refuses it itself
+    with pytest.raises(InputError, match=r"images\[0\] <\d+ bytes>: refused by Pillow's decompression-bomb check"):
+        embedder.encode(images=[bomb])
+
+
+def test_limits_are_configurable(export_dir):
+    from bgevl.runtime.preprocessing import InputLimits
+
+    strict = Embedder.load(export_dir("fp32"), provider="cpu", limits=InputLimits(max_image_pixels=10_000, max_text_bytes=10))
+    with pytest.raises(InputError, match=r"images\[0\] <\d+ bytes>: 224x224 is 0.1 M pixels, over the limit of 0.0 M"):
+        strict.encode(images=[png_bytes_of(0)])
+    with pytest.raises(InputError, match=r"text\[1\]: 19 bytes, over the limit of 10 bytes per text"):
+        strict.encode(text=["short", "a longer caption..."])
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(embedder):
+    from bgevl.runtime.preprocessing import InputLimits, load_image
+
+    big = synthetic_images(1, seed=3)[0].resize((6000, 4000))
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    drafted = load_image(data, model_size=224)
+    assert drafted.size == (750, 500)  # 1/8 scale still leaves a short side of at least 2 x 224
+    full = load_image(data, model_size=224, limits=InputLimits(jpeg_draft_above_pixels=0))
+    assert full.size == (6000, 4000)
+    a = embedder.encode(images=[drafted])
+    b = embedder.encode(images=[full])
+    assert float(np.sum(a * b)) > 0.999
+
+
+@pytest.mark.parametrize("text,message", [
+    (b"bytes", r"text: got bytes; pass str"),
+    (["ok", b"bytes"], r"text\[1\]: expected a string, got bytes"),
+    (["ok", "lone \ud800 surrogate"], r"text\[1\]: not valid Unicode \(surrogates not allowed at character 5\)"),
+    (["x" * 40000], r"text\[0\]: 40000 bytes, over the limit of 32768 bytes per text"),
+    (42, r"text: expected one item or a list, got int"),
+])
+def test_bad_text_types_are_input_errors(embedder, text, message):
+    with pytest.raises(InputError, match=message):
+        embedder.encode(text=text)
+
+
+def test_encode_streams_images_in_graph_batches(embedder, monkeypatch):
+    """Images are decoded one graph batch (64) at a time, and errors name the item in the caller's list."""
+    sizes = []
+    real = embedder.preprocessor.pixel_values
+
+    def spy(images, start=0):
+        sizes.append(len(images))
+        return real(images, start=start)
+
+    monkeypatch.setattr(embedder.preprocessor, "pixel_values", spy)
+    image = png_bytes_of(1)
+    assert embedder.encode(images=[image] * 150).shape == (150, 16)
+    assert sizes == [64, 64, 22]
+    with pytest.raises(InputError, match=r"images\[100\] <5 bytes>: not a readable image"):
+        embedder.encode(images=[image] * 100 + [b"junk!"])

@@ -31,7 +31,7 @@ from bgevl.errors import InputError
 from bgevl.fusion import score_fusion
 from bgevl.manifest import Manifest, read_manifest
 from bgevl.runtime.mllm_preprocessing import BGEVL_IMAGE_RESIZE, QUERY, ImageLayout, MllmPreprocessor, normalize_role
-from bgevl.runtime.preprocessing import ClipPreprocessor, as_list
+from bgevl.runtime.preprocessing import DEFAULT_LIMITS, ClipPreprocessor, InputLimits, as_list, check_texts
 from bgevl.runtime.providers import create_session, provider_options_for, select_providers
 from bgevl.specs import (
     ATTENTION_MASK, EMBEDDING, IMAGE_EMBEDS, IMAGE_FEATURE_INDEX, IMAGE_FEATURES, IMAGE_TILES, INPUT_IDS,
@@ -90,7 +90,7 @@ class Embedder:
     @classmethod
     def load(cls, directory: str | os.PathLike, provider: str = "auto", text_overflow: str = "truncate",
              threads: int | None = None, *, backend: str = "onnxruntime", provider_options: Any = None,
-             engine_cache_dir: Any = None, **options: Any) -> "Embedder":
+             engine_cache_dir: Any = None, limits: InputLimits = DEFAULT_LIMITS, **options: Any) -> "Embedder":
         """Load an export directory (the one holding ``manifest.json``).
 
         ``backend``: ``"onnxruntime"`` (the ONNX graphs) or ``"tensorrt"`` (the engines of
@@ -101,15 +101,17 @@ class Embedder:
         engine cache (default ``<export>/trt-cache``). ``text_overflow`` (CLIP): ``"truncate"``
         (warn) or ``"error"`` for texts over the model's token limit. MLLM options:
         ``image_resize`` (default: BGE-VL's 512x512; ``None`` keeps the images' own sizes).
+        ``limits``: what one input may cost (image pixels and aspect ratio read from the header before
+        decoding, text bytes before tokenizing; ``bgevl.runtime.preprocessing.InputLimits``).
         """
         manifest = read_manifest(Path(directory))
         graphs = dict(backend=backend, provider=provider, threads=threads, provider_options=provider_options,
                       engine_cache_dir=engine_cache_dir)
         if manifest.family == "mllm":
-            return MllmEmbedder(manifest, graphs, **options)
+            return MllmEmbedder(manifest, graphs, limits=limits, **options)
         if options:
             raise TypeError(f"unexpected options for a CLIP export: {', '.join(options)}")
-        return ClipEmbedder(manifest, graphs, text_overflow)
+        return ClipEmbedder(manifest, graphs, text_overflow, limits)
 
     @property
     def dim(self) -> int:
@@ -129,9 +131,11 @@ class Embedder:
 class ClipEmbedder(Embedder):
     """BGE-VL-base/-large: vision and text towers, composed queries by score fusion."""
 
-    def __init__(self, manifest: Manifest, graphs: dict | None = None, text_overflow: str = "truncate"):
+    def __init__(self, manifest: Manifest, graphs: dict | None = None, text_overflow: str = "truncate",
+                 limits: InputLimits = DEFAULT_LIMITS):
         self.manifest = manifest
-        self.preprocessor = ClipPreprocessor.from_pretrained(manifest.processor_dir, manifest.max_text_length, text_overflow)
+        self.preprocessor = ClipPreprocessor.from_pretrained(manifest.processor_dir, manifest.max_text_length, text_overflow,
+                                                             limits)
         self.vision, self.text = self.graphs = open_graphs(manifest, [VISION_GRAPH, TEXT_GRAPH], **(graphs or {}))
 
     def encode(self, images: Any = None, text: Any = None, *, role: str | None = None,
@@ -161,10 +165,18 @@ class ClipEmbedder(Embedder):
         return self._text(text_list, TEXT_EMBEDS)
 
     def _image(self, images: list, output: str) -> np.ndarray:
-        return self.vision.run({"pixel_values": self.preprocessor.pixel_values(images)}, [output])[0].astype(np.float32)
+        """Decoded, preprocessed and run one graph batch at a time: memory stays bounded by the batch,
+        whatever the number of images (2000 images decoded at once took 6.8 GB)."""
+        size = self.vision.max_batch
+        return np.concatenate([
+            self.vision.run({"pixel_values": self.preprocessor.pixel_values(images[i:i + size], start=i)}, [output])[0]
+            for i in range(0, len(images), size)]).astype(np.float32)
 
     def _text(self, texts: list, output: str) -> np.ndarray:
-        return self.text.run(self.preprocessor.tokens(texts), [output])[0].astype(np.float32)
+        check_texts(texts, self.preprocessor.limits)  # every item before any work
+        size = self.text.max_batch
+        return np.concatenate([self.text.run(self.preprocessor.tokens(texts[i:i + size], start=i), [output])[0]
+                               for i in range(0, len(texts), size)]).astype(np.float32)
 
 
 _MANIFEST_RESIZE = object()
@@ -173,14 +185,15 @@ _MANIFEST_RESIZE = object()
 class MllmEmbedder(Embedder):
     """BGE-VL-MLLM: vision graph for the image tiles, then the pooled language graph."""
 
-    def __init__(self, manifest: Manifest, graphs: dict | None = None, image_resize: Any = _MANIFEST_RESIZE):
+    def __init__(self, manifest: Manifest, graphs: dict | None = None, image_resize: Any = _MANIFEST_RESIZE,
+                 limits: InputLimits = DEFAULT_LIMITS):
         self.manifest = manifest
         mllm = manifest.data["mllm"]
         resize = mllm.get("image_resize", BGEVL_IMAGE_RESIZE) if image_resize is _MANIFEST_RESIZE else image_resize
         self.layout = ImageLayout.from_json(mllm["image_layout"])
         self.default_instruction = mllm.get("default_query_instruction")
         self.preprocessor = MllmPreprocessor.from_pretrained(manifest.processor_dir, self.layout,
-                                                             manifest.max_text_length, resize)
+                                                             manifest.max_text_length, resize, limits)
         self.vision, self.language = self.graphs = open_graphs(manifest, [MLLM_VISION_GRAPH, MLLM_LANGUAGE_GRAPH],
                                                                **(graphs or {}))
         self.max_batch = self.language.max_batch
@@ -206,7 +219,7 @@ class MllmEmbedder(Embedder):
         for start in range(0, n, self.max_batch):
             chunk_images = image_list[start:start + self.max_batch] if image_list is not None else None
             chunk_texts = text_list[start:start + self.max_batch] if text_list is not None else None
-            out.append(self._run(self.preprocessor(chunk_images, chunk_texts, role, instruction)))
+            out.append(self._run(self.preprocessor(chunk_images, chunk_texts, role, instruction, start)))
         return np.concatenate(out).astype(np.float32)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

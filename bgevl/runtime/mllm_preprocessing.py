@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bgevl.errors import CheckpointError, InputError
-from bgevl.runtime.preprocessing import ImageInput, load_image, load_processor
+from bgevl.runtime.preprocessing import DEFAULT_LIMITS, ImageInput, InputLimits, check_text, load_image, load_processor
 from bgevl.specs import ATTENTION_MASK, IMAGE_FEATURE_INDEX, IMAGE_TILES, INPUT_IDS, NEWLINE_ROW, TEXT_POSITION
 
 log = logging.getLogger("bgevl")
@@ -208,24 +208,30 @@ class MllmPreprocessor:
     """Prompts, the checkpoint's ``LlavaNextProcessor`` and the image-feature index, for one batch."""
 
     def __init__(self, processor: Any, layout: ImageLayout, max_sequence: int,
-                 resize: tuple[int, int] | None = BGEVL_IMAGE_RESIZE):
+                 resize: tuple[int, int] | None = BGEVL_IMAGE_RESIZE, limits: InputLimits = DEFAULT_LIMITS):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.layout = layout
         self.max_sequence = max_sequence
         self.resize = tuple(resize) if resize else None
+        self.limits = limits
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, layout: ImageLayout, max_sequence: int,
-                        resize: tuple[int, int] | None = BGEVL_IMAGE_RESIZE) -> "MllmPreprocessor":
-        return cls(load_processor(directory), layout, max_sequence, resize)
+                        resize: tuple[int, int] | None = BGEVL_IMAGE_RESIZE,
+                        limits: InputLimits = DEFAULT_LIMITS) -> "MllmPreprocessor":
+        return cls(load_processor(directory), layout, max_sequence, resize, limits)
 
     def prompts(self, images: Sequence[Any] | None, texts: Sequence[Any] | None, role: str,
-                instruction: str | None) -> list[str]:
+                instruction: str | None, start: int = 0) -> list[str]:
+        """``start``: index of the first item in the caller's list (error messages name items by it)."""
         n = len(images) if images is not None else len(texts)
         role = normalize_role(role)
-        if instruction is not None and not isinstance(instruction, str):
-            raise InputError(f"instruction: expected a string, got {type(instruction).__name__}")
+        if instruction is not None:
+            try:
+                check_text(instruction, 0, self.limits)
+            except InputError as exc:
+                raise InputError(str(exc).replace("text[0]", "instruction", 1)) from None
         if role == QUERY and instruction is None:
             log.warning("MLLM query without a task instruction: BGE-VL-MLLM expects one for best results, e.g. "
                         "%r for composed image retrieval", CIR_INSTRUCTION)
@@ -236,17 +242,13 @@ class MllmPreprocessor:
             text = texts[i] if texts is not None else None
             image = images[i] if images is not None else None
             if text is not None:
-                if not isinstance(text, str):
-                    raise InputError(f"text[{i}]: expected a string, got {type(text).__name__}")
-                if not text.strip():
-                    raise InputError(f"text[{i}]: empty text; every text needs at least one non-space character "
-                                     f"(pass None for an image-only item)")
+                check_text(text, start + i, self.limits, " (pass None for an image-only item)")
             if text is None and image is None:
-                raise InputError(f"item {i}: needs an image, a text or both")
+                raise InputError(f"item {start + i}: needs an image, a text or both")
             out.append(build_prompt(text, image is not None, role, instruction))
         return out
 
-    def load_images(self, images: Sequence[ImageInput | None]) -> list:
+    def load_images(self, images: Sequence[ImageInput | None], start: int = 0) -> list:
         """As BGE-VL-MLLM's ``data_process``: ``Image.open(p).resize((512, 512)).convert("RGB")``, resize
         *before* the RGB conversion (Pillow resizes palette images with NEAREST and RGBA premultiplied,
         so the order changes the pixels of P, RGBA and LA images)."""
@@ -254,18 +256,20 @@ class MllmPreprocessor:
         for i, item in enumerate(images):
             if item is None:
                 continue
-            image = load_image(item, i, convert_rgb=False)
+            image = load_image(item, start + i, convert_rgb=False, limits=self.limits,
+                               model_size=self.resize)
             if self.resize:
                 image = image.resize(self.resize)
             loaded.append(image.convert("RGB"))
         return loaded
 
     def __call__(self, images: Sequence[ImageInput | None] | None, texts: Sequence[str | None] | None,
-                 role: str = QUERY, instruction: str | None = None) -> dict[str, np.ndarray]:
+                 role: str = QUERY, instruction: str | None = None, start: int = 0) -> dict[str, np.ndarray]:
         """Feeds of both graphs for one batch: ``image_tiles`` (absent when no item has an image),
-        ``input_ids``, ``attention_mask`` and ``image_feature_index``."""
-        prompts = self.prompts(images, texts, role, instruction)
-        pil = self.load_images(images) if images is not None else []
+        ``input_ids``, ``attention_mask`` and ``image_feature_index``. ``start``: index of the batch's
+        first item in the caller's list."""
+        prompts = self.prompts(images, texts, role, instruction, start)
+        pil = self.load_images(images, start) if images is not None else []
         kwargs: dict[str, Any] = {"text": prompts, "padding": True, "return_tensors": "np"}
         if pil:
             kwargs["images"] = pil
@@ -275,7 +279,7 @@ class MllmPreprocessor:
         lengths = attention_mask.sum(axis=1)
         over = [(i, int(n)) for i, n in enumerate(lengths) if n > self.max_sequence]
         if over:
-            listed = ", ".join(f"item {i} ({n} tokens)" for i, n in over)
+            listed = ", ".join(f"item {start + i} ({n} tokens)" for i, n in over)
             raise InputError(
                 f"{listed} over the exported sequence limit of {self.max_sequence} tokens (prompt plus image tokens); "
                 f"shorten the text or re-export with a larger --max-sequence-length. Truncation is not applied: it "
