@@ -218,6 +218,108 @@ def test_bad_requests_fail_cleanly_and_the_server_keeps_serving(clip_served, pro
     assert_matches(embed(server, protocol, texts=TEXTS[:1]), embedder.encode(text=TEXTS[:1]))
 
 
+# --- hostile traffic: one request's failure is that request's alone ------------------------
+
+def _png_of(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _status(exc: InferenceServerException) -> str:
+    return str(exc.status())
+
+
+def _group_rss_mb(server) -> float:
+    import psutil
+
+    parent = psutil.Process(server.process.pid)
+    return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2**20
+
+
+@pytest.mark.parametrize("bomb", ["13000x13000 1-bit", "Pillow bomb 20000x10000"])
+def test_a_bomb_among_concurrent_valid_requests_fails_alone(clip_served, bomb):
+    """30 valid image requests from 6 clients with a decompression bomb among them: only the bomb fails,
+    with a 400 naming the item and no traceback or server path."""
+    server, embedder = clip_served
+    size = (13000, 13000) if bomb.startswith("13000") else (20000, 10000)
+    payload = _png_of(Image.new("1", size))
+    want = embedder.encode(images=IMAGES)
+    jobs = [("valid", i % 3) for i in range(30)]
+    jobs.insert(7, ("bomb", None))
+    jobs.insert(21, ("bomb", None))
+
+    def send(job):
+        kind, i = job
+        try:
+            return kind, i, embed(server, "http", images=[payload if kind == "bomb" else IMAGES[i]])
+        except InferenceServerException as exc:
+            return kind, i, exc
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(send, jobs))
+    for kind, i, out in results:
+        if kind == "valid":
+            assert not isinstance(out, Exception), f"a valid request failed beside the bomb: {out}"
+            assert_matches(out, want[i:i + 1])
+        else:
+            assert isinstance(out, InferenceServerException) and _status(out) == "400", (_status(out), str(out))
+            message = str(out)
+            assert "images[0]" in message and "Traceback" not in message and ".py" not in message, message
+
+
+def test_a_thin_png_of_a_few_hundred_bytes_is_refused_fast_with_bounded_memory(clip_served):
+    server, _ = clip_served
+    thin = _png_of(Image.new("L", (40000, 2)))
+    assert len(thin) < 1000
+    before = _group_rss_mb(server)
+    start = time.perf_counter()
+    for protocol, status in (("http", "400"), ("grpc", "StatusCode.INVALID_ARGUMENT")):
+        with pytest.raises(InferenceServerException, match="40000x2 has an aspect ratio of 20000:1") as info:
+            embed(server, protocol, images=[thin])
+        assert _status(info.value) == status
+    assert time.perf_counter() - start < 1.0
+    assert _group_rss_mb(server) - before < 200
+
+
+def test_a_bad_request_to_an_encoder_fails_alone(clip_served):
+    """Requests straight to the text encoder, merged by its dynamic batcher: other sequence lengths run
+    in their own call, and token ids out of the vocabulary fail only their own request."""
+    server, embedder = clip_served
+    pre = ClipPreprocessor.from_pretrained(embedder.manifest.processor_dir, embedder.manifest.max_text_length)
+    tokens = pre.tokens(TEXTS[:1], pad_to_max_length=True)
+    want = embedder.encode(text=TEXTS[:1])
+
+    def send(kind):
+        ids = tokens["input_ids"].copy()
+        mask = tokens["attention_mask"]
+        if kind == "bad ids":
+            ids[0, 1] = 10**6
+        elif kind == "short":
+            ids, mask = ids[:, :20], mask[:, :20]
+        inputs = []
+        for name, value in (("input_ids", ids), ("attention_mask", mask)):
+            tensor = grpcclient.InferInput(name, list(value.shape), "INT64")
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        try:
+            return kind, client(server, "grpc").infer("bgevl_text", inputs).as_numpy("text_embeds")
+        except InferenceServerException as exc:
+            return kind, exc
+
+    kinds = ["valid"] * 40 + ["bad ids"] * 6 + ["short"] * 6
+    np.random.default_rng(0).shuffle(kinds)
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(send, kinds))
+    for kind, out in results:
+        if kind == "bad ids":
+            assert isinstance(out, InferenceServerException) and "bgevl_text:" in str(out), out
+            assert _status(out) == "StatusCode.INVALID_ARGUMENT"
+        else:
+            assert not isinstance(out, Exception), f"a {kind} request failed beside bad ones: {out}"
+            assert_matches(out, want)
+
+
 # --- MLLM on the server ------------------------------------------------------------------
 
 INSTRUCTION = "Retrieve the target image that best meets the combined criteria"

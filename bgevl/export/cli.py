@@ -104,8 +104,10 @@ def build_engines_main(argv: list[str]) -> int:
 
 
 def _triton_options(p: argparse.ArgumentParser, standalone: bool) -> None:
+    from bgevl.runtime.preprocessing import InputLimits
     from bgevl.specs import DEFAULT_SERVING_NAME
     from bgevl.triton_repo.configs import ENCODER_BACKENDS
+    from bgevl.triton_repo.repository import DEFAULT_PREPROCESS_INSTANCES
 
     g = p.add_argument_group("Triton model repository")
     if not standalone:
@@ -117,6 +119,14 @@ def _triton_options(p: argparse.ArgumentParser, standalone: bool) -> None:
     g.add_argument("--triton-name", default=DEFAULT_SERVING_NAME, help="name of the entry model; the others are NAME_<part>")
     g.add_argument("--triton-instances", type=int, default=1, help="instances per model (instance_group count)")
     g.add_argument("--triton-queue-delay-us", type=int, default=2000, help="dynamic batching max queue delay")
+    g.add_argument("--triton-preprocess-instances", type=int, default=DEFAULT_PREPROCESS_INSTANCES,
+                   help="instances of the preprocess model (each a python process): a slow item holds only its own")
+    limits = InputLimits()
+    g.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
+                   help="images over this many pixels (read from the file header) are refused before decoding")
+    g.add_argument("--max-aspect-ratio", type=float, default=limits.max_aspect_ratio,
+                   help="images with a longer side over this many times the shorter are refused before decoding")
+    g.add_argument("--max-text-bytes", type=int, default=limits.max_text_bytes, help="texts over this many UTF-8 bytes are refused")
 
 
 def build_triton_parser() -> argparse.ArgumentParser:
@@ -135,9 +145,14 @@ def build_triton_parser() -> argparse.ArgumentParser:
 def _write_triton(args, export_dir: Path, output: Path, overwrite: bool, quiet: bool) -> Path:
     from bgevl.triton_repo.repository import write_repository
 
+    from bgevl.runtime.preprocessing import InputLimits
+
+    limits = InputLimits(max_image_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio,
+                         max_text_bytes=args.max_text_bytes)
     return write_repository(export_dir, output, backend=args.triton_backend, name=args.triton_name,
                             instances=args.triton_instances, queue_delay_us=args.triton_queue_delay_us,
-                            overwrite=overwrite, sink=None if quiet else print)
+                            overwrite=overwrite, sink=None if quiet else print, limits=limits,
+                            preprocess_instances=args.triton_preprocess_instances)
 
 
 def triton_main(argv: list[str]) -> int:

@@ -157,6 +157,8 @@ def _open(stream: io.BytesIO, where: str, limits: InputLimits = DEFAULT_LIMITS,
         _draft(image, limits, model_size)
         image.load()  # decode now: a truncated file fails here, not later inside the processor
         return image
+    except InputError:
+        raise
     except UnidentifiedImageError as exc:
         raise InputError(f"{where}: not a readable image (Pillow cannot identify the format); pass a PNG, JPEG, WebP, ... file") from exc
     except Image.DecompressionBombError as exc:

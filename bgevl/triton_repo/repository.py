@@ -30,6 +30,7 @@ from typing import Callable
 from bgevl import __version__
 from bgevl.errors import BgevlError
 from bgevl.manifest import Manifest, read_manifest
+from bgevl.runtime.preprocessing import DEFAULT_LIMITS, InputLimits
 from bgevl.staging import staged_directory
 from bgevl.specs import (
     ATTENTION_MASK, IMAGE_FEATURE_INDEX, IMAGE_FEATURES, IMAGE_TILES, INPUT_IDS,
@@ -78,24 +79,35 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+#: Instances of the preprocess model when not given: two, so that one request with a slow item (a
+#: large image within the limits decodes in about a second) does not hold every other request.
+#: Each instance is a python-backend stub process with its own copy of the processor (~300 MB).
+DEFAULT_PREPROCESS_INSTANCES = 2
+
+
 class RepositoryWriter:
-    def __init__(self, manifest: Manifest, root: Path, backend: str, name: str, instances: int, queue_delay_us: int):
+    def __init__(self, manifest: Manifest, root: Path, backend: str, name: str, instances: int, queue_delay_us: int,
+                 limits: InputLimits = DEFAULT_LIMITS, preprocess_instances: int = DEFAULT_PREPROCESS_INSTANCES):
         self.manifest, self.root, self.backend, self.name = manifest, root, backend, name
         self.instances, self.queue_delay_us = instances, queue_delay_us
+        self.limits, self.preprocess_instances = limits, preprocess_instances
         self.configs: dict[str, object] = {}
 
     def model_name(self, part: str) -> str:
         return f"{self.name}_{part}"
 
-    def _batching(self, dim: Dim | int, kind: str = "KIND_CPU") -> Batching:
+    def _batching(self, dim: Dim | int, kind: str = "KIND_CPU", instances: int | None = None) -> Batching:
+        instances = instances or self.instances
         if isinstance(dim, Dim):
-            return Batching.from_dim(dim, self.instances, kind, self.queue_delay_us)
-        return Batching(dim, (), self.queue_delay_us, self.instances, kind)
+            return Batching.from_dim(dim, instances, kind, self.queue_delay_us)
+        return Batching(dim, (), self.queue_delay_us, instances, kind)
 
     def _write(self, config, module: str | None = None) -> Path:
         version = self.root / config.name / "1"
         version.mkdir(parents=True, exist_ok=True)
         (self.root / config.name / "config.pbtxt").write_text(to_pbtxt(config))
+        if getattr(config, "platform", "") == "ensemble":  # object stores (S3, GCS) drop empty folders
+            (version / "ENSEMBLE").write_text("An ensemble has no model file; this file keeps the version folder.\n")
         if module:
             (version / "model.py").write_text(SHIM.format(model=config.name, version=__version__, module=module))
         self.configs[config.name] = config
@@ -152,8 +164,8 @@ class RepositoryWriter:
             self.model_name("preprocess"), raw,
             [TensorSpec(PIXEL_VALUES, "float32", vision.inputs[0].shape[1:]),
              TensorSpec(INPUT_IDS, "int64", (length,)), TensorSpec(ATTENTION_MASK, "int64", (length,))],
-            self._batching(batch), optional=[SERVING_IMAGE, SERVING_TEXT],
-            parameters={"max_text_length": str(length), "text_overflow": "truncate"})
+            self._batching(batch, instances=self.preprocess_instances), optional=[SERVING_IMAGE, SERVING_TEXT],
+            parameters={"max_text_length": str(length), "text_overflow": "truncate", **self.limits.to_parameters()})
         self.processor(self._write(pre, "clip_preprocess"))
         models["preprocess_model"] = pre.name
 
@@ -196,9 +208,9 @@ class RepositoryWriter:
             [_bytes(SERVING_IMAGE, (-1,)), _bytes(SERVING_TEXT, (-1,)), _bytes(SERVING_INSTRUCTION), _bytes(SERVING_ROLE)],
             [TensorSpec(INPUT_IDS, "int64", matrix), TensorSpec(ATTENTION_MASK, "int64", matrix),
              TensorSpec(IMAGE_FEATURE_INDEX, "int64", matrix), TensorSpec(IMAGE_TILES, "float32", (-1, *tiles.shape[1:]))],
-            self._batching(0), optional=names,
+            self._batching(0, instances=self.preprocess_instances), optional=names,
             parameters={"image_layout": json.dumps(mllm["image_layout"]), "image_resize": json.dumps(mllm.get("image_resize")),
-                        "max_sequence_length": str(language.input(INPUT_IDS).shape[1].max)})
+                        "max_sequence_length": str(language.input(INPUT_IDS).shape[1].max), **self.limits.to_parameters()})
         self.processor(self._write(pre, "mllm_preprocess"))
         models["preprocess_model"] = pre.name
 
@@ -211,7 +223,8 @@ class RepositoryWriter:
 
 def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *, backend: str = "python",
                      name: str = DEFAULT_SERVING_NAME, instances: int = 1, queue_delay_us: int = 2000,
-                     overwrite: bool = False, sink: Callable[[str], None] | None = print) -> Path:
+                     overwrite: bool = False, sink: Callable[[str], None] | None = print,
+                     limits: InputLimits = DEFAULT_LIMITS, preprocess_instances: int = DEFAULT_PREPROCESS_INSTANCES) -> Path:
     """Package the export in ``export_dir`` as a Triton model repository at ``output``."""
     sink = sink or (lambda msg: None)
     manifest = read_manifest(export_dir)
@@ -228,7 +241,7 @@ def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *
         if not overwrite:
             raise BgevlError(f"{out} exists and is not empty; pass --overwrite to replace it or choose another directory")
     with staged_directory(out) as staging:
-        writer = RepositoryWriter(manifest, staging, backend, name, instances, queue_delay_us)
+        writer = RepositoryWriter(manifest, staging, backend, name, instances, queue_delay_us, limits, preprocess_instances)
         sink(f"writing Triton repository ({manifest.family}, {backend} encoders) to {out}")
         writer.mllm() if manifest.family == "mllm" else writer.clip()
     for model in sorted(writer.configs):

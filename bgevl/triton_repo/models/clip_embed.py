@@ -24,19 +24,20 @@ from bgevl.specs import (
     ATTENTION_MASK, IMAGE_EMBEDS, IMAGE_FEATURES, INPUT_IDS, PIXEL_VALUES, SERVING_EMBEDDING, SERVING_IMAGE,
     SERVING_TEXT, TEXT_EMBEDS, TEXT_FEATURES,
 )
-from bgevl.triton_repo.models.backend_utils import ModelError, call, error_response, model_config, optional_input, parameter
+from bgevl.triton_repo.models.backend_utils import answer_async, call, error_response, model_config, optional_input, parameter
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
+        self.name = config["name"]
         self.preprocess = parameter(config, "preprocess_model")
         self.vision = parameter(config, "vision_model")
         self.text = parameter(config, "text_model")
         self.fusion = parameter(config, "fusion_model")
 
     async def execute(self, requests):
-        return await asyncio.gather(*(self._one(r) for r in requests))
+        return await asyncio.gather(*(answer_async(self.name, self._one, r) for r in requests))
 
     async def _one(self, request):
         images, texts = optional_input(request, SERVING_IMAGE), optional_input(request, SERVING_TEXT)
@@ -49,20 +50,17 @@ class TritonPythonModel:
         if texts is not None:
             feeds[SERVING_TEXT] = texts
             wanted += [INPUT_IDS, ATTENTION_MASK]
-        try:
-            pre = await call(self.preprocess, feeds, wanted)
-            if texts is None:
-                out = (await call(self.vision, {PIXEL_VALUES: pre[PIXEL_VALUES]}, [IMAGE_EMBEDS]))[IMAGE_EMBEDS]
-            elif images is None:
-                tokens = {INPUT_IDS: pre[INPUT_IDS], ATTENTION_MASK: pre[ATTENTION_MASK]}
-                out = (await call(self.text, tokens, [TEXT_EMBEDS]))[TEXT_EMBEDS]
-            else:
-                tokens = {INPUT_IDS: pre[INPUT_IDS], ATTENTION_MASK: pre[ATTENTION_MASK]}
-                image, text = await asyncio.gather(call(self.vision, {PIXEL_VALUES: pre[PIXEL_VALUES]}, [IMAGE_FEATURES]),
-                                                   call(self.text, tokens, [TEXT_FEATURES]))
-                fused = await call(self.fusion, {IMAGE_FEATURES: image[IMAGE_FEATURES], TEXT_FEATURES: text[TEXT_FEATURES]},
-                                   [SERVING_EMBEDDING])
-                out = fused[SERVING_EMBEDDING]
-        except ModelError as exc:
-            return error_response(str(exc))
+        pre = await call(self.preprocess, feeds, wanted, input_errors=True)
+        if texts is None:
+            out = (await call(self.vision, {PIXEL_VALUES: pre[PIXEL_VALUES]}, [IMAGE_EMBEDS]))[IMAGE_EMBEDS]
+        elif images is None:
+            tokens = {INPUT_IDS: pre[INPUT_IDS], ATTENTION_MASK: pre[ATTENTION_MASK]}
+            out = (await call(self.text, tokens, [TEXT_EMBEDS]))[TEXT_EMBEDS]
+        else:
+            tokens = {INPUT_IDS: pre[INPUT_IDS], ATTENTION_MASK: pre[ATTENTION_MASK]}
+            image, text = await asyncio.gather(call(self.vision, {PIXEL_VALUES: pre[PIXEL_VALUES]}, [IMAGE_FEATURES]),
+                                               call(self.text, tokens, [TEXT_FEATURES]))
+            fused = await call(self.fusion, {IMAGE_FEATURES: image[IMAGE_FEATURES], TEXT_FEATURES: text[TEXT_FEATURES]},
+                               [SERVING_EMBEDDING])
+            out = fused[SERVING_EMBEDDING]
         return pb.InferenceResponse(output_tensors=[pb.Tensor(SERVING_EMBEDDING, out)])
