@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,29 +353,51 @@ def test_mllm_bad_requests_name_the_problem(mllm_served, extra, message):
 
 # --- bgevl-serve -------------------------------------------------------------------------
 
-def test_bgevl_serve_starts_prints_endpoints_and_stops_on_ctrl_c(clip_export, tmp_path):
-    repo = write_repository(clip_export, tmp_path / "repo", sink=None)
+def launch_serve(repo, *extra: str, preexec_fn=None):
+    """``bgevl-serve REPO`` as a subprocess, read until it says it is ready: (process, its output, ports)."""
     ports = [free_port() for _ in range(3)]
     cmd = [sys.executable, "-m", "bgevl.triton_repo.server", str(repo), "--http-port", str(ports[0]),
-           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=preexec_fn or os.setsid)
     lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            break
+    return proc, "".join(lines), ports
+
+
+def server_pid_of(out: str) -> int:
+    return int(out.split("tritonserver pid ")[1].split(",")[0])
+
+
+def group_gone(pgid: int, within: float = 20.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_bgevl_serve_starts_prints_endpoints_and_stops_on_ctrl_c(clip_export, tmp_path):
+    repo = write_repository(clip_export, tmp_path / "repo", sink=None)
+    proc, out, ports = launch_serve(repo)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C"):
-                break
-        out = "".join(lines)
         assert "ready: 6 models" in out, out
         assert f"HTTP     localhost:{ports[0]}" in out and f"gRPC     localhost:{ports[1]}" in out
-        assert f"http://localhost:{ports[2]}/metrics" in out
+        assert f"http://localhost:{ports[2]}/metrics" in out and "(listening on 127.0.0.1)" in out
         served = httpclient.InferenceServerClient(f"localhost:{ports[0]}").infer("bgevl", request(httpclient, texts=TEXTS[:1]))
         assert served.as_numpy("EMBEDDING").shape == (1, 16)
-        server_pid = int(out.split("tritonserver pid ")[1].split(",")[0])
+        server_pid = server_pid_of(out)
+        workdir = out.split(", log ")[1].split()[0].rsplit("/", 1)[0]
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
     finally:
@@ -386,3 +409,96 @@ def test_bgevl_serve_starts_prints_endpoints_and_stops_on_ctrl_c(clip_export, tm
     for group in (proc.pid, server_pid):  # bgevl-serve's group and the server's (server and stubs)
         with pytest.raises(ProcessLookupError):
             os.killpg(group, 0)
+    assert not os.path.exists(workdir), "the temporary directory of a cleanly stopped server was left"
+
+
+# --- safe defaults and a launcher that takes its server with it ---------------------------------
+
+def test_default_server_listens_on_loopback_only_and_restricts_admin_apis(clip_served):
+    import psutil
+
+    server, _ = clip_served
+    processes = [psutil.Process(server.process.pid)]
+    listening = {(c.laddr.ip, c.laddr.port) for p in processes for c in p.net_connections("inet") if c.status == "LISTEN"}
+    assert {port for _, port in listening} >= {server.http_port, server.grpc_port, server.metrics_port}
+    import ipaddress
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # gRPC binds ::ffff:127.0.0.1
+
+    assert all(loopback(ip) for ip, _ in listening), listening
+    http = client(server, "http")
+    with pytest.raises(InferenceServerException, match="(?i)restricted|403|permission") as info:
+        http.register_system_shared_memory("bgevl-probe", "/bgevl-probe", 64)
+    with pytest.raises(InferenceServerException, match="(?i)restricted|permission"):
+        client(server, "grpc").register_system_shared_memory("bgevl-probe", "/bgevl-probe", 64)
+    with pytest.raises(InferenceServerException, match="(?i)restricted|403|permission"):
+        http.update_log_settings({"log_verbose_level": 1})
+    # with the key, the API answers (here: an unknown region to unregister is fine)
+    http.unregister_system_shared_memory("bgevl-probe", headers={"bgevl-admin": server.admin_key})
+    assert embed(server, "http", texts=TEXTS[:1]).shape == (1, 16)  # inference needs no key
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGHUP"])
+def test_no_server_outlives_its_launcher(clip_export, tmp_path, how):
+    repo = write_repository(clip_export, tmp_path / "repo", sink=None)
+    proc, out, _ = launch_serve(repo)
+    try:
+        assert "ready: 6 models" in out, out
+        server_pid = server_pid_of(out)
+        os.kill(proc.pid, getattr(signal, how))
+        proc.wait(timeout=60)
+        assert group_gone(server_pid), f"tritonserver or a stub outlived bgevl-serve after {how}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(server_pid_of(out), signal.SIGKILL)
+        except (ProcessLookupError, IndexError, ValueError):
+            pass
+    if how == "SIGHUP":
+        assert proc.returncode == 0
+
+
+def test_sigint_stops_the_server_even_when_inherited_as_ignored(clip_export, tmp_path):
+    """`bgevl-serve REPO &` from a non-interactive shell starts with SIGINT ignored."""
+    repo = write_repository(clip_export, tmp_path / "repo", sink=None)
+
+    def ignore_sigint():
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    proc, out, _ = launch_serve(repo, preexec_fn=ignore_sigint)
+    try:
+        assert "ready: 6 models" in out, out
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "stopped (exit code 0)" in rest
+        assert group_gone(server_pid_of(out))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_failed_start_names_the_model_its_cause_and_the_log(clip_export, tmp_path):
+    repo = write_repository(clip_export, tmp_path / "repo", sink=None)
+    (repo / "bgevl_fusion" / "1" / "model.py").write_text("import bgevl_no_such_module  # broken on purpose\n")
+    result = subprocess.run([sys.executable, "-m", "bgevl.triton_repo.server", str(repo), "--http-port", str(free_port()),
+                             "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--timeout", "90"],
+                            capture_output=True, text=True, timeout=150)
+    assert result.returncode == 2, result.stdout + result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("bgevl-serve: error:")]
+    assert len(error) == 1, result.stderr
+    assert "model 'bgevl_fusion' failed to load" in error[0] and "bgevl_no_such_module" in error[0]
+    log = error[0].split("(server log: ")[1].rstrip(")")
+    assert os.path.isfile(log), "the log of a failed start must be kept"
+
+
+def test_interpreter_check_names_the_python_to_use(tmp_path):
+    from bgevl.triton_repo.server import check_interpreter
+
+    libpython = Path("/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0")
+    check_interpreter(libpython, base_prefix="/usr")
+    with pytest.raises(BgevlError, match=r"built on the Python in .*pyenv.*stub embeds /usr/lib.*python3.11 -m venv"):
+        check_interpreter(libpython, base_prefix=str(tmp_path / "pyenv" / "versions" / "3.11.7"))

@@ -36,6 +36,55 @@ from bgevl.errors import BgevlError
 #: Backends the bundled server has: the python backend only (no onnxruntime, tensorrt, pytorch).
 BUNDLED_BACKENDS = {"python", "ensemble"}
 
+#: Triton APIs restricted by default: a client that reaches the port could otherwise register a
+#: /dev/shm region by name and have the server write into it, load or unload models, or change
+#: logging and tracing. They need the header ``bgevl-admin: <key>`` (``--admin-key``).
+RESTRICTED_APIS = ("shared-memory", "model-repository", "logging", "trace")
+ADMIN_HEADER = "bgevl-admin"
+
+#: Loopback unless --host says otherwise.
+DEFAULT_HOST = "127.0.0.1"
+
+
+def _die_with_parent() -> None:
+    """In the server's child process before exec: its own session, and SIGKILL when bgevl-serve dies
+    (prctl PR_SET_PDEATHSIG), so a killed launcher or a closed terminal leaves no server behind."""
+    import ctypes
+
+    os.setsid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Triton stops gracefully on SIGINT, even if inherited ignored
+
+
+def stub_libpython(paths: dict[str, Path]) -> Path | None:
+    """The libpython the python-backend stub loads (``ldd``), or None if it cannot be told."""
+    try:
+        out = subprocess.run(["ldd", str(paths["stub"])], capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "LD_LIBRARY_PATH": str(paths["libs"])}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if "libpython" in line and "=>" in line:
+            target = line.split("=>")[1].split("(")[0].strip()
+            return Path(target).resolve() if target and target != "not found" else None
+    return None
+
+
+def check_interpreter(libpython: Path | None, base_prefix: str = sys.base_prefix) -> None:
+    """The stub embeds one libpython and activates this environment's site-packages: the environment
+    must be built on that same Python, or the two standard libraries mix and the models fail to load
+    (measured: a venv of pyenv's 3.11.7 beside Debian's 3.11.2 libpython fails inside multiprocessing)."""
+    if libpython is None:
+        raise BgevlError("the python-backend stub's libpython was not found (ldd); install the Python shared library "
+                         "it needs (Debian: libpython3.11) and create the environment with that Python")
+    base = Path(base_prefix).resolve()
+    if not str(libpython).startswith(str(base) + os.sep):
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        raise BgevlError(
+            f"this environment is built on the Python in {base}, but the Triton python-backend stub embeds {libpython}; "
+            f"the models would load the wrong standard library. Create the environment with that Python, e.g. "
+            f"`/usr/bin/python{version} -m venv .venv` (scripts/setup-env.sh does), and run bgevl-serve from it")
+
 
 def pytriton_paths() -> dict[str, Path]:
     """Locations inside the installed nvidia-pytriton wheel."""
@@ -99,28 +148,38 @@ class TritonServer:
     """The bundled ``tritonserver`` serving one repository; a context manager."""
 
     def __init__(self, repository: str | os.PathLike, *, http_port: int | None = 8000, grpc_port: int | None = 8001,
-                 metrics_port: int | None = 8002, log_file: str | os.PathLike | None = None, verbose: bool = False):
+                 metrics_port: int | None = 8002, log_file: str | os.PathLike | None = None, verbose: bool = False,
+                 host: str = DEFAULT_HOST, admin_key: str | None = None, restrict_apis: bool = True):
+        import secrets
+
         self.repository = Path(repository).expanduser().resolve()
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.verbose = verbose
+        self.host = host
+        self.restrict_apis = restrict_apis
+        self.admin_key = admin_key or secrets.token_urlsafe(16)
         self.models = check_servable(self.repository)
         self._workdir = Path(tempfile.mkdtemp(prefix="bgevl-triton-"))
         self.log_file = Path(log_file) if log_file else self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
 
     @property
+    def _client_host(self) -> str:
+        return "localhost" if self.host in ("127.0.0.1", "0.0.0.0", "::", "localhost") else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"localhost:{self.http_port}"
+        return f"{self._client_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+        return f"{self._client_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://localhost:{self.metrics_port}/metrics"
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
 
     def _backend_dir(self, paths: dict[str, Path]) -> Path:
         backend = self._workdir / "backends" / "python"
@@ -131,9 +190,14 @@ class TritonServer:
         return backend.parent
 
     def command(self, backend_dir: Path, server: Path) -> list[str]:
-        return [str(server), f"--model-repository={self.repository}", f"--backend-directory={backend_dir}",
-                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
-                "--allow-metrics=true", "--exit-timeout-secs=10", f"--log-verbose={1 if self.verbose else 0}"]
+        cmd = [str(server), f"--model-repository={self.repository}", f"--backend-directory={backend_dir}",
+               f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+               f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
+               "--allow-metrics=true", "--exit-timeout-secs=10", f"--log-verbose={1 if self.verbose else 0}"]
+        if self.restrict_apis:
+            rule = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
+            cmd += [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]  # the gRPC flag's 2.51 name
+        return cmd
 
     def environment(self, libs: Path) -> dict[str, str]:
         env = dict(os.environ)
@@ -149,10 +213,11 @@ class TritonServer:
                 raise BgevlError(f"port {port} is in use (another Triton server?); stop it or pass other "
                                  f"--http-port/--grpc-port/--metrics-port")
         paths = pytriton_paths()
+        check_interpreter(stub_libpython(paths))
         backend_dir = self._backend_dir(paths)
         log = open(self.log_file, "wb")
         self.process = subprocess.Popen(self.command(backend_dir, paths["server"]), stdout=log, stderr=subprocess.STDOUT,
-                                        env=self.environment(paths["libs"]), start_new_session=True)
+                                        env=self.environment(paths["libs"]), preexec_fn=_die_with_parent)
         log.close()
         try:
             self._wait_ready(timeout, progress)
@@ -175,7 +240,7 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise BgevlError(f"tritonserver exited with code {self.process.returncode} while loading "
-                                 f"{self.repository}:\n{self.log_tail()}")
+                                 f"{self.repository}: {self.load_failures()} (server log: {self.log_file})")
             if self._get("/v2/health/ready") == 200 and all(self._get(f"/v2/models/{m}/ready") == 200 for m in self.models):
                 return
             if progress and time.monotonic() - last > 5:
@@ -183,6 +248,22 @@ class TritonServer:
                 last = time.monotonic()
             time.sleep(0.2)
         raise BgevlError(f"tritonserver did not become ready within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def load_failures(self) -> str:
+        """The models that failed to load and why, from the server log (Triton prints an option table
+        and "failed to load all models" on the console; the cause is only in these lines)."""
+        import re
+
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return "no server log"
+        found = {}
+        for match in re.finditer(r"failed to load '([^']+)' version \d+: (.+?)(?:\"|$)", text, flags=re.M):
+            found.setdefault(match.group(1), match.group(2).strip())
+        if not found:
+            return "no model load failure in the log; its last lines:\n" + self.log_tail(15)
+        return "; ".join(f"model {name!r} failed to load: {why}" for name, why in found.items())
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -213,6 +294,8 @@ class TritonServer:
         while self.group_alive() and time.monotonic() < deadline:  # killed stubs take a moment to go
             time.sleep(0.05)
         shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        if code == 0 or not self.log_file.is_relative_to(self._workdir):
+            shutil.rmtree(self._workdir, ignore_errors=True)  # a failed server keeps its log for the user
         return code
 
     def group_alive(self) -> bool:
@@ -243,24 +326,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary file, printed at start)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models to load")
     p.add_argument("--verbose", action="store_true", help="Triton's verbose log")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="address HTTP, gRPC and metrics listen on; 0.0.0.0 exposes them to every network the machine is on")
+    p.add_argument("--admin-key", default=None,
+                   help=f"value of the {ADMIN_HEADER!r} header that unlocks the restricted APIs ({', '.join(RESTRICTED_APIS)}); "
+                        f"default: a random key printed at start")
+    p.add_argument("--unrestricted-apis", action="store_true",
+                   help="do not restrict those APIs (any client that reaches the port may use them)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    def on_signal(signum, frame):  # SIGTERM (docker stop, kill): the same clean shutdown as Ctrl-C
+
+    def on_signal(signum, frame):  # SIGTERM (docker stop, kill), SIGHUP (a closed terminal): as Ctrl-C
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`cmd &`)
     server = None
     try:
         server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
-                              metrics_port=args.metrics_port, log_file=args.log_file, verbose=args.verbose)
+                              metrics_port=args.metrics_port, log_file=args.log_file, verbose=args.verbose,
+                              host=args.host, admin_key=args.admin_key, restrict_apis=not args.unrestricted_apis)
         print(f"starting tritonserver for {server.repository}", flush=True)
         server.start(args.timeout, progress=lambda msg: print(msg, flush=True))
         print(f"tritonserver pid {server.process.pid}, log {server.log_file}", flush=True)
         print(f"ready: {len(server.models)} models ({', '.join(server.models)})", flush=True)
-        print(f"  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n  metrics  {server.metrics_url}", flush=True)
+        print(f"  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n  metrics  {server.metrics_url}"
+              f"  (listening on {server.host})", flush=True)
+        if server.restrict_apis:
+            print(f"restricted APIs ({', '.join(RESTRICTED_APIS)}) need the header '{ADMIN_HEADER}: {server.admin_key}'",
+                  flush=True)
         print("Ctrl-C to stop", flush=True)
         while server.alive():
             time.sleep(0.5)
