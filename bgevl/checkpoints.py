@@ -518,6 +518,6 @@ def check_checkpoint(spec: ModelSpec, path: Path, report: Any = print) -> None:
     del model
     embeddings = ORIGINALS[spec.family](path).probe_embeddings(probe_set())
     check_reference(embeddings)
-    worst = max(max_cosine_between_rows(e) for e in embeddings.values())
+    worst = max((max_cosine_between_rows(e) or -1.0) for e in embeddings.values())
     report(f"original fp32 embeddings of the probe set ({', '.join(f'{len(e)} {k}' for k, e in embeddings.items())}): "
            f"finite and distinct (largest cosine between two probes {worst:.6f})")

@@ -147,3 +147,49 @@ def test_export_with_triton_repo_and_the_packaging_subcommand(tmp_path, capsys, 
     assert config.platform == "onnxruntime_onnx" and (packaged / "clip_vision/1" / config.default_model_filename).is_file()
     assert main(["triton-repo", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_a_previous_export(tmp_path, capsys):
+    """--overwrite must not delete a directory of someone else's files."""
+    out = tmp_path / "work"
+    (out / "src").mkdir(parents=True)
+    (out / "thesis.txt").write_text("four years")
+    assert main(["--model", "tiny", "--output", str(out), "--overwrite", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty and does not hold a bgevl export (manifest.json)" in err and "nothing was deleted" in err
+    assert (out / "thesis.txt").read_text() == "four years" and (out / "src").is_dir()
+    export = tmp_path / "export"
+    assert main(["--model", "tiny", "--output", str(export), "-q", "--no-validate"]) == 0
+    assert main(["--model", "tiny", "--output", str(export), "-q", "--no-validate", "--overwrite"]) == 0
+
+
+def test_outputs_get_the_users_umask_and_unwritable_outputs_are_one_line(tmp_path, capsys):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "shared"
+        assert main(["--model", "tiny", "--output", str(out), "-q", "--no-validate"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # readable by a Triton container running as another user
+    capsys.readouterr()
+    assert main(["--model", "tiny", "--output", "/proc/bgevl-nowhere/out", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bgevl-export: error: cannot write /proc/bgevl-nowhere/out")
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "bgevl.export.cli", "--model", "tiny", "--output", str(out)],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    for line in proc.stderr:
+        if line.startswith("[2/6]"):  # exporting: the staging and work directories exist now
+            break
+    assert list(tmp.iterdir()) and list(tmp_path.glob(".out.partial-*"))
+    proc.terminate()
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130 and "interrupted; nothing was written" in rest
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*")) and not list(tmp.iterdir())

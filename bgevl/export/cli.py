@@ -199,14 +199,25 @@ def check_main(argv: list[str]) -> int:
 SUBCOMMANDS = {"triton-repo": triton_main, "build-engines": build_engines_main, "check": check_main}
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a CI cancel, ``docker stop``) cleans up like Ctrl-C: staging and temporary directories go."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``bgevl-export [options]`` exports; ``bgevl-export triton-repo EXPORT_DIR ...`` packages an export."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        _interrupt_on_sigterm()
         return SUBCOMMANDS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _interrupt_on_sigterm()
     from bgevl.export.pipeline import ExportOptions, run_export
 
     output = args.output or Path("out") / f"{args.model}-{args.precision}"
@@ -219,9 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         command=shlex.join(["bgevl-export", *argv]),
     )
     try:
-        repo = args.triton_repo
-        if repo is not None and repo.is_dir() and any(repo.iterdir()) and not args.overwrite:
-            raise BgevlError(f"--triton-repo {repo} exists and is not empty; pass --overwrite or choose another directory")
+        if args.triton_repo is not None:  # refused before minutes of exporting, not after
+            from bgevl.staging import check_replaceable
+            from bgevl.triton_repo.repository import is_repository
+
+            check_replaceable(args.triton_repo, args.overwrite, is_repository, "a Triton model repository", "--triton-repo")
         engines_ok, engines_why = (False, "--format onnx")
         if args.format != "onnx":
             from bgevl.runtime.tensorrt import tensorrt_status
@@ -242,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             _write_triton(args, out, args.triton_repo, args.overwrite, args.quiet)
     except BgevlError as exc:
         print(f"bgevl-export: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a directory that became unwritable: one line, nothing half-written
+        print(f"bgevl-export: error: {exc.strerror or exc}: {exc.filename or ''}; nothing was written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bgevl-export: interrupted; nothing was written", file=sys.stderr)

@@ -21,8 +21,8 @@ import numpy as np
 from bgevl import __version__
 from bgevl.checkpoints import load_clip, resolve_checkpoint
 from bgevl.errors import BgevlError
-from bgevl.manifest import write_manifest
-from bgevl.staging import staged_directory
+from bgevl.manifest import MANIFEST_NAME, write_manifest
+from bgevl.staging import check_replaceable, staged_directory
 from bgevl.probes import builtin_calibration_set, probe_set
 from bgevl.runtime.preprocessing import ClipPreprocessor, load_image
 from bgevl.runtime.providers import create_session
@@ -83,11 +83,8 @@ def _check_options(opts: ExportOptions) -> None:
         raise BgevlError(f"need 1 <= --opt-batch <= --max-batch, got {opts.opt_batch} and {opts.max_batch}")
     if opts.max_sequence_length < 16:
         raise BgevlError(f"--max-sequence-length {opts.max_sequence_length}: need at least 16 tokens")
-    out = Path(opts.output)
-    if out.exists() and not out.is_dir():
-        raise BgevlError(f"--output {out} is a file; pass a directory path")
-    if out.is_dir() and any(out.iterdir()) and not opts.overwrite:
-        raise BgevlError(f"--output {out} exists and is not empty; pass --overwrite to replace it or choose another directory")
+    check_replaceable(Path(opts.output), opts.overwrite, lambda d: (d / MANIFEST_NAME).is_file(),
+                      "a bgevl export (manifest.json)", "--output")
     if opts.calibration_data is not None and opts.precision != "int8":
         raise BgevlError("--calibration-data only applies to --precision int8")
 
@@ -149,7 +146,6 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
     _check_options(opts)
     spec = get_model_spec(opts.model)
     out = Path(opts.output).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     progress = Progress(total=6, sink=sink)
     with staged_directory(out) as staging, tempfile.TemporaryDirectory(prefix="bgevl-export-") as work:
         if spec.family == "mllm":

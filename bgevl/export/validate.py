@@ -45,11 +45,11 @@ def retrieval_agreement(test_queries: np.ndarray, ref_queries: np.ndarray, ref_g
 DISTINCT_PROBES_MAX_COSINE = 0.99999
 
 
-def max_cosine_between_rows(embeddings: np.ndarray) -> float:
-    """The largest cosine between two different rows (inputs that are all distinct)."""
+def max_cosine_between_rows(embeddings: np.ndarray) -> float | None:
+    """The largest cosine between two different rows (inputs that are all distinct); None for one row."""
     x = l2_normalize(np.asarray(embeddings, dtype=np.float64))
     if len(x) < 2:
-        return float("-inf")
+        return None
     sims = x @ x.T
     np.fill_diagonal(sims, -np.inf)
     return float(sims.max())
@@ -60,7 +60,7 @@ def sanity_problem(name: str, embeddings: np.ndarray) -> str | None:
     if not np.all(np.isfinite(embeddings)):
         return f"{name}: NaN or Inf in the embeddings"
     top = max_cosine_between_rows(embeddings)
-    if top > DISTINCT_PROBES_MAX_COSINE:
+    if top is not None and top > DISTINCT_PROBES_MAX_COSINE:
         return (f"{name}: different probe inputs give the same embedding (cosine {top:.7f}); the weights or the "
                 f"tokenizer/processor files are degenerate")
     return None
@@ -100,7 +100,7 @@ def threshold_for(precision: str, override: float | None = None) -> float:
 def check_thresholds(figures: dict[str, dict], precision: str, threshold: float, weights: str) -> dict:
     """Compare each entry's min cosine with the threshold; raise with all figures on failure."""
     failed = {name: f for name, f in figures.items()
-              if not (f["min_cosine"] >= threshold) or f.get("max_cosine_between_probes", -1.0) > DISTINCT_PROBES_MAX_COSINE}
+              if not (f["min_cosine"] >= threshold) or (f.get("max_cosine_between_probes") or -1.0) > DISTINCT_PROBES_MAX_COSINE}
     summary = {
         "threshold_min_cosine": threshold,
         "passed": not failed,
@@ -112,7 +112,7 @@ def check_thresholds(figures: dict[str, dict], precision: str, threshold: float,
             "the export's numerics on an untrained network of the same architecture"
         )
     if failed:
-        same = [n for n, f in failed.items() if f.get("max_cosine_between_probes", -1.0) > DISTINCT_PROBES_MAX_COSINE]
+        same = [n for n, f in failed.items() if (f.get("max_cosine_between_probes") or -1.0) > DISTINCT_PROBES_MAX_COSINE]
         raise ValidationFailed(
             f"{precision} export failed validation (min cosine must be >= {threshold}"
             + (f"; {', '.join(same)}: different probe inputs give the same embedding" if same else "") + "):\n"
@@ -128,7 +128,7 @@ def format_figures(figures: dict[str, dict]) -> str:
     for name, f in figures.items():
         lines.append(
             f"  {name:<10} {f['min_cosine']:>10.6f} {f['mean_cosine']:>10.6f} {f['max_abs_diff']:>10.2e} "
-            f"{f['top1_agreement']:>10.2%} {f.get('max_cosine_between_probes', float('nan')):>14.6f}"
+            f"{f['top1_agreement']:>10.2%} {f.get('max_cosine_between_probes') or float('nan'):>14.6f}"
         )
     return "\n".join(lines)
 

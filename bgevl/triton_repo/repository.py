@@ -31,7 +31,7 @@ from bgevl import __version__
 from bgevl.errors import BgevlError
 from bgevl.manifest import Manifest, read_manifest
 from bgevl.runtime.preprocessing import DEFAULT_LIMITS, InputLimits
-from bgevl.staging import staged_directory
+from bgevl.staging import check_replaceable, staged_directory
 from bgevl.specs import (
     ATTENTION_MASK, IMAGE_FEATURE_INDEX, IMAGE_FEATURES, IMAGE_TILES, INPUT_IDS,
     MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH, PIXEL_VALUES, SERVING_EMBEDDING, SERVING_IMAGE, SERVING_INSTRUCTION,
@@ -237,9 +237,7 @@ def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *
     if not name.replace("_", "").replace("-", "").isalnum():
         raise BgevlError(f"--triton-name {name!r}: use letters, digits, '_' and '-' (it names the model directories)")
     out = Path(output).expanduser().resolve()
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise BgevlError(f"{out} exists and is not empty; pass --overwrite to replace it or choose another directory")
+    check_replaceable(out, overwrite, is_repository, "a Triton model repository", "--output")
     with staged_directory(out) as staging:
         writer = RepositoryWriter(manifest, staging, backend, name, instances, queue_delay_us, limits, preprocess_instances)
         sink(f"writing Triton repository ({manifest.family}, {backend} encoders) to {out}")
@@ -258,3 +256,9 @@ def repository_backends(repository: str | os.PathLike) -> dict[str, str]:
         config = parse_pbtxt(config_file.read_text())
         out[config.name or config_file.parent.name] = config.backend or config.platform
     return out
+
+
+def is_repository(directory: Path) -> bool:
+    """True for a Triton model repository: every entry a model folder with its config.pbtxt."""
+    entries = list(Path(directory).iterdir())
+    return bool(entries) and all(e.is_dir() and (e / "config.pbtxt").is_file() for e in entries)
