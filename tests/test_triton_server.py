@@ -127,6 +127,8 @@ def test_repository_configs_parse_and_follow_the_manifest(clip_export, tmp_path,
             assert config.backend == "python" and (repo / f"bgevl_{graph}/1/{graph}.onnx").is_file()
     check_ensemble_wiring(configs["bgevl_composed"], configs)
     assert (repo / "bgevl_preprocess/1/processor/tokenizer.json").is_file()
+    empty = [d for d in repo.rglob("*") if d.is_dir() and not any(d.iterdir())]
+    assert not empty, f"object stores drop empty folders: {empty}"
     assert [i.optional for i in configs["bgevl"].input] == [True, True]
     if backend == "python":  # CLIP pads right: the text encoder cuts the padding past the longest text
         assert configs["bgevl_text"].parameters["trim_right_padding"].string_value == "attention_mask"
@@ -321,6 +323,66 @@ def test_a_bad_request_to_an_encoder_fails_alone(clip_served):
             assert_matches(out, want)
 
 
+@pytest.mark.parametrize("victim", ["bgevl_text", "bgevl_preprocess"])
+def test_a_killed_stub_is_seen_reported_and_its_model_reloaded_under_load(clip_export, tmp_path, victim):
+    """kill -9 of a python-backend stub (what the OOM killer does) while clients send requests: the
+    model reports not ready, comes back by itself within 30 s, and no request fails after that."""
+    import threading
+
+    server = started(write_repository(clip_export, tmp_path / "repo", sink=None))
+    reports, stop = [], threading.Event()
+    results: list[tuple[float, bool]] = []
+    not_ready_seen = threading.Event()
+
+    def supervise():
+        while not stop.is_set():
+            server.recover_dead_stubs(report=reports.append)
+            time.sleep(0.5)
+
+    def load(seed):
+        http = client(server, "http")
+        while not stop.is_set():
+            try:
+                http.infer("bgevl", request(httpclient, texts=[TEXTS[seed % 3]], images=[IMAGES[seed % 3]]))
+                results.append((time.monotonic(), True))
+            except InferenceServerException:
+                results.append((time.monotonic(), False))
+            time.sleep(0.02)
+
+    def watch_ready():
+        while not stop.is_set():
+            if server._get(f"/v2/models/{victim}/ready") != 200:
+                not_ready_seen.set()
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=f, args=a) for f, a in [(supervise, ()), (watch_ready, ())] + [(load, (i,)) for i in range(4)]]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        pid = next(p for p, model in server.stub_processes().items() if model == victim)
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        deadline = killed_at + 30
+        while time.monotonic() < deadline and not any("is serving again" in r for r in reports):
+            time.sleep(0.2)
+        recovered_at = time.monotonic()
+        time.sleep(3)  # traffic after the recovery
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    try:
+        assert any(f"stub of model {victim!r} (pid {pid}) died" in r for r in reports), reports
+        assert any(f"model {victim!r} is serving again" in r for r in reports), reports
+        assert recovered_at - killed_at < 30
+        assert not_ready_seen.is_set(), "the model never reported not ready while it was reloaded"
+        after = [ok for at, ok in results if at > recovered_at]
+        assert len(after) > 10 and all(after), f"{after.count(False)} of {len(after)} requests failed after the recovery"
+    finally:
+        stopped(server)
+
+
 # --- MLLM on the server ------------------------------------------------------------------
 
 INSTRUCTION = "Retrieve the target image that best meets the combined criteria"
@@ -459,6 +521,13 @@ def test_no_server_outlives_its_launcher(clip_export, tmp_path, how):
             pass
     if how == "SIGHUP":
         assert proc.returncode == 0
+    else:  # SIGKILL ran no clean-up: the next start removes the orphaned temporary directory
+        from bgevl.triton_repo.server import remove_stale_workdirs
+
+        workdir = Path(out.split(", log ")[1].split()[0]).parent
+        assert workdir.is_dir()
+        remove_stale_workdirs()
+        assert not workdir.exists()
 
 
 def test_sigint_stops_the_server_even_when_inherited_as_ignored(clip_export, tmp_path):
@@ -479,6 +548,33 @@ def test_sigint_stops_the_server_even_when_inherited_as_ignored(clip_export, tmp
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_bgevl_serve_reports_and_recovers_a_dead_stub(clip_export, tmp_path):
+    import psutil
+
+    repo = write_repository(clip_export, tmp_path / "repo", sink=None)
+    proc, out, ports = launch_serve(repo)
+    try:
+        assert "ready: 6 models" in out, out
+        stub = next(p for p in psutil.Process(server_pid_of(out)).children(recursive=True)
+                    if "bgevl_fusion/1/model.py" in " ".join(p.cmdline()))
+        stub.kill()
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            lines.append(proc.stdout.readline())
+            if "is serving again" in lines[-1]:
+                break
+        text = "".join(lines)
+        assert f"the python-backend stub of model 'bgevl_fusion' (pid {stub.pid}) died; reloading bgevl_fusion" in text
+        assert "model 'bgevl_fusion' is serving again" in text, text
+        served = httpclient.InferenceServerClient(f"localhost:{ports[0]}").infer(
+            "bgevl", request(httpclient, texts=TEXTS[:1], images=IMAGES[:1]))
+        assert served.as_numpy("EMBEDDING").shape == (1, 16)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
 
 
 def test_a_failed_start_names_the_model_its_cause_and_the_log(clip_export, tmp_path):

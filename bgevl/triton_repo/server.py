@@ -144,6 +144,22 @@ def check_servable(repository: Path) -> list[str]:
     return sorted(backends)
 
 
+WORKDIR_PREFIX = "bgevl-triton-"
+
+
+def remove_stale_workdirs() -> None:
+    """Temporary directories of servers whose launcher was killed (SIGKILL runs no clean-up): removed
+    at the next start, when the process that made them is gone."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            owner = int((directory / "owner.pid").read_text())
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # not ours to judge (no pid file, another user's)
+
+
 class TritonServer:
     """The bundled ``tritonserver`` serving one repository; a context manager."""
 
@@ -161,9 +177,12 @@ class TritonServer:
         self.restrict_apis = restrict_apis
         self.admin_key = admin_key or secrets.token_urlsafe(16)
         self.models = check_servable(self.repository)
-        self._workdir = Path(tempfile.mkdtemp(prefix="bgevl-triton-"))
+        remove_stale_workdirs()
+        self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+        (self._workdir / "owner.pid").write_text(str(os.getpid()))
         self.log_file = Path(log_file) if log_file else self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
+        self._stubs: dict[int, str] = {}
 
     @property
     def _client_host(self) -> str:
@@ -193,7 +212,9 @@ class TritonServer:
         cmd = [str(server), f"--model-repository={self.repository}", f"--backend-directory={backend_dir}",
                f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
-               "--allow-metrics=true", "--exit-timeout-secs=10", f"--log-verbose={1 if self.verbose else 0}"]
+               "--allow-metrics=true", "--exit-timeout-secs=10", f"--log-verbose={1 if self.verbose else 0}",
+               # explicit control, everything loaded at start: a model whose stub died can be reloaded alone
+               "--model-control-mode=explicit", "--load-model=*"]
         if self.restrict_apis:
             rule = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
             cmd += [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]  # the gRPC flag's 2.51 name
@@ -224,7 +245,75 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        self._stubs = self.stub_processes()
         return self
+
+    # --- python-backend stubs: a dead one is found and its model reloaded ------------------------
+    #
+    # The python backend runs each model instance in a stub process. When one dies (the OOM killer,
+    # kill -9), Triton 2.51 keeps reporting the model ready and answers every request routed to it
+    # with "Stub process ... is not healthy" (measured: for minutes). The launcher watches the stubs
+    # and reloads the model of a dead one through the repository API: the model reports not ready
+    # while it reloads, then serves again with new stubs.
+
+    def stub_processes(self) -> dict[int, str]:
+        """{pid: model name} of the server's python-backend stubs."""
+        import psutil
+
+        out = {}
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            return out
+        for child in children:
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if cmd and cmd[0].endswith("triton_python_backend_stub") and len(cmd) > 1:
+                out[child.pid] = Path(cmd[1]).parent.parent.name  # <repository>/<model>/<version>/model.py
+        return out
+
+    def _post(self, path: str, timeout: float) -> tuple[int, str]:
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST",
+                                     headers={ADMIN_HEADER: self.admin_key, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, ""
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError) as exc:
+            return 0, str(exc)
+
+    def recover_dead_stubs(self, report=print, timeout: float = 60.0) -> list[str]:
+        """One check: reload every model one of whose stubs has died since the last check; returns
+        the models reloaded."""
+        current = self.stub_processes()
+        dead = {}
+        for pid, model in self._stubs.items():
+            if pid not in current:
+                dead.setdefault(model, pid)
+        reloaded = []
+        for model, pid in dead.items():
+            start = time.monotonic()
+            report(f"bgevl-serve: the python-backend stub of model {model!r} (pid {pid}) died; reloading {model}")
+            # unload first: a load of a loaded model whose files did not change is a no-op in Triton 2.51
+            status, body = self._post(f"/v2/repository/models/{model}/unload", timeout)
+            deadline = time.monotonic() + timeout
+            while status == 200 and self._get(f"/v2/models/{model}/ready") == 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if status == 200:
+                status, body = self._post(f"/v2/repository/models/{model}/load", timeout)
+            if status == 200 and self._get(f"/v2/models/{model}/ready") == 200:
+                report(f"bgevl-serve: model {model!r} is serving again ({time.monotonic() - start:.1f} s)")
+                reloaded.append(model)
+            else:
+                report(f"bgevl-serve: reloading model {model!r} failed (HTTP {status}: {body.strip()[:300]}); "
+                       f"its requests fail until the server is restarted")
+        if dead:
+            current = self.stub_processes()
+        self._stubs = current
+        return reloaded
 
     def _get(self, path: str) -> int:
         try:
@@ -362,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         print("Ctrl-C to stop", flush=True)
         while server.alive():
             time.sleep(0.5)
+            server.recover_dead_stubs(report=lambda msg: print(msg, flush=True))
         print(f"bgevl-serve: tritonserver exited unexpectedly (code {server.process.returncode}):\n{server.log_tail()}",
               file=sys.stderr)
         return 1
