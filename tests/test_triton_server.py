@@ -383,6 +383,52 @@ def test_a_killed_stub_is_seen_reported_and_its_model_reloaded_under_load(clip_e
         stopped(server)
 
 
+# --- the repository on object storage -------------------------------------------------------
+
+def test_a_repository_on_s3_serves_what_local_serving_does(clip_export, clip_served, tmp_path):
+    """A generated repository uploaded to a local S3 endpoint (moto) and read by the bundled tritonserver
+    (``s3://host:port/bucket/path``): object stores keep no empty folder, so every folder of the
+    repository must hold a file (the ensemble's version folder did not, and the server refused to start)."""
+    import socket
+
+    import boto3
+
+    repo = write_repository(clip_export, tmp_path / "repo", sink=None)
+    port = free_port()
+    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    credentials = {"AWS_ACCESS_KEY_ID": "bgevl-test", "AWS_SECRET_ACCESS_KEY": "bgevl-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = None
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", **{
+            "aws_access_key_id": "bgevl-test", "aws_secret_access_key": "bgevl-test", "region_name": "us-east-1"})
+        s3.create_bucket(Bucket="models")
+        files = [f for f in repo.rglob("*") if f.is_file()]
+        for f in files:
+            s3.upload_file(str(f), "models", f"bgevl/{f.relative_to(repo)}")
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="models", Prefix="bgevl/")["Contents"]}
+        assert "bgevl/bgevl_composed/1/ENSEMBLE" in keys and len(keys) == len(files)
+        server = TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None, env=credentials,
+                              repository_uri=f"s3://127.0.0.1:{port}/models/bgevl").start(timeout=120)
+        local, _ = clip_served
+        for kw in ({"texts": TEXTS}, {"images": IMAGES}, {"texts": TEXTS, "images": IMAGES}):
+            from_s3 = embed(server, "grpc", **kw)
+            np.testing.assert_allclose(from_s3, embed(local, "grpc", **kw), atol=1e-6)
+        assert_matches(embed(server, "http", "bgevl_composed", texts=TEXTS, images=IMAGES),
+                       embed(local, "http", texts=TEXTS, images=IMAGES))
+    finally:
+        if server is not None:
+            stopped(server)
+        moto.kill()
+        moto.wait()
+
+
 # --- MLLM on the server ------------------------------------------------------------------
 
 INSTRUCTION = "Retrieve the target image that best meets the combined criteria"

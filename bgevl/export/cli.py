@@ -196,7 +196,58 @@ def check_main(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"triton-repo": triton_main, "build-engines": build_engines_main, "check": check_main}
+def build_deploy_parser() -> argparse.ArgumentParser:
+    from bgevl.triton_repo.deploy import DeployOptions
+
+    d = DeployOptions("s3://bucket/path")
+    p = argparse.ArgumentParser(
+        prog="bgevl-export deploy",
+        description="Write deployment files for a Triton model repository: a serving-image Dockerfile, Kubernetes "
+                    "manifests (Deployment, Service, autoscaling/v2 HPA, prometheus-adapter rule) and KServe "
+                    "ServingRuntime + InferenceService.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--repository-uri", required=True,
+                   help="where the servers read the repository: s3://BUCKET/PATH, gs://BUCKET/PATH, as://ACCOUNT/CONTAINER/PATH "
+                        "or pvc://CLAIM/PATH")
+    p.add_argument("--output", "-o", type=Path, required=True, help="directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier deployment files in --output")
+    p.add_argument("--name", default=d.name, help="entry model name (--triton-name) and the Kubernetes objects' name")
+    p.add_argument("--image", default=d.image, help="the serving image the manifests run (built from the Dockerfile)")
+    p.add_argument("--triton-tag", default=d.triton_tag, help="NGC tritonserver image tag of the base (Python 3.12 from 25.01)")
+    p.add_argument("--namespace", default=d.namespace)
+    p.add_argument("--replicas", type=int, default=d.replicas, help="replicas (the HPA's minimum)")
+    p.add_argument("--max-replicas", type=int, default=d.max_replicas, help="the HPA's maximum")
+    p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per pod (0: CPU pods)")
+    p.add_argument("--cpu", default=d.cpu, help="CPU request and limit per pod")
+    p.add_argument("--memory", default=d.memory, help="memory request and limit per pod")
+    p.add_argument("--shm-size", default=d.shm_size, help="size of the memory-backed /dev/shm (python backend tensors)")
+    p.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us,
+                   help="the repository's dynamic-batching delay per model (--triton-queue-delay-us), for the HPA target")
+    p.add_argument("--queue-target-factor", type=float, default=d.queue_target_factor,
+                   help="HPA target: queue time per request as a multiple of what batching alone costs (3 models x delay)")
+    p.add_argument("--wheel", type=Path, default=None, help="bgevl-export wheel for the image (default: built from this checkout)")
+    return p
+
+
+def deploy_main(argv: list[str]) -> int:
+    from bgevl.triton_repo.deploy import DeployOptions, write_deployment
+
+    args = build_deploy_parser().parse_args(argv)
+    opts = DeployOptions(args.repository_uri, name=args.name, image=args.image, triton_tag=args.triton_tag,
+                         namespace=args.namespace, replicas=args.replicas, max_replicas=args.max_replicas, gpus=args.gpus,
+                         cpu=args.cpu, memory=args.memory, shm_size=args.shm_size, queue_delay_us=args.queue_delay_us,
+                         queue_target_factor=args.queue_target_factor)
+    try:
+        print(write_deployment(args.output, opts, wheel=args.wheel, overwrite=args.overwrite, sink=lambda m: None))
+    except BgevlError as exc:
+        print(f"bgevl-export deploy: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+SUBCOMMANDS = {"triton-repo": triton_main, "build-engines": build_engines_main, "check": check_main,
+               "deploy": deploy_main}
 
 
 def _interrupt_on_sigterm() -> None:

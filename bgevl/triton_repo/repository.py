@@ -259,6 +259,7 @@ def repository_backends(repository: str | os.PathLike) -> dict[str, str]:
 
 
 def is_repository(directory: Path) -> bool:
-    """True for a Triton model repository: every entry a model folder with its config.pbtxt."""
-    entries = list(Path(directory).iterdir())
-    return bool(entries) and all(e.is_dir() and (e / "config.pbtxt").is_file() for e in entries)
+    """True for a Triton model repository: model folders with their config.pbtxt (files beside them,
+    like the perf_analyzer input data, are allowed)."""
+    folders = [e for e in Path(directory).iterdir() if e.is_dir()]
+    return bool(folders) and all((e / "config.pbtxt").is_file() for e in folders)

@@ -165,10 +165,16 @@ class TritonServer:
 
     def __init__(self, repository: str | os.PathLike, *, http_port: int | None = 8000, grpc_port: int | None = 8001,
                  metrics_port: int | None = 8002, log_file: str | os.PathLike | None = None, verbose: bool = False,
-                 host: str = DEFAULT_HOST, admin_key: str | None = None, restrict_apis: bool = True):
+                 host: str = DEFAULT_HOST, admin_key: str | None = None, restrict_apis: bool = True,
+                 repository_uri: str | None = None, env: dict[str, str] | None = None):
+        """``repository``: a local repository, checked here; ``repository_uri``: where the server reads
+        it from instead (``s3://host:port/bucket/path``, ``gs://...``), a copy of ``repository``;
+        ``env``: extra environment for the server (object-store credentials)."""
         import secrets
 
         self.repository = Path(repository).expanduser().resolve()
+        self.repository_uri = repository_uri or str(self.repository)
+        self.extra_env = dict(env or {})
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
@@ -209,7 +215,7 @@ class TritonServer:
         return backend.parent
 
     def command(self, backend_dir: Path, server: Path) -> list[str]:
-        cmd = [str(server), f"--model-repository={self.repository}", f"--backend-directory={backend_dir}",
+        cmd = [str(server), f"--model-repository={self.repository_uri}", f"--backend-directory={backend_dir}",
                f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
                "--allow-metrics=true", "--exit-timeout-secs=10", f"--log-verbose={1 if self.verbose else 0}",
@@ -226,6 +232,7 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([env_bin, env.get("PATH", "")])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
         env.pop("PYTHONPATH", None)  # ignored by the stub anyway; keep the server's view unambiguous
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 180.0, progress=None) -> "TritonServer":

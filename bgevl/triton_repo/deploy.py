@@ -1,0 +1,363 @@
+"""Deployment files for a Triton model repository beyond one machine (``bgevl-export deploy``).
+
+Written into one directory, every value a parameter (:class:`DeployOptions`):
+
+* ``Dockerfile`` + ``requirements.txt``: a serving image on an NGC ``tritonserver:<tag>-py3`` base
+  whose Python (3.12 from 25.01 on) the pinned dependency set resolves on (24.10, the Triton of the
+  tested bundled server, has Python 3.10, where ``pillow`` and ``onnxruntime`` of ``constraints.txt``
+  have no wheels), with this package installed and a non-root user;
+* ``k8s/``: a Deployment (GPU requests, readiness/liveness/startup probes on Triton's health
+  endpoints, a memory-backed ``/dev/shm`` for the python backend, the restricted admin APIs keyed by
+  a Secret), a Service, an ``autoscaling/v2`` HPA on queue time per request through
+  prometheus-adapter, and that adapter's rule;
+* ``kserve/``: a ServingRuntime with this image and an InferenceService, the KServe alternative
+  (KServe's own Triton runtime is ``tritonserver:23.05-py3`` without this package).
+
+The repository is read from object storage (``s3://``, ``gs://``, ``as://``: Triton's own
+clients, credentials from the Secret ``<name>-storage``) or from a volume (``pvc://CLAIM/PATH``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bgevl import __version__
+from bgevl.errors import BgevlError
+
+#: NGC Triton image tag and the Python it ships (NGC framework support matrix: 25.01 and later
+#: are Ubuntu 24.04 with Python 3.12).
+DEFAULT_TRITON_TAG = "25.10-py3"
+IMAGE_PYTHON = "3.12"
+#: The NGC images' non-root user (uid 1000).
+IMAGE_USER = "triton-server"
+IMAGE_UID = 1000
+
+#: Models in the chain of one request (preprocess, encoder, entry): each adds its batching delay.
+CHAIN_MODELS = 3
+
+
+@dataclass
+class DeployOptions:
+    repository_uri: str  # s3://bucket/path, gs://bucket/path, pvc://claim/path
+    name: str = "bgevl"  # entry model name and the Kubernetes object names
+    image: str = f"bgevl-triton:{__version__}"
+    triton_tag: str = DEFAULT_TRITON_TAG
+    namespace: str = "default"
+    replicas: int = 1
+    max_replicas: int = 4
+    gpus: int = 1
+    cpu: str = "4"
+    memory: str = "16Gi"
+    shm_size: str = "2Gi"
+    queue_delay_us: int = 2000  # the repository's dynamic-batching delay per model
+    #: HPA target: average queue time per request, as a multiple of what batching alone costs at low
+    #: load (CHAIN_MODELS x queue_delay_us)
+    queue_target_factor: float = 4.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def queue_target_us(self) -> int:
+        return int(self.queue_target_factor * CHAIN_MODELS * self.queue_delay_us)
+
+
+def check_options(opts: DeployOptions) -> None:
+    if not re.fullmatch(r"(s3|gs|as|pvc)://\S+", opts.repository_uri):
+        raise BgevlError(f"--repository-uri {opts.repository_uri!r}: use s3://BUCKET/PATH, gs://BUCKET/PATH, "
+                         f"as://ACCOUNT/CONTAINER/PATH or pvc://CLAIM/PATH (a PersistentVolumeClaim holding the repository)")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", opts.name.replace("_", "-")):
+        raise BgevlError(f"--name {opts.name!r}: Kubernetes names take lower-case letters, digits and '-'")
+    if not 1 <= opts.replicas <= opts.max_replicas:
+        raise BgevlError(f"need 1 <= --replicas <= --max-replicas, got {opts.replicas} and {opts.max_replicas}")
+    if opts.gpus < 0:
+        raise BgevlError("--gpus must be 0 or more")
+
+
+# --- the image ---------------------------------------------------------------------------------
+
+def pinned_requirements(extras: tuple[str, ...] = ("cpu",), python: str = IMAGE_PYTHON) -> list[str]:
+    """``name==version`` for this package's runtime dependencies (with ``extras``) and everything they
+    need, at the versions installed here (``constraints.txt``'s), for a Linux ``python``."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    env = {**default_environment(), "python_version": python, "python_full_version": f"{python}.0",
+           "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix"}
+    seen: dict[str, str] = {}
+
+    def visit(dist_name: str, extras: tuple[str, ...]) -> None:
+        dist = md.distribution(dist_name)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is not None and not any(req.marker.evaluate({**env, "extra": e}) for e in ("", *extras)):
+                continue
+            key = req.name.lower().replace("_", "-")
+            if key in seen:
+                continue
+            try:
+                seen[key] = md.version(req.name)
+            except md.PackageNotFoundError:
+                raise BgevlError(f"{req.name} (needed by {dist_name}) is not installed here, so its version cannot be "
+                                 f"pinned; install bgevl-export[{','.join(extras) or 'cpu'}] first") from None
+            visit(req.name, tuple(req.extras))
+
+    visit("bgevl-export", extras)
+    seen.pop("bgevl-export", None)
+    return [f"{name}=={version}" for name, version in sorted(seen.items())]
+
+
+def dockerfile(opts: DeployOptions, wheel_name: str) -> str:
+    return f"""\
+# Triton serving image for a bgevl-export model repository (generated by bgevl-export {__version__}).
+# Build beside this file:  docker build -t {opts.image} .
+# Base: NGC Triton {opts.triton_tag} (Python {IMAGE_PYTHON}: the pinned requirements resolve there; the
+# python backend's stub embeds this Python, so the packages go into it).
+FROM nvcr.io/nvidia/tritonserver:{opts.triton_tag}
+
+# Ubuntu 24.04 marks its Python externally managed (PEP 668); this image is a single-purpose
+# server, so the models' dependencies go into that Python, pinned.
+ENV PIP_BREAK_SYSTEM_PACKAGES=1 \\
+    PIP_NO_CACHE_DIR=1 \\
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+COPY requirements.txt {wheel_name} /opt/bgevl/
+RUN python3 -m pip install --no-cache-dir --requirement /opt/bgevl/requirements.txt \\
+    && python3 -m pip install --no-cache-dir --no-deps /opt/bgevl/{wheel_name}
+
+USER {IMAGE_UID}
+EXPOSE 8000 8001 8002
+ENTRYPOINT ["tritonserver"]
+CMD ["--model-repository=/models"]
+"""
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+def _labels(opts: DeployOptions) -> dict[str, str]:
+    return {"app.kubernetes.io/name": opts.name, "app.kubernetes.io/component": "triton",
+            "app.kubernetes.io/managed-by": "bgevl-export"}
+
+
+def _restricted_rule() -> str:
+    from bgevl.triton_repo.server import ADMIN_HEADER, RESTRICTED_APIS
+
+    return f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}=$(BGEVL_ADMIN_KEY)"
+
+
+def _repository(opts: DeployOptions) -> tuple[str, list[dict], list[dict]]:
+    """The --model-repository value, and the volumes / mounts a pvc:// repository needs."""
+    if opts.repository_uri.startswith("pvc://"):
+        claim, _, sub = opts.repository_uri[len("pvc://"):].partition("/")
+        volume = {"name": "model-repository", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        mount = {"name": "model-repository", "mountPath": "/models", "readOnly": True}
+        return f"/models/{sub}".rstrip("/"), [volume], [mount]
+    return opts.repository_uri, [], []
+
+
+def _resources(opts: DeployOptions) -> dict:
+    limits: dict[str, Any] = {"cpu": opts.cpu, "memory": opts.memory}
+    if opts.gpus:
+        limits["nvidia.com/gpu"] = opts.gpus
+    return {"requests": {"cpu": opts.cpu, "memory": opts.memory, **({"nvidia.com/gpu": opts.gpus} if opts.gpus else {})},
+            "limits": limits}
+
+
+def deployment(opts: DeployOptions) -> dict:
+    repository, volumes, mounts = _repository(opts)
+    probe = lambda path, period, failures: {  # noqa: E731
+        "httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures, "timeoutSeconds": 5}
+    container = {
+        "name": "tritonserver",
+        "image": opts.image,
+        "args": [f"--model-repository={repository}", "--model-control-mode=explicit", "--load-model=*",
+                 "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--allow-metrics=true",
+                 f"--http-restricted-api={_restricted_rule()}", f"--grpc-restricted-protocol={_restricted_rule()}",
+                 "--exit-timeout-secs=30"],
+        "ports": [{"name": "http", "containerPort": 8000}, {"name": "grpc", "containerPort": 8001},
+                  {"name": "metrics", "containerPort": 8002}],
+        "env": [{"name": "BGEVL_ADMIN_KEY", "valueFrom": {"secretKeyRef": {"name": f"{opts.name}-admin", "key": "key"}}}],
+        "envFrom": [{"secretRef": {"name": f"{opts.name}-storage", "optional": True}}],
+        "resources": _resources(opts),
+        "startupProbe": probe("/v2/health/ready", 10, 60),  # large repositories take minutes to load
+        "readinessProbe": probe("/v2/health/ready", 5, 3),
+        "livenessProbe": probe("/v2/health/live", 10, 3),
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *mounts],
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "runAsUser": IMAGE_UID},
+    }
+    pod: dict[str, Any] = {
+        "containers": [container],
+        # the python backend passes tensors through /dev/shm; Docker's and Kubernetes' default is 64 MB
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}}, *volumes],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "fsGroup": IMAGE_UID},
+    }
+    if opts.gpus:
+        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    labels = _labels(opts)
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": opts.name, "namespace": opts.namespace, "labels": labels},
+        "spec": {
+            "replicas": opts.replicas,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": opts.name}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {
+                    "prometheus.io/scrape": "true", "prometheus.io/port": "8002", "prometheus.io/path": "/metrics"}},
+                "spec": pod,
+            },
+        },
+    }
+
+
+def service(opts: DeployOptions) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": opts.name, "namespace": opts.namespace, "labels": _labels(opts)},
+        "spec": {"selector": {"app.kubernetes.io/name": opts.name}, "ports": [
+            {"name": "http", "port": 8000, "targetPort": "http"}, {"name": "grpc", "port": 8001, "targetPort": "grpc"},
+            {"name": "metrics", "port": 8002, "targetPort": "metrics"}]},
+    }
+
+
+#: The per-pod metric prometheus-adapter serves to the HPA.
+QUEUE_METRIC = "bgevl_queue_time_per_request_us"
+
+
+def hpa(opts: DeployOptions) -> dict:
+    """``autoscaling/v2`` (``v2beta2``, which Triton's own chart still uses, was removed in Kubernetes
+    1.26) on the average queue time per request of each pod. Triton's chart targets 50 us of
+    ``nv_inference_queue_duration_us``; with a batching delay of ``queue_delay_us`` in each of the
+    chain's models, an idle pod already queues about ``CHAIN_MODELS x queue_delay_us`` per request,
+    so such a target would hold the HPA at its maximum. The target here is ``queue_target_factor``
+    times that baseline."""
+    return {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": opts.name, "namespace": opts.namespace, "labels": _labels(opts)},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": opts.name},
+            "minReplicas": opts.replicas, "maxReplicas": opts.max_replicas,
+            "metrics": [{"type": "Pods", "pods": {"metric": {"name": QUEUE_METRIC},
+                                                   "target": {"type": "AverageValue", "averageValue": str(opts.queue_target_us)}}}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
+        },
+    }
+
+
+def adapter_rules(opts: DeployOptions) -> dict:
+    """prometheus-adapter's rule (its ConfigMap ``adapter-config``): queue microseconds of every model
+    of the pod per request of the entry model, over one minute."""
+    query = (f"sum(rate(nv_inference_queue_duration_us{{<<.LabelMatchers>>}}[1m])) by (<<.GroupBy>>) / "
+             f"clamp_min(sum(rate(nv_inference_request_success{{<<.LabelMatchers>>,model=\"{opts.name}\"}}[1m])) "
+             f"by (<<.GroupBy>>), 0.001)")
+    rules = {"rules": [{
+        "seriesQuery": 'nv_inference_queue_duration_us{namespace!="",pod!=""}',
+        "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+        "name": {"matches": "^nv_inference_queue_duration_us$", "as": QUEUE_METRIC},
+        "metricsQuery": query,
+    }]}
+    import yaml
+
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "adapter-config", "namespace": "monitoring", "labels": _labels(opts)},
+            "data": {"config.yaml": yaml.safe_dump(rules, sort_keys=False)}}
+
+
+# --- KServe ------------------------------------------------------------------------------------
+
+def serving_runtime(opts: DeployOptions) -> dict:
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1", "kind": "ServingRuntime",
+        "metadata": {"name": f"{opts.name}-triton", "namespace": opts.namespace, "labels": _labels(opts)},
+        "spec": {
+            "supportedModelFormats": [{"name": "triton", "version": "2", "autoSelect": False}],
+            "protocolVersions": ["v2", "grpc-v2"],
+            "containers": [{
+                "name": "kserve-container", "image": opts.image,
+                "command": ["tritonserver"],
+                "args": ["--model-store=/mnt/models", "--model-control-mode=explicit", "--load-model=*",
+                         "--http-port=8080", "--grpc-port=9000", "--allow-metrics=true",
+                         f"--http-restricted-api={_restricted_rule()}"],
+                "env": [{"name": "BGEVL_ADMIN_KEY", "valueFrom": {"secretKeyRef": {"name": f"{opts.name}-admin", "key": "key"}}}],
+                "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                "resources": _resources(opts),
+                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+            }],
+            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}}],
+        },
+    }
+
+
+def inference_service(opts: DeployOptions) -> dict:
+    if opts.repository_uri.startswith("pvc://"):
+        storage = opts.repository_uri  # KServe's storage initializer mounts pvc:// itself
+    else:
+        storage = opts.repository_uri
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+        "metadata": {"name": opts.name, "namespace": opts.namespace, "labels": _labels(opts)},
+        "spec": {"predictor": {
+            "minReplicas": opts.replicas, "maxReplicas": opts.max_replicas,
+            "model": {"modelFormat": {"name": "triton"}, "runtime": f"{opts.name}-triton", "storageUri": storage,
+                      "resources": _resources(opts)},
+        }},
+    }
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+def _yaml(*documents: dict) -> str:
+    import yaml
+
+    return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in documents)
+
+
+def write_deployment(output: Path, opts: DeployOptions, wheel: Path | None = None, overwrite: bool = False,
+                     sink=print) -> Path:
+    """Write the deployment files to ``output``; ``wheel``: this package's wheel to copy beside the
+    Dockerfile (``pip wheel --no-deps . -w DIR``), else built from the source checkout."""
+    from bgevl.staging import check_replaceable, staged_directory
+
+    check_options(opts)
+    output = Path(output).expanduser().resolve()
+    check_replaceable(output, overwrite, lambda d: (d / "Dockerfile").is_file() and (d / "k8s").is_dir(),
+                      "bgevl deployment files", "--output")
+    with staged_directory(output) as staging:
+        wheel = wheel or build_wheel(staging)
+        if wheel.parent != staging:
+            (staging / wheel.name).write_bytes(wheel.read_bytes())
+        (staging / "requirements.txt").write_text(
+            f"# runtime dependencies of bgevl-export[cpu] {__version__}, pinned (constraints.txt), for Python {IMAGE_PYTHON}\n"
+            + "\n".join(pinned_requirements()) + "\n")
+        (staging / "Dockerfile").write_text(dockerfile(opts, wheel.name))
+        (staging / "k8s").mkdir()
+        (staging / "k8s" / "deployment.yaml").write_text(_yaml(deployment(opts)))
+        (staging / "k8s" / "service.yaml").write_text(_yaml(service(opts)))
+        (staging / "k8s" / "hpa.yaml").write_text(_yaml(hpa(opts)))
+        (staging / "k8s" / "prometheus-adapter-rules.yaml").write_text(_yaml(adapter_rules(opts)))
+        (staging / "kserve").mkdir()
+        (staging / "kserve" / "servingruntime.yaml").write_text(_yaml(serving_runtime(opts)))
+        (staging / "kserve" / "inferenceservice.yaml").write_text(_yaml(inference_service(opts)))
+        (staging / "deploy.json").write_text(json.dumps({"bgevl-export": __version__, **{
+            k: v for k, v in vars(opts).items() if k != "extra"}, "queue_target_us": opts.queue_target_us}, indent=2) + "\n")
+    sink(f"wrote deployment files for {opts.repository_uri} to {output}")
+    return output
+
+
+def build_wheel(directory: Path) -> Path:
+    """This package's wheel, built from the source checkout it is installed from (editable install)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise BgevlError("bgevl-export is not installed from a source checkout, so its wheel cannot be built here; "
+                         "pass --wheel PATH (pip wheel --no-deps bgevl-export -w DIR)")
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(directory), str(root)], capture_output=True, text=True)
+    wheels = sorted(directory.glob("bgevl_export-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise BgevlError(f"building the bgevl-export wheel failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
+    return wheels[-1]

@@ -1,0 +1,353 @@
+"""``bgevl-bench``: one workload through several backends in one run, with readable reports.
+
+    bgevl-bench --models tiny                                   # seconds: the suite on the tiny model
+    bgevl-bench --models base,large --random-weights --batch-sizes 1,8 --output benchmarks/results/cpu
+
+For each model: the exports it needs (fp32, fp16, int8; cached under ``--exports``), the PyTorch
+baseline, ONNX Runtime per precision (CPU provider; the CUDA/TensorRT providers and TensorRT
+engines too where present), ``bgevl.runtime`` end to end and a Triton server on the fp32 export
+with a client concurrency sweep. See ``bgevl.benchmarks.suite`` for the two measurement levels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bgevl.errors import BgevlError
+
+#: Graph backends: name -> (engine, ONNX Runtime provider, export precision, int8 mode).
+GRAPH_BACKENDS = {
+    "onnxruntime-fp32": ("onnxruntime", "cpu", "fp32", None),
+    "onnxruntime-fp16": ("onnxruntime", "cpu", "fp16", None),
+    "onnxruntime-int8": ("onnxruntime", "cpu", "int8", "qdq"),
+    "onnxruntime-int8-dynamic": ("onnxruntime", "cpu", "int8", "dynamic"),
+    "onnxruntime-cuda-fp16": ("onnxruntime", "cuda", "fp16", None),
+    "onnxruntime-tensorrt-fp16": ("onnxruntime", "tensorrt", "fp16", None),
+    "tensorrt-fp16": ("tensorrt", None, "fp16", None),
+    "tensorrt-int8": ("tensorrt", None, "int8", "qdq"),
+}
+ALL_BACKENDS = ("pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-int8-dynamic",
+                "runtime", "triton")
+GPU_BACKENDS = ("onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16", "tensorrt-fp16", "tensorrt-int8")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bgevl-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", default="tiny", help="comma-separated: tiny, base, large, tiny-mllm, mllm-s1, mllm-s2")
+    p.add_argument("--random-weights", action="store_true", help="full-size architectures with random weights, offline")
+    p.add_argument("--model-path", type=Path, default=None, help="local checkpoint (one model only)")
+    p.add_argument("--backends", default=",".join(ALL_BACKENDS),
+                   help=f"comma-separated from {', '.join(ALL_BACKENDS + GPU_BACKENDS)} (GPU ones only where present)")
+    p.add_argument("--workloads", default="image,text,composed")
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
+    p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8], help="Triton client concurrency sweep")
+    p.add_argument("--sweep-batch", type=int, default=1, help="items per request in the Triton sweep")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads of PyTorch and ONNX Runtime")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--min-repeats", type=int, default=5)
+    p.add_argument("--min-seconds", type=float, default=3.0, help="minimum timed seconds per configuration")
+    p.add_argument("--output", type=Path, default=Path("out/bench"), help="report directory")
+    p.add_argument("--exports", type=Path, default=None, help="export cache (default: <output>/exports)")
+    p.add_argument("--label", default=None, help="report title (default: 'CPU' or the GPU name, with the date)")
+    return p
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for package in ("bgevl-export", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy",
+                    "nvidia-pytriton", "tritonclient"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _hardware(threads: int) -> dict[str, Any]:
+    import psutil
+
+    from bgevl.benchmarks.measure import matmul_peak_gflops
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    probes = matmul_peak_gflops(threads)
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+            "memory_gb": psutil.virtual_memory().total / 2 ** 30, "machine": platform.machine(),
+            "matmul_peak_gflops": probes["peak"], "matmul_probes_start": probes}
+
+
+def _export(key: str, precision: str, args, log, int8_mode: str | None = None) -> Path:
+    from bgevl.export import ExportOptions, run_export
+    from bgevl.manifest import MANIFEST_NAME
+
+    root = args.exports or args.output / "exports"
+    int8_mode = int8_mode or "qdq"
+    int8 = f"-{int8_mode}" if precision == "int8" else ""
+    out = root / f"{key}{'-random' if args.random_weights else ''}-{precision}{int8}"
+    if (out / MANIFEST_NAME).is_file():
+        return out
+    log(f"exporting {key} {precision}{int8} to {out}")
+    return run_export(ExportOptions(output=out, model=key, precision=precision, int8_mode=int8_mode,
+                                    random_weights=args.random_weights, model_path=args.model_path,
+                                    max_batch=max(64, max(args.batch_sizes)) if not key.endswith("mllm") else None,
+                                    overwrite=True), sink=lambda msg: None)
+
+
+class Progress:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _triton_request(client_module, case):
+    inputs = []
+    for name, values in (("IMAGE", case.images), ("TEXT", [t.encode() for t in case.texts] if case.texts else None)):
+        if values is not None:
+            tensor = client_module.InferInput(name, [len(values), 1], "BYTES")
+            tensor.set_data_from_numpy(np.array(values, dtype=object).reshape(-1, 1))
+            inputs.append(tensor)
+    if case.feeds.get("instruction"):
+        for name, value in (("INSTRUCTION", case.feeds["instruction"]), ("ROLE", case.feeds["role"])):
+            tensor = client_module.InferInput(name, [case.batch, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([value.encode()] * case.batch, dtype=object).reshape(-1, 1))
+            inputs.append(tensor)
+    elif case.feeds.get("role"):
+        tensor = client_module.InferInput("ROLE", [case.batch, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([case.feeds["role"].encode()] * case.batch, dtype=object).reshape(-1, 1))
+        inputs.append(tensor)
+    return inputs
+
+
+def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes: list) -> None:
+    from bgevl.benchmarks.measure import interleaved
+    from bgevl.benchmarks.suite import WORKLOADS, ClipModel, MllmModel, min_cosine
+    from bgevl.checkpoints import resolve_checkpoint
+    from bgevl.manifest import read_manifest
+    from bgevl.runtime.embedder import Embedder, open_graphs
+    from bgevl.runtime.providers import available_providers
+    from bgevl.specs import get_model_spec
+
+    spec = get_model_spec(key)
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = set(backends) - set(ALL_BACKENDS + GPU_BACKENDS)
+    if unknown:
+        raise BgevlError(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(ALL_BACKENDS + GPU_BACKENDS)}")
+    workdir = (args.exports or args.output / "exports") / "work" / key  # checkpoints, Triton repositories
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Every export first, before any model is loaded: an export (int8 calibration above all) needs
+    # the memory the loaded backends would hold (ViT-L int8 qdq next to them ran out of 24 GB).
+    for backend in backends:
+        if backend in GRAPH_BACKENDS and not (GRAPH_BACKENDS[backend][2] == "fp32" and spec.billions > 2):
+            _export(key, GRAPH_BACKENDS[backend][2], args, log, GRAPH_BACKENDS[backend][3])
+    if "runtime" in backends or "triton" in backends:
+        _export(key, "fp16" if spec.billions > 2 else "fp32", args, log)
+    log(f"{key}: loading the PyTorch model")
+    checkpoint = resolve_checkpoint(spec, model_path=args.model_path, random_weights=args.random_weights, workdir=workdir)
+    if spec.family == "mllm":
+        model = MllmModel(checkpoint.path, args.threads, 4096)
+    else:
+        model = ClipModel(checkpoint.path, args.threads)
+
+    graphs: dict[str, dict] = {}
+    providers = available_providers()
+    for backend in backends:
+        if backend not in GRAPH_BACKENDS:
+            continue
+        engine, provider, precision, int8_mode = GRAPH_BACKENDS[backend]
+        if precision == "fp32" and spec.billions > 2:
+            notes.append(f"{key}: {backend} skipped (fp32 of a {spec.billions:.1f}B model)")
+            continue
+        if provider == "cuda" and "CUDAExecutionProvider" not in providers or \
+           provider == "tensorrt" and "TensorrtExecutionProvider" not in providers:
+            notes.append(f"{key}: {backend} skipped (onnxruntime has no {provider} provider here)")
+            continue
+        directory = _export(key, precision, args, log, int8_mode)
+        manifest = read_manifest(directory)
+        names = manifest.graph_names()
+        if engine == "tensorrt":
+            if "engines" not in manifest.data:
+                notes.append(f"{key}: {backend} skipped (no engines: `bgevl-export build-engines {directory}` on a GPU)")
+                continue
+            opened = open_graphs(manifest, names, backend="tensorrt")
+        else:
+            opened = open_graphs(manifest, names, provider=provider, threads=args.threads)
+        graphs[backend] = dict(zip(names, opened))
+
+    runtime = server = None
+    if "runtime" in backends or "triton" in backends:
+        fp32 = _export(key, "fp16" if spec.billions > 2 else "fp32", args, log)
+        if "runtime" in backends:
+            runtime = Embedder.load(fp32, provider="cpu", threads=args.threads)
+        if "triton" in backends:
+            server = _start_triton(fp32, workdir, log)
+            sampler.add_process_tree("triton", server.process.pid)
+    max_batch = min((g.max_batch for gs in graphs.values() for g in gs.values() if hasattr(g, "max_batch")), default=64)
+    try:
+        for workload in [w for w in args.workloads.split(",") if w]:
+            if workload not in WORKLOADS:
+                raise BgevlError(f"--workloads: {workload!r}; choose from {', '.join(WORKLOADS)}")
+            for batch in args.batch_sizes:
+                if spec.family == "mllm" and batch > max_batch:
+                    notes.append(f"{key}: batch {batch} skipped (the MLLM export serves up to {max_batch})")
+                    continue
+                log(f"{key}: {workload}, batch {batch}: preparing inputs")
+                case = model.case(key, workload, batch)
+                calls, levels = {}, {}
+                if "pytorch" in backends:
+                    calls["pytorch"], levels["pytorch"] = model.torch_call(case), "model"
+                for backend, g in graphs.items():
+                    calls[backend], levels[backend] = model.graphs_call(g, case), "model"
+                if runtime is not None:
+                    kw = {"role": case.feeds["role"], "instruction": case.feeds["instruction"]} if spec.family == "mllm" else {}
+                    calls["runtime"] = (lambda c=case, kw=kw: runtime.encode(images=c.images, text=c.texts, **kw))
+                    levels["runtime"] = "end-to-end"
+                if server is not None:
+                    calls["triton"], levels["triton"] = _triton_call(server, case), "end-to-end"
+                outputs = {name: np.asarray(call(), np.float32) for name, call in calls.items()}
+                log(f"{key}: {workload}, batch {batch}: timing {', '.join(calls)} ({case.gflop:.2f} GFLOP per call)")
+                timings = interleaved(calls, warmup=args.warmup, min_repeats=args.min_repeats,
+                                      min_seconds=args.min_seconds, sampler=sampler)
+                base = timings["pytorch"].stats()["p50_ms"] if "pytorch" in timings else None
+                direct = timings["runtime"].stats()["p50_ms"] if "runtime" in timings else None
+                for name, timing in timings.items():
+                    stats = timing.stats()
+                    row = {"model": key, "workload": workload, "batch": batch, "backend": name, "level": levels[name],
+                           **stats, "items_per_s": batch / (stats["p50_ms"] / 1e3),
+                           "peak_rss_mb": sampler.peaks.get(name, 0) / 2 ** 20,
+                           "gflop_per_call": case.gflop}
+                    if levels[name] == "model":
+                        row["gflops"] = case.gflop / (stats["p50_ms"] / 1e3)
+                        row["peak_fraction"] = row["gflops"] / args.peak
+                        if base:
+                            row["speedup_vs_pytorch"] = base / stats["p50_ms"]
+                    elif direct and name == "triton":
+                        row["overhead_vs_runtime_ms"] = stats["p50_ms"] - direct
+                    reference = outputs.get("pytorch")
+                    if reference is not None:
+                        row["min_cosine_vs_pytorch"] = min_cosine(outputs[name], reference)
+                    results.append(row)
+                sampler.peaks.clear()
+        if server is not None:
+            _sweep(server, model, key, args, log, sweep)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _start_triton(export: Path, workdir: Path, log):
+    from bgevl.triton_repo.repository import write_repository
+    from bgevl.triton_repo.server import TritonServer
+
+    repo = write_repository(export, workdir / "triton", overwrite=True, sink=None)
+    log(f"starting Triton on {repo}")
+    return TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None).start()
+
+
+def _triton_call(server, case):
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_url)
+    inputs = _triton_request(http, case)
+    return lambda: client.infer("bgevl", inputs).as_numpy("EMBEDDING")
+
+
+def _sweep(server, model, key: str, args, log, sweep: list) -> None:
+    import tritonclient.http as http
+
+    for workload in [w for w in args.workloads.split(",") if w]:
+        case = model.case(key, workload, args.sweep_batch)
+        for concurrency in args.concurrency:
+            requests = max(4 * concurrency, 8)
+            log(f"{key}: Triton sweep, {workload}, concurrency {concurrency}, {requests} requests")
+            inputs = _triton_request(http, case)
+            latencies: list[float] = []
+
+            def worker(i: int) -> None:
+                client = http.InferenceServerClient(server.http_url)  # one per thread: it is gevent-based
+                for _ in range(requests // concurrency):
+                    t0 = time.perf_counter()
+                    client.infer("bgevl", inputs)
+                    latencies.append(time.perf_counter() - t0)
+
+            http.InferenceServerClient(server.http_url).infer("bgevl", inputs)  # warm-up
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                list(pool.map(worker, range(concurrency)))
+            wall = time.perf_counter() - t0
+            ms = np.asarray(latencies) * 1e3
+            sweep.append({"model": key, "workload": workload, "batch": args.sweep_batch, "concurrency": concurrency,
+                          "requests": len(latencies), "items_per_s": len(latencies) * args.sweep_batch / wall,
+                          "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from bgevl.benchmarks.measure import MemorySampler
+    from bgevl.benchmarks.report import write_reports
+
+    log = Progress()
+    models = [m for m in args.models.split(",") if m]
+    if args.model_path and len(models) != 1:
+        print("bgevl-bench: error: --model-path needs exactly one --models entry", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    log("measuring the machine's fp32 matmul peak")
+    hardware = _hardware(args.threads)
+    args.peak = hardware["matmul_peak_gflops"]
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    data: dict[str, Any] = {
+        "created": created, "label": args.label or f"CPU, {created[:10]}", "command": shlex.join(["bgevl-bench", *argv]),
+        "hardware": hardware, "software": _versions(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "results": [], "triton_sweep": [], "notes": [],
+    }
+    try:
+        with MemorySampler() as sampler:
+            for key in models:
+                bench_model(key, args, log, sampler, data["results"], data["triton_sweep"], data["notes"])
+                write_reports(data, args.output)  # after each model: a crash keeps what was measured
+    except BgevlError as exc:
+        print(f"bgevl-bench: error: {exc}", file=sys.stderr)
+        return 2
+    log("measuring the matmul peak again (end of run)")
+    from bgevl.benchmarks.measure import matmul_peak_gflops
+
+    end = matmul_peak_gflops(args.threads)
+    hardware["matmul_probes_end"] = end
+    if end["peak"] > hardware["matmul_peak_gflops"]:  # the fractions use the best the machine showed in this run
+        scale = hardware["matmul_peak_gflops"] / end["peak"]
+        hardware["matmul_peak_gflops"] = end["peak"]
+        for row in data["results"]:
+            if "peak_fraction" in row:
+                row["peak_fraction"] *= scale
+    paths = write_reports(data, args.output)
+    log(f"wrote {paths['markdown']} and {paths['json']}")
+    print(paths["markdown"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Timing, memory and hardware-peak measurement of the benchmark suite.
+
+* :func:`interleaved`: the backends of one configuration are timed in rounds, one call of each per
+  round in turn, so slow drift of a noisy machine (thermal, other tenants) affects all of them
+  alike and the ratios between them stay meaningful. Each backend is warmed up first.
+* :class:`MemorySampler`: a thread reading the resident set size (psutil) every few milliseconds
+  and charging it to the backend whose call is running; the peak is process-wide (model weights
+  of all loaded backends included) plus, for Triton, the server's process tree.
+* :func:`matmul_peak_gflops`: the machine's attainable fp32 matmul rate, measured on the same run
+  with torch (same thread count), the reference for each encoder's achieved GFLOP/s.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Timing:
+    seconds: list[float] = field(default_factory=list)
+
+    def stats(self) -> dict[str, float]:
+        s = np.asarray(self.seconds) * 1e3
+        return {"p50_ms": float(np.percentile(s, 50)), "p90_ms": float(np.percentile(s, 90)),
+                "p99_ms": float(np.percentile(s, 99)), "mean_ms": float(s.mean()), "min_ms": float(s.min()),
+                "repetitions": int(len(s))}
+
+
+def interleaved(calls: Mapping[str, Callable[[], object]], *, warmup: int = 2, min_repeats: int = 5,
+                max_repeats: int = 200, min_seconds: float = 3.0, on_round: Callable[[str], None] | None = None,
+                sampler: "MemorySampler | None" = None) -> dict[str, Timing]:
+    """Time every call in rounds until each has ``min_repeats`` and the run lasted ``min_seconds``."""
+    for name, call in calls.items():
+        for _ in range(warmup):
+            if sampler:
+                sampler.current = name
+            call()
+    timings = {name: Timing() for name in calls}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_repeats and (rounds < min_repeats or time.perf_counter() - start < min_seconds):
+        for name, call in calls.items():
+            if sampler:
+                sampler.current = name
+            t0 = time.perf_counter()
+            call()
+            timings[name].seconds.append(time.perf_counter() - t0)
+            if sampler:
+                sampler.sample(name)  # calls shorter than the sampling interval still count
+        if sampler:
+            sampler.current = None
+        rounds += 1
+        if on_round and rounds % 5 == 0:
+            on_round(f"{rounds} rounds")
+    return timings
+
+
+class MemorySampler:
+    """Peak resident memory per backend (see the module docstring for what it includes)."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.current: str | None = None
+        self.peaks: dict[str, int] = {}
+        self.extra: dict[str, list] = {}  # backend -> other processes to add (a server and its stubs)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def add_process_tree(self, name: str, pid: int) -> None:
+        """Count a process and its children (resolved now, once: scanning /proc on every sample
+        would load the machine being measured) in ``name``'s peak."""
+        import psutil
+
+        root = psutil.Process(pid)
+        self.extra[name] = [root] + root.children(recursive=True)
+
+    def _rss(self, name: str | None) -> int:
+        import psutil
+
+        total = self.process.memory_info().rss
+        for proc in self.extra.get(name, ()):
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def sample(self, name: str) -> None:
+        rss = self._rss(name)
+        if rss > self.peaks.get(name, 0):
+            self.peaks[name] = rss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            name = self.current
+            if name is not None:
+                self.sample(name)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _best_seconds(call: Callable[[], object], repeats: int) -> float:
+    for _ in range(2):
+        call()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak_gflops(threads: int | None = None, sizes: Sequence[int] = (1024, 2048, 4096),
+                       repeats: int = 5) -> dict[str, float]:
+    """The machine's attainable fp32 rate: the best square-matmul GFLOP/s of torch (oneDNN/MKL) and of
+    ONNX Runtime's MatMul (MLAS, the kernels the exported graphs run on), over a few sizes.
+    Returns the figure per probe and their maximum under ``"peak"``."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    if threads:
+        torch.set_num_threads(threads)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    out = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out[f"torch_{n}"] = 2 * n ** 3 / _best_seconds(lambda: a @ b, repeats) / 1e9
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feed = {"a": a.numpy(), "b": b.numpy()}
+        out[f"onnxruntime_{n}"] = 2 * n ** 3 / _best_seconds(lambda: session.run(None, feed), repeats) / 1e9
+    out["peak"] = max(out.values())
+    return out

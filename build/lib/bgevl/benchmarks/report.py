@@ -1,0 +1,171 @@
+"""Benchmark reports: ``results.json`` (machine-readable), ``report.md`` (tables and the findings the
+figures support, computed from them) and PNG plots (latency vs batch size per backend, Triton
+throughput vs concurrency)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+MODEL_LEVEL, END_TO_END = "model", "end-to-end"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def _fmt(value: Any, spec: str, missing: str = "") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return missing
+    return format(value, spec)
+
+
+def findings(data: dict[str, Any]) -> list[str]:
+    """Sentences each backed by the rows they summarize (medians over workloads and batch sizes)."""
+    out = []
+    rows = data["results"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        by = {}
+        for r in mine:
+            by.setdefault(r["backend"], []).append(r)
+        for backend in [b for b in by if b.startswith(("onnxruntime", "tensorrt"))]:
+            speedups = [r["speedup_vs_pytorch"] for r in by[backend] if r.get("speedup_vs_pytorch")]
+            if not speedups:
+                continue
+            cos = min(r["min_cosine_vs_pytorch"] for r in by[backend])
+            line = (f"{model}, {backend}: {statistics.median(speedups):.2f}x PyTorch eager (median of "
+                    f"{len(speedups)} configurations, range {min(speedups):.2f}-{max(speedups):.2f}x)")
+            fp32 = {(r["workload"], r["batch"]): r["p50_ms"] for r in by.get("onnxruntime-fp32", [])}
+            versus = [fp32[(r["workload"], r["batch"])] / r["p50_ms"] for r in by[backend]
+                      if (r["workload"], r["batch"]) in fp32]
+            if backend != "onnxruntime-fp32" and versus:
+                line += f", {statistics.median(versus):.2f}x ONNX Runtime fp32"
+            out.append(line + f"; min cosine to PyTorch fp32 {cos:.5f}")
+        if "triton" in by and "runtime" in by:
+            batches = sorted({r["batch"] for r in by["triton"]})
+            at = 8 if 8 in batches else batches[-1]  # the issue asks for batch 8; else the largest measured
+            for r in by["triton"]:
+                if r["batch"] != at:
+                    continue
+                direct = next((d for d in by["runtime"] if d["workload"] == r["workload"] and d["batch"] == at), None)
+                if direct:
+                    out.append(f"{model}, {r['workload']} at batch {at}: Triton p50 {r['p50_ms']:.1f} ms vs bgevl.runtime "
+                               f"{direct['p50_ms']:.1f} ms, overhead {r['p50_ms'] - direct['p50_ms']:+.1f} ms "
+                               f"({r['p50_ms'] / direct['p50_ms']:.2f}x), both including preprocessing")
+    return out
+
+
+def markdown(data: dict[str, Any]) -> str:
+    hw, sw = data["hardware"], data["software"]
+    lines = [
+        f"# bgevl-bench results ({data['label']})",
+        "",
+        f"{data['created']} · {hw['cpu']} · {hw['logical_cores']} logical / {hw['physical_cores']} physical cores · "
+        f"{hw['memory_gb']:.0f} GB · measured fp32 matmul peak {hw['matmul_peak_gflops']:.1f} GFLOP/s "
+        f"({data['settings']['threads']} threads; the best of torch and ONNX Runtime MatMul probes at sizes "
+        f"1024-4096, at the start and the end of the run)",
+        "",
+        "Software: " + ", ".join(f"{k} {v}" for k, v in sw.items()),
+        "",
+        f"Command: `{data['command']}`",
+        "",
+        "Model level: preprocessed tensors in, embeddings out; `x PyTorch` is PyTorch eager's p50 over this "
+        "backend's, measured interleaved in the same run. End-to-end: image files and strings in, "
+        "preprocessing included. GFLOP/s counts the encoders' matmul/conv/attention FLOPs (torch's "
+        "FlopCounterMode) over p50; `% peak` is that over the fp32 matmul peak above (int8 rows too, "
+        "so theirs is not an int8 utilization). Peak RSS is process-wide while the backend ran "
+        "(all loaded backends' weights included; Triton adds its server's process tree).",
+        "",
+    ]
+    if data.get("notes"):
+        lines += [f"* {n}" for n in data["notes"]] + [""]
+    lines += ["## Findings", ""] + [f"* {f}" for f in findings(data)] + [""]
+    for model in dict.fromkeys(r["model"] for r in data["results"]):
+        lines += [f"## {model}", "",
+                  "| workload | batch | backend | level | p50 ms | p90 ms | p99 ms | items/s | x PyTorch | min cos vs PyTorch | GFLOP/s | % peak | peak RSS MB |",
+                  "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in (r for r in data["results"] if r["model"] == model):
+            lines.append(
+                f"| {r['workload']} | {r['batch']} | {r['backend']} | {r['level']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                f"{r['p99_ms']:.2f} | {r['items_per_s']:.1f} | {_fmt(r.get('speedup_vs_pytorch'), '.2f')} | "
+                f"{_fmt(r.get('min_cosine_vs_pytorch'), '.5f')} | {_fmt(r.get('gflops'), '.1f')} | "
+                f"{_fmt(r.get('peak_fraction'), '.1%')} | {_fmt(r.get('peak_rss_mb'), '.0f')} |")
+        sweep = [s for s in data.get("triton_sweep", []) if s["model"] == model]
+        if sweep:
+            lines += ["", f"Triton concurrency sweep ({model}, batch {sweep[0]['batch']} per request, HTTP):", "",
+                      "| workload | concurrency | requests | items/s | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {s['workload']} | {s['concurrency']} | {s['requests']} | {s['items_per_s']:.1f} | "
+                      f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} |" for s in sweep]
+        lines.append("")
+    plots = data.get("plots", [])
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _integer_log_axis(ax, ticks: list[int]) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+
+
+def plots(data: dict[str, Any], directory: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for model in dict.fromkeys(r["model"] for r in data["results"]):
+        rows = [r for r in data["results"] if r["model"] == model]
+        workloads = list(dict.fromkeys(r["workload"] for r in rows))
+        fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+        for ax, workload in zip(axes[0], workloads):
+            for backend in dict.fromkeys(r["backend"] for r in rows):
+                pts = sorted((r["batch"], r["p50_ms"]) for r in rows if r["workload"] == workload and r["backend"] == backend)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=backend)
+            ax.set(title=f"{model}: {workload}", xlabel="batch size", ylabel="p50 latency (ms)", yscale="log")
+            _integer_log_axis(ax, sorted({r["batch"] for r in rows}))
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        path = directory / f"latency_{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+        sweep = [s for s in data.get("triton_sweep", []) if s["model"] == model]
+        if sweep:
+            fig, ax = plt.subplots(figsize=(5, 4))
+            for workload in dict.fromkeys(s["workload"] for s in sweep):
+                pts = sorted((s["concurrency"], s["items_per_s"]) for s in sweep if s["workload"] == workload)
+                ax.plot(*zip(*pts), marker="o", label=workload)
+            ax.set(title=f"{model}: Triton throughput", xlabel="client concurrency", ylabel="items/s")
+            _integer_log_axis(ax, sorted({s["concurrency"] for s in sweep}))
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            path = directory / f"triton_{model}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path.name)
+    return written
+
+
+def write_reports(data: dict[str, Any], directory: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        data["plots"] = plots(data, directory)
+    except ImportError:
+        data["plots"] = []
+        data.setdefault("notes", []).append("no plots: matplotlib is not installed (pip install 'bgevl-export[bench]')")
+    paths = {"json": write_json(directory / "results.json", data), "markdown": directory / "report.md"}
+    paths["markdown"].write_text(markdown(data))
+    return paths

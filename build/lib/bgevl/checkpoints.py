@@ -1,0 +1,523 @@
+"""Where a model's weights come from: the hub, a local directory, or an offline generator.
+
+* ``--model-path DIR``: a local checkpoint (``config.json`` + weights + processor files).
+* ``--model base|large``: the BAAI hub repository, from the local Hugging Face cache when it is
+  there, else downloaded. With no network this fails at once with a message naming
+  ``--model-path``.
+* ``--model tiny`` (and ``--random-weights`` for the full-size architectures): a random-weight
+  CLIP of the declared architecture, generated deterministically and offline, written with
+  ``save_pretrained`` and loaded back through the same path as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bgevl.errors import CheckpointError
+from bgevl.specs import ModelSpec
+
+#: Seed of every generated random-weight model.
+GENERATED_SEED = 0
+
+#: Merges of the generated tokenizer's BPE, written out so that the vocabulary is identical on
+#: every machine (tokenizers' BpeTrainer breaks ties differently from run to run).
+_TINY_MERGES = (
+    ("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("i", "n"), ("in", "g</w>"),
+    ("o", "f</w>"), ("o", "n</w>"), ("e", "r"), ("e", "d</w>"), ("a", "t"), ("o", "r"),
+    ("a", "r"), ("e", "n"), ("s", "t"), ("p", "h"), ("ph", "o"), ("c", "a"), ("o", "u"),
+    ("i", "s</w>"), ("t", "o</w>"), ("w", "h"),
+)
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    path: Path
+    source: str  # human-readable origin recorded in the manifest
+    weights: str  # "pretrained" or "random"
+
+
+def generated_tokenizer() -> Any:
+    """A CLIP BPE tokenizer with a small deterministic vocabulary.
+
+    Same class, normalizer, pre-tokenizer and special tokens as BGE-VL's CLIPTokenizer; the
+    vocabulary is the 512 byte-level symbols (with and without ``</w>``), a fixed list of
+    merges and the two special tokens. Used by the generated random-weight models only.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for symbol in alphabet + [s + "</w>" for s in alphabet]:
+        vocab[symbol] = len(vocab)
+    for a, b in _TINY_MERGES:
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=list(_TINY_MERGES), model_max_length=77)
+
+
+def _architecture_for(spec: ModelSpec, tokenizer: Any) -> dict[str, Any]:
+    """``spec.architecture`` with the text config's vocabulary and special ids taken from the tokenizer."""
+    import copy
+
+    arch = copy.deepcopy(dict(spec.architecture))
+    text = arch["text_config"]
+    text["vocab_size"] = max(text.get("vocab_size") or 0, len(tokenizer))
+    text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    return arch
+
+
+def _save_random_model(model_class: Any, config: Any, processor: Any, directory: Path) -> Path:
+    """Build ``model_class(config)`` with the generator seed and save it with its processor files."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(GENERATED_SEED)
+        model = model_class(config).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def generate_clip_checkpoint(spec: ModelSpec, directory: Path) -> Path:
+    """Write a random-weight CLIP of ``spec.architecture`` (+ processor files) to ``directory``."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    tokenizer = generated_tokenizer()
+    config = CLIPConfig(**_architecture_for(spec, tokenizer))
+    image_size = config.vision_config.image_size
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                              crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+    )
+    return _save_random_model(CLIPModel, config, processor, directory)
+
+
+def _hub_offline_message(spec: ModelSpec, reason: str) -> str:
+    return (
+        f"cannot get {spec.hub_id} from the Hugging Face Hub ({reason}). "
+        f"Download the checkpoint on a machine with network access "
+        f"(`huggingface-cli download {spec.hub_id} --local-dir DIR`), copy it here and run "
+        f"`bgevl-export --model {spec.key} --model-path DIR`, or use `--model tiny` for the offline "
+        f"random-weight model."
+    )
+
+
+def resolve_checkpoint(spec: ModelSpec, *, model_path: str | os.PathLike | None, random_weights: bool,
+                       workdir: Path) -> ResolvedCheckpoint:
+    if model_path is not None:
+        path = Path(model_path).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(
+                f"--model-path {path}: no such directory. Pass the directory that holds the "
+                f"checkpoint's config.json, weights and processor files."
+            )
+        if not (path / "config.json").is_file():
+            raise CheckpointError(
+                f"--model-path {path}: no config.json there. Point --model-path at the checkpoint "
+                f"directory itself (the one with config.json and model.safetensors)."
+            )
+        return ResolvedCheckpoint(path.resolve(), f"local:{path.resolve()}", "pretrained")
+    if spec.generated or random_weights:
+        generate = generate_clip_checkpoint if spec.family == "clip" else generate_mllm_checkpoint
+        path = generate(spec, workdir / f"generated-{spec.key}")
+        return ResolvedCheckpoint(path, f"generated:{spec.key} (random weights, seed {GENERATED_SEED})", "random")
+    return ResolvedCheckpoint(_download(spec), f"hub:{spec.hub_id}", "pretrained")
+
+
+def _download(spec: ModelSpec) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    try:  # the local cache first: no network needed when the model was downloaded before
+        return Path(snapshot_download(spec.hub_id, allow_patterns=patterns, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise CheckpointError(_hub_offline_message(spec, "HF_HUB_OFFLINE is set and it is not in the local cache"))
+    try:
+        return Path(snapshot_download(spec.hub_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError as exc:
+        raise CheckpointError(_hub_offline_message(spec, "no network connection to the hub")) from exc
+    except HfHubHTTPError as exc:
+        raise CheckpointError(_hub_offline_message(spec, f"the hub answered: {exc}")) from exc
+    except OSError as exc:
+        raise CheckpointError(_hub_offline_message(spec, f"{type(exc).__name__}: {exc}")) from exc
+
+
+# ---------------------------------------------------------------------------------------
+# Checking a checkpoint before it is used
+# ---------------------------------------------------------------------------------------
+#
+# A checkpoint that loads with warnings exports a wrong model that validates against itself
+# (missing tensors are initialized at random, a BERT config becomes a default CLIP, missing
+# tokenizer files give a tokenizer that maps every text to the same ids). Everything below
+# refuses such a directory with one line naming the problem and the fix, before anything is
+# exported.
+
+#: Texts every tokenizer must map to distinct, mostly known token ids.
+_TOKENIZER_PROBES = ("a red car", "two dogs on a beach", "Make the background dark")
+#: How many names a refusal lists before "... and N more".
+_LISTED = 5
+
+
+@dataclass(frozen=True)
+class CheckpointKind:
+    """What a checkpoint of one model family holds, as the hub repositories publish it."""
+
+    model_type: str  # config.json "model_type"
+    architecture: str  # for messages
+    config_class: str  # transformers config class that parses config.json
+    model_class: str  # transformers model class the weights load into
+    tokenizer_files: tuple[tuple[str, ...], ...]  # one of these file sets must be present
+    #: config attributes (dotted) that tell the models of the family apart; compared with the
+    #: --model spec's architecture so that a large checkpoint is not exported as base
+    identity: tuple[str, ...]
+
+
+CHECKPOINT_KINDS: dict[str, CheckpointKind] = {
+    "clip": CheckpointKind(
+        "clip", "CLIP dual encoder (CLIPModel)", "CLIPConfig", "CLIPModel",
+        (("tokenizer.json",), ("vocab.json", "merges.txt")),
+        ("vision_config.hidden_size", "vision_config.num_hidden_layers", "vision_config.patch_size",
+         "vision_config.image_size", "text_config.hidden_size", "text_config.num_hidden_layers", "projection_dim"),
+    ),
+    "mllm": CheckpointKind(
+        "llava_next", "LLaVA-NeXT embedder (LlavaNextForConditionalGeneration)", "LlavaNextConfig",
+        "LlavaNextForConditionalGeneration",
+        (("tokenizer.json",), ("tokenizer.model",)),
+        ("vision_config.hidden_size", "vision_config.num_hidden_layers", "vision_config.patch_size",
+         "vision_config.image_size", "text_config.hidden_size", "text_config.num_hidden_layers",
+         "text_config.num_key_value_heads", "text_config.intermediate_size"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """What :func:`inspect_checkpoint` found: the parsed config and the weight files' tensors."""
+
+    path: Path
+    config: Any
+    weight_files: tuple[Path, ...]
+    tensors: int
+    stored_dtypes: tuple[str, ...]  # dtypes of the stored tensors ("F16", "BF16", "F32", ...)
+
+
+def _listed(names: Any) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
+
+
+def _dotted(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+    return obj
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read the {what} ({type(exc).__name__}: {exc}); "
+                              f"download the file again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: the {what} is not a JSON object; download the file again")
+    return data
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files a loader would read: an index's shards or the single file."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            weight_map = _read_json(index, "weight index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: no weight_map; download the file again")
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{path}: the weight index names shards that are not there ({_listed(missing)}); "
+                                      f"the download is incomplete: download the missing files")
+            return [path / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return [path / name]
+    raise CheckpointError(f"{path}: no weights (model.safetensors, a sharded model.safetensors.index.json or "
+                          f"pytorch_model.bin); download them into the directory")
+
+
+def _safetensors_header(file: Path) -> dict[str, str]:
+    """{tensor name: stored dtype} from a safetensors header; refuses truncated or corrupt files
+    (safetensors checks that the header's offsets cover the file exactly)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="np") as f:
+            names = list(f.keys())
+        with open(file, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable weight file ({exc}); it is truncated or corrupt: "
+                              f"download it again") from None
+    return {name: header[name]["dtype"] for name in names}
+
+
+def inspect_checkpoint(path: Path, spec: ModelSpec) -> CheckpointFiles:
+    """Check a checkpoint directory against ``spec`` without loading its weights.
+
+    Refused (``CheckpointError``, one line): an unreadable config, a config of another architecture
+    (a BERT checkpoint given as ``--model base``), a checkpoint of another size than a hub model's
+    spec (``--model base`` given BGE-VL-large), missing/truncated/corrupt weight files, missing
+    tokenizer or image-processor files. Generated specs (``tiny``, ``tiny-mllm``) accept any size
+    of their family, so small test checkpoints can be exported with ``--model tiny --model-path``.
+    """
+    import transformers
+
+    kind = CHECKPOINT_KINDS[spec.family]
+    raw = _read_json(path / "config.json", "model config (config.json)")
+    if raw.get("model_type") != kind.model_type:
+        found = raw.get("model_type") or "no model_type"
+        archs = ", ".join(raw.get("architectures") or []) or "architecture not named"
+        raise CheckpointError(
+            f"{path} holds a {found!r} checkpoint ({archs}), not a {kind.architecture} (model_type "
+            f"{kind.model_type!r}) as --model {spec.key} needs; pass the directory of a {spec.hub_id or spec.key} "
+            f"checkpoint or the --model that matches this one")
+    try:
+        config = getattr(transformers, kind.config_class).from_dict(raw)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: not a valid {kind.config_class} ({exc}); "
+                              f"download the file again") from None
+    if not spec.generated:
+        want = getattr(transformers, kind.config_class)(**spec.architecture)
+        differ = [f"{k} {_dotted(config, k)} (spec {_dotted(want, k)})" for k in kind.identity
+                  if _dotted(config, k) != _dotted(want, k)]
+        if differ:
+            others = [m.key for m in _same_family(spec) if _matches(config, m, kind)]
+            hint = f"it matches --model {others[0]}" if others else "no --model of this family matches it"
+            raise CheckpointError(f"{path} is not {spec.hub_id}: {_listed(differ)}; {hint}")
+    files = _weight_files(path)
+    stored: dict[str, str] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            stored.update(_safetensors_header(file))
+        elif file.stat().st_size == 0:
+            raise CheckpointError(f"{file}: empty weight file; download it again")
+    if not any(all((path / f).is_file() for f in group) for group in kind.tokenizer_files):
+        wanted = " or ".join(" + ".join(g) for g in kind.tokenizer_files)
+        raise CheckpointError(f"{path}: no tokenizer files ({wanted}); copy them from the model's hub "
+                              f"repository into the directory")
+    processor_config = path / "processor_config.json"
+    if not (path / "preprocessor_config.json").is_file() and not (
+            processor_config.is_file() and "image_processor" in _read_json(processor_config, "processor config")):
+        raise CheckpointError(f"{path}: no image-processor settings (preprocessor_config.json); copy the file from "
+                              f"the hub repository into the directory")
+    return CheckpointFiles(path, config, tuple(files), len(stored) if stored else -1, tuple(sorted(set(stored.values()))))
+
+
+def _same_family(spec: ModelSpec) -> list[ModelSpec]:
+    from bgevl.specs import MODELS
+
+    return [m for m in MODELS.values() if m.family == spec.family and not m.generated and m.key != spec.key]
+
+
+def _matches(config: Any, spec: ModelSpec, kind: CheckpointKind) -> bool:
+    import transformers
+
+    want = getattr(transformers, kind.config_class)(**spec.architecture)
+    return all(_dotted(config, k) == _dotted(want, k) for k in kind.identity)
+
+
+def load_weights_checked(model_class: Any, path: Path, config: Any, attn_implementation: str) -> Any:
+    """``model_class.from_pretrained`` in **float32** (transformers 5 otherwise keeps the stored 16-bit
+    dtype, and the original remote code runs in float32), refusing any missing, unexpected or
+    mismatched tensor instead of initializing it at random."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report becomes the one-line refusal below
+    try:
+        model, info = model_class.from_pretrained(path, config=config, attn_implementation=attn_implementation,
+                                                  dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load the weights in {path}: {first}; download them again") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of the wrong shape")):
+        names = [k if isinstance(k, str) else k[0] for k in info.get(key) or ()]
+        if names:
+            problems.append(f"{len(names)} tensors {what} ({_listed(names)})")
+    if problems:
+        raise CheckpointError(f"{path}: the weights do not fit the {config.architectures[0] if config.architectures else model_class.__name__} "
+                              f"of config.json: {'; '.join(problems)}; the checkpoint is incomplete or of another model: "
+                              f"download it again from its hub repository")
+    return model.eval()
+
+
+def check_tokenizer(tokenizer: Any, path: Path) -> None:
+    """Refuse a tokenizer that maps different texts to the same ids or to unknown tokens (what
+    transformers builds when the vocabulary files are missing: every text becomes ``[0 2 2 ...]``)."""
+    ids = [tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in _TOKENIZER_PROBES]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    unknown = sum(1 for seq in ids for i in seq if i == unk) / max(1, sum(len(seq) for seq in ids))
+    if len(set(ids)) < len(ids) or not all(ids) or unknown > 0.5:
+        raise CheckpointError(
+            f"{path}: the tokenizer is degenerate (it maps {_TOKENIZER_PROBES[0]!r} and {_TOKENIZER_PROBES[1]!r} to "
+            f"{list(ids[0])[:6]} and {list(ids[1])[:6]}); its vocabulary files are missing or broken: copy the "
+            f"tokenizer files of the hub repository into the directory")
+
+
+def load_clip(path: Path, attn_implementation: str = "eager", spec: ModelSpec | None = None) -> tuple[Any, Any]:
+    """Load a BGE-VL CLIP checkpoint (float32) with transformers' CLIPModel and its processor.
+
+    ``attn_implementation``: eager (the export's traced modules) or sdpa (transformers' default,
+    what the benchmarks compare against). The checkpoint is checked first
+    (:func:`inspect_checkpoint`); ``spec`` defaults to the generated ``tiny`` (any CLIP size).
+
+    BGE-VL-base/large ship remote code (``modeling_MMRet_CLIP.CLIPModel``, transformers 4.45's
+    CLIPModel plus ``encode``); the weights load into today's ``CLIPModel`` without
+    ``trust_remote_code`` (standard names, no prefix; ``../shared/reference/hub-checkpoints.md``).
+    """
+    from transformers import CLIPModel
+
+    from bgevl.runtime.preprocessing import load_processor
+    from bgevl.specs import get_model_spec
+
+    files = inspect_checkpoint(Path(path), spec or get_model_spec("tiny"))
+    model = load_weights_checked(CLIPModel, Path(path), files.config, attn_implementation)
+    processor = load_processor(path)
+    check_tokenizer(processor.tokenizer, Path(path))
+    return model, processor
+
+# ---------------------------------------------------------------------------------------
+# LLaVA-NeXT embedders (BGE-VL-MLLM)
+# ---------------------------------------------------------------------------------------
+
+#: Tokens of the generated Llama-style tokenizer beyond bytes and single characters.
+_TINY_LLAMA_MERGES = (
+    ("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("▁", "a"), ("e", "r"), ("o", "n"), ("▁", "["),
+    ("I", "N"), ("IN", "S"), ("INS", "T"), ("T", "]"), ("▁", "<"), ("r", "e"), ("▁", "o"), ("a", "t"),
+)
+
+
+def generated_llama_tokenizer() -> Any:
+    """A Mistral/Llama-style tokenizer (``LlamaTokenizer``: Metaspace, byte fallback, ``<s>`` prepended,
+    left padding) with a small deterministic vocabulary, plus ``<pad>`` and the ``<image>``
+    placeholder, as llava-v1.6-mistral adds them. Used by the generated tiny MLLM only."""
+    import string
+
+    from tokenizers import AddedToken
+    from transformers import LlamaTokenizer
+
+    vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for ch in ["▁", *sorted(set(string.ascii_letters + string.digits + string.punctuation))]:
+        vocab.setdefault(ch, len(vocab))
+    for a, b in _TINY_LLAMA_MERGES:
+        vocab.setdefault(a + b, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=list(_TINY_LLAMA_MERGES), padding_side="left",
+                               add_bos_token=True, add_eos_token=False, model_max_length=32768)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    return tokenizer
+
+
+def generated_mllm_config(spec: ModelSpec, tokenizer: Any) -> Any:
+    """The LlavaNextConfig of ``spec.architecture`` fitted to the generated tokenizer."""
+    from transformers import LlavaNextConfig
+
+    return LlavaNextConfig(**_architecture_for(spec, tokenizer), image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+
+
+def generate_mllm_checkpoint(spec: ModelSpec, directory: Path) -> Path:
+    """Write a random-weight LLaVA-NeXT of ``spec.architecture`` (+ processor files) to ``directory``."""
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    tokenizer = generated_llama_tokenizer()
+    config = generated_mllm_config(spec, tokenizer)
+    tile = config.vision_config.image_size
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+            image_grid_pinpoints=config.image_grid_pinpoints),
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # the CLS token, as in llava-hf's processor configs
+    )
+    return _save_random_model(LlavaNextForConditionalGeneration, config, processor, directory)
+
+
+def load_mllm(path: Path, attn_implementation: str = "eager", spec: ModelSpec | None = None) -> tuple[Any, Any]:
+    """Load a BGE-VL-MLLM checkpoint (float32) with transformers' LlavaNextForConditionalGeneration.
+
+    The hub checkpoints name the remote-code class ``LLaVANextForEmbedding`` (MegaPairs
+    ``modeling_llavanext_for_embedding.py``): a ``LlavaNextForConditionalGeneration`` whose language-model
+    forward returns the last hidden states instead of logits. The weights are the same modules in
+    transformers 4.45's names, which today's class maps, so they load without ``trust_remote_code``;
+    the LM head is loaded but never exported. The processor's settings that 4.45-era
+    ``processor_config.json`` files lack are filled from the model config
+    (:func:`bgevl.runtime.mllm_preprocessing.complete_processor`).
+    """
+    from transformers import LlavaNextForConditionalGeneration
+
+    from bgevl.runtime.mllm_preprocessing import complete_processor
+    from bgevl.runtime.preprocessing import load_processor
+    from bgevl.specs import get_model_spec
+
+    files = inspect_checkpoint(Path(path), spec or get_model_spec("tiny-mllm"))
+    model = load_weights_checked(LlavaNextForConditionalGeneration, Path(path), files.config, attn_implementation)
+    processor = load_processor(path)
+    check_tokenizer(processor.tokenizer, Path(path))
+    complete_processor(processor, model.config, Path(path))
+    return model, processor
+
+
+#: The checked loader of each family.
+LOADERS = {"clip": load_clip, "mllm": load_mllm}
+
+
+def check_checkpoint(spec: ModelSpec, path: Path, report: Any = print) -> None:
+    """``bgevl-export check``: everything the exporter checks about a checkpoint, without exporting.
+
+    The file layout, config and sizes against ``spec``, the weights' headers, a float32 load with no
+    missing, unexpected or mismatched tensor, the tokenizer and processor, then the original's fp32
+    embeddings of the probe set (``bgevl.reference``) through the sanity gate: finite, and distinct
+    for distinct inputs. Raises ``CheckpointError`` / ``ValidationFailed`` on the first problem."""
+    from bgevl.export.validate import check_reference, max_cosine_between_rows
+    from bgevl.probes import probe_set
+    from bgevl.reference import ORIGINALS
+
+    path = Path(path)
+    files = inspect_checkpoint(path, spec)
+    kind = CHECKPOINT_KINDS[spec.family]
+    report(f"{path}: {kind.architecture}, config.json {'matches' if not spec.generated else 'is of the family of'} "
+           f"--model {spec.key}{f' ({spec.hub_id})' if spec.hub_id else ''}")
+    stored = ", ".join(files.stored_dtypes) or "not read (pytorch_model.bin)"
+    report(f"weights: {len(files.weight_files)} file(s), {files.tensors if files.tensors >= 0 else '?'} tensors stored as {stored}")
+    model, processor = LOADERS[spec.family](path, spec=spec)
+    parameters = sum(p.numel() for p in model.parameters())
+    report(f"loaded as {str(model.dtype).removeprefix('torch.')}: {parameters / 1e6:.1f}M parameters, none missing, "
+           f"unexpected or mismatched")
+    report(f"tokenizer {type(processor.tokenizer).__name__} ({len(processor.tokenizer)} tokens), image processor "
+           f"{type(processor.image_processor).__name__}")
+    del model
+    embeddings = ORIGINALS[spec.family](path).probe_embeddings(probe_set())
+    check_reference(embeddings)
+    worst = max((max_cosine_between_rows(e) or -1.0) for e in embeddings.values())
+    report(f"original fp32 embeddings of the probe set ({', '.join(f'{len(e)} {k}' for k, e in embeddings.items())}): "
+           f"finite and distinct (largest cosine between two probes {worst:.6f})")

@@ -1,0 +1,321 @@
+"""``bgevl-export``: the command line of the exporter."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from bgevl.errors import BgevlError
+from bgevl.specs import (
+    DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, DEFAULT_OPT_BATCH, MLLM_MAX_BATCH, MLLM_OPT_BATCH, MODELS, PRECISIONS,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bgevl-export",
+        description="Export a BGE-VL model to validated ONNX graphs (fp32, fp16 or int8) with a manifest.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="tiny", choices=list(MODELS),
+                   help="tiny / tiny-mllm: offline random-weight CLIP / LLaVA-NeXT; base, large, mllm-s1, mllm-s2: "
+                        "BAAI/BGE-VL-base, -large, -MLLM-S1, -MLLM-S2 (hub or --model-path)")
+    p.add_argument("--model-path", type=Path, default=None, help="local checkpoint directory (config.json, weights, processor files)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the --model architecture with random weights, offline (for structure and speed checks)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--int8-mode", default="qdq", choices=("qdq", "dynamic"),
+                   help="qdq: static QuantizeLinear/DequantizeLinear graph (TensorRT INT8, ORT); dynamic: ORT dynamic quantization (CPU only)")
+    p.add_argument("--calibration-data", type=Path, default=None,
+                   help="directory of images plus a .txt file of captions (one per line) for int8 calibration; default: the built-in synthetic set")
+    p.add_argument("--calibration-size", type=int, default=32, help="images and captions in the built-in calibration set")
+    p.add_argument("--output", "-o", type=Path, default=None, help="output directory (default: out/<model>-<precision>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the parity check against PyTorch")
+    p.add_argument("--min-cosine", type=float, default=None,
+                   help="override the validation threshold (default: fp32 0.99999, fp16 0.999, int8 0.99)")
+    p.add_argument("--opt-batch", type=int, default=None,
+                   help=f"batch size to optimize for (TensorRT profile, Triton); default {DEFAULT_OPT_BATCH} for CLIP, "
+                        f"{MLLM_OPT_BATCH} for the MLLM")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help=f"largest batch the artifacts serve; default {DEFAULT_MAX_BATCH} for CLIP, {MLLM_MAX_BATCH} for the MLLM")
+    p.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE,
+                   help="MLLM: longest prompt plus image tokens the language graph serves (one 512x512 image is 2928 tokens)")
+    p.add_argument("--force-fp32", action="store_true", help="allow --precision fp32 for the 7B MLLM (about 60 GB of memory)")
+    p.add_argument("--format", default="auto", choices=("auto", "onnx", "tensorrt"),
+                   help="auto: ONNX, plus TensorRT engines when TensorRT and a CUDA device are present; onnx: ONNX only; "
+                        "tensorrt: ONNX and engines, an error where they cannot be built")
+    _engine_options(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the result and errors")
+    _triton_options(p, standalone=False)
+    return p
+
+
+def _engine_options(p: argparse.ArgumentParser, standalone: bool = False) -> None:
+    from bgevl.export.tensorrt import DEFAULT_WORKSPACE_GB
+
+    g = p.add_argument_group("TensorRT engines")
+    if standalone:  # the export's own --max-batch/--opt-batch/--max-sequence-length apply otherwise
+        g.add_argument("--max-batch", type=int, default=None, help="profile max batch (unset: the manifest's)")
+        g.add_argument("--opt-batch", type=int, default=None, help="profile opt batch (unset: the manifest's)")
+        g.add_argument("--max-sequence-length", type=int, default=None, help="MLLM: profile max sequence (unset: the manifest's)")
+        g.add_argument("--min-cosine", type=float, default=None, help="override the validation threshold")
+        g.add_argument("--no-validate", dest="validate", action="store_false", help="skip the engines' parity check")
+    g.add_argument("--max-tiles", type=int, default=None, help="MLLM: profile max image tiles per batch (unset: the manifest's)")
+    g.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB, help="TensorRT builder workspace limit")
+    g.add_argument("--timing-cache", type=Path, default=None,
+                   help="timing cache file to reuse and update (default: <export>/tensorrt/timing.cache)")
+
+
+def build_engines_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bgevl-export build-engines",
+        description="Build, validate and register TensorRT engines for an existing export directory "
+                    "(needs TensorRT and a CUDA device: pip install 'bgevl-export[tensorrt]').",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("export_dir", type=Path, help="a bgevl-export output directory (with manifest.json)")
+    _engine_options(p, standalone=True)
+    return p
+
+
+def _engine_options_from(args, standalone: bool):
+    from bgevl.export.tensorrt import EngineOptions
+
+    return EngineOptions(max_batch=args.max_batch, opt_batch=args.opt_batch,
+                         max_sequence=args.max_sequence_length if standalone else None, max_tiles=args.max_tiles,
+                         workspace_gb=args.workspace_gb, timing_cache=args.timing_cache, validate=args.validate,
+                         min_cosine=args.min_cosine)
+
+
+def build_engines_main(argv: list[str]) -> int:
+    from bgevl.export.tensorrt import build_engines
+
+    args = build_engines_parser().parse_args(argv)
+    try:
+        print(build_engines(args.export_dir, _engine_options_from(args, standalone=True)))
+    except BgevlError as exc:
+        print(f"bgevl-export build-engines: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _triton_options(p: argparse.ArgumentParser, standalone: bool) -> None:
+    from bgevl.runtime.preprocessing import InputLimits
+    from bgevl.specs import DEFAULT_SERVING_NAME
+    from bgevl.triton_repo.configs import ENCODER_BACKENDS
+    from bgevl.triton_repo.repository import DEFAULT_PREPROCESS_INSTANCES
+
+    g = p.add_argument_group("Triton model repository")
+    if not standalone:
+        g.add_argument("--triton-repo", type=Path, default=None, metavar="DIR",
+                       help="also write a Triton model repository of the export to DIR")
+    g.add_argument("--triton-backend", default="python", choices=ENCODER_BACKENDS,
+                   help="encoders as python-backend ONNX Runtime models (what the CPU server from nvidia-pytriton "
+                        "serves), onnxruntime_onnx models, or tensorrt_plan engines")
+    g.add_argument("--triton-name", default=DEFAULT_SERVING_NAME, help="name of the entry model; the others are NAME_<part>")
+    g.add_argument("--triton-instances", type=int, default=1, help="instances per model (instance_group count)")
+    g.add_argument("--triton-queue-delay-us", type=int, default=2000, help="dynamic batching max queue delay")
+    g.add_argument("--triton-preprocess-instances", type=int, default=DEFAULT_PREPROCESS_INSTANCES,
+                   help="instances of the preprocess model (each a python process): a slow item holds only its own")
+    limits = InputLimits()
+    g.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
+                   help="images over this many pixels (read from the file header) are refused before decoding")
+    g.add_argument("--max-aspect-ratio", type=float, default=limits.max_aspect_ratio,
+                   help="images with a longer side over this many times the shorter are refused before decoding")
+    g.add_argument("--max-text-bytes", type=int, default=limits.max_text_bytes, help="texts over this many UTF-8 bytes are refused")
+
+
+def build_triton_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bgevl-export triton-repo",
+        description="Package an existing export directory as a Triton model repository.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("export_dir", type=Path, help="a bgevl-export output directory (with manifest.json)")
+    p.add_argument("--output", "-o", type=Path, required=True, help="repository directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty repository directory")
+    _triton_options(p, standalone=True)
+    return p
+
+
+def _write_triton(args, export_dir: Path, output: Path, overwrite: bool, quiet: bool) -> Path:
+    from bgevl.triton_repo.repository import write_repository
+
+    from bgevl.runtime.preprocessing import InputLimits
+
+    limits = InputLimits(max_image_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio,
+                         max_text_bytes=args.max_text_bytes)
+    return write_repository(export_dir, output, backend=args.triton_backend, name=args.triton_name,
+                            instances=args.triton_instances, queue_delay_us=args.triton_queue_delay_us,
+                            overwrite=overwrite, sink=None if quiet else print, limits=limits,
+                            preprocess_instances=args.triton_preprocess_instances)
+
+
+def triton_main(argv: list[str]) -> int:
+    args = build_triton_parser().parse_args(argv)
+    try:
+        print(_write_triton(args, args.export_dir, args.output, args.overwrite, quiet=False))
+    except BgevlError as exc:
+        print(f"bgevl-export triton-repo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bgevl-export check",
+        description="Check a checkpoint the way the exporter does, without exporting: config and sizes against "
+                    "--model, weight files, a float32 load with no missing or unexpected tensors, tokenizer and "
+                    "processor files, and the original model's fp32 embeddings of the probe set (finite, distinct).",
+    )
+    p.add_argument("--model", required=True, choices=list(MODELS), help="the model the checkpoint should be")
+    p.add_argument("--model-path", type=Path, default=None, help="checkpoint directory (default: the hub / its local cache)")
+    return p
+
+
+def check_main(argv: list[str]) -> int:
+    import tempfile
+
+    from bgevl.checkpoints import check_checkpoint, resolve_checkpoint
+    from bgevl.specs import get_model_spec
+
+    args = build_check_parser().parse_args(argv)
+    try:
+        spec = get_model_spec(args.model)
+        with tempfile.TemporaryDirectory(prefix="bgevl-check-") as work:
+            ckpt = resolve_checkpoint(spec, model_path=args.model_path, random_weights=False, workdir=Path(work))
+            check_checkpoint(spec, ckpt.path)
+    except BgevlError as exc:
+        print(f"bgevl-export check: error: {exc}", file=sys.stderr)
+        return 2
+    print("checkpoint OK")
+    return 0
+
+
+def build_deploy_parser() -> argparse.ArgumentParser:
+    from bgevl.triton_repo.deploy import DeployOptions
+
+    d = DeployOptions("s3://bucket/path")
+    p = argparse.ArgumentParser(
+        prog="bgevl-export deploy",
+        description="Write deployment files for a Triton model repository: a serving-image Dockerfile, Kubernetes "
+                    "manifests (Deployment, Service, autoscaling/v2 HPA, prometheus-adapter rule) and KServe "
+                    "ServingRuntime + InferenceService.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--repository-uri", required=True,
+                   help="where the servers read the repository: s3://BUCKET/PATH, gs://BUCKET/PATH, as://ACCOUNT/CONTAINER/PATH "
+                        "or pvc://CLAIM/PATH")
+    p.add_argument("--output", "-o", type=Path, required=True, help="directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier deployment files in --output")
+    p.add_argument("--name", default=d.name, help="entry model name (--triton-name) and the Kubernetes objects' name")
+    p.add_argument("--image", default=d.image, help="the serving image the manifests run (built from the Dockerfile)")
+    p.add_argument("--triton-tag", default=d.triton_tag, help="NGC tritonserver image tag of the base (Python 3.12 from 25.01)")
+    p.add_argument("--namespace", default=d.namespace)
+    p.add_argument("--replicas", type=int, default=d.replicas, help="replicas (the HPA's minimum)")
+    p.add_argument("--max-replicas", type=int, default=d.max_replicas, help="the HPA's maximum")
+    p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per pod (0: CPU pods)")
+    p.add_argument("--cpu", default=d.cpu, help="CPU request and limit per pod")
+    p.add_argument("--memory", default=d.memory, help="memory request and limit per pod")
+    p.add_argument("--shm-size", default=d.shm_size, help="size of the memory-backed /dev/shm (python backend tensors)")
+    p.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us,
+                   help="the repository's dynamic-batching delay per model (--triton-queue-delay-us), for the HPA target")
+    p.add_argument("--queue-target-factor", type=float, default=d.queue_target_factor,
+                   help="HPA target: queue time per request as a multiple of what batching alone costs (3 models x delay)")
+    p.add_argument("--wheel", type=Path, default=None, help="bgevl-export wheel for the image (default: built from this checkout)")
+    return p
+
+
+def deploy_main(argv: list[str]) -> int:
+    from bgevl.triton_repo.deploy import DeployOptions, write_deployment
+
+    args = build_deploy_parser().parse_args(argv)
+    opts = DeployOptions(args.repository_uri, name=args.name, image=args.image, triton_tag=args.triton_tag,
+                         namespace=args.namespace, replicas=args.replicas, max_replicas=args.max_replicas, gpus=args.gpus,
+                         cpu=args.cpu, memory=args.memory, shm_size=args.shm_size, queue_delay_us=args.queue_delay_us,
+                         queue_target_factor=args.queue_target_factor)
+    try:
+        print(write_deployment(args.output, opts, wheel=args.wheel, overwrite=args.overwrite, sink=lambda m: None))
+    except BgevlError as exc:
+        print(f"bgevl-export deploy: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+SUBCOMMANDS = {"triton-repo": triton_main, "build-engines": build_engines_main, "check": check_main,
+               "deploy": deploy_main}
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a CI cancel, ``docker stop``) cleans up like Ctrl-C: staging and temporary directories go."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``bgevl-export [options]`` exports; ``bgevl-export triton-repo EXPORT_DIR ...`` packages an export."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        _interrupt_on_sigterm()
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _interrupt_on_sigterm()
+    from bgevl.export.pipeline import ExportOptions, run_export
+
+    output = args.output or Path("out") / f"{args.model}-{args.precision}"
+    opts = ExportOptions(
+        output=output, model=args.model, model_path=args.model_path, random_weights=args.random_weights,
+        precision=args.precision, int8_mode=args.int8_mode, calibration_data=args.calibration_data,
+        calibration_size=args.calibration_size, validate=args.validate, min_cosine=args.min_cosine,
+        opt_batch=args.opt_batch, max_batch=args.max_batch, overwrite=args.overwrite,
+        max_sequence_length=args.max_sequence_length, force_fp32=args.force_fp32,
+        command=shlex.join(["bgevl-export", *argv]),
+    )
+    try:
+        if args.triton_repo is not None:  # refused before minutes of exporting, not after
+            from bgevl.staging import check_replaceable
+            from bgevl.triton_repo.repository import is_repository
+
+            check_replaceable(args.triton_repo, args.overwrite, is_repository, "a Triton model repository", "--triton-repo")
+        engines_ok, engines_why = (False, "--format onnx")
+        if args.format != "onnx":
+            from bgevl.runtime.tensorrt import tensorrt_status
+
+            engines_ok, engines_why = tensorrt_status()
+            if args.format == "tensorrt" and not engines_ok:
+                raise BgevlError(f"--format tensorrt: {engines_why}. Export with --format onnx here and build the engines "
+                                 f"on a GPU machine with `bgevl-export build-engines DIR`")
+        out = run_export(opts, sink=(lambda msg: None) if args.quiet else None)
+        if engines_ok:
+            from bgevl.export.tensorrt import build_engines
+
+            build_engines(out, _engine_options_from(args, standalone=False), progress=(lambda msg: None) if args.quiet else print)
+        elif args.format == "auto":
+            print(f"TensorRT engines not built ({engines_why}); build them on a GPU machine with: "
+                  f"bgevl-export build-engines {out}", file=sys.stderr)
+        if args.triton_repo is not None:
+            _write_triton(args, out, args.triton_repo, args.overwrite, args.quiet)
+    except BgevlError as exc:
+        print(f"bgevl-export: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a directory that became unwritable: one line, nothing half-written
+        print(f"bgevl-export: error: {exc.strerror or exc}: {exc.filename or ''}; nothing was written", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bgevl-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

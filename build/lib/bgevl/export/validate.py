@@ -1,0 +1,218 @@
+"""Parity of exported graphs against the original's fp32 embeddings (``bgevl.reference``) on the fixed probe set.
+
+Figures, per graph and for composed queries:
+
+* ``min_cosine`` / ``mean_cosine``: cosine similarity of each exported embedding to the
+  original's fp32 embedding of the same input;
+* ``max_abs_diff``: largest element-wise difference of the (normalized) embeddings;
+* ``max_cosine_between_probes``: the largest cosine between the embeddings of two different
+  probes (the sanity gate: above ``DISTINCT_PROBES_MAX_COSINE`` the export fails);
+* ``top1_agreement``: the fraction of probe queries whose top-1 retrieval result is the same
+  with the exported embedding as with the reference one. Queries are the graph's outputs;
+  the gallery is the reference embeddings of the other modality (images retrieve texts, texts
+  and composed queries retrieve images).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from bgevl.errors import ValidationFailed
+from bgevl.fusion import l2_normalize, score_fusion
+from bgevl.specs import (
+    ATTENTION_MASK, COSINE_THRESHOLDS, EMBEDDING, IMAGE_EMBEDS, IMAGE_FEATURE_INDEX, IMAGE_FEATURES, IMAGE_TILES,
+    INPUT_IDS, MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH, TEXT_EMBEDS, TEXT_FEATURES, TEXT_GRAPH, TILE_FEATURES,
+    VISION_GRAPH,
+)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
+
+
+def retrieval_agreement(test_queries: np.ndarray, ref_queries: np.ndarray, ref_gallery: np.ndarray) -> float:
+    test_top = np.argmax(l2_normalize(test_queries) @ ref_gallery.T, axis=1)
+    ref_top = np.argmax(l2_normalize(ref_queries) @ ref_gallery.T, axis=1)
+    return float(np.mean(test_top == ref_top))
+
+
+#: Sanity gate: two different probe inputs whose embeddings have a cosine above this are "the
+#: same embedding" (a tokenizer that maps every text to the same ids gives 1.0 to float precision).
+#: Different probes of untrained tiny models stay below 0.9995 (measured: CLIP about 0.99, the tiny
+#: LLaVA-NeXT about 0.998).
+DISTINCT_PROBES_MAX_COSINE = 0.99999
+
+
+def max_cosine_between_rows(embeddings: np.ndarray) -> float | None:
+    """The largest cosine between two different rows (inputs that are all distinct); None for one row."""
+    x = l2_normalize(np.asarray(embeddings, dtype=np.float64))
+    if len(x) < 2:
+        return None
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return float(sims.max())
+
+
+def sanity_problem(name: str, embeddings: np.ndarray) -> str | None:
+    """Why ``embeddings`` of distinct probe inputs cannot be right (NaN/Inf, or two the same), or None."""
+    if not np.all(np.isfinite(embeddings)):
+        return f"{name}: NaN or Inf in the embeddings"
+    top = max_cosine_between_rows(embeddings)
+    if top is not None and top > DISTINCT_PROBES_MAX_COSINE:
+        return (f"{name}: different probe inputs give the same embedding (cosine {top:.7f}); the weights or the "
+                f"tokenizer/processor files are degenerate")
+    return None
+
+
+def check_reference(named: Mapping[str, np.ndarray]) -> None:
+    """The sanity gate on the reference embeddings themselves, before any export is compared with them."""
+    problems = [p for name, emb in named.items() if (p := sanity_problem(name, emb))]
+    if problems:
+        raise ValidationFailed("the fp32 reference fails the sanity gate: " + "; ".join(problems)
+                               + ". Check the checkpoint (bgevl-export check --model-path DIR)")
+
+
+def parity_figures(test: np.ndarray, ref: np.ndarray, ref_gallery: np.ndarray) -> dict:
+    test = np.asarray(test, dtype=np.float32)
+    ref = np.asarray(ref, dtype=np.float32)
+    if test.shape != ref.shape:
+        raise ValueError(f"shape mismatch: exported {test.shape} vs reference {ref.shape}")
+    if not np.all(np.isfinite(test)):
+        return {"min_cosine": float("nan"), "mean_cosine": float("nan"), "max_abs_diff": float("inf"),
+                "top1_agreement": 0.0, "n": int(len(test)), "non_finite": True}
+    cos = cosine_rows(test, ref)
+    return {
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "max_abs_diff": float(np.max(np.abs(test - ref))),
+        "top1_agreement": float(retrieval_agreement(test, ref, ref_gallery)),
+        "max_cosine_between_probes": max_cosine_between_rows(test),
+        "n": int(len(test)),
+    }
+
+
+def threshold_for(precision: str, override: float | None = None) -> float:
+    return float(override) if override is not None else COSINE_THRESHOLDS[precision]
+
+
+def check_thresholds(figures: dict[str, dict], precision: str, threshold: float, weights: str) -> dict:
+    """Compare each entry's min cosine with the threshold; raise with all figures on failure."""
+    failed = {name: f for name, f in figures.items()
+              if not (f["min_cosine"] >= threshold) or (f.get("max_cosine_between_probes") or -1.0) > DISTINCT_PROBES_MAX_COSINE}
+    summary = {
+        "threshold_min_cosine": threshold,
+        "passed": not failed,
+        "weights": weights,
+    }
+    if weights == "random":
+        summary["note"] = (
+            "random weights: the thresholds are set for pretrained checkpoints; these figures measure "
+            "the export's numerics on an untrained network of the same architecture"
+        )
+    if failed:
+        same = [n for n, f in failed.items() if (f.get("max_cosine_between_probes") or -1.0) > DISTINCT_PROBES_MAX_COSINE]
+        raise ValidationFailed(
+            f"{precision} export failed validation (min cosine must be >= {threshold}"
+            + (f"; {', '.join(same)}: different probe inputs give the same embedding" if same else "") + "):\n"
+            + format_figures(figures)
+            + "\nThe artifacts were not written. Check the precision settings, calibrate INT8 on real data with "
+              "--calibration-data DIR, or pass --no-validate to write them anyway."
+        )
+    return summary
+
+
+def format_figures(figures: dict[str, dict]) -> str:
+    lines = [f"  {'graph':<10} {'min cos':>10} {'mean cos':>10} {'max|diff|':>10} {'top-1 agr':>10} {'probe-max cos':>14}"]
+    for name, f in figures.items():
+        lines.append(
+            f"  {name:<10} {f['min_cosine']:>10.6f} {f['mean_cosine']:>10.6f} {f['max_abs_diff']:>10.2e} "
+            f"{f['top1_agreement']:>10.2%} {f.get('max_cosine_between_probes') or float('nan'):>14.6f}"
+        )
+    return "\n".join(lines)
+
+
+# --- the reference set, kept with the export ----------------------------------------------
+#
+# The probe feeds and the original's fp32 embeddings are saved beside the graphs
+# (``validation.npz``), so that artifacts built later from the export (TensorRT engines, on a GPU
+# machine that may have neither torch nor the checkpoint) are validated on the same inputs
+# against the same reference with the same thresholds. ``run(graph, feed, outputs)`` is any
+# backend: ONNX Runtime sessions during the export, TensorRT engines after ``build-engines``.
+
+VALIDATION_ARRAYS = "validation.npz"
+
+#: run(graph name, feed, output names) -> list of arrays
+GraphRunner = Callable[[str, Mapping[str, np.ndarray], Sequence[str]], Sequence[np.ndarray]]
+
+
+def _feed(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def clip_reference_arrays(feeds: Mapping[str, Mapping[str, np.ndarray]], composed_feeds: Mapping[str, Mapping[str, np.ndarray]],
+                          ref_images: np.ndarray, ref_texts: np.ndarray, ref_composed: np.ndarray) -> dict[str, np.ndarray]:
+    """The graphs' feeds (this project's preprocessing) and the original's embeddings of the same
+    probes (``bgevl.reference.OriginalClip``), after the sanity gate on the latter."""
+    check_reference({"reference images": ref_images, "reference texts": ref_texts, "reference composed": ref_composed})
+    arrays = {f"feed/{g}/{k}": v for g, feed in feeds.items() for k, v in feed.items()}
+    arrays.update({f"composed/{g}/{k}": v for g, feed in composed_feeds.items() for k, v in feed.items()})
+    arrays["ref/image_embeds"], arrays["ref/text_embeds"], arrays["ref/composed"] = ref_images, ref_texts, ref_composed
+    return arrays
+
+
+def clip_parity(arrays: Mapping[str, np.ndarray], run: GraphRunner) -> dict[str, dict]:
+    """Figures of the vision and text graphs and of composed queries (score fusion of the graphs' features)."""
+    image = run(VISION_GRAPH, _feed(arrays, f"feed/{VISION_GRAPH}/"), [IMAGE_EMBEDS])[0]
+    text = run(TEXT_GRAPH, _feed(arrays, f"feed/{TEXT_GRAPH}/"), [TEXT_EMBEDS])[0]
+    image_features = run(VISION_GRAPH, _feed(arrays, f"composed/{VISION_GRAPH}/"), [IMAGE_FEATURES])[0]
+    text_features = run(TEXT_GRAPH, _feed(arrays, f"composed/{TEXT_GRAPH}/"), [TEXT_FEATURES])[0]
+    ref_image, ref_text = arrays["ref/image_embeds"], arrays["ref/text_embeds"]
+    return {
+        VISION_GRAPH: parity_figures(image, ref_image, ref_text),
+        TEXT_GRAPH: parity_figures(text, ref_text, ref_image),
+        "composed": parity_figures(score_fusion(image_features, text_features), arrays["ref/composed"], ref_image),
+    }
+
+
+def mllm_reference_arrays(parts: Sequence[Mapping[str, np.ndarray]], reference: np.ndarray, kinds: Sequence[str],
+                          zero_tile_shape: Sequence[int]) -> dict[str, np.ndarray]:
+    check_reference({f"reference {kind}": reference[np.array(kinds) == kind] for kind in sorted(set(kinds))})
+    arrays = {f"part{i}/{k}": v for i, feed in enumerate(parts) for k, v in feed.items()}
+    arrays["ref/embeds"], arrays["kinds"] = reference, np.array(kinds)
+    arrays["zero_tile_shape"] = np.array(zero_tile_shape, dtype=np.int64)
+    return arrays
+
+
+def mllm_parity(arrays: Mapping[str, np.ndarray], run: GraphRunner) -> dict[str, dict]:
+    """Figures of image-only, text-only and composed items through the vision and language graphs."""
+    zero_tile = np.zeros(tuple(arrays["zero_tile_shape"]), np.float32)
+    got, i = [], 0
+    while f"part{i}/{INPUT_IDS}" in arrays:
+        feed = _feed(arrays, f"part{i}/")
+        tiles = run(MLLM_VISION_GRAPH, {IMAGE_TILES: feed[IMAGE_TILES]}, [TILE_FEATURES])[0] if IMAGE_TILES in feed else zero_tile
+        language = {k: feed[k] for k in (INPUT_IDS, ATTENTION_MASK, IMAGE_FEATURE_INDEX)}
+        language[TILE_FEATURES] = np.asarray(tiles, np.float32)
+        got.append(run(MLLM_LANGUAGE_GRAPH, language, [EMBEDDING])[0])
+        i += 1
+    got_all, ref, kinds = np.concatenate(got), arrays["ref/embeds"], arrays["kinds"]
+    figures = {}
+    for kind in ("image", "text", "composed"):
+        sel = kinds == kind
+        gallery = ref[kinds == ("text" if kind == "image" else "image")]
+        figures[kind] = parity_figures(got_all[sel], ref[sel], gallery)
+    return figures
+
+
+def parity(family: str, arrays: Mapping[str, np.ndarray], run: GraphRunner) -> dict[str, dict]:
+    return mllm_parity(arrays, run) if family == "mllm" else clip_parity(arrays, run)
+
+
+def save_arrays(path, arrays: Mapping[str, np.ndarray]) -> None:
+    np.savez(path, **arrays)
+
+
+def load_arrays(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}

@@ -1,0 +1,263 @@
+"""Input checking and the model's own preprocessing (CLIP image processor and tokenizer).
+
+Shared by the runtime, the exporter's validation and the Triton preprocessing model, so the
+three feed the graphs identical tensors. Every error names the offending item by its index.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from bgevl.errors import InputError
+
+log = logging.getLogger("bgevl")
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one input item may cost, checked before it is decoded or tokenized.
+
+    A few hundred bytes of PNG can declare 40000 x 2 pixels; the CLIP processor resizes the short
+    side to 224, so the long side becomes 4.48 M pixels (seconds and gigabytes for one item). The
+    image size is read from the file header and refused past these bounds; Pillow's own
+    decompression-bomb check (about 179 M pixels) comes too late and raises a bare exception.
+
+    * ``max_image_pixels``: width x height of the encoded image (40 M: a 7300 x 5500 photo);
+    * ``max_aspect_ratio``: long side / short side (20: a 224-px short side makes at most 4480 px);
+    * ``max_text_bytes``: UTF-8 bytes of one text, before tokenizing (32 KiB: CLIP keeps 77 tokens,
+      the MLLM 4096 including an image's 2928);
+    * ``jpeg_draft_above_pixels``: JPEGs over this many pixels are decoded at a reduced DCT scale that
+      still leaves at least twice the size the model resizes them to (Pillow's ``Image.draft``);
+      ``0`` turns it off. This changes the pixels of such images slightly against a full decode.
+    """
+
+    max_image_pixels: int = 40_000_000
+    max_aspect_ratio: float = 20.0
+    max_text_bytes: int = 32 * 1024
+    jpeg_draft_above_pixels: int = 16_000_000
+
+    def to_parameters(self) -> dict[str, str]:
+        """As Triton model-config parameters (the preprocess models read them back with ``from_parameters``)."""
+        return {f"limit_{k}": str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_parameters(cls, get: Any) -> "InputLimits":
+        """``get(name, default)`` -> string, e.g. ``bgevl.triton_repo.models.backend_utils.parameter``."""
+        defaults = cls()
+        return cls(**{k: type(v)(get(f"limit_{k}", str(v))) for k, v in asdict(defaults).items()})
+
+
+DEFAULT_LIMITS = InputLimits()
+
+TEXT_OVERFLOW_MODES = ("truncate", "error")
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return f"'{os.fspath(item)}'"
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"<{len(item)} bytes>"
+    return f"<{type(item).__name__}>"
+
+
+#: The image-processor backend, pinned. transformers 5 picks the torchvision backend whenever
+#: torchvision is importable and PIL otherwise (``image_processing_auto._resolve_backend``); BGE-VL's
+#: hub files name only the legacy ``CLIPFeatureExtractor`` and the original (transformers 4.45) ran
+#: the PIL/numpy path, so installing torchvision must not change any embedding.
+IMAGE_PROCESSOR_BACKEND = "pil"
+
+
+def load_processor(directory: str | os.PathLike) -> Any:
+    """The checkpoint's (or export's) processor, with the image-processor backend pinned to PIL."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(directory, backend=IMAGE_PROCESSOR_BACKEND)
+
+
+def load_image(item: ImageInput, index: int = 0, convert_rgb: bool = True, limits: InputLimits = DEFAULT_LIMITS,
+               model_size: tuple[int, int] | int | None = None) -> Image.Image:
+    """Open one image (path, bytes or PIL image) fully and, by default, convert it to RGB.
+
+    BGE-VL's CLIP ``encode`` converts every image to RGB before the processor; so do we. The MLLM
+    resizes first and converts after (``convert_rgb=False`` here; see ``MllmPreprocessor``).
+    ``limits`` are checked on the header before any pixel is decoded; ``model_size`` is what the
+    model resizes the image to (an int: the short side; a pair: width and height), for the JPEG
+    draft decode of very large images.
+    """
+    where = f"images[{index}] {_describe(item)}"
+    if isinstance(item, Image.Image):
+        _check_size(item, where, limits)
+        image = item
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        if len(item) == 0:
+            raise InputError(f"{where}: empty byte string; pass the encoded image file's bytes (PNG, JPEG, ...)")
+        image = _open(io.BytesIO(bytes(item)), where, limits, model_size)
+    elif isinstance(item, (str, os.PathLike)):
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise InputError(f"{where}: file not found; check the path")
+        if path.is_dir():
+            raise InputError(f"{where}: is a directory, not an image file")
+        with open(path, "rb") as fh:
+            image = _open(io.BytesIO(fh.read()), where, limits, model_size)
+    else:
+        raise InputError(
+            f"{where}: unsupported image type {type(item).__name__}; pass a file path, the file's bytes or a PIL.Image"
+        )
+    try:
+        image.load()
+        return image.convert("RGB") if convert_rgb else image
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{where}: the image data is corrupt or truncated ({exc}); re-encode or replace the file") from exc
+
+
+def _check_size(image: Image.Image, where: str, limits: InputLimits) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InputError(f"{where}: the image has no pixels ({width}x{height})")
+    if width * height > limits.max_image_pixels:
+        raise InputError(f"{where}: {width}x{height} is {width * height / 1e6:.1f} M pixels, over the limit of "
+                         f"{limits.max_image_pixels / 1e6:.1f} M; downscale it first (the model sees 224-512 px) or "
+                         f"raise max_image_pixels")
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise InputError(f"{where}: {width}x{height} has an aspect ratio of {max(width, height) / min(width, height):.0f}:1, "
+                         f"over the limit of {limits.max_aspect_ratio:g}:1; crop it first or raise max_aspect_ratio")
+
+
+def _draft(image: Image.Image, limits: InputLimits, model_size: tuple[int, int] | int | None) -> None:
+    """Decode a very large JPEG at a reduced scale (1/2, 1/4, 1/8) that keeps at least twice the
+    size the model resizes it to."""
+    width, height = image.size
+    if image.format != "JPEG" or not model_size or not limits.jpeg_draft_above_pixels or \
+            width * height <= limits.jpeg_draft_above_pixels:
+        return
+    if isinstance(model_size, int):  # the short side goes to model_size, the aspect ratio is kept
+        scale = 2 * model_size / min(width, height)
+        wanted = (int(width * scale) + 1, int(height * scale) + 1)
+    else:
+        wanted = (2 * model_size[0], 2 * model_size[1])
+    image.draft(image.mode, wanted)
+
+
+def _open(stream: io.BytesIO, where: str, limits: InputLimits = DEFAULT_LIMITS,
+          model_size: tuple[int, int] | int | None = None) -> Image.Image:
+    try:
+        image = Image.open(stream)  # reads the header only
+        _check_size(image, where, limits)
+        _draft(image, limits, model_size)
+        image.load()  # decode now: a truncated file fails here, not later inside the processor
+        return image
+    except InputError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{where}: not a readable image (Pillow cannot identify the format); pass a PNG, JPEG, WebP, ... file") from exc
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{where}: refused by Pillow's decompression-bomb check ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{where}: the image data is corrupt or truncated ({exc}); re-encode or replace the file") from exc
+
+
+def as_list(value: Any, kind: str) -> list | None:
+    """Accept one item or a sequence of items; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if kind == "text" and isinstance(value, str):
+        return [value]
+    if kind == "text" and isinstance(value, (bytes, bytearray, memoryview)):
+        raise InputError("text: got bytes; pass str (decode it first, e.g. value.decode('utf-8'))")
+    if kind == "images" and isinstance(value, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+        return [value]
+    if not hasattr(value, "__iter__"):
+        raise InputError(f"{kind}: expected one item or a list, got {type(value).__name__}")
+    if isinstance(value, np.ndarray):
+        raise InputError(f"{kind}: pass a list of {'strings' if kind == 'text' else 'images'}, not a numpy array")
+    items = list(value)
+    if not items:
+        raise InputError(f"{kind}: empty list; pass at least one item or leave it out")
+    return items
+
+
+def check_text(text: Any, i: int, limits: InputLimits = DEFAULT_LIMITS, empty_hint: str = "") -> str:
+    """One text item: a str of valid Unicode (no lone surrogates), not empty, within ``max_text_bytes``."""
+    if not isinstance(text, str):
+        raise InputError(f"text[{i}]: expected a string, got {type(text).__name__}")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InputError(f"text[{i}]: not valid Unicode ({exc.reason} at character {exc.start}); remove the lone "
+                         f"surrogate (decode the source with errors='replace')") from None
+    if size > limits.max_text_bytes:
+        raise InputError(f"text[{i}]: {size} bytes, over the limit of {limits.max_text_bytes} bytes per text; "
+                         f"shorten it (the model keeps only its first tokens) or raise max_text_bytes")
+    if not text.strip():
+        raise InputError(f"text[{i}]: empty text; every text needs at least one non-space character{empty_hint}")
+    return text
+
+
+def check_texts(texts: Sequence[Any], limits: InputLimits = DEFAULT_LIMITS) -> list[str]:
+    return [check_text(t, i, limits) for i, t in enumerate(texts)]
+
+
+class ClipPreprocessor:
+    """The checkpoint's CLIPProcessor, with BGE-VL's input rules and clear errors.
+
+    ``text_overflow``: ``"truncate"`` cuts texts over the model's token limit (77 for CLIP, the
+    authors' evaluation setting) and logs a warning naming them; ``"error"`` raises instead
+    (BGE-VL's own ``encode`` does not truncate and fails inside the model).
+    """
+
+    def __init__(self, processor: Any, max_text_length: int, text_overflow: str = "truncate",
+                 limits: InputLimits = DEFAULT_LIMITS):
+        if text_overflow not in TEXT_OVERFLOW_MODES:
+            raise ValueError(f"text_overflow must be one of {TEXT_OVERFLOW_MODES}, got {text_overflow!r}")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.max_text_length = max_text_length
+        self.text_overflow = text_overflow
+        self.limits = limits
+        size = getattr(self.image_processor, "size", None)
+        self.short_side = getattr(size, "shortest_edge", None) or (size.get("shortest_edge") if isinstance(size, dict) else None)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, max_text_length: int, text_overflow: str = "truncate",
+                        limits: InputLimits = DEFAULT_LIMITS) -> "ClipPreprocessor":
+        return cls(load_processor(directory), max_text_length, text_overflow, limits)
+
+    def pixel_values(self, images: Iterable[ImageInput], start: int = 0) -> np.ndarray:
+        """``start``: index of the first item in the caller's list (error messages name items by it)."""
+        pil = [load_image(item, start + i, limits=self.limits, model_size=self.short_side) for i, item in enumerate(images)]
+        return np.asarray(self.image_processor(images=pil, return_tensors="np")["pixel_values"], dtype=np.float32)
+
+    def tokens(self, texts: Sequence[Any], pad_to_max_length: bool = False, start: int = 0) -> dict[str, np.ndarray]:
+        """Token ids and attention mask, padded to the longest text, or to the model's limit with
+        ``pad_to_max_length`` (fixed shapes, which Triton's dynamic batcher needs to merge requests).
+        ``start``: index of the first text in the caller's list (error messages name items by it)."""
+        texts = [check_text(t, start + i, self.limits) for i, t in enumerate(texts)]
+        padding = "max_length" if pad_to_max_length else True
+        enc = self.tokenizer(texts, add_special_tokens=True, verbose=False)
+        over = [(start + i, len(ids)) for i, ids in enumerate(enc["input_ids"]) if len(ids) > self.max_text_length]
+        if not over:  # the common case: pad the one tokenization, no second pass
+            enc = self.tokenizer.pad(enc, padding=padding, max_length=self.max_text_length if pad_to_max_length else None,
+                                     return_tensors="np")
+        else:
+            listed = ", ".join(f"text[{i}] ({n} tokens)" for i, n in over)
+            if self.text_overflow == "error":
+                raise InputError(
+                    f"{listed} over the model's limit of {self.max_text_length} tokens; shorten it or "
+                    f"use text_overflow='truncate'"
+                )
+            log.warning("truncating %s to the model's limit of %d tokens", listed, self.max_text_length)
+            # re-tokenized by the tokenizer itself so truncation keeps <|endoftext|> last (EOS pooling)
+            enc = self.tokenizer(texts, padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="np")
+        return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}

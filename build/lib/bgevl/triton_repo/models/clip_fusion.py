@@ -1,0 +1,36 @@
+"""Score fusion: unnormalized image and text features -> normalized composed embedding
+(``bgevl.fusion.score_fusion``, the runtime's implementation). Requests batched by Triton run as
+one array operation."""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb
+
+from bgevl.fusion import score_fusion
+from bgevl.specs import IMAGE_FEATURES, SERVING_EMBEDDING, TEXT_FEATURES
+from bgevl.triton_repo.models.backend_utils import answer, model_config
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.name = model_config(args)["name"]
+
+    def execute(self, requests):
+        """One array operation for the batch; if it fails, each request alone (a bad one fails by itself)."""
+        try:
+            image = [pb.get_input_tensor_by_name(r, IMAGE_FEATURES).as_numpy() for r in requests]
+            text = [pb.get_input_tensor_by_name(r, TEXT_FEATURES).as_numpy() for r in requests]
+            if any(len(a) != len(b) for a, b in zip(image, text)):  # merged, two such requests could pair wrongly
+                raise ValueError("a request's image and text features differ in count")
+            fused = score_fusion(np.concatenate(image), np.concatenate(text))
+        except Exception:  # noqa: BLE001
+            return [answer(self.name, self._one, r) for r in requests]
+        bounds = np.cumsum([0] + [len(a) for a in image])
+        return [pb.InferenceResponse(output_tensors=[pb.Tensor(SERVING_EMBEDDING, fused[bounds[i]:bounds[i + 1]])])
+                for i in range(len(requests))]
+
+    def _one(self, request):
+        image = pb.get_input_tensor_by_name(request, IMAGE_FEATURES).as_numpy()
+        text = pb.get_input_tensor_by_name(request, TEXT_FEATURES).as_numpy()
+        return pb.InferenceResponse(output_tensors=[pb.Tensor(SERVING_EMBEDDING, score_fusion(image, text))])

@@ -1,0 +1,83 @@
+"""An exported ONNX graph served by the python backend with ONNX Runtime (CPU-only Triton).
+
+With ``max_batch_size > 0`` the requests Triton's dynamic batcher hands over in one ``execute``
+are concatenated along the batch axis and run as one ONNX Runtime call, then split back (requests
+of other shapes in separate calls; a failing call is retried request by request, so one bad request
+fails alone); graphs served with ``max_batch_size: 0`` (the MLLM language graph) run one request
+per call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb
+
+from bgevl.runtime.providers import create_session
+from bgevl.triton_repo.models.backend_utils import answer, model_config, parameter
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.config = model_config(args)
+        self.name = self.config["name"]
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        threads = int(parameter(self.config, "intra_op_threads", "0")) or None
+        self.session = create_session(version_dir / parameter(self.config, "onnx_file", "model.onnx"), None, threads)
+        self.inputs = [i["name"] for i in self.config["input"]]
+        self.outputs = [o["name"] for o in self.config["output"]]
+        self.batched = int(self.config.get("max_batch_size", 0)) > 0
+        # Requests arrive padded to the model's text limit (fixed shapes let Triton merge them); with
+        # right padding and a causal, mask-pooled graph (CLIP text) the columns after the longest
+        # text in the merged batch change nothing, so they are cut before running.
+        self.trim_by = parameter(self.config, "trim_right_padding")
+
+    def _requested(self, request) -> list[str]:
+        names = list(request.requested_output_names())
+        return names or self.outputs
+
+    def _inputs(self, request) -> dict[str, np.ndarray]:
+        return {name: pb.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
+
+    def execute(self, requests):
+        """Requests whose inputs have the same shapes past the batch axis run as one ONNX Runtime call;
+        when that call fails, each of its requests runs alone, so a bad request fails by itself."""
+        if not self.batched:
+            return [answer(self.name, self._run_alone, r) for r in requests]
+        feeds = [self._inputs(r) for r in requests]
+        groups: dict[tuple, list[int]] = {}
+        for i, feed in enumerate(feeds):
+            groups.setdefault(tuple((k, v.shape[1:], v.dtype.str) for k, v in feed.items()), []).append(i)
+        responses = [None] * len(requests)
+        for members in groups.values():
+            try:
+                for i, response in zip(members, self._run_merged([requests[i] for i in members], [feeds[i] for i in members])):
+                    responses[i] = response
+            except Exception:  # noqa: BLE001 - find the request that failed it
+                for i in members:
+                    responses[i] = answer(self.name, self._run_alone, requests[i])
+        return responses
+
+    def _run_merged(self, requests, feeds):
+        wanted = sorted({n for r in requests for n in self._requested(r)})
+        sizes = [len(f[self.inputs[0]]) for f in feeds]
+        merged = {k: np.concatenate([f[k] for f in feeds]) for k in self.inputs}
+        if self.trim_by:
+            length = max(int(merged[self.trim_by].sum(axis=1).max()), 1)
+            merged = {k: v[:, :length] if v.ndim == 2 and v.shape == merged[self.trim_by].shape else v
+                      for k, v in merged.items()}
+        results = self.session.run(wanted, merged)
+        bounds = np.cumsum([0] + sizes)
+        return [pb.InferenceResponse(output_tensors=[
+                    pb.Tensor(n, np.ascontiguousarray(results[wanted.index(n)][bounds[i]:bounds[i + 1]]))
+                    for n in self._requested(request)])
+                for i, request in enumerate(requests)]
+
+    def _run_alone(self, request):
+        names = self._requested(request)
+        try:
+            results = self.session.run(names, self._inputs(request))
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime rejects this request's values (e.g. token ids)
+            raise ValueError(f"{self.name}: {str(exc).strip().splitlines()[0]}") from None
+        return pb.InferenceResponse(output_tensors=[pb.Tensor(n, r) for n, r in zip(names, results)])

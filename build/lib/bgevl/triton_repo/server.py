@@ -1,0 +1,480 @@
+"""A local Triton server on a CPU machine: the ``tritonserver`` bundled in the ``nvidia-pytriton`` wheel.
+
+``bgevl-serve REPO`` (or :class:`TritonServer` as a context manager in tests and benchmarks):
+
+* builds a backend directory with the wheel's python backend (``libtriton_python.so``,
+  ``triton_python_backend_utils.py`` and the stub for this Python version);
+* starts the server with ``LD_LIBRARY_PATH`` at the wheel's libraries and this environment's
+  ``bin`` first on ``PATH``: the python-backend stub starts its embedded interpreter isolated and
+  resolves ``python3`` on ``PATH``, so that environment's site-packages (numpy<2, onnxruntime,
+  transformers, bgevl) are what the models import, without PYTHONPATH (which the stub ignores);
+* waits until every model is ready, checking that the process it started is still alive (a
+  second server on a busy port exits while the first one answers the readiness poll);
+* stops with SIGINT (Triton's graceful shutdown), then kills the whole process group (server and
+  stubs) if it has not exited in time, so nothing is left running.
+
+What was observed on this machine type is in ``shared/reference/triton-on-cpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from bgevl.errors import BgevlError
+
+#: Backends the bundled server has: the python backend only (no onnxruntime, tensorrt, pytorch).
+BUNDLED_BACKENDS = {"python", "ensemble"}
+
+#: Triton APIs restricted by default: a client that reaches the port could otherwise register a
+#: /dev/shm region by name and have the server write into it, load or unload models, or change
+#: logging and tracing. They need the header ``bgevl-admin: <key>`` (``--admin-key``).
+RESTRICTED_APIS = ("shared-memory", "model-repository", "logging", "trace")
+ADMIN_HEADER = "bgevl-admin"
+
+#: Loopback unless --host says otherwise.
+DEFAULT_HOST = "127.0.0.1"
+
+
+def _die_with_parent() -> None:
+    """In the server's child process before exec: its own session, and SIGKILL when bgevl-serve dies
+    (prctl PR_SET_PDEATHSIG), so a killed launcher or a closed terminal leaves no server behind."""
+    import ctypes
+
+    os.setsid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Triton stops gracefully on SIGINT, even if inherited ignored
+
+
+def stub_libpython(paths: dict[str, Path]) -> Path | None:
+    """The libpython the python-backend stub loads (``ldd``), or None if it cannot be told."""
+    try:
+        out = subprocess.run(["ldd", str(paths["stub"])], capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "LD_LIBRARY_PATH": str(paths["libs"])}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if "libpython" in line and "=>" in line:
+            target = line.split("=>")[1].split("(")[0].strip()
+            return Path(target).resolve() if target and target != "not found" else None
+    return None
+
+
+def check_interpreter(libpython: Path | None, base_prefix: str = sys.base_prefix) -> None:
+    """The stub embeds one libpython and activates this environment's site-packages: the environment
+    must be built on that same Python, or the two standard libraries mix and the models fail to load
+    (measured: a venv of pyenv's 3.11.7 beside Debian's 3.11.2 libpython fails inside multiprocessing)."""
+    if libpython is None:
+        raise BgevlError("the python-backend stub's libpython was not found (ldd); install the Python shared library "
+                         "it needs (Debian: libpython3.11) and create the environment with that Python")
+    base = Path(base_prefix).resolve()
+    if not str(libpython).startswith(str(base) + os.sep):
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        raise BgevlError(
+            f"this environment is built on the Python in {base}, but the Triton python-backend stub embeds {libpython}; "
+            f"the models would load the wrong standard library. Create the environment with that Python, e.g. "
+            f"`/usr/bin/python{version} -m venv .venv` (scripts/setup-env.sh does), and run bgevl-serve from it")
+
+
+def pytriton_paths() -> dict[str, Path]:
+    """Locations inside the installed nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise BgevlError("the local Triton server comes from the nvidia-pytriton wheel: "
+                         "pip install 'bgevl-export[serving]'") from exc
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    paths = {
+        "server": root / "bin" / "tritonserver",
+        "libs": Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs",
+        "backend": root / "backends" / "python",
+        "stub": root / "python_backend_stubs" / version / "triton_python_backend_stub",
+    }
+    if not paths["stub"].is_file():
+        raise BgevlError(f"nvidia-pytriton has no python-backend stub for Python {version} "
+                         f"({paths['stub'].parent.parent} lists the supported versions); use one of those Pythons")
+    for key in ("server", "libs", "backend"):
+        if not paths[key].exists():
+            raise BgevlError(f"the nvidia-pytriton install is incomplete: {paths[key]} is missing; reinstall it")
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+def check_servable(repository: Path) -> list[str]:
+    """Model names of the repository; refuses backends the bundled server lacks."""
+    from bgevl.triton_repo.repository import repository_backends
+
+    backends = repository_backends(repository)
+    if not backends:
+        raise BgevlError(f"{repository} holds no model (no <model>/config.pbtxt); write one with "
+                         f"`bgevl-export --triton-repo DIR` or `bgevl-export triton-repo EXPORT_DIR --output DIR`")
+    missing = {name: b for name, b in backends.items() if b not in BUNDLED_BACKENDS}
+    if missing:
+        listed = ", ".join(f"{n} ({b})" for n, b in sorted(missing.items()))
+        raise BgevlError(
+            f"the CPU Triton server bundled in nvidia-pytriton has only the python backend, and {listed} need(s) "
+            f"another. Package the export with --triton-backend python for this server, or serve this repository "
+            f"with a full Triton (e.g. the nvcr.io/nvidia/tritonserver container)")
+    return sorted(backends)
+
+
+WORKDIR_PREFIX = "bgevl-triton-"
+
+
+def remove_stale_workdirs() -> None:
+    """Temporary directories of servers whose launcher was killed (SIGKILL runs no clean-up): removed
+    at the next start, when the process that made them is gone."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            owner = int((directory / "owner.pid").read_text())
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # not ours to judge (no pid file, another user's)
+
+
+class TritonServer:
+    """The bundled ``tritonserver`` serving one repository; a context manager."""
+
+    def __init__(self, repository: str | os.PathLike, *, http_port: int | None = 8000, grpc_port: int | None = 8001,
+                 metrics_port: int | None = 8002, log_file: str | os.PathLike | None = None, verbose: bool = False,
+                 host: str = DEFAULT_HOST, admin_key: str | None = None, restrict_apis: bool = True,
+                 repository_uri: str | None = None, env: dict[str, str] | None = None):
+        """``repository``: a local repository, checked here; ``repository_uri``: where the server reads
+        it from instead (``s3://host:port/bucket/path``, ``gs://...``), a copy of ``repository``;
+        ``env``: extra environment for the server (object-store credentials)."""
+        import secrets
+
+        self.repository = Path(repository).expanduser().resolve()
+        self.repository_uri = repository_uri or str(self.repository)
+        self.extra_env = dict(env or {})
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.verbose = verbose
+        self.host = host
+        self.restrict_apis = restrict_apis
+        self.admin_key = admin_key or secrets.token_urlsafe(16)
+        self.models = check_servable(self.repository)
+        remove_stale_workdirs()
+        self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+        (self._workdir / "owner.pid").write_text(str(os.getpid()))
+        self.log_file = Path(log_file) if log_file else self._workdir / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+        self._stubs: dict[int, str] = {}
+
+    @property
+    def _client_host(self) -> str:
+        return "localhost" if self.host in ("127.0.0.1", "0.0.0.0", "::", "localhost") else self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    def _backend_dir(self, paths: dict[str, Path]) -> Path:
+        backend = self._workdir / "backends" / "python"
+        backend.mkdir(parents=True)
+        for src in (paths["backend"] / "libtriton_python.so", paths["backend"] / "triton_python_backend_utils.py",
+                    paths["stub"]):
+            shutil.copy2(src, backend / src.name)  # copies: the backend finds the stub beside its own real path
+        return backend.parent
+
+    def command(self, backend_dir: Path, server: Path) -> list[str]:
+        cmd = [str(server), f"--model-repository={self.repository_uri}", f"--backend-directory={backend_dir}",
+               f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+               f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
+               "--allow-metrics=true", "--exit-timeout-secs=10", f"--log-verbose={1 if self.verbose else 0}",
+               # explicit control, everything loaded at start: a model whose stub died can be reloaded alone
+               "--model-control-mode=explicit", "--load-model=*"]
+        if self.restrict_apis:
+            rule = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
+            cmd += [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]  # the gRPC flag's 2.51 name
+        return cmd
+
+    def environment(self, libs: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env_bin = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([env_bin, env.get("PATH", "")])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        env.pop("PYTHONPATH", None)  # ignored by the stub anyway; keep the server's view unambiguous
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 180.0, progress=None) -> "TritonServer":
+        for port in (self.http_port, self.grpc_port, self.metrics_port):
+            if _port_in_use(port):
+                raise BgevlError(f"port {port} is in use (another Triton server?); stop it or pass other "
+                                 f"--http-port/--grpc-port/--metrics-port")
+        paths = pytriton_paths()
+        check_interpreter(stub_libpython(paths))
+        backend_dir = self._backend_dir(paths)
+        log = open(self.log_file, "wb")
+        self.process = subprocess.Popen(self.command(backend_dir, paths["server"]), stdout=log, stderr=subprocess.STDOUT,
+                                        env=self.environment(paths["libs"]), preexec_fn=_die_with_parent)
+        log.close()
+        try:
+            self._wait_ready(timeout, progress)
+        except BaseException:
+            self.stop()
+            raise
+        self._stubs = self.stub_processes()
+        return self
+
+    # --- python-backend stubs: a dead one is found and its model reloaded ------------------------
+    #
+    # The python backend runs each model instance in a stub process. When one dies (the OOM killer,
+    # kill -9), Triton 2.51 keeps reporting the model ready and answers every request routed to it
+    # with "Stub process ... is not healthy" (measured: for minutes). The launcher watches the stubs
+    # and reloads the model of a dead one through the repository API: the model reports not ready
+    # while it reloads, then serves again with new stubs.
+
+    def stub_processes(self) -> dict[int, str]:
+        """{pid: model name} of the server's python-backend stubs."""
+        import psutil
+
+        out = {}
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            return out
+        for child in children:
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if cmd and cmd[0].endswith("triton_python_backend_stub") and len(cmd) > 1:
+                out[child.pid] = Path(cmd[1]).parent.parent.name  # <repository>/<model>/<version>/model.py
+        return out
+
+    def _post(self, path: str, timeout: float) -> tuple[int, str]:
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST",
+                                     headers={ADMIN_HEADER: self.admin_key, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, ""
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError) as exc:
+            return 0, str(exc)
+
+    def recover_dead_stubs(self, report=print, timeout: float = 60.0) -> list[str]:
+        """One check: reload every model one of whose stubs has died since the last check; returns
+        the models reloaded."""
+        current = self.stub_processes()
+        dead = {}
+        for pid, model in self._stubs.items():
+            if pid not in current:
+                dead.setdefault(model, pid)
+        reloaded = []
+        for model, pid in dead.items():
+            start = time.monotonic()
+            report(f"bgevl-serve: the python-backend stub of model {model!r} (pid {pid}) died; reloading {model}")
+            # unload first: a load of a loaded model whose files did not change is a no-op in Triton 2.51
+            status, body = self._post(f"/v2/repository/models/{model}/unload", timeout)
+            deadline = time.monotonic() + timeout
+            while status == 200 and self._get(f"/v2/models/{model}/ready") == 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if status == 200:
+                status, body = self._post(f"/v2/repository/models/{model}/load", timeout)
+            if status == 200 and self._get(f"/v2/models/{model}/ready") == 200:
+                report(f"bgevl-serve: model {model!r} is serving again ({time.monotonic() - start:.1f} s)")
+                reloaded.append(model)
+            else:
+                report(f"bgevl-serve: reloading model {model!r} failed (HTTP {status}: {body.strip()[:300]}); "
+                       f"its requests fail until the server is restarted")
+        if dead:
+            current = self.stub_processes()
+        self._stubs = current
+        return reloaded
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except (urllib.error.URLError, OSError):
+            return 0
+
+    def _wait_ready(self, timeout: float, progress) -> None:
+        deadline, last = time.monotonic() + timeout, 0.0
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BgevlError(f"tritonserver exited with code {self.process.returncode} while loading "
+                                 f"{self.repository}: {self.load_failures()} (server log: {self.log_file})")
+            if self._get("/v2/health/ready") == 200 and all(self._get(f"/v2/models/{m}/ready") == 200 for m in self.models):
+                return
+            if progress and time.monotonic() - last > 5:
+                progress(f"waiting for {len(self.models)} models to load ...")
+                last = time.monotonic()
+            time.sleep(0.2)
+        raise BgevlError(f"tritonserver did not become ready within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def load_failures(self) -> str:
+        """The models that failed to load and why, from the server log (Triton prints an option table
+        and "failed to load all models" on the console; the cause is only in these lines)."""
+        import re
+
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return "no server log"
+        found = {}
+        for match in re.finditer(r"failed to load '([^']+)' version \d+: (.+?)(?:\"|$)", text, flags=re.M):
+            found.setdefault(match.group(1), match.group(2).strip())
+        if not found:
+            return "no model load failure in the log; its last lines:\n" + self.log_tail(15)
+        return "; ".join(f"model {name!r} failed to load: {why}" for name, why in found.items())
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Graceful SIGINT, then SIGKILL of the whole process group; returns the server's exit code."""
+        if self.process is None:
+            return None
+        pgid = self.process.pid
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # stubs that outlived the server, or a server that ignored SIGINT
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        code = self.process.wait()
+        deadline = time.monotonic() + 10
+        while self.group_alive() and time.monotonic() < deadline:  # killed stubs take a moment to go
+            time.sleep(0.05)
+        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        if code == 0 or not self.log_file.is_relative_to(self._workdir):
+            shutil.rmtree(self._workdir, ignore_errors=True)  # a failed server keeps its log for the user
+        return code
+
+    def group_alive(self) -> bool:
+        """True while any process of the server's process group (server, stubs) exists."""
+        if self.process is None:
+            return False
+        try:
+            os.killpg(self.process.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bgevl-serve", description=(
+        "Serve a Triton model repository written by bgevl-export with the CPU tritonserver bundled in the "
+        "nvidia-pytriton wheel. Ctrl-C stops it."), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("repository", type=Path, help="model repository (bgevl-export --triton-repo DIR)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-file", type=Path, default=None, help="server log (default: a temporary file, printed at start)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models to load")
+    p.add_argument("--verbose", action="store_true", help="Triton's verbose log")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="address HTTP, gRPC and metrics listen on; 0.0.0.0 exposes them to every network the machine is on")
+    p.add_argument("--admin-key", default=None,
+                   help=f"value of the {ADMIN_HEADER!r} header that unlocks the restricted APIs ({', '.join(RESTRICTED_APIS)}); "
+                        f"default: a random key printed at start")
+    p.add_argument("--unrestricted-apis", action="store_true",
+                   help="do not restrict those APIs (any client that reaches the port may use them)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def on_signal(signum, frame):  # SIGTERM (docker stop, kill), SIGHUP (a closed terminal): as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`cmd &`)
+    server = None
+    try:
+        server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port, log_file=args.log_file, verbose=args.verbose,
+                              host=args.host, admin_key=args.admin_key, restrict_apis=not args.unrestricted_apis)
+        print(f"starting tritonserver for {server.repository}", flush=True)
+        server.start(args.timeout, progress=lambda msg: print(msg, flush=True))
+        print(f"tritonserver pid {server.process.pid}, log {server.log_file}", flush=True)
+        print(f"ready: {len(server.models)} models ({', '.join(server.models)})", flush=True)
+        print(f"  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n  metrics  {server.metrics_url}"
+              f"  (listening on {server.host})", flush=True)
+        if server.restrict_apis:
+            print(f"restricted APIs ({', '.join(RESTRICTED_APIS)}) need the header '{ADMIN_HEADER}: {server.admin_key}'",
+                  flush=True)
+        print("Ctrl-C to stop", flush=True)
+        while server.alive():
+            time.sleep(0.5)
+            server.recover_dead_stubs(report=lambda msg: print(msg, flush=True))
+        print(f"bgevl-serve: tritonserver exited unexpectedly (code {server.process.returncode}):\n{server.log_tail()}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if server is not None and server.process is not None:
+            print("stopping tritonserver ...", flush=True)
+            code = server.stop()
+            print(f"stopped (exit code {code})", flush=True)
+        return 0
+    except BgevlError as exc:
+        print(f"bgevl-serve: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if server is not None and server.alive():
+            server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
