@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib", reason="needs the bench extra: pip install '.[
 def test_bench_runs_every_backend_and_writes_json_markdown_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
     rc = main(["--models", "tiny", "--batch-sizes", "1,2", "--concurrency", "1,2", "--warmup", "1", "--min-repeats", "2",
-               "--min-seconds", "0", "--output", str(out)])
+               "--min-seconds", "0", "--sweep-seconds", "0.5", "--output", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     assert data["command"].startswith("bgevl-bench --models tiny") and data["hardware"]["matmul_peak_gflops"] > 0
@@ -32,6 +32,16 @@ def test_bench_runs_every_backend_and_writes_json_markdown_and_plots(tmp_path, c
             assert row["gflop_per_call"] > 0 and row["gflops"] > 0 and "speedup_vs_pytorch" in row
     assert {(s["workload"], s["concurrency"]) for s in data["triton_sweep"]} == {
         (w, c) for w in ("image", "text", "composed") for c in (1, 2)}
+    # Triton's own load generator measures the sweep where it runs; otherwise the report says why not
+    from bgevl.triton_repo import perf_analyzer
+
+    binary, why = perf_analyzer.find()
+    clients = {s["client"] for s in data["triton_sweep"]}
+    if binary is not None:
+        assert clients == {"perf_analyzer 2.51.0 (gRPC)"}
+        assert all(s["items_per_s"] > 0 and 0 < s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] for s in data["triton_sweep"])
+    else:
+        assert clients == {"bgevl-bench threads (HTTP)"} and any(why in n for n in data["notes"])
     report = (out / "report.md").read_text()
     assert "## Findings" in report and "x PyTorch eager" in report and "Triton p50" in report
     for backend in backends:

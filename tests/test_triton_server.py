@@ -383,6 +383,62 @@ def test_a_killed_stub_is_seen_reported_and_its_model_reloaded_under_load(clip_e
         stopped(server)
 
 
+# --- perf_analyzer with the input data every repository ships ---------------------------------
+
+def test_repositories_ship_perf_analyzer_input_data(clip_export, export_dir, tmp_path):
+    import base64
+    import json
+    import struct
+
+    expected = {"clip": {"text", "image", "composed"}, "mllm": {"candidate_image", "candidate_text", "query"}}
+    for family, export in (("clip", clip_export), ("mllm", export_dir("fp32", model="tiny-mllm"))):
+        repo = write_repository(export, tmp_path / family, sink=None)
+        files = {p.stem.removeprefix("perf_analyzer_"): p for p in repo.glob("perf_analyzer_*.json")}
+        assert set(files) == expected[family]
+        for path in files.values():
+            steps = json.loads(path.read_text())["data"]
+            assert len(steps) == 4
+            for step in steps:
+                for name, tensor in step.items():
+                    raw = base64.b64decode(tensor["b64"])
+                    (length,) = struct.unpack("<I", raw[:4])  # Triton's BYTES serialization: length, then bytes
+                    assert tensor["shape"] == [1] and length == len(raw) - 4
+                    if name == "IMAGE":
+                        assert Image.open(io.BytesIO(raw[4:])).format == "JPEG"
+
+
+@pytest.fixture(scope="module")
+def perf_analyzer_binary():
+    from bgevl.triton_repo import perf_analyzer
+
+    binary, why = perf_analyzer.find()
+    if binary is None:
+        pytest.skip(why)
+    return binary
+
+
+@pytest.mark.parametrize("model,workload", [("bgevl", "text"), ("bgevl", "image"), ("bgevl", "composed"),
+                                            ("bgevl_composed", "composed")])
+def test_perf_analyzer_runs_with_the_shipped_input_data(clip_served, perf_analyzer_binary, model, workload):
+    from bgevl.triton_repo import perf_analyzer
+
+    server, _ = clip_served
+    rows = perf_analyzer.run(model, server.grpc_url, server.repository / f"perf_analyzer_{workload}.json", [1, 2],
+                             measurement_ms=500, binary=perf_analyzer_binary)
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    assert all(r["requests_per_s"] > 0 and 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in rows)
+
+
+def test_perf_analyzer_runs_on_the_mllm_entry(mllm_served, perf_analyzer_binary):
+    from bgevl.triton_repo import perf_analyzer
+
+    server, _ = mllm_served
+    for workload in ("candidate_image", "candidate_text", "query"):
+        [row] = perf_analyzer.run("bgevl", server.grpc_url, server.repository / f"perf_analyzer_{workload}.json", [1],
+                                  measurement_ms=500, binary=perf_analyzer_binary)
+        assert row["requests_per_s"] > 0
+
+
 # --- the repository on object storage -------------------------------------------------------
 
 def test_a_repository_on_s3_serves_what_local_serving_does(clip_export, clip_served, tmp_path):

@@ -12,6 +12,7 @@ with a client concurrency sweep. See ``bgevl.benchmarks.suite`` for the two meas
 from __future__ import annotations
 
 import argparse
+import json
 import datetime as _dt
 import os
 import platform
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
     p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8], help="Triton client concurrency sweep")
     p.add_argument("--sweep-batch", type=int, default=1, help="items per request in the Triton sweep")
+    p.add_argument("--sweep-client", choices=("auto", "perf_analyzer", "threads"), default="auto",
+                   help="Triton sweep load generator: perf_analyzer (Triton's own; auto: where it runs and the sweep "
+                        "batch is 1) or bgevl-bench's threaded HTTP client")
+    p.add_argument("--sweep-seconds", type=float, default=2.0, help="perf_analyzer measurement window per trial")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads of PyTorch and ONNX Runtime")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-repeats", type=int, default=5)
@@ -250,7 +255,7 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                     results.append(row)
                 sampler.peaks.clear()
         if server is not None:
-            _sweep(server, model, key, args, log, sweep)
+            _sweep(server, model, key, args, log, sweep, notes)
     finally:
         if server is not None:
             server.stop()
@@ -273,9 +278,53 @@ def _triton_call(server, case):
     return lambda: client.infer("bgevl", inputs).as_numpy("EMBEDDING")
 
 
-def _sweep(server, model, key: str, args, log, sweep: list) -> None:
+def _sweep_client(args) -> tuple[Any, str]:
+    """(perf_analyzer binary or None, why the threaded client measures instead)."""
+    from bgevl.triton_repo import perf_analyzer
+
+    if args.sweep_client == "threads":
+        return None, "--sweep-client threads"
+    binary, why = perf_analyzer.find()
+    if args.sweep_client == "perf_analyzer" and binary is None:
+        raise BgevlError(f"--sweep-client perf_analyzer: {why}")
+    if binary is not None and args.sweep_batch != 1:
+        return None, f"--sweep-batch {args.sweep_batch}: the perf_analyzer sweep sends one item per request"
+    return binary, why
+
+
+def _perf_analyzer_sweep(binary, server, model, key: str, args, log, sweep: list) -> None:
+    import tempfile
+
+    from bgevl.triton_repo import perf_analyzer
+
+    with tempfile.TemporaryDirectory(prefix="bgevl-bench-perf-") as work:
+        for workload in [w for w in args.workloads.split(",") if w]:
+            case = model.case(key, workload, 1)
+            data = Path(work) / f"{workload}.json"
+            inputs = {}
+            for name, values in (("IMAGE", case.images), ("TEXT", [t.encode() for t in case.texts] if case.texts else None),
+                                 ("INSTRUCTION", [case.feeds["instruction"].encode()] if case.feeds.get("instruction") else None),
+                                 ("ROLE", [case.feeds["role"].encode()] if case.feeds.get("role") else None)):
+                if values is not None:
+                    inputs[name] = perf_analyzer.bytes_tensor(list(values))
+            data.write_text(json.dumps({"data": [inputs]}))
+            log(f"{key}: Triton sweep with perf_analyzer, {workload}, concurrency {args.concurrency}")
+            for row in perf_analyzer.run("bgevl", server.grpc_url, data, args.concurrency,
+                                         measurement_ms=int(args.sweep_seconds * 1000), binary=binary):
+                sweep.append({"model": key, "workload": workload, "batch": 1, "concurrency": row["concurrency"],
+                              "requests": None, "items_per_s": row["requests_per_s"], "p50_ms": row["p50_ms"],
+                              "p90_ms": row["p90_ms"], "p99_ms": row["p99_ms"], "server_queue_ms": row["server_queue_ms"],
+                              "client": f"perf_analyzer {perf_analyzer.VERSION} (gRPC)"})
+
+
+def _sweep(server, model, key: str, args, log, sweep: list, notes: list) -> None:
     import tritonclient.http as http
 
+    binary, why = _sweep_client(args)
+    if binary is not None:
+        _perf_analyzer_sweep(binary, server, model, key, args, log, sweep)
+        return
+    notes.append(f"{key}: the Triton sweep was measured with bgevl-bench's threaded HTTP client, not perf_analyzer ({why})")
     for workload in [w for w in args.workloads.split(",") if w]:
         case = model.case(key, workload, args.sweep_batch)
         for concurrency in args.concurrency:
@@ -299,7 +348,8 @@ def _sweep(server, model, key: str, args, log, sweep: list) -> None:
             ms = np.asarray(latencies) * 1e3
             sweep.append({"model": key, "workload": workload, "batch": args.sweep_batch, "concurrency": concurrency,
                           "requests": len(latencies), "items_per_s": len(latencies) * args.sweep_batch / wall,
-                          "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))})
+                          "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+                          "p99_ms": float(np.percentile(ms, 99)), "client": "bgevl-bench threads (HTTP)"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,10 +96,12 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{_fmt(r.get('peak_fraction'), '.1%')} | {_fmt(r.get('peak_rss_mb'), '.0f')} |")
         sweep = [s for s in data.get("triton_sweep", []) if s["model"] == model]
         if sweep:
-            lines += ["", f"Triton concurrency sweep ({model}, batch {sweep[0]['batch']} per request, HTTP):", "",
-                      "| workload | concurrency | requests | items/s | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-            lines += [f"| {s['workload']} | {s['concurrency']} | {s['requests']} | {s['items_per_s']:.1f} | "
-                      f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} |" for s in sweep]
+            client = sweep[0].get("client", "bgevl-bench threads (HTTP)")
+            lines += ["", f"Triton concurrency sweep ({model}, batch {sweep[0]['batch']} per request, measured with {client}):", "",
+                      "| workload | concurrency | requests | items/s | p50 ms | p90 ms | p99 ms |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {s['workload']} | {s['concurrency']} | {_fmt(s.get('requests'), 'd')} | {s['items_per_s']:.1f} | "
+                      f"{s['p50_ms']:.1f} | {_fmt(s.get('p90_ms'), '.1f')} | {s['p99_ms']:.1f} |" for s in sweep]
         lines.append("")
     plots = data.get("plots", [])
     if plots:

@@ -118,7 +118,11 @@ def _triton_options(p: argparse.ArgumentParser, standalone: bool) -> None:
                         "serves), onnxruntime_onnx models, or tensorrt_plan engines")
     g.add_argument("--triton-name", default=DEFAULT_SERVING_NAME, help="name of the entry model; the others are NAME_<part>")
     g.add_argument("--triton-instances", type=int, default=1, help="instances per model (instance_group count)")
-    g.add_argument("--triton-queue-delay-us", type=int, default=2000, help="dynamic batching max queue delay")
+    g.add_argument("--triton-queue-delay-us", type=int, default=2000,
+                   help="dynamic batching max queue delay of each model: latency at low load against batching at high "
+                        "load (README: Triton Inference Server, measured)")
+    g.add_argument("--triton-preferred-batch-sizes", type=lambda t: tuple(int(v) for v in t.split(",") if v), default=None,
+                   help="comma-separated preferred batch sizes of the dynamic batchers (default: the export's opt and max batch)")
     g.add_argument("--triton-preprocess-instances", type=int, default=DEFAULT_PREPROCESS_INSTANCES,
                    help="instances of the preprocess model (each a python process): a slow item holds only its own")
     limits = InputLimits()
@@ -152,7 +156,8 @@ def _write_triton(args, export_dir: Path, output: Path, overwrite: bool, quiet: 
     return write_repository(export_dir, output, backend=args.triton_backend, name=args.triton_name,
                             instances=args.triton_instances, queue_delay_us=args.triton_queue_delay_us,
                             overwrite=overwrite, sink=None if quiet else print, limits=limits,
-                            preprocess_instances=args.triton_preprocess_instances)
+                            preprocess_instances=args.triton_preprocess_instances,
+                            preferred_batch=args.triton_preferred_batch_sizes)
 
 
 def triton_main(argv: list[str]) -> int:

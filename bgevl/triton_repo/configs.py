@@ -46,9 +46,11 @@ class Batching:
     kind: str = "KIND_CPU"
 
     @classmethod
-    def from_dim(cls, batch: Dim, instances: int = 1, kind: str = "KIND_CPU", delay_us: int = 2000) -> "Batching":
-        preferred = tuple(sorted({batch.opt, batch.max}))
-        return cls(batch.max, preferred, delay_us, instances, kind)
+    def from_dim(cls, batch: Dim, instances: int = 1, kind: str = "KIND_CPU", delay_us: int = 2000,
+                 preferred: tuple[int, ...] | None = None) -> "Batching":
+        """``preferred``: the dynamic batcher's preferred sizes (default: the axis' opt and max)."""
+        sizes = tuple(sorted({b for b in preferred if b <= batch.max})) if preferred else tuple(sorted({batch.opt, batch.max}))
+        return cls(batch.max, sizes, delay_us, instances, kind)
 
 
 def _tensor(msg, tensor: TensorSpec, *, batched: bool, optional: bool = False) -> None:

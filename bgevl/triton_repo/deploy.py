@@ -355,8 +355,13 @@ def build_wheel(directory: Path) -> Path:
     if not (root / "pyproject.toml").is_file():
         raise BgevlError("bgevl-export is not installed from a source checkout, so its wheel cannot be built here; "
                          "pass --wheel PATH (pip wheel --no-deps bgevl-export -w DIR)")
+    build_dir_existed = (root / "build").exists()
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                              "-w", str(directory), str(root)], capture_output=True, text=True)
+    if not build_dir_existed:  # setuptools builds in the checkout; leave it as it was
+        import shutil
+
+        shutil.rmtree(root / "build", ignore_errors=True)
     wheels = sorted(directory.glob("bgevl_export-*.whl"))
     if result.returncode != 0 or not wheels:
         raise BgevlError(f"building the bgevl-export wheel failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")

@@ -38,6 +38,7 @@ from bgevl.specs import (
     SERVING_ROLE, SERVING_TEXT, TEXT_FEATURES, TEXT_GRAPH, TILE_FEATURES, VISION_GRAPH,
     DEFAULT_SERVING_NAME, Dim, GraphSpec, TensorSpec,
 )
+from bgevl.triton_repo.perf_analyzer import write_input_data
 from bgevl.triton_repo.configs import (
     ENCODER_BACKENDS, Batching, Step, batch_aligned, check_ensemble_wiring, encoder_config, ensemble_config,
     python_config, to_pbtxt,
@@ -87,9 +88,10 @@ DEFAULT_PREPROCESS_INSTANCES = 2
 
 class RepositoryWriter:
     def __init__(self, manifest: Manifest, root: Path, backend: str, name: str, instances: int, queue_delay_us: int,
-                 limits: InputLimits = DEFAULT_LIMITS, preprocess_instances: int = DEFAULT_PREPROCESS_INSTANCES):
+                 limits: InputLimits = DEFAULT_LIMITS, preprocess_instances: int = DEFAULT_PREPROCESS_INSTANCES,
+                 preferred_batch: tuple[int, ...] | None = None):
         self.manifest, self.root, self.backend, self.name = manifest, root, backend, name
-        self.instances, self.queue_delay_us = instances, queue_delay_us
+        self.instances, self.queue_delay_us, self.preferred_batch = instances, queue_delay_us, preferred_batch
         self.limits, self.preprocess_instances = limits, preprocess_instances
         self.configs: dict[str, object] = {}
 
@@ -99,7 +101,7 @@ class RepositoryWriter:
     def _batching(self, dim: Dim | int, kind: str = "KIND_CPU", instances: int | None = None) -> Batching:
         instances = instances or self.instances
         if isinstance(dim, Dim):
-            return Batching.from_dim(dim, instances, kind, self.queue_delay_us)
+            return Batching.from_dim(dim, instances, kind, self.queue_delay_us, self.preferred_batch)
         return Batching(dim, (), self.queue_delay_us, instances, kind)
 
     def _write(self, config, module: str | None = None) -> Path:
@@ -224,7 +226,8 @@ class RepositoryWriter:
 def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *, backend: str = "python",
                      name: str = DEFAULT_SERVING_NAME, instances: int = 1, queue_delay_us: int = 2000,
                      overwrite: bool = False, sink: Callable[[str], None] | None = print,
-                     limits: InputLimits = DEFAULT_LIMITS, preprocess_instances: int = DEFAULT_PREPROCESS_INSTANCES) -> Path:
+                     limits: InputLimits = DEFAULT_LIMITS, preprocess_instances: int = DEFAULT_PREPROCESS_INSTANCES,
+                     preferred_batch: tuple[int, ...] | None = None) -> Path:
     """Package the export in ``export_dir`` as a Triton model repository at ``output``."""
     sink = sink or (lambda msg: None)
     manifest = read_manifest(export_dir)
@@ -239,9 +242,11 @@ def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *
     out = Path(output).expanduser().resolve()
     check_replaceable(out, overwrite, is_repository, "a Triton model repository", "--output")
     with staged_directory(out) as staging:
-        writer = RepositoryWriter(manifest, staging, backend, name, instances, queue_delay_us, limits, preprocess_instances)
+        writer = RepositoryWriter(manifest, staging, backend, name, instances, queue_delay_us, limits, preprocess_instances,
+                                  preferred_batch)
         sink(f"writing Triton repository ({manifest.family}, {backend} encoders) to {out}")
         writer.mllm() if manifest.family == "mllm" else writer.clip()
+        write_input_data(staging, manifest.family)  # perf_analyzer --input-data for the entry model
     for model in sorted(writer.configs):
         sink(f"  {model}")
     return out

@@ -1,0 +1,209 @@
+"""perf_analyzer, the load generator Triton users measure with: installing it, its input data, running it.
+
+* **The binary**: of the tritonclient wheels only 2.51.0's ``perf_analyzer`` runs on this OS
+  (2.52-2.60 need GLIBC 2.38, 2.61 and later ship none). :func:`install` puts that wheel, without its
+  Python dependencies, into ``<venv>/tools/perf_analyzer`` and links the two libraries it needs,
+  ``libb64.so.0d`` and ``libcudart.so.12``, to the copies the nvidia-pytriton wheel ships under
+  other names. ``python -m bgevl.triton_repo.perf_analyzer --install`` (``scripts/setup-env.sh``
+  runs it) does that.
+* **Input data**: every generated repository holds ``perf_analyzer_<workload>.json`` files for its
+  entry model (:func:`input_data`): random data does not work here (IMAGE would get 128 random bytes),
+  and BYTES images must be written as base64 of a 4-byte little-endian length followed by the file.
+* **Running**: :func:`run` drives a concurrency sweep and reads perf_analyzer's CSV (p50/p90/p99 and
+  throughput); ``bgevl-bench`` uses it for its Triton sweep where the binary runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bgevl.errors import BgevlError
+
+VERSION = "2.51.0"
+TOOLS_DIR = Path(sys.prefix) / "tools" / "perf_analyzer"
+#: The libraries perf_analyzer links and the names of the nvidia-pytriton wheel's copies.
+LIBRARIES = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
+
+#: Items per input-data file (perf_analyzer cycles through them).
+ITEMS = 4
+
+
+def _pytriton_libs() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise BgevlError("perf_analyzer's libraries come from the nvidia-pytriton wheel: pip install 'bgevl-export[serving]'") from None
+    return Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs"
+
+
+def install(tools: Path = TOOLS_DIR) -> Path:
+    """Install perf_analyzer 2.51.0 into ``tools`` (bin/ and lib/); returns the binary."""
+    tools = Path(tools)
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target",
+                             str(tools), "--only-binary=:all:", "--platform", "manylinux1_x86_64",
+                             f"tritonclient=={VERSION}"], capture_output=True, text=True)
+    binary = tools / "bin" / "perf_analyzer"
+    if result.returncode != 0 or not binary.is_file():
+        raise BgevlError(f"installing tritonclient=={VERSION} (for its perf_analyzer) failed: "
+                         f"{(result.stderr.strip().splitlines() or ['no binary in the wheel'])[-1]}")
+    lib = tools / "lib"
+    lib.mkdir(exist_ok=True)
+    libs = _pytriton_libs()
+    for name, pattern in LIBRARIES.items():
+        found = sorted(libs.glob(pattern))
+        if not found:
+            raise BgevlError(f"{libs} has no {pattern}; perf_analyzer needs it as {name}")
+        link = lib / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(found[0])
+    return binary
+
+
+def find(tools: Path = TOOLS_DIR) -> tuple[Path | None, str]:
+    """(binary, "") when perf_analyzer runs here, else (None, the reason)."""
+    binary = Path(tools) / "bin" / "perf_analyzer"
+    if not binary.is_file():
+        return None, (f"perf_analyzer is not installed ({binary} missing); run "
+                      f"`{Path(sys.executable).name} -m bgevl.triton_repo.perf_analyzer --install`")
+    try:
+        result = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30, env=environment(tools))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"perf_analyzer does not start: {exc}"
+    if f"Version {VERSION}" not in result.stdout + result.stderr:  # it prints its version, whatever its exit code
+        return None, f"perf_analyzer does not run on this OS: {(result.stderr or result.stdout).strip()[:300]}"
+    return binary, ""
+
+
+def environment(tools: Path = TOOLS_DIR) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(Path(tools) / "lib"), env.get("LD_LIBRARY_PATH", "")) if p)
+    return env
+
+
+# --- input data ---------------------------------------------------------------------------------
+
+def bytes_tensor(values: list[bytes]) -> dict[str, Any]:
+    """A BYTES tensor as perf_analyzer's ``b64``: Triton's serialization (per element a 4-byte
+    little-endian length, then the bytes), base64-encoded."""
+    raw = b"".join(struct.pack("<I", len(v)) + v for v in values)
+    return {"b64": base64.b64encode(raw).decode("ascii"), "shape": [len(values)]}
+
+
+def _images() -> list[bytes]:
+    from bgevl.probes import synthetic_images
+
+    out = []
+    for image in synthetic_images(ITEMS, seed=11):
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def input_data(family: str) -> dict[str, dict]:
+    """{workload: perf_analyzer input-data document} for the entry model of a ``family`` repository.
+    Each request is one item ([1] per input: the batch axis is perf_analyzer's ``-b``)."""
+    from bgevl.probes import PROBE_TEXTS
+    from bgevl.runtime.mllm_preprocessing import CIR_INSTRUCTION
+    from bgevl.specs import SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
+
+    images, texts = _images(), [t.encode() for t in PROBE_TEXTS[:ITEMS]]
+
+    def steps(*inputs: tuple[str, list[bytes]]) -> dict:
+        return {"data": [{name: bytes_tensor([values[i]]) for name, values in inputs} for i in range(ITEMS)]}
+
+    if family == "mllm":
+        query = [CIR_INSTRUCTION.encode()] * ITEMS
+        return {
+            "candidate_image": steps((SERVING_IMAGE, images), (SERVING_ROLE, [b"candidate"] * ITEMS)),
+            "candidate_text": steps((SERVING_TEXT, texts), (SERVING_ROLE, [b"candidate"] * ITEMS)),
+            "query": steps((SERVING_IMAGE, images), (SERVING_TEXT, texts), (SERVING_INSTRUCTION, query),
+                           (SERVING_ROLE, [b"query"] * ITEMS)),
+        }
+    return {"text": steps((SERVING_TEXT, texts)), "image": steps((SERVING_IMAGE, images)),
+            "composed": steps((SERVING_IMAGE, images), (SERVING_TEXT, texts))}
+
+
+def write_input_data(repository: Path, family: str) -> list[Path]:
+    out = []
+    for workload, document in input_data(family).items():
+        path = Path(repository) / f"perf_analyzer_{workload}.json"
+        path.write_text(json.dumps(document))
+        out.append(path)
+    return out
+
+
+# --- running ------------------------------------------------------------------------------------
+
+def command(binary: Path, model: str, url: str, data: Path, concurrency: int, csv_path: Path,
+            measurement_ms: int = 2000, protocol: str = "grpc") -> list[str]:
+    return [str(binary), "-m", model, "-u", url, "-i", protocol, "--input-data", str(data),
+            "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(measurement_ms),
+            "--stability-percentage", "50", "--max-trials", "6", "-f", str(csv_path)]
+
+
+def run(model: str, url: str, data: Path, concurrency: list[int], measurement_ms: int = 2000,
+        protocol: str = "grpc", binary: Path | None = None) -> list[dict[str, float]]:
+    """One perf_analyzer run per concurrency level; rows with concurrency, requests/s, p50/p90/p99 (ms)
+    and the server's queue and compute time per request (ms), from its CSV."""
+    if binary is None:
+        binary, why = find()
+        if binary is None:
+            raise BgevlError(why)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bgevl-perf-") as work:
+        for level in concurrency:
+            csv_path = Path(work) / f"c{level}.csv"
+            cmd = command(binary, model, url, data, level, csv_path, measurement_ms, protocol)
+            result = subprocess.run(cmd, capture_output=True, text=True, env=environment(binary.parent.parent), timeout=600)
+            if result.returncode != 0 or not csv_path.is_file():
+                raise BgevlError(f"perf_analyzer failed on {model} at concurrency {level}: "
+                                 f"{(result.stderr or result.stdout).strip()[-500:]}")
+            rows += parse_csv(csv_path.read_text())
+    return rows
+
+
+def parse_csv(text: str) -> list[dict[str, float]]:
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        us = {k: float(v) for k, v in row.items() if k and v not in (None, "")}
+        rows.append({
+            "concurrency": int(us["Concurrency"]), "requests_per_s": us["Inferences/Second"],
+            "p50_ms": us["p50 latency"] / 1e3, "p90_ms": us["p90 latency"] / 1e3, "p99_ms": us["p99 latency"] / 1e3,
+            "server_queue_ms": us.get("Server Queue", 0.0) / 1e3,
+            "server_compute_ms": sum(us.get(k, 0.0) for k in ("Server Compute Input", "Server Compute Infer",
+                                                               "Server Compute Output")) / 1e3,
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bgevl.triton_repo.perf_analyzer",
+                                description=f"Install perf_analyzer {VERSION} into {TOOLS_DIR} or say whether it runs.")
+    p.add_argument("--install", action="store_true", help="install it (needs the package index)")
+    args = p.parse_args(argv)
+    try:
+        if args.install:
+            install()
+    except BgevlError as exc:
+        print(f"perf_analyzer: not installed: {exc}", file=sys.stderr)
+        return 2
+    binary, why = find()
+    print(f"perf_analyzer: {binary}" if binary else f"perf_analyzer: unavailable: {why}")
+    return 0 if binary else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
