@@ -238,7 +238,14 @@ def _read_json(path: Path, what: str) -> dict:
 
 def _weight_files(path: Path) -> list[Path]:
     """The weight files a loader would read: an index's shards or the single file."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file() and (
+            (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file()):
+        raise CheckpointError(
+            f"{path}: pytorch_model.bin (pickle) weights; bgevl-export reads safetensors (what the BGE-VL hub "
+            f"repositories publish). Convert once with transformers: "
+            f"AutoModel.from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True), copying the tokenizer "
+            f"and processor files")
+    for index_name in ("model.safetensors.index.json",):
         index = path / index_name
         if index.is_file():
             weight_map = _read_json(index, "weight index").get("weight_map")
@@ -250,11 +257,10 @@ def _weight_files(path: Path) -> list[Path]:
                 raise CheckpointError(f"{path}: the weight index names shards that are not there ({_listed(missing)}); "
                                       f"the download is incomplete: download the missing files")
             return [path / s for s in shards]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return [path / name]
-    raise CheckpointError(f"{path}: no weights (model.safetensors, a sharded model.safetensors.index.json or "
-                          f"pytorch_model.bin); download them into the directory")
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise CheckpointError(f"{path}: no weights (model.safetensors, or shards with model.safetensors.index.json); "
+                          f"download them into the directory")
 
 
 def _safetensors_header(file: Path) -> dict[str, str]:
@@ -309,10 +315,7 @@ def inspect_checkpoint(path: Path, spec: ModelSpec) -> CheckpointFiles:
     files = _weight_files(path)
     stored: dict[str, str] = {}
     for file in files:
-        if file.suffix == ".safetensors":
-            stored.update(_safetensors_header(file))
-        elif file.stat().st_size == 0:
-            raise CheckpointError(f"{file}: empty weight file; download it again")
+        stored.update(_safetensors_header(file))
     if not any(all((path / f).is_file() for f in group) for group in kind.tokenizer_files):
         wanted = " or ".join(" + ".join(g) for g in kind.tokenizer_files)
         raise CheckpointError(f"{path}: no tokenizer files ({wanted}); copy them from the model's hub "
@@ -322,7 +325,7 @@ def inspect_checkpoint(path: Path, spec: ModelSpec) -> CheckpointFiles:
             processor_config.is_file() and "image_processor" in _read_json(processor_config, "processor config")):
         raise CheckpointError(f"{path}: no image-processor settings (preprocessor_config.json); copy the file from "
                               f"the hub repository into the directory")
-    return CheckpointFiles(path, config, tuple(files), len(stored) if stored else -1, tuple(sorted(set(stored.values()))))
+    return CheckpointFiles(path, config, tuple(files), len(stored), tuple(sorted(set(stored.values()))))
 
 
 def _same_family(spec: ModelSpec) -> list[ModelSpec]:
@@ -507,8 +510,7 @@ def check_checkpoint(spec: ModelSpec, path: Path, report: Any = print) -> None:
     kind = CHECKPOINT_KINDS[spec.family]
     report(f"{path}: {kind.architecture}, config.json {'matches' if not spec.generated else 'is of the family of'} "
            f"--model {spec.key}{f' ({spec.hub_id})' if spec.hub_id else ''}")
-    stored = ", ".join(files.stored_dtypes) or "not read (pytorch_model.bin)"
-    report(f"weights: {len(files.weight_files)} file(s), {files.tensors if files.tensors >= 0 else '?'} tensors stored as {stored}")
+    report(f"weights: {len(files.weight_files)} file(s), {files.tensors} tensors stored as {', '.join(files.stored_dtypes)}")
     model, processor = LOADERS[spec.family](path, spec=spec)
     parameters = sum(p.numel() for p in model.parameters())
     report(f"loaded as {str(model.dtype).removeprefix('torch.')}: {parameters / 1e6:.1f}M parameters, none missing, "

@@ -125,7 +125,9 @@ def probe_set(n: int = 8) -> ProbeSet:
     ``n`` composed queries."""
     rng = np.random.default_rng(PROBE_SEED + 1)
     images = [in_mode(im, PROBE_MODES[i % len(PROBE_MODES)], rng) for i, im in enumerate(synthetic_images(n, PROBE_SEED))]
-    texts = [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(n)]
+    # distinct texts for any n (the sanity gate requires distinct probes to embed differently)
+    texts = [PROBE_TEXTS[i % len(PROBE_TEXTS)] + (f" ({i // len(PROBE_TEXTS) + 1})" if i >= len(PROBE_TEXTS) else "")
+             for i in range(n)]
     composed = [(i, (i * 3 + 1) % n) for i in range(n)]
     return ProbeSet(images, texts, composed)
 

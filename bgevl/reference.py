@@ -4,7 +4,8 @@ Every export is checked against what BGE-VL's own remote code computes, not agai
 export was traced from. What makes this reference independent of the export path:
 
 * **weights**: read from the checkpoint's safetensors files directly (the index's shards or the
-  single file), cast to float32 and loaded with ``strict=True`` into a freshly built model; the
+  single file, one at a time), cast to float32 and loaded into a freshly built model, every tensor
+  accounted for (none missing, none unexpected); the
   export loads through ``from_pretrained`` with its load report. Any tensor the architecture lacks
   or does not know fails here.
 * **float32 and SDPA attention**, as the remote code runs under transformers 4.45 (it loads with
@@ -32,7 +33,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,31 +54,63 @@ _LLAVA_NEXT_NAMES = (
 )
 
 
-def read_weights_fp32(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint's safetensors files, as float32."""
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    return [directory / n for n in names]
+
+
+def read_weights_fp32(directory: Path, rename=lambda key: key) -> Iterator[dict[str, torch.Tensor]]:
+    """The checkpoint's safetensors files one at a time, every tensor as float32 under ``rename(key)``
+    (one shard in memory beside the model, not the whole state dict)."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        for key, value in load_file(str(directory / name)).items():
-            tensors[key] = value.float() if value.is_floating_point() else value
-    return tensors
+    for file in _weight_files(Path(directory)):
+        yield {rename(k): (v.float() if v.is_floating_point() else v) for k, v in load_file(str(file)).items()}
 
 
-def _load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-    # position_ids are non-persistent buffers in transformers >= 4.31; files saved before keep them
-    tensors = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
-    model.load_state_dict(tensors, strict=True)
+def _load_strict(model: torch.nn.Module, shards: Iterator[dict[str, torch.Tensor]]) -> torch.nn.Module:
+    """Every tensor of the files into ``model``, shard by shard, then the strict check over all of them:
+    a tensor the model lacks, or a model tensor no file had, is an error."""
+    expected = set(model.state_dict())
+    seen: set[str] = set()
+    for shard in shards:
+        # position_ids are non-persistent buffers in transformers >= 4.31; files saved before keep them
+        shard = {k: v for k, v in shard.items() if not k.endswith("position_ids")}
+        unexpected = sorted(set(shard) - expected)
+        if unexpected:
+            raise RuntimeError(f"Unexpected key(s) in state_dict: {', '.join(unexpected[:5])}")
+        model.load_state_dict(shard, strict=False)
+        seen |= set(shard)
+    missing = sorted(expected - seen)
+    if missing:
+        raise RuntimeError(f"Missing key(s) in state_dict: {', '.join(missing[:5])}")
     return model.float().eval()
 
 
 def _build(model_class: Any, config: Any) -> Any:
+    """``model_class(config)`` in float32 with SDPA attention, without the random initialization (every
+    weight is read from the files next)."""
+    from transformers.initialization import no_init_weights
+
     config._attn_implementation = "sdpa"
-    with torch.random.fork_rng():
-        return model_class(config)
+    with no_init_weights(), torch.random.fork_rng():
+        return model_class(config).float()
+
+
+def _with_pil_images(processor: Any, directory: Path) -> Any:
+    """The processor with its image processor on the PIL backend (transformers 4.45 had no other)."""
+    from transformers import AutoImageProcessor
+
+    processor.image_processor = AutoImageProcessor.from_pretrained(directory, backend="pil")
+    return processor
+
+
+def _rename_llava_next(key: str) -> str:
+    for pattern, replacement in _LLAVA_NEXT_NAMES:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return key
 
 
 class OriginalClip:
@@ -91,7 +124,7 @@ class OriginalClip:
 
         self.model = _load_strict(_build(CLIPModel, CLIPConfig.from_pretrained(directory)), read_weights_fp32(directory))
         # set_processor: CLIPProcessor.from_pretrained(name); 4.45 had only the PIL image processor
-        self.processor = CLIPProcessor.from_pretrained(directory, backend="pil")
+        self.processor = _with_pil_images(CLIPProcessor.from_pretrained(directory), directory)
 
     @torch.inference_mode()
     def _image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -147,15 +180,9 @@ class OriginalLlavaEmbedder:
         from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 
         config = LlavaNextConfig.from_pretrained(directory)
-        tensors = {}
-        for key, value in read_weights_fp32(directory).items():
-            for pattern, replacement in _LLAVA_NEXT_NAMES:
-                if re.match(pattern, key):
-                    key = re.sub(pattern, replacement, key)
-                    break
-            tensors[key] = value
-        self.model = _load_strict(_build(LlavaNextForConditionalGeneration, config), tensors)
-        self.processor = LlavaNextProcessor.from_pretrained(directory, backend="pil")
+        self.model = _load_strict(_build(LlavaNextForConditionalGeneration, config),
+                                  read_weights_fp32(directory, _rename_llava_next))
+        self.processor = _with_pil_images(LlavaNextProcessor.from_pretrained(directory), directory)
         # transformers 4.45's processor took the patch size and strategy from processor_config.json when
         # present and counted the CLS token of the CLIP tower; transformers 5 needs all three set
         self.processor.patch_size = config.vision_config.patch_size

@@ -43,8 +43,8 @@ def documents(path: Path) -> list[dict]:
 def test_writes_every_file_with_the_values_given(deployed):
     names = sorted(str(p.relative_to(deployed)) for p in deployed.rglob("*") if p.is_file())
     assert names == ["Dockerfile", "bgevl_export-0.1.0-py3-none-any.whl", "deploy.json", "k8s/deployment.yaml",
-                     "k8s/hpa.yaml", "k8s/prometheus-adapter-rules.yaml", "k8s/service.yaml",
-                     "kserve/inferenceservice.yaml", "kserve/servingruntime.yaml", "requirements.txt"]
+                     "k8s/hpa.yaml", "k8s/service.yaml", "kserve/inferenceservice.yaml", "kserve/servingruntime.yaml",
+                     "prometheus-adapter/rules.yaml", "requirements.txt"]
     [dep] = documents(deployed / "k8s" / "deployment.yaml")
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert dep["spec"]["replicas"] == 2 and container["image"] == "registry.example.com/bgevl-triton:0.1.0"
@@ -59,14 +59,18 @@ def test_writes_every_file_with_the_values_given(deployed):
     assert hpa["apiVersion"] == "autoscaling/v2" and (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
     # 4 x (3 models x 2 ms batching delay): an idle pod's 6 ms of queueing must not hold the HPA at its maximum
     assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "24000"
+    [rules] = documents(deployed / "prometheus-adapter" / "rules.yaml")
+    [rule] = rules["rules"]
+    assert rule["name"]["as"] == hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "bgevl_queue_us_per_request"
+    assert 'model="bgevl"' in rule["metricsQuery"]
     [isvc] = documents(deployed / "kserve" / "inferenceservice.yaml")
     assert isvc["spec"]["predictor"]["model"]["storageUri"] == "s3://models-bucket/bgevl/repo"
     dockerfile = (deployed / "Dockerfile").read_text()
     assert "FROM nvcr.io/nvidia/tritonserver:25.10-py3" in dockerfile and "\nUSER 1000\n" in dockerfile
 
 
-def test_cpu_pods_and_volume_repositories(tmp_path):
-    wheel = next(iter(sorted(Path(tmp_path).glob("*.whl"))), None)
+def test_cpu_pods_and_volume_repositories(deployed, tmp_path):
+    wheel = next(deployed.glob("*.whl"))
     out = write_deployment(tmp_path / "cpu", DeployOptions("pvc://model-store/bgevl", gpus=0), wheel=wheel, sink=lambda m: None)
     [dep] = documents(out / "k8s" / "deployment.yaml")
     pod = dep["spec"]["template"]["spec"]
@@ -82,6 +86,23 @@ def test_bad_repository_uri_is_refused(uri, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("name", ["my_model", "1model", "x" * 64])
+def test_names_that_kubernetes_refuses_are_refused(name, tmp_path):
+    with pytest.raises(BgevlError, match="DNS-1035"):
+        write_deployment(tmp_path / "x", DeployOptions("s3://b/p", name=name), sink=lambda m: None)
+
+
+def test_overwrite_replaces_only_earlier_deployment_files(deployed, tmp_path):
+    """A service's own repository also has a Dockerfile and a k8s/ folder: --overwrite must not delete it."""
+    project = tmp_path / "service"
+    (project / "k8s").mkdir(parents=True)
+    (project / "Dockerfile").write_text("FROM scratch\n")
+    with pytest.raises(BgevlError, match="does not hold bgevl deployment files"):
+        write_deployment(project, DeployOptions("s3://b/p"), wheel=next(deployed.glob("*.whl")), overwrite=True,
+                         sink=lambda m: None)
+    assert (project / "Dockerfile").read_text() == "FROM scratch\n"
+
+
 def test_dockerfile_passes_hadolint(deployed):
     result = subprocess.run([str(BIN / "hadolint"), "--failure-threshold", "info", str(deployed / "Dockerfile")],
                             capture_output=True, text=True)
@@ -94,7 +115,7 @@ def test_manifests_pass_kubernetes_validate_strict(deployed, version):
     result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "-k", version, *files],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed") == len(files)
+    assert result.stdout.count("passed") == len(files) == 3
 
 
 def test_kubernetes_validate_would_catch_the_old_hpa_api(deployed, tmp_path):

@@ -288,7 +288,10 @@ def _sweep_client(args) -> tuple[Any, str]:
     if args.sweep_client == "perf_analyzer" and binary is None:
         raise BgevlError(f"--sweep-client perf_analyzer: {why}")
     if binary is not None and args.sweep_batch != 1:
-        return None, f"--sweep-batch {args.sweep_batch}: the perf_analyzer sweep sends one item per request"
+        why = f"--sweep-batch {args.sweep_batch}: the perf_analyzer sweep sends one item per request"
+        if args.sweep_client == "perf_analyzer":
+            raise BgevlError(f"--sweep-client perf_analyzer with {why}; use --sweep-batch 1 or --sweep-client threads")
+        return None, why
     return binary, why
 
 

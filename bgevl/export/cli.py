@@ -197,6 +197,9 @@ def check_main(argv: list[str]) -> int:
     except BgevlError as exc:
         print(f"bgevl-export check: error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as exc:  # what the checks could not foresee: one line all the same
+        print(f"bgevl-export check: error: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     print("checkpoint OK")
     return 0
 
@@ -217,7 +220,8 @@ def build_deploy_parser() -> argparse.ArgumentParser:
                         "or pvc://CLAIM/PATH")
     p.add_argument("--output", "-o", type=Path, required=True, help="directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace earlier deployment files in --output")
-    p.add_argument("--name", default=d.name, help="entry model name (--triton-name) and the Kubernetes objects' name")
+    p.add_argument("--name", default=d.name, help="the Kubernetes objects' name (a DNS-1035 label)")
+    p.add_argument("--model-name", default=d.model_name, help="the repository's entry model (its --triton-name)")
     p.add_argument("--image", default=d.image, help="the serving image the manifests run (built from the Dockerfile)")
     p.add_argument("--triton-tag", default=d.triton_tag, help="NGC tritonserver image tag of the base (Python 3.12 from 25.01)")
     p.add_argument("--namespace", default=d.namespace)
@@ -239,7 +243,7 @@ def deploy_main(argv: list[str]) -> int:
     from bgevl.triton_repo.deploy import DeployOptions, write_deployment
 
     args = build_deploy_parser().parse_args(argv)
-    opts = DeployOptions(args.repository_uri, name=args.name, image=args.image, triton_tag=args.triton_tag,
+    opts = DeployOptions(args.repository_uri, name=args.name, model_name=args.model_name, image=args.image, triton_tag=args.triton_tag,
                          namespace=args.namespace, replicas=args.replicas, max_replicas=args.max_replicas, gpus=args.gpus,
                          cpu=args.cpu, memory=args.memory, shm_size=args.shm_size, queue_delay_us=args.queue_delay_us,
                          queue_target_factor=args.queue_target_factor)

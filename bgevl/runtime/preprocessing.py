@@ -78,10 +78,20 @@ IMAGE_PROCESSOR_BACKEND = "pil"
 
 
 def load_processor(directory: str | os.PathLike) -> Any:
-    """The checkpoint's (or export's) processor, with the image-processor backend pinned to PIL."""
-    from transformers import AutoProcessor
+    """The checkpoint's (or export's) processor, with the image-processor backend pinned to PIL. The
+    image processor is loaded on its own and put in place: ``AutoProcessor.from_pretrained`` hands
+    its keyword arguments to every component, so ``backend=`` (or ``image_processor=``) would reach
+    the tokenizer too and be written into the exported tokenizer_config.json."""
+    from transformers import AutoImageProcessor, AutoProcessor
 
-    return AutoProcessor.from_pretrained(directory, backend=IMAGE_PROCESSOR_BACKEND)
+    processor = AutoProcessor.from_pretrained(directory)
+    processor.image_processor = AutoImageProcessor.from_pretrained(directory, backend=IMAGE_PROCESSOR_BACKEND)
+    return processor
+
+
+#: Image formats accepted from untrusted bytes: Pillow would otherwise try every plugin it has
+#: (EPS through Ghostscript, PSD, FITS, ICNS, ...).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 def load_image(item: ImageInput, index: int = 0, convert_rgb: bool = True, limits: InputLimits = DEFAULT_LIMITS,
@@ -152,7 +162,7 @@ def _draft(image: Image.Image, limits: InputLimits, model_size: tuple[int, int] 
 def _open(stream: io.BytesIO, where: str, limits: InputLimits = DEFAULT_LIMITS,
           model_size: tuple[int, int] | int | None = None) -> Image.Image:
     try:
-        image = Image.open(stream)  # reads the header only
+        image = Image.open(stream, formats=IMAGE_FORMATS)  # reads the header only
         _check_size(image, where, limits)
         _draft(image, limits, model_size)
         image.load()  # decode now: a truncated file fails here, not later inside the processor
@@ -160,7 +170,8 @@ def _open(stream: io.BytesIO, where: str, limits: InputLimits = DEFAULT_LIMITS,
     except InputError:
         raise
     except UnidentifiedImageError as exc:
-        raise InputError(f"{where}: not a readable image (Pillow cannot identify the format); pass a PNG, JPEG, WebP, ... file") from exc
+        raise InputError(f"{where}: not a readable image (not one of {', '.join(IMAGE_FORMATS)}); pass a PNG, JPEG, "
+                         f"WebP, ... file") from exc
     except Image.DecompressionBombError as exc:
         raise InputError(f"{where}: refused by Pillow's decompression-bomb check ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
@@ -236,8 +247,13 @@ class ClipPreprocessor:
 
     def pixel_values(self, images: Iterable[ImageInput], start: int = 0) -> np.ndarray:
         """``start``: index of the first item in the caller's list (error messages name items by it)."""
-        pil = [load_image(item, start + i, limits=self.limits, model_size=self.short_side) for i, item in enumerate(images)]
-        return np.asarray(self.image_processor(images=pil, return_tensors="np")["pixel_values"], dtype=np.float32)
+        # one image at a time: only one decoded full-size image is held, whatever the batch (64 images of
+        # 40 M pixels decoded together would be about 8 GB)
+        return np.concatenate([
+            np.asarray(self.image_processor(images=[load_image(item, start + i, limits=self.limits,
+                                                               model_size=self.short_side)],
+                                            return_tensors="np")["pixel_values"], dtype=np.float32)
+            for i, item in enumerate(images)])
 
     def tokens(self, texts: Sequence[Any], pad_to_max_length: bool = False, start: int = 0) -> dict[str, np.ndarray]:
         """Token ids and attention mask, padded to the longest text, or to the model's limit with

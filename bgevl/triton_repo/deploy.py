@@ -44,7 +44,8 @@ CHAIN_MODELS = 3
 @dataclass
 class DeployOptions:
     repository_uri: str  # s3://bucket/path, gs://bucket/path, pvc://claim/path
-    name: str = "bgevl"  # entry model name and the Kubernetes object names
+    name: str = "bgevl"  # the Kubernetes objects' name
+    model_name: str = "bgevl"  # the repository's entry model (--triton-name), for the HPA's query
     image: str = f"bgevl-triton:{__version__}"
     triton_tag: str = DEFAULT_TRITON_TAG
     namespace: str = "default"
@@ -69,8 +70,9 @@ def check_options(opts: DeployOptions) -> None:
     if not re.fullmatch(r"(s3|gs|as|pvc)://\S+", opts.repository_uri):
         raise BgevlError(f"--repository-uri {opts.repository_uri!r}: use s3://BUCKET/PATH, gs://BUCKET/PATH, "
                          f"as://ACCOUNT/CONTAINER/PATH or pvc://CLAIM/PATH (a PersistentVolumeClaim holding the repository)")
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", opts.name.replace("_", "-")):
-        raise BgevlError(f"--name {opts.name!r}: Kubernetes names take lower-case letters, digits and '-'")
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", opts.name):
+        raise BgevlError(f"--name {opts.name!r}: a Kubernetes Service name (DNS-1035 label): lower-case letters, digits "
+                         f"and '-', starting with a letter, at most 63 characters")
     if not 1 <= opts.replicas <= opts.max_replicas:
         raise BgevlError(f"need 1 <= --replicas <= --max-replicas, got {opts.replicas} and {opts.max_replicas}")
     if opts.gpus < 0:
@@ -222,8 +224,9 @@ def service(opts: DeployOptions) -> dict:
     }
 
 
-#: The per-pod metric prometheus-adapter serves to the HPA.
-QUEUE_METRIC = "bgevl_queue_time_per_request_us"
+def queue_metric(opts: DeployOptions) -> str:
+    """The per-pod metric prometheus-adapter serves to this deployment's HPA (one per deployment)."""
+    return f"{opts.name.replace('-', '_')}_queue_us_per_request"
 
 
 def hpa(opts: DeployOptions) -> dict:
@@ -239,30 +242,27 @@ def hpa(opts: DeployOptions) -> dict:
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": opts.name},
             "minReplicas": opts.replicas, "maxReplicas": opts.max_replicas,
-            "metrics": [{"type": "Pods", "pods": {"metric": {"name": QUEUE_METRIC},
+            "metrics": [{"type": "Pods", "pods": {"metric": {"name": queue_metric(opts)},
                                                    "target": {"type": "AverageValue", "averageValue": str(opts.queue_target_us)}}}],
             "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
         },
     }
 
 
-def adapter_rules(opts: DeployOptions) -> dict:
-    """prometheus-adapter's rule (its ConfigMap ``adapter-config``): queue microseconds of every model
-    of the pod per request of the entry model, over one minute."""
+def adapter_rule(opts: DeployOptions) -> dict:
+    """The prometheus-adapter rule (to merge) the HPA needs: queue microseconds of every model of the pod per
+    request of the entry model, over one minute. A fragment to merge into the adapter's rules (its
+    Helm chart's ``rules.custom``, or the ``rules:`` list of its ConfigMap), not a ConfigMap of its
+    own: applying one would replace every rule the adapter already serves."""
     query = (f"sum(rate(nv_inference_queue_duration_us{{<<.LabelMatchers>>}}[1m])) by (<<.GroupBy>>) / "
-             f"clamp_min(sum(rate(nv_inference_request_success{{<<.LabelMatchers>>,model=\"{opts.name}\"}}[1m])) "
+             f"clamp_min(sum(rate(nv_inference_request_success{{<<.LabelMatchers>>,model=\"{opts.model_name}\"}}[1m])) "
              f"by (<<.GroupBy>>), 0.001)")
-    rules = {"rules": [{
-        "seriesQuery": 'nv_inference_queue_duration_us{namespace!="",pod!=""}',
+    return {
+        "seriesQuery": f'nv_inference_queue_duration_us{{namespace="{opts.namespace}",pod=~"{opts.name}-.*"}}',
         "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
-        "name": {"matches": "^nv_inference_queue_duration_us$", "as": QUEUE_METRIC},
+        "name": {"matches": "^nv_inference_queue_duration_us$", "as": queue_metric(opts)},
         "metricsQuery": query,
-    }]}
-    import yaml
-
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "adapter-config", "namespace": "monitoring", "labels": _labels(opts)},
-            "data": {"config.yaml": yaml.safe_dump(rules, sort_keys=False)}}
+    }
 
 
 # --- KServe ------------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def serving_runtime(opts: DeployOptions) -> dict:
                 "command": ["tritonserver"],
                 "args": ["--model-store=/mnt/models", "--model-control-mode=explicit", "--load-model=*",
                          "--http-port=8080", "--grpc-port=9000", "--allow-metrics=true",
-                         f"--http-restricted-api={_restricted_rule()}"],
+                         f"--http-restricted-api={_restricted_rule()}", f"--grpc-restricted-protocol={_restricted_rule()}"],
                 "env": [{"name": "BGEVL_ADMIN_KEY", "valueFrom": {"secretKeyRef": {"name": f"{opts.name}-admin", "key": "key"}}}],
                 "ports": [{"containerPort": 8080, "protocol": "TCP"}],
                 "resources": _resources(opts),
@@ -322,8 +322,7 @@ def write_deployment(output: Path, opts: DeployOptions, wheel: Path | None = Non
 
     check_options(opts)
     output = Path(output).expanduser().resolve()
-    check_replaceable(output, overwrite, lambda d: (d / "Dockerfile").is_file() and (d / "k8s").is_dir(),
-                      "bgevl deployment files", "--output")
+    check_replaceable(output, overwrite, _is_deployment, "bgevl deployment files (deploy.json)", "--output")
     with staged_directory(output) as staging:
         wheel = wheel or build_wheel(staging)
         if wheel.parent != staging:
@@ -336,7 +335,10 @@ def write_deployment(output: Path, opts: DeployOptions, wheel: Path | None = Non
         (staging / "k8s" / "deployment.yaml").write_text(_yaml(deployment(opts)))
         (staging / "k8s" / "service.yaml").write_text(_yaml(service(opts)))
         (staging / "k8s" / "hpa.yaml").write_text(_yaml(hpa(opts)))
-        (staging / "k8s" / "prometheus-adapter-rules.yaml").write_text(_yaml(adapter_rules(opts)))
+        (staging / "prometheus-adapter").mkdir()
+        (staging / "prometheus-adapter" / "rules.yaml").write_text(
+            "# Merge into prometheus-adapter's rules (Helm: rules.custom; or the rules: list of its ConfigMap).\n"
+            + _yaml({"rules": [adapter_rule(opts)]}))
         (staging / "kserve").mkdir()
         (staging / "kserve" / "servingruntime.yaml").write_text(_yaml(serving_runtime(opts)))
         (staging / "kserve" / "inferenceservice.yaml").write_text(_yaml(inference_service(opts)))
@@ -344,6 +346,13 @@ def write_deployment(output: Path, opts: DeployOptions, wheel: Path | None = Non
             k: v for k, v in vars(opts).items() if k != "extra"}, "queue_target_us": opts.queue_target_us}, indent=2) + "\n")
     sink(f"wrote deployment files for {opts.repository_uri} to {output}")
     return output
+
+
+def _is_deployment(directory: Path) -> bool:
+    try:
+        return "bgevl-export" in json.loads((directory / "deploy.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def build_wheel(directory: Path) -> Path:

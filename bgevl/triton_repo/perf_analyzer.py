@@ -167,7 +167,12 @@ def run(model: str, url: str, data: Path, concurrency: list[int], measurement_ms
         for level in concurrency:
             csv_path = Path(work) / f"c{level}.csv"
             cmd = command(binary, model, url, data, level, csv_path, measurement_ms, protocol)
-            result = subprocess.run(cmd, capture_output=True, text=True, env=environment(binary.parent.parent), timeout=600)
+            try:
+                result = subprocess.run(cmd, capture_output=True, text=True, env=environment(binary.parent.parent),
+                                        timeout=600)
+            except subprocess.TimeoutExpired:
+                raise BgevlError(f"perf_analyzer did not finish within 10 minutes on {model} at concurrency {level}; "
+                                 f"is the server answering?") from None
             if result.returncode != 0 or not csv_path.is_file():
                 raise BgevlError(f"perf_analyzer failed on {model} at concurrency {level}: "
                                  f"{(result.stderr or result.stdout).strip()[-500:]}")

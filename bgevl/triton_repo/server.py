@@ -46,14 +46,37 @@ ADMIN_HEADER = "bgevl-admin"
 DEFAULT_HOST = "127.0.0.1"
 
 
-def _die_with_parent() -> None:
-    """In the server's child process before exec: its own session, and SIGKILL when bgevl-serve dies
-    (prctl PR_SET_PDEATHSIG), so a killed launcher or a closed terminal leaves no server behind."""
+def _prctl():
+    """libc's prctl, resolved in the parent: the child between fork and exec must not dlopen (the
+    parent may have other threads, e.g. bgevl-bench's memory sampler, holding the loader's lock)."""
     import ctypes
 
-    os.setsid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Triton stops gracefully on SIGINT, even if inherited ignored
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int):
+    """``preexec_fn`` of the server: its own session, SIGTERM (Triton's graceful shutdown, which also
+    ends the stubs and frees their /dev/shm regions) when the thread that started it dies, and an
+    immediate exit if that parent is already gone. SIGINT back to default, in case it was inherited
+    ignored. ``TritonServer.start`` must therefore be called from a thread that outlives the server
+    (the main thread, in bgevl-serve and bgevl-bench)."""
+
+    def setup() -> None:
+        os.setsid()
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the launcher died between fork and prctl
+            os._exit(1)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    return setup
 
 
 def stub_libpython(paths: dict[str, Path]) -> Path | None:
@@ -170,8 +193,12 @@ class TritonServer:
         """``repository``: a local repository, checked here; ``repository_uri``: where the server reads
         it from instead (``s3://host:port/bucket/path``, ``gs://...``), a copy of ``repository``;
         ``env``: extra environment for the server (object-store credentials)."""
+        import re
         import secrets
 
+        if admin_key is not None and not re.fullmatch(r"[A-Za-z0-9_-]{8,}", admin_key):
+            raise BgevlError("--admin-key: use at least 8 letters, digits, '-' or '_' (Triton's rule syntax takes no "
+                             "':', ',' or '=')")
         self.repository = Path(repository).expanduser().resolve()
         self.repository_uri = repository_uri or str(self.repository)
         self.extra_env = dict(env or {})
@@ -245,7 +272,7 @@ class TritonServer:
         backend_dir = self._backend_dir(paths)
         log = open(self.log_file, "wb")
         self.process = subprocess.Popen(self.command(backend_dir, paths["server"]), stdout=log, stderr=subprocess.STDOUT,
-                                        env=self.environment(paths["libs"]), preexec_fn=_die_with_parent)
+                                        env=self.environment(paths["libs"]), preexec_fn=_die_with_parent(os.getpid()))
         log.close()
         try:
             self._wait_ready(timeout, progress)
@@ -295,10 +322,14 @@ class TritonServer:
     def recover_dead_stubs(self, report=print, timeout: float = 60.0) -> list[str]:
         """One check: reload every model one of whose stubs has died since the last check; returns
         the models reloaded."""
+        if not self.alive():
+            return []
         current = self.stub_processes()
         dead = {}
         for pid, model in self._stubs.items():
-            if pid not in current:
+            # a stub that went while Triton still calls its model ready died; one whose model an admin
+            # unloaded or reloaded through the repository API went on purpose
+            if pid not in current and self._get(f"/v2/models/{model}/ready") == 200:
                 dead.setdefault(model, pid)
         reloaded = []
         for model, pid in dead.items():
@@ -453,7 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n  metrics  {server.metrics_url}"
               f"  (listening on {server.host})", flush=True)
         if server.restrict_apis:
-            print(f"restricted APIs ({', '.join(RESTRICTED_APIS)}) need the header '{ADMIN_HEADER}: {server.admin_key}'",
+            where = "the --admin-key value"
+            if args.admin_key is None:  # a generated key goes to a file only its owner reads, not to the log
+                key_file = server._workdir / "admin-key"
+                key_file.touch(mode=0o600)
+                key_file.write_text(server.admin_key + "\n")
+                where = f"the key in {key_file}"
+            print(f"restricted APIs ({', '.join(RESTRICTED_APIS)}) need the header '{ADMIN_HEADER}: <key>' with {where}",
                   flush=True)
         print("Ctrl-C to stop", flush=True)
         while server.alive():
@@ -472,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bgevl-serve: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if server is not None and server.alive():
-            server.stop()
+        if server is not None and server.process is not None:
+            server.stop()  # also after an unexpected exit: its stubs and temporary directory
 
 
 if __name__ == "__main__":

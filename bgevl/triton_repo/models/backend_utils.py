@@ -9,7 +9,7 @@ import numpy as np
 
 import triton_python_backend_utils as pb
 
-from bgevl.errors import BgevlError
+from bgevl.errors import InputError
 
 
 #: In the message of every unexpected failure these models answer (``internal_error``).
@@ -42,11 +42,12 @@ def internal_error(model: str, exc: BaseException):
 
 
 def answer(model: str, handle, request):
-    """``handle(request)`` with the failure isolated to this request: input errors (``BgevlError``,
-    ``ValueError``) answer 400 with their message, anything else 500 without a traceback."""
+    """``handle(request)`` with the failure isolated to this request:
+    the errors these models raise about the request (``InputError``) answer 400 with their message,
+    anything else 500 without a traceback."""
     try:
         return handle(request)
-    except (BgevlError, ValueError) as exc:
+    except InputError as exc:
         return error_response(str(exc))
     except Exception as exc:  # noqa: BLE001 - one request's failure is that request's alone
         return internal_error(model, exc)
@@ -58,7 +59,7 @@ async def answer_async(model: str, handle, request):
         return await handle(request)
     except ModelError as exc:
         return error_response(str(exc), exc.code)
-    except (BgevlError, ValueError) as exc:
+    except InputError as exc:
         return error_response(str(exc))
     except Exception as exc:  # noqa: BLE001
         return internal_error(model, exc)
@@ -81,7 +82,7 @@ def decode_text(values: np.ndarray, name: str = "TEXT") -> list[str]:
         try:
             out.append(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{name}[{i}] is not valid UTF-8 ({exc}); send UTF-8 encoded text") from None
+            raise InputError(f"{name}[{i}] is not valid UTF-8 ({exc}); send UTF-8 encoded text") from None
     return out
 
 

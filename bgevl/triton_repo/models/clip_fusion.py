@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb
 
+from bgevl.errors import InputError
 from bgevl.fusion import score_fusion
 from bgevl.specs import IMAGE_FEATURES, SERVING_EMBEDDING, TEXT_FEATURES
 from bgevl.triton_repo.models.backend_utils import answer, model_config
@@ -22,7 +23,7 @@ class TritonPythonModel:
             image = [pb.get_input_tensor_by_name(r, IMAGE_FEATURES).as_numpy() for r in requests]
             text = [pb.get_input_tensor_by_name(r, TEXT_FEATURES).as_numpy() for r in requests]
             if any(len(a) != len(b) for a, b in zip(image, text)):  # merged, two such requests could pair wrongly
-                raise ValueError("a request's image and text features differ in count")
+                raise InputError("a request's image and text features differ in count")
             fused = score_fusion(np.concatenate(image), np.concatenate(text))
         except Exception:  # noqa: BLE001
             return [answer(self.name, self._one, r) for r in requests]
@@ -33,4 +34,6 @@ class TritonPythonModel:
     def _one(self, request):
         image = pb.get_input_tensor_by_name(request, IMAGE_FEATURES).as_numpy()
         text = pb.get_input_tensor_by_name(request, TEXT_FEATURES).as_numpy()
+        if image.shape != text.shape:
+            raise InputError(f"{IMAGE_FEATURES} {list(image.shape)} and {TEXT_FEATURES} {list(text.shape)} differ in shape")
         return pb.InferenceResponse(output_tensors=[pb.Tensor(SERVING_EMBEDDING, score_fusion(image, text))])

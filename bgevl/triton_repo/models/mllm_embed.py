@@ -14,6 +14,7 @@ import asyncio
 import numpy as np
 import triton_python_backend_utils as pb
 
+from bgevl.errors import InputError
 from bgevl.specs import (
     ATTENTION_MASK, EMBEDDING, IMAGE_FEATURE_INDEX, IMAGE_TILES, INPUT_IDS, SERVING_EMBEDDING, SERVING_IMAGE,
     SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT, TILE_FEATURES,
@@ -27,7 +28,7 @@ def _one_value(values: np.ndarray | None, name: str):
         return None
     flat = values.reshape(-1)
     if any(v != flat[0] for v in flat[1:]):
-        raise ValueError(f"{name} differs between the items of one request; send one request per {name.lower()}")
+        raise InputError(f"{name} differs between the items of one request; send one request per {name.lower()}")
     return flat[:1]
 
 

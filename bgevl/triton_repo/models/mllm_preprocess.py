@@ -14,6 +14,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb
 
+from bgevl.errors import InputError
 from bgevl.runtime.mllm_preprocessing import ImageLayout, MllmPreprocessor
 from bgevl.runtime.preprocessing import InputLimits
 from bgevl.specs import (
@@ -47,7 +48,7 @@ class TritonPythonModel:
         image_list = decode_bytes(images, SERVING_IMAGE) if images is not None else None
         text_list = decode_text(texts, SERVING_TEXT) if texts is not None else None
         if image_list is not None and text_list is not None and len(image_list) != len(text_list):
-            raise ValueError(f"{SERVING_IMAGE} has {len(image_list)} items and {SERVING_TEXT} {len(text_list)}; "
+            raise InputError(f"{SERVING_IMAGE} has {len(image_list)} items and {SERVING_TEXT} {len(text_list)}; "
                              f"composed items pair them one to one")
         instruction_text = decode_text(instruction, SERVING_INSTRUCTION)[0] if instruction is not None else None
         role_text = decode_text(role, SERVING_ROLE)[0] if role is not None else (

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb
 
+from bgevl.errors import InputError
 from bgevl.runtime.providers import create_session
 from bgevl.triton_repo.models.backend_utils import answer, model_config, parameter
 
@@ -76,8 +77,10 @@ class TritonPythonModel:
 
     def _run_alone(self, request):
         names = self._requested(request)
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
         try:
             results = self.session.run(names, self._inputs(request))
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime rejects this request's values (e.g. token ids)
-            raise ValueError(f"{self.name}: {str(exc).strip().splitlines()[0]}") from None
+        except InvalidArgument as exc:  # ONNX Runtime rejects this request's values (e.g. token ids out of range)
+            raise InputError(f"{self.name}: {str(exc).strip().splitlines()[0]}") from None
         return pb.InferenceResponse(output_tensors=[pb.Tensor(n, r) for n, r in zip(names, results)])
