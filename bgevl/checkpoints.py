@@ -177,7 +177,6 @@ class CheckpointKind:
     model_type: str  # config.json "model_type"
     architecture: str  # for messages
     config_class: str  # transformers config class that parses config.json
-    model_class: str  # transformers model class the weights load into
     tokenizer_files: tuple[tuple[str, ...], ...]  # one of these file sets must be present
     #: config attributes (dotted) that tell the models of the family apart; compared with the
     #: --model spec's architecture so that a large checkpoint is not exported as base
@@ -186,14 +185,13 @@ class CheckpointKind:
 
 CHECKPOINT_KINDS: dict[str, CheckpointKind] = {
     "clip": CheckpointKind(
-        "clip", "CLIP dual encoder (CLIPModel)", "CLIPConfig", "CLIPModel",
+        "clip", "CLIP dual encoder (CLIPModel)", "CLIPConfig",
         (("tokenizer.json",), ("vocab.json", "merges.txt")),
         ("vision_config.hidden_size", "vision_config.num_hidden_layers", "vision_config.patch_size",
          "vision_config.image_size", "text_config.hidden_size", "text_config.num_hidden_layers", "projection_dim"),
     ),
     "mllm": CheckpointKind(
         "llava_next", "LLaVA-NeXT embedder (LlavaNextForConditionalGeneration)", "LlavaNextConfig",
-        "LlavaNextForConditionalGeneration",
         (("tokenizer.json",), ("tokenizer.model",)),
         ("vision_config.hidden_size", "vision_config.num_hidden_layers", "vision_config.patch_size",
          "vision_config.image_size", "text_config.hidden_size", "text_config.num_hidden_layers",
@@ -236,8 +234,8 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _weight_files(path: Path) -> list[Path]:
-    """The weight files a loader would read: an index's shards or the single file."""
+def weight_files(path: Path) -> list[Path]:
+    """The weight files a loader reads: an index's shards or the single ``model.safetensors``."""
     if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file() and (
             (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file()):
         raise CheckpointError(
@@ -245,18 +243,17 @@ def _weight_files(path: Path) -> list[Path]:
             f"repositories publish). Convert once with transformers: "
             f"AutoModel.from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True), copying the tokenizer "
             f"and processor files")
-    for index_name in ("model.safetensors.index.json",):
-        index = path / index_name
-        if index.is_file():
-            weight_map = _read_json(index, "weight index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: no weight_map; download the file again")
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (path / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{path}: the weight index names shards that are not there ({_listed(missing)}); "
-                                      f"the download is incomplete: download the missing files")
-            return [path / s for s in shards]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index, "weight index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no weight_map; download the file again")
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: the weight index names shards that are not there ({_listed(missing)}); "
+                                  f"the download is incomplete: download the missing files")
+        return [path / s for s in shards]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     raise CheckpointError(f"{path}: no weights (model.safetensors, or shards with model.safetensors.index.json); "
@@ -270,13 +267,10 @@ def _safetensors_header(file: Path) -> dict[str, str]:
 
     try:
         with safe_open(str(file), framework="np") as f:
-            names = list(f.keys())
-        with open(file, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            return {name: f.get_slice(name).get_dtype() for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{file}: unreadable weight file ({exc}); it is truncated or corrupt: "
                               f"download it again") from None
-    return {name: header[name]["dtype"] for name in names}
 
 
 def inspect_checkpoint(path: Path, spec: ModelSpec) -> CheckpointFiles:
@@ -305,14 +299,12 @@ def inspect_checkpoint(path: Path, spec: ModelSpec) -> CheckpointFiles:
         raise CheckpointError(f"{path / 'config.json'}: not a valid {kind.config_class} ({exc}); "
                               f"download the file again") from None
     if not spec.generated:
-        want = getattr(transformers, kind.config_class)(**spec.architecture)
-        differ = [f"{k} {_dotted(config, k)} (spec {_dotted(want, k)})" for k in kind.identity
-                  if _dotted(config, k) != _dotted(want, k)]
+        differ = _identity_differences(config, spec, kind)
         if differ:
-            others = [m.key for m in _same_family(spec) if _matches(config, m, kind)]
+            others = [m.key for m in _same_family(spec) if not _identity_differences(config, m, kind)]
             hint = f"it matches --model {others[0]}" if others else "no --model of this family matches it"
             raise CheckpointError(f"{path} is not {spec.hub_id}: {_listed(differ)}; {hint}")
-    files = _weight_files(path)
+    files = weight_files(path)
     stored: dict[str, str] = {}
     for file in files:
         stored.update(_safetensors_header(file))
@@ -334,11 +326,13 @@ def _same_family(spec: ModelSpec) -> list[ModelSpec]:
     return [m for m in MODELS.values() if m.family == spec.family and not m.generated and m.key != spec.key]
 
 
-def _matches(config: Any, spec: ModelSpec, kind: CheckpointKind) -> bool:
+def _identity_differences(config: Any, spec: ModelSpec, kind: CheckpointKind) -> list[str]:
+    """The identity attributes where ``config`` is not ``spec``'s architecture, as "name value (spec value)"."""
     import transformers
 
     want = getattr(transformers, kind.config_class)(**spec.architecture)
-    return all(_dotted(config, k) == _dotted(want, k) for k in kind.identity)
+    return [f"{k} {_dotted(config, k)} (spec {_dotted(want, k)})" for k in kind.identity
+            if _dotted(config, k) != _dotted(want, k)]
 
 
 def load_weights_checked(model_class: Any, path: Path, config: Any, attn_implementation: str) -> Any:

@@ -30,7 +30,6 @@ Sources (``../shared/reference/hub-checkpoints.md`` has the line numbers):
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -54,18 +53,14 @@ _LLAVA_NEXT_NAMES = (
 )
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    return [directory / n for n in names]
-
-
 def read_weights_fp32(directory: Path, rename=lambda key: key) -> Iterator[dict[str, torch.Tensor]]:
     """The checkpoint's safetensors files one at a time, every tensor as float32 under ``rename(key)``
     (one shard in memory beside the model, not the whole state dict)."""
     from safetensors.torch import load_file
 
-    for file in _weight_files(Path(directory)):
+    from bgevl.checkpoints import weight_files
+
+    for file in weight_files(Path(directory)):
         yield {rename(k): (v.float() if v.is_floating_point() else v) for k, v in load_file(str(file)).items()}
 
 

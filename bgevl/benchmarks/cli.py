@@ -126,21 +126,25 @@ class Progress:
         print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def _request_values(case) -> dict[str, list[bytes]]:
+    """The entry model's BYTES inputs of a case, one value per item: IMAGE, TEXT and, for the MLLM,
+    INSTRUCTION and ROLE (the same for every item of a request)."""
+    values: dict[str, list[bytes]] = {}
+    if case.images is not None:
+        values["IMAGE"] = list(case.images)
+    if case.texts:
+        values["TEXT"] = [t.encode() for t in case.texts]
+    for name, key in (("INSTRUCTION", "instruction"), ("ROLE", "role")):
+        if case.feeds.get(key):
+            values[name] = [case.feeds[key].encode()] * case.batch
+    return values
+
+
 def _triton_request(client_module, case):
     inputs = []
-    for name, values in (("IMAGE", case.images), ("TEXT", [t.encode() for t in case.texts] if case.texts else None)):
-        if values is not None:
-            tensor = client_module.InferInput(name, [len(values), 1], "BYTES")
-            tensor.set_data_from_numpy(np.array(values, dtype=object).reshape(-1, 1))
-            inputs.append(tensor)
-    if case.feeds.get("instruction"):
-        for name, value in (("INSTRUCTION", case.feeds["instruction"]), ("ROLE", case.feeds["role"])):
-            tensor = client_module.InferInput(name, [case.batch, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([value.encode()] * case.batch, dtype=object).reshape(-1, 1))
-            inputs.append(tensor)
-    elif case.feeds.get("role"):
-        tensor = client_module.InferInput("ROLE", [case.batch, 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([case.feeds["role"].encode()] * case.batch, dtype=object).reshape(-1, 1))
+    for name, values in _request_values(case).items():
+        tensor = client_module.InferInput(name, [len(values), 1], "BYTES")
+        tensor.set_data_from_numpy(np.array(values, dtype=object).reshape(-1, 1))
         inputs.append(tensor)
     return inputs
 
@@ -304,12 +308,7 @@ def _perf_analyzer_sweep(binary, server, model, key: str, args, log, sweep: list
         for workload in [w for w in args.workloads.split(",") if w]:
             case = model.case(key, workload, 1)
             data = Path(work) / f"{workload}.json"
-            inputs = {}
-            for name, values in (("IMAGE", case.images), ("TEXT", [t.encode() for t in case.texts] if case.texts else None),
-                                 ("INSTRUCTION", [case.feeds["instruction"].encode()] if case.feeds.get("instruction") else None),
-                                 ("ROLE", [case.feeds["role"].encode()] if case.feeds.get("role") else None)):
-                if values is not None:
-                    inputs[name] = perf_analyzer.bytes_tensor(list(values))
+            inputs = {name: perf_analyzer.bytes_tensor(values) for name, values in _request_values(case).items()}
             data.write_text(json.dumps({"data": [inputs]}))
             log(f"{key}: Triton sweep with perf_analyzer, {workload}, concurrency {args.concurrency}")
             for row in perf_analyzer.run("bgevl", server.grpc_url, data, args.concurrency,

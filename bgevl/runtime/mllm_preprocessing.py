@@ -228,10 +228,7 @@ class MllmPreprocessor:
         n = len(images) if images is not None else len(texts)
         role = normalize_role(role)
         if instruction is not None:
-            try:
-                check_text(instruction, 0, self.limits)
-            except InputError as exc:
-                raise InputError(str(exc).replace("text[0]", "instruction", 1)) from None
+            check_text(instruction, "instruction", self.limits)
         if role == QUERY and instruction is None:
             log.warning("MLLM query without a task instruction: BGE-VL-MLLM expects one for best results, e.g. "
                         "%r for composed image retrieval", CIR_INSTRUCTION)
@@ -242,7 +239,7 @@ class MllmPreprocessor:
             text = texts[i] if texts is not None else None
             image = images[i] if images is not None else None
             if text is not None:
-                check_text(text, start + i, self.limits, " (pass None for an image-only item)")
+                check_text(text, f"text[{start + i}]", self.limits, " (pass None for an image-only item)")
             if text is None and image is None:
                 raise InputError(f"item {start + i}: needs an image, a text or both")
             out.append(build_prompt(text, image is not None, role, instruction))

@@ -198,25 +198,26 @@ def as_list(value: Any, kind: str) -> list | None:
     return items
 
 
-def check_text(text: Any, i: int, limits: InputLimits = DEFAULT_LIMITS, empty_hint: str = "") -> str:
-    """One text item: a str of valid Unicode (no lone surrogates), not empty, within ``max_text_bytes``."""
+def check_text(text: Any, label: str, limits: InputLimits = DEFAULT_LIMITS, empty_hint: str = "") -> str:
+    """One text item, named ``label`` in errors ("text[3]", "instruction"): a str of valid Unicode (no
+    lone surrogates), not empty, within ``max_text_bytes``."""
     if not isinstance(text, str):
-        raise InputError(f"text[{i}]: expected a string, got {type(text).__name__}")
+        raise InputError(f"{label}: expected a string, got {type(text).__name__}")
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise InputError(f"text[{i}]: not valid Unicode ({exc.reason} at character {exc.start}); remove the lone "
+        raise InputError(f"{label}: not valid Unicode ({exc.reason} at character {exc.start}); remove the lone "
                          f"surrogate (decode the source with errors='replace')") from None
     if size > limits.max_text_bytes:
-        raise InputError(f"text[{i}]: {size} bytes, over the limit of {limits.max_text_bytes} bytes per text; "
+        raise InputError(f"{label}: {size} bytes, over the limit of {limits.max_text_bytes} bytes per text; "
                          f"shorten it (the model keeps only its first tokens) or raise max_text_bytes")
     if not text.strip():
-        raise InputError(f"text[{i}]: empty text; every text needs at least one non-space character{empty_hint}")
+        raise InputError(f"{label}: empty text; every text needs at least one non-space character{empty_hint}")
     return text
 
 
 def check_texts(texts: Sequence[Any], limits: InputLimits = DEFAULT_LIMITS) -> list[str]:
-    return [check_text(t, i, limits) for i, t in enumerate(texts)]
+    return [check_text(t, f"text[{i}]", limits) for i, t in enumerate(texts)]
 
 
 class ClipPreprocessor:
@@ -259,7 +260,7 @@ class ClipPreprocessor:
         """Token ids and attention mask, padded to the longest text, or to the model's limit with
         ``pad_to_max_length`` (fixed shapes, which Triton's dynamic batcher needs to merge requests).
         ``start``: index of the first text in the caller's list (error messages name items by it)."""
-        texts = [check_text(t, start + i, self.limits) for i, t in enumerate(texts)]
+        texts = [check_text(t, f"text[{start + i}]", self.limits) for i, t in enumerate(texts)]
         padding = "max_length" if pad_to_max_length else True
         enc = self.tokenizer(texts, add_special_tokens=True, verbose=False)
         over = [(start + i, len(ids)) for i, ids in enumerate(enc["input_ids"]) if len(ids) > self.max_text_length]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,6 @@ class DeployOptions:
     #: HPA target: average queue time per request, as a multiple of what batching alone costs at low
     #: load (CHAIN_MODELS x queue_delay_us)
     queue_target_factor: float = 4.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def queue_target_us(self) -> int:
@@ -291,16 +290,13 @@ def serving_runtime(opts: DeployOptions) -> dict:
 
 
 def inference_service(opts: DeployOptions) -> dict:
-    if opts.repository_uri.startswith("pvc://"):
-        storage = opts.repository_uri  # KServe's storage initializer mounts pvc:// itself
-    else:
-        storage = opts.repository_uri
     return {
         "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
         "metadata": {"name": opts.name, "namespace": opts.namespace, "labels": _labels(opts)},
         "spec": {"predictor": {
             "minReplicas": opts.replicas, "maxReplicas": opts.max_replicas,
-            "model": {"modelFormat": {"name": "triton"}, "runtime": f"{opts.name}-triton", "storageUri": storage,
+            "model": {"modelFormat": {"name": "triton"}, "runtime": f"{opts.name}-triton",
+                      "storageUri": opts.repository_uri,  # KServe's storage initializer reads s3://, gs://, pvc:// itself
                       "resources": _resources(opts)},
         }},
     }
@@ -342,8 +338,8 @@ def write_deployment(output: Path, opts: DeployOptions, wheel: Path | None = Non
         (staging / "kserve").mkdir()
         (staging / "kserve" / "servingruntime.yaml").write_text(_yaml(serving_runtime(opts)))
         (staging / "kserve" / "inferenceservice.yaml").write_text(_yaml(inference_service(opts)))
-        (staging / "deploy.json").write_text(json.dumps({"bgevl-export": __version__, **{
-            k: v for k, v in vars(opts).items() if k != "extra"}, "queue_target_us": opts.queue_target_us}, indent=2) + "\n")
+        (staging / "deploy.json").write_text(json.dumps(
+            {"bgevl-export": __version__, **vars(opts), "queue_target_us": opts.queue_target_us}, indent=2) + "\n")
     sink(f"wrote deployment files for {opts.repository_uri} to {output}")
     return output
 
