@@ -5,8 +5,11 @@
   there, else downloaded. With no network this fails at once with a message naming
   ``--model-path``.
 * ``--model tiny`` (and ``--random-weights`` for the full-size architectures): a random-weight
-  CLIP of the declared architecture, generated deterministically and offline, written with
-  ``save_pretrained`` and loaded back through the same path as a real checkpoint.
+  model of the declared architecture, generated deterministically and offline by its family
+  (``Family.generate_checkpoint``) and loaded back through the same path as a real checkpoint.
+
+The checks below are the same for every family; what a family's checkpoint holds is its
+``CheckpointKind`` (``bgevl.families.base``).
 """
 
 from __future__ import annotations
@@ -18,20 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from bgevl.errors import CheckpointError
+from bgevl.families import family_of
+from bgevl.families.base import CheckpointKind
 from bgevl.specs import ModelSpec
 
 #: Seed of every generated random-weight model.
 GENERATED_SEED = 0
-
-#: Merges of the generated tokenizer's BPE, written out so that the vocabulary is identical on
-#: every machine (tokenizers' BpeTrainer breaks ties differently from run to run).
-_TINY_MERGES = (
-    ("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("i", "n"), ("in", "g</w>"),
-    ("o", "f</w>"), ("o", "n</w>"), ("e", "r"), ("e", "d</w>"), ("a", "t"), ("o", "r"),
-    ("a", "r"), ("e", "n"), ("s", "t"), ("p", "h"), ("ph", "o"), ("c", "a"), ("o", "u"),
-    ("i", "s</w>"), ("t", "o</w>"), ("w", "h"),
-)
-
 
 @dataclass(frozen=True)
 class ResolvedCheckpoint:
@@ -40,28 +35,7 @@ class ResolvedCheckpoint:
     weights: str  # "pretrained" or "random"
 
 
-def generated_tokenizer() -> Any:
-    """A CLIP BPE tokenizer with a small deterministic vocabulary.
-
-    Same class, normalizer, pre-tokenizer and special tokens as BGE-VL's CLIPTokenizer; the
-    vocabulary is the 512 byte-level symbols (with and without ``</w>``), a fixed list of
-    merges and the two special tokens. Used by the generated random-weight models only.
-    """
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for symbol in alphabet + [s + "</w>" for s in alphabet]:
-        vocab[symbol] = len(vocab)
-    for a, b in _TINY_MERGES:
-        vocab.setdefault(a + b, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=list(_TINY_MERGES), model_max_length=77)
-
-
-def _architecture_for(spec: ModelSpec, tokenizer: Any) -> dict[str, Any]:
+def architecture_for(spec: ModelSpec, tokenizer: Any) -> dict[str, Any]:
     """``spec.architecture`` with the text config's vocabulary and special ids taken from the tokenizer."""
     import copy
 
@@ -73,7 +47,7 @@ def _architecture_for(spec: ModelSpec, tokenizer: Any) -> dict[str, Any]:
     return arch
 
 
-def _save_random_model(model_class: Any, config: Any, processor: Any, directory: Path) -> Path:
+def save_random_model(model_class: Any, config: Any, processor: Any, directory: Path) -> Path:
     """Build ``model_class(config)`` with the generator seed and save it with its processor files."""
     import torch
 
@@ -84,21 +58,6 @@ def _save_random_model(model_class: Any, config: Any, processor: Any, directory:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
-
-
-def generate_clip_checkpoint(spec: ModelSpec, directory: Path) -> Path:
-    """Write a random-weight CLIP of ``spec.architecture`` (+ processor files) to ``directory``."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
-
-    tokenizer = generated_tokenizer()
-    config = CLIPConfig(**_architecture_for(spec, tokenizer))
-    image_size = config.vision_config.image_size
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                              crop_size={"height": image_size, "width": image_size}),
-        tokenizer=tokenizer,
-    )
-    return _save_random_model(CLIPModel, config, processor, directory)
 
 
 def _hub_offline_message(spec: ModelSpec, reason: str) -> str:
@@ -127,8 +86,7 @@ def resolve_checkpoint(spec: ModelSpec, *, model_path: str | os.PathLike | None,
             )
         return ResolvedCheckpoint(path.resolve(), f"local:{path.resolve()}", "pretrained")
     if spec.generated or random_weights:
-        generate = generate_clip_checkpoint if spec.family == "clip" else generate_mllm_checkpoint
-        path = generate(spec, workdir / f"generated-{spec.key}")
+        path = family_of(spec).generate_checkpoint(spec, workdir / f"generated-{spec.key}")
         return ResolvedCheckpoint(path, f"generated:{spec.key} (random weights, seed {GENERATED_SEED})", "random")
     return ResolvedCheckpoint(_download(spec), f"hub:{spec.hub_id}", "pretrained")
 
@@ -168,36 +126,6 @@ def _download(spec: ModelSpec) -> Path:
 _TOKENIZER_PROBES = ("a red car", "two dogs on a beach", "Make the background dark")
 #: How many names a refusal lists before "... and N more".
 _LISTED = 5
-
-
-@dataclass(frozen=True)
-class CheckpointKind:
-    """What a checkpoint of one model family holds, as the hub repositories publish it."""
-
-    model_type: str  # config.json "model_type"
-    architecture: str  # for messages
-    config_class: str  # transformers config class that parses config.json
-    tokenizer_files: tuple[tuple[str, ...], ...]  # one of these file sets must be present
-    #: config attributes (dotted) that tell the models of the family apart; compared with the
-    #: --model spec's architecture so that a large checkpoint is not exported as base
-    identity: tuple[str, ...]
-
-
-CHECKPOINT_KINDS: dict[str, CheckpointKind] = {
-    "clip": CheckpointKind(
-        "clip", "CLIP dual encoder (CLIPModel)", "CLIPConfig",
-        (("tokenizer.json",), ("vocab.json", "merges.txt")),
-        ("vision_config.hidden_size", "vision_config.num_hidden_layers", "vision_config.patch_size",
-         "vision_config.image_size", "text_config.hidden_size", "text_config.num_hidden_layers", "projection_dim"),
-    ),
-    "mllm": CheckpointKind(
-        "llava_next", "LLaVA-NeXT embedder (LlavaNextForConditionalGeneration)", "LlavaNextConfig",
-        (("tokenizer.json",), ("tokenizer.model",)),
-        ("vision_config.hidden_size", "vision_config.num_hidden_layers", "vision_config.patch_size",
-         "vision_config.image_size", "text_config.hidden_size", "text_config.num_hidden_layers",
-         "text_config.num_key_value_heads", "text_config.intermediate_size"),
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -284,7 +212,7 @@ def inspect_checkpoint(path: Path, spec: ModelSpec) -> CheckpointFiles:
     """
     import transformers
 
-    kind = CHECKPOINT_KINDS[spec.family]
+    kind = family_of(spec).checkpoint_kind
     raw = _read_json(path / "config.json", "model config (config.json)")
     if raw.get("model_type") != kind.model_type:
         found = raw.get("model_type") or "no model_type"
@@ -321,9 +249,7 @@ def inspect_checkpoint(path: Path, spec: ModelSpec) -> CheckpointFiles:
 
 
 def _same_family(spec: ModelSpec) -> list[ModelSpec]:
-    from bgevl.specs import MODELS
-
-    return [m for m in MODELS.values() if m.family == spec.family and not m.generated and m.key != spec.key]
+    return [m for m in family_of(spec).models if not m.generated and m.key != spec.key]
 
 
 def _identity_differences(config: Any, spec: ModelSpec, kind: CheckpointKind) -> list[str]:
@@ -377,117 +303,6 @@ def check_tokenizer(tokenizer: Any, path: Path) -> None:
             f"tokenizer files of the hub repository into the directory")
 
 
-def load_clip(path: Path, attn_implementation: str = "eager", spec: ModelSpec | None = None) -> tuple[Any, Any]:
-    """Load a BGE-VL CLIP checkpoint (float32) with transformers' CLIPModel and its processor.
-
-    ``attn_implementation``: eager (the export's traced modules) or sdpa (transformers' default,
-    what the benchmarks compare against). The checkpoint is checked first
-    (:func:`inspect_checkpoint`); ``spec`` defaults to the generated ``tiny`` (any CLIP size).
-
-    BGE-VL-base/large ship remote code (``modeling_MMRet_CLIP.CLIPModel``, transformers 4.45's
-    CLIPModel plus ``encode``); the weights load into today's ``CLIPModel`` without
-    ``trust_remote_code`` (standard names, no prefix; ``../shared/reference/hub-checkpoints.md``).
-    """
-    from transformers import CLIPModel
-
-    from bgevl.runtime.preprocessing import load_processor
-    from bgevl.specs import get_model_spec
-
-    files = inspect_checkpoint(Path(path), spec or get_model_spec("tiny"))
-    model = load_weights_checked(CLIPModel, Path(path), files.config, attn_implementation)
-    processor = load_processor(path)
-    check_tokenizer(processor.tokenizer, Path(path))
-    return model, processor
-
-# ---------------------------------------------------------------------------------------
-# LLaVA-NeXT embedders (BGE-VL-MLLM)
-# ---------------------------------------------------------------------------------------
-
-#: Tokens of the generated Llama-style tokenizer beyond bytes and single characters.
-_TINY_LLAMA_MERGES = (
-    ("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("▁", "a"), ("e", "r"), ("o", "n"), ("▁", "["),
-    ("I", "N"), ("IN", "S"), ("INS", "T"), ("T", "]"), ("▁", "<"), ("r", "e"), ("▁", "o"), ("a", "t"),
-)
-
-
-def generated_llama_tokenizer() -> Any:
-    """A Mistral/Llama-style tokenizer (``LlamaTokenizer``: Metaspace, byte fallback, ``<s>`` prepended,
-    left padding) with a small deterministic vocabulary, plus ``<pad>`` and the ``<image>``
-    placeholder, as llava-v1.6-mistral adds them. Used by the generated tiny MLLM only."""
-    import string
-
-    from tokenizers import AddedToken
-    from transformers import LlamaTokenizer
-
-    vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
-    for ch in ["▁", *sorted(set(string.ascii_letters + string.digits + string.punctuation))]:
-        vocab.setdefault(ch, len(vocab))
-    for a, b in _TINY_LLAMA_MERGES:
-        vocab.setdefault(a + b, len(vocab))
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=list(_TINY_LLAMA_MERGES), padding_side="left",
-                               add_bos_token=True, add_eos_token=False, model_max_length=32768)
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    return tokenizer
-
-
-def generated_mllm_config(spec: ModelSpec, tokenizer: Any) -> Any:
-    """The LlavaNextConfig of ``spec.architecture`` fitted to the generated tokenizer."""
-    from transformers import LlavaNextConfig
-
-    return LlavaNextConfig(**_architecture_for(spec, tokenizer), image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-
-
-def generate_mllm_checkpoint(spec: ModelSpec, directory: Path) -> Path:
-    """Write a random-weight LLaVA-NeXT of ``spec.architecture`` (+ processor files) to ``directory``."""
-    from transformers import LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
-
-    tokenizer = generated_llama_tokenizer()
-    config = generated_mllm_config(spec, tokenizer)
-    tile = config.vision_config.image_size
-    processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(
-            size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
-            image_grid_pinpoints=config.image_grid_pinpoints),
-        tokenizer=tokenizer,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # the CLS token, as in llava-hf's processor configs
-    )
-    return _save_random_model(LlavaNextForConditionalGeneration, config, processor, directory)
-
-
-def load_mllm(path: Path, attn_implementation: str = "eager", spec: ModelSpec | None = None) -> tuple[Any, Any]:
-    """Load a BGE-VL-MLLM checkpoint (float32) with transformers' LlavaNextForConditionalGeneration.
-
-    The hub checkpoints name the remote-code class ``LLaVANextForEmbedding`` (MegaPairs
-    ``modeling_llavanext_for_embedding.py``): a ``LlavaNextForConditionalGeneration`` whose language-model
-    forward returns the last hidden states instead of logits. The weights are the same modules in
-    transformers 4.45's names, which today's class maps, so they load without ``trust_remote_code``;
-    the LM head is loaded but never exported. The processor's settings that 4.45-era
-    ``processor_config.json`` files lack are filled from the model config
-    (:func:`bgevl.runtime.mllm_preprocessing.complete_processor`).
-    """
-    from transformers import LlavaNextForConditionalGeneration
-
-    from bgevl.runtime.mllm_preprocessing import complete_processor
-    from bgevl.runtime.preprocessing import load_processor
-    from bgevl.specs import get_model_spec
-
-    files = inspect_checkpoint(Path(path), spec or get_model_spec("tiny-mllm"))
-    model = load_weights_checked(LlavaNextForConditionalGeneration, Path(path), files.config, attn_implementation)
-    processor = load_processor(path)
-    check_tokenizer(processor.tokenizer, Path(path))
-    complete_processor(processor, model.config, Path(path))
-    return model, processor
-
-
-#: The checked loader of each family.
-LOADERS = {"clip": load_clip, "mllm": load_mllm}
-
-
 def check_checkpoint(spec: ModelSpec, path: Path, report: Any = print) -> None:
     """``bgevl-export check``: everything the exporter checks about a checkpoint, without exporting.
 
@@ -497,22 +312,22 @@ def check_checkpoint(spec: ModelSpec, path: Path, report: Any = print) -> None:
     for distinct inputs. Raises ``CheckpointError`` / ``ValidationFailed`` on the first problem."""
     from bgevl.export.validate import check_reference, max_cosine_between_rows
     from bgevl.probes import probe_set
-    from bgevl.reference import ORIGINALS
 
     path = Path(path)
+    family = family_of(spec)
     files = inspect_checkpoint(path, spec)
-    kind = CHECKPOINT_KINDS[spec.family]
+    kind = family.checkpoint_kind
     report(f"{path}: {kind.architecture}, config.json {'matches' if not spec.generated else 'is of the family of'} "
            f"--model {spec.key}{f' ({spec.hub_id})' if spec.hub_id else ''}")
     report(f"weights: {len(files.weight_files)} file(s), {files.tensors} tensors stored as {', '.join(files.stored_dtypes)}")
-    model, processor = LOADERS[spec.family](path, spec=spec)
+    model, processor = family.load(path, spec=spec)
     parameters = sum(p.numel() for p in model.parameters())
     report(f"loaded as {str(model.dtype).removeprefix('torch.')}: {parameters / 1e6:.1f}M parameters, none missing, "
            f"unexpected or mismatched")
     report(f"tokenizer {type(processor.tokenizer).__name__} ({len(processor.tokenizer)} tokens), image processor "
            f"{type(processor.image_processor).__name__}")
     del model
-    embeddings = ORIGINALS[spec.family](path).probe_embeddings(probe_set())
+    embeddings = family.original(path).probe_embeddings(probe_set())
     check_reference(embeddings)
     worst = max((max_cosine_between_rows(e) or -1.0) for e in embeddings.values())
     report(f"original fp32 embeddings of the probe set ({', '.join(f'{len(e)} {k}' for k, e in embeddings.items())}): "

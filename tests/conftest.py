@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bgevl.checkpoints import generate_clip_checkpoint, generate_mllm_checkpoint, load_clip, load_mllm
+from bgevl.families.clip.checkpoint import generate_clip_checkpoint, load_clip
+from bgevl.families.mllm.checkpoint import generate_mllm_checkpoint, load_mllm
 from bgevl.export import ExportOptions, run_export
-from bgevl.specs import get_model_spec
+from bgevl.families import get_model_spec
 
 
 def _has_cuda() -> bool:

@@ -35,10 +35,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bgevl.checkpoints import (
-    GENERATED_SEED, _TINY_MERGES, _architecture_for, generated_llama_tokenizer, generated_mllm_config, generated_tokenizer,
-)
-from bgevl.specs import ModelSpec, _clip_arch, get_model_spec
+from bgevl.checkpoints import GENERATED_SEED, architecture_for
+from bgevl.families import get_model_spec
+from bgevl.families.clip import _clip_arch
+from bgevl.families.clip.checkpoint import _TINY_MERGES, generated_tokenizer
+from bgevl.families.mllm.checkpoint import generated_llama_tokenizer, generated_mllm_config
+from bgevl.specs import ModelSpec
 
 #: OpenAI's legacy CLIP preprocessor file, as BGE-VL-base/-large ship it (316 bytes).
 LEGACY_CLIP_PREPROCESSOR = {
@@ -86,7 +88,7 @@ def clip_hub_checkpoint(directory: Path, like: str = "base", dtype: torch.dtype 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = generated_tokenizer()
     arch = architecture or CLIP_LIKE[like]
-    config = CLIPConfig(**_architecture_for(ModelSpec(f"hub-{like}", "clip", "", architecture=arch), tokenizer))
+    config = CLIPConfig(**architecture_for(ModelSpec(f"hub-{like}", "clip", "", architecture=arch), tokenizer))
     model = _seeded(CLIPModel, config)
     tensors = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -87,13 +87,13 @@ def test_manifest_records_graphs_and_validation(precision, export_dir):
     assert manifest["model"]["weights"] == "random" and "random weights" in manifest["validation"]["note"]
     assert manifest["validation"]["passed"] is True
     assert manifest["validation"]["threshold_min_cosine"] == {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}[precision]
-    assert manifest["fusion"]["formula"] == "l2_normalize(image_features + text_features)"
-    assert manifest["fusion"]["validation"]["min_cosine"] >= manifest["validation"]["threshold_min_cosine"]
+    assert manifest["recipe"]["formula"] == "l2_normalize(image_features + text_features)"
+    assert manifest["model"]["source"].startswith("generated:tiny")
     for name, entry in manifest["graphs"].items():
         assert (directory / entry["file"]).is_file()
         assert entry["precision"] == precision and entry["opset"] == 18
-        assert entry["source_checkpoint"].startswith("generated:tiny")
-        figures = entry["validation"]
+    assert set(manifest["validation"]["figures"]) == {"image", "text", "composed"}
+    for figures in manifest["validation"]["figures"].values():
         assert set(figures) >= {"min_cosine", "max_abs_diff", "top1_agreement", "n"}
         assert figures["min_cosine"] >= manifest["validation"]["threshold_min_cosine"]
     text_input = manifest["graphs"]["text"]["inputs"][0]

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from bgevl.export import ExportOptions, run_export
 from bgevl.export.cli import main
 from bgevl.probes import PROBE_MODES, in_mode, synthetic_images
-from bgevl.reference import OriginalClip, OriginalLlavaEmbedder
+from bgevl.families.clip.reference import OriginalClip
+from bgevl.families.mllm.reference import OriginalLlavaEmbedder
 from bgevl.runtime import Embedder
 from hub_layout import PROCESSOR_VARIANTS, clip_hub_checkpoint, mllm_hub_checkpoint
 
@@ -112,7 +113,7 @@ def test_clip_reduced_precisions_validate_against_the_fp32_original(precision, b
     directory = hub_export("clip-base", precision)
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["validation"]["reference"] == OriginalClip.DESCRIPTION and manifest["validation"]["passed"]
-    for figures in [*(g["validation"] for g in manifest["graphs"].values()), manifest["fusion"]["validation"]]:
+    for figures in manifest["validation"]["figures"].values():
         assert figures["min_cosine"] >= bound and figures["max_cosine_between_probes"] < 0.99999
     original = OriginalClip(hub("clip-base"))
     emb = Embedder.load(directory, provider="cpu")
@@ -182,7 +183,7 @@ def test_old_processor_configs_break_plain_transformers_5(hub):
     token too few, and without processor_config.json it has no patch size."""
     from transformers import AutoProcessor
 
-    from bgevl.checkpoints import load_mllm
+    from bgevl.families.mllm.checkpoint import load_mllm
 
     image = mode_images()[0].convert("RGB").resize((512, 512))
     prompt = "[INST]  <image> [/INST]"
@@ -225,8 +226,8 @@ def test_mllm_reduced_precisions_validate_against_the_fp32_original(precision, m
 def test_mllm_images_are_resized_before_the_rgb_conversion(mode, hub):
     """BGE-VL-MLLM's data_process: ``Image.open(p).resize((512, 512)).convert("RGB")``; Pillow resizes
     palette images with NEAREST and RGBA premultiplied, so the order changes the pixels."""
-    from bgevl.checkpoints import load_mllm
-    from bgevl.runtime.mllm_preprocessing import ImageLayout, MllmPreprocessor
+    from bgevl.families.mllm.checkpoint import load_mllm
+    from bgevl.families.mllm.preprocessing import ImageLayout, MllmPreprocessor
 
     model, processor = load_mllm(hub("mllm-llava-hf"))
     pre = MllmPreprocessor(processor, ImageLayout.from_config(model.config), 4096)
@@ -311,7 +312,7 @@ def test_bert_checkpoint_is_refused(tmp_path, capsys):
 def test_a_checkpoint_of_another_size_is_refused_naming_the_right_model(tmp_path, capsys):
     from transformers import CLIPConfig
 
-    from bgevl.specs import get_model_spec
+    from bgevl.families import get_model_spec
 
     path = tmp_path / "large"
     path.mkdir()

@@ -19,7 +19,7 @@ from PIL import Image
 from bgevl.errors import InputError
 from bgevl.export import ExportOptions, run_export
 from bgevl.runtime import Embedder
-from bgevl.runtime.mllm_preprocessing import ImageLayout, build_prompt
+from bgevl.families.mllm.preprocessing import ImageLayout, build_prompt
 
 INSTRUCTION = "Retrieve the target image that best meets the combined criteria: "
 # (height, width): square, wide, tall, very wide: four anyres grids and unpadding directions
@@ -226,10 +226,12 @@ def test_full_depth_7b_graphs_trace_on_meta_weights(tmp_path):
     validation) are in tests/test_full_size.py."""
     from transformers import LlavaNextForConditionalGeneration
 
-    from bgevl.checkpoints import generated_llama_tokenizer, generated_mllm_config
+    from bgevl.families.mllm.checkpoint import generated_llama_tokenizer, generated_mllm_config
     from bgevl.export import onnx_tools
-    from bgevl.export.mllm_modules import graph_modules
-    from bgevl.specs import MLLM_LANGUAGE_GRAPH, ONNX_OPSET, get_model_spec, mllm_graph_specs_from_config
+    from bgevl.families.mllm.modules import graph_modules
+    from bgevl.families import get_model_spec
+    from bgevl.families.mllm.graphs import MLLM_LANGUAGE_GRAPH, mllm_graph_specs_from_config
+    from bgevl.specs import ONNX_OPSET
 
     config = generated_mllm_config(get_model_spec("mllm-s1"), generated_llama_tokenizer())
     text = config.text_config
@@ -277,8 +279,8 @@ def test_loads_the_transformers_4_45_weight_layout(tmp_path, tiny_mllm_reference
 
     from safetensors.torch import load_file, save_file
 
-    from bgevl.checkpoints import generate_mllm_checkpoint, load_mllm
-    from bgevl.specs import get_model_spec
+    from bgevl.families.mllm.checkpoint import generate_mllm_checkpoint, load_mllm
+    from bgevl.families import get_model_spec
 
     source = generate_mllm_checkpoint(get_model_spec("tiny-mllm"), tmp_path / "current")
     tensors = load_file(str(source / "model.safetensors"))

@@ -1,9 +1,11 @@
 import pytest
 
 from bgevl.errors import BgevlError
-from bgevl.specs import (
-    COSINE_THRESHOLDS, Dim, GraphSpec, MODELS, clip_graph_specs, get_model_spec,
-)
+from bgevl.families import all_models, get_model_spec
+from bgevl.families.clip.graphs import clip_graph_specs
+from bgevl.specs import COSINE_THRESHOLDS, Dim, GraphSpec
+
+MODELS = all_models()
 
 
 def test_clip_graph_specs_declare_names_shapes_and_dynamic_axes():

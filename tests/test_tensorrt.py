@@ -22,7 +22,8 @@ from bgevl.manifest import read_manifest
 from bgevl.runtime import Embedder
 from bgevl.runtime.providers import provider_options_for
 from bgevl.runtime.tensorrt import DeviceInfo, check_compatible, read_sidecar, tensorrt_status
-from bgevl.specs import clip_graph_specs, mllm_graph_specs
+from bgevl.families.clip.graphs import clip_graph_specs
+from bgevl.families.mllm.graphs import mllm_graph_specs
 
 CLIP = clip_graph_specs(image_size=224, max_text_length=77, embed_dim=512, opt_batch=8, max_batch=64)
 MLLM = mllm_graph_specs(tile_size=336, tile_tokens=576, hidden_size=4096, max_batch=8, opt_batch=2, max_sequence=4096)
@@ -46,10 +47,10 @@ def test_profiles_follow_the_declaration_and_the_command_line():
 def test_precision_plans():
     fp16 = precision_plan("fp16")
     assert fp16.strongly_typed and not fp16.builder_flags  # the fp16 ONNX's own types, fp32 islands included
-    int8 = precision_plan("int8", "qdq")
+    int8 = precision_plan("int8", "static-qdq")
     assert not int8.strongly_typed and int8.builder_flags == ("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS")
     assert int8.fp32_layers == FP32_LAYERS and "NORMALIZATION" in FP32_LAYERS and "SOFTMAX" in FP32_LAYERS
-    assert precision_plan("int8", "qdq", family="mllm").strongly_typed  # weight-only Q/DQ
+    assert precision_plan("int8", "weight-only-qdq").strongly_typed  # weight-only Q/DQ
     assert precision_plan("fp32").cleared_flags == ("TF32",)
     with pytest.raises(BgevlError, match="int8-mode dynamic.*TensorRT cannot build.*--int8-mode qdq"):
         precision_plan("int8", "dynamic")
@@ -82,14 +83,14 @@ def test_provider_options_expose_precision_cache_and_overrides(tmp_path):
 
 @pytest.mark.skipif(tensorrt_status()[0], reason="checks the messages of a machine without TensorRT or a GPU")
 def test_without_tensorrt_the_runtime_and_builder_say_what_is_missing(export_dir):
-    from bgevl.runtime.tensorrt import TensorRTGraph
+    from bgevl.runtime.tensorrt import TensorRTRunner
 
     directory = export_dir("fp16")
     with pytest.raises(BgevlError, match="has no TensorRT engine for graph 'vision'; build the engines with "
                                          "`bgevl-export build-engines"):
         Embedder.load(directory, backend="tensorrt")
     with pytest.raises(BgevlError, match="TensorRT is not installed.*pip install 'bgevl-export\\[tensorrt\\]'"):
-        TensorRTGraph(read_manifest(directory).graph_spec("vision"), directory / "tensorrt" / "vision.plan")
+        TensorRTRunner(read_manifest(directory).graph_spec("vision"), directory / "tensorrt" / "vision.plan")
     with pytest.raises(BgevlError, match="backend 'tensorrrt'"):
         Embedder.load(export_dir("fp16"), backend="tensorrrt")
 
@@ -105,7 +106,7 @@ def test_cli_format_auto_falls_back_to_onnx_with_one_line_and_tensorrt_fails_ear
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if "TensorRT engines not built" in line]
     assert len(lines) == 1 and f"bgevl-export build-engines {out.resolve()}" in lines[0]
-    assert (out / "vision.onnx").is_file() and "engines" not in read_manifest(out).data
+    assert (out / "vision.onnx").is_file() and not read_manifest(out).engines
 
     result = _cli("--model", "tiny", "--output", str(tmp_path / "trt"), "--format", "tensorrt")
     assert result.returncode == 2 and "--format tensorrt: TensorRT is not installed" in result.stderr
@@ -122,16 +123,15 @@ def test_cli_format_auto_falls_back_to_onnx_with_one_line_and_tensorrt_fails_ear
 def test_the_reference_set_reproduces_the_export_figures(export_dir, model, precision):
     """The engines are validated by the same code on the same arrays: with ONNX Runtime as the runner it must
     give the very figures the export recorded."""
-    from bgevl.runtime.providers import create_session
+    from bgevl.families import get_family
+    from bgevl.runtime.runners import open_runners, runner_call
 
     directory = export_dir(precision, model=model)
     manifest = read_manifest(directory)
     arrays = load_arrays(directory / VALIDATION_ARRAYS)
-    sessions = {name: create_session(manifest.graph_path(name)) for name in manifest.graph_names()}
-    figures = parity(manifest.family, arrays, lambda name, feed, outs: sessions[name].run(list(outs), dict(feed)))
-    recorded = (manifest.data["validation"]["figures"] if manifest.family == "mllm"
-                else {**{g: manifest.data["graphs"][g]["validation"] for g in manifest.graph_names()},
-                      "composed": manifest.data["fusion"]["validation"]})
+    figures = parity(get_family(manifest.family), manifest.graph_specs(), arrays,
+                     runner_call(open_runners(manifest, provider="cpu")))
+    recorded = manifest.validation.figures
     assert set(figures) == set(recorded)
     for name, f in figures.items():
         assert f["min_cosine"] == pytest.approx(recorded[name]["min_cosine"], abs=1e-7), name
@@ -152,8 +152,10 @@ def test_triton_tensorrt_configs_take_the_engine_profile(export_dir, tmp_path):
         (directory / "tensorrt" / f"{name}.plan").write_bytes(b"placeholder")
         spec = manifest["graphs"][name]["inputs"][0]
         max_shape = [16] + [a if isinstance(a, int) else 77 for a in spec["shape"][1:]]
-        manifest["engines"][name] = {"file": f"tensorrt/{name}.plan",
-                                     "profiles": {spec["name"]: {"min": [1], "opt": [4], "max": max_shape}}}
+        manifest["engines"][name] = {"file": f"tensorrt/{name}.plan", "sidecar": f"tensorrt/{name}.plan.json",
+                                     "tensorrt_version": "10.7.0", "gpu": "placeholder", "compute_capability": "9.0",
+                                     "profiles": {spec["name"]: {"min": [1], "opt": [4], "max": max_shape}},
+                                     "precision_plan": "placeholder"}
     (directory / "manifest.json").write_text(json.dumps(manifest))
     repo = write_repository(directory, tmp_path / "repo", backend="tensorrt", sink=None)
     for name in ("vision", "text"):
@@ -180,7 +182,7 @@ def test_engines_build_validate_and_run_behind_the_embedder(tmp_path, precision)
     result = _cli("--model", "tiny", "--precision", precision, "--output", str(out), "--format", "tensorrt")
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = read_manifest(out)
-    assert set(manifest.data["engines"]) == {"vision", "text"} and manifest.data["engine_validation"]["passed"]
+    assert set(manifest.engines) == {"vision", "text"} and manifest.engine_validation.passed
     sidecar = read_sidecar(out / "tensorrt" / "vision.plan")
     assert sidecar["precision"] == precision and sidecar["compute_capability"]
     engine = Embedder.load(out, backend="tensorrt")

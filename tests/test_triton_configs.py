@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from bgevl.specs import TensorSpec, clip_graph_specs, mllm_graph_specs
+from bgevl.families.clip.graphs import clip_graph_specs
+from bgevl.families.mllm.graphs import mllm_graph_specs
+from bgevl.specs import TensorSpec
 from bgevl.triton_repo.configs import (
     Batching, Step, check_ensemble_wiring, encoder_config, ensemble_config, parse_pbtxt, python_config, to_pbtxt,
 )

@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from bgevl.errors import BgevlError  # noqa: E402
 from bgevl.runtime import Embedder  # noqa: E402
-from bgevl.runtime.preprocessing import ClipPreprocessor  # noqa: E402
+from bgevl.families.clip.preprocessing import ClipPreprocessor  # noqa: E402
 from bgevl.triton_repo.configs import check_ensemble_wiring, parse_pbtxt  # noqa: E402
 from bgevl.triton_repo.repository import write_repository  # noqa: E402
 from bgevl.triton_repo.server import TritonServer, free_port  # noqa: E402

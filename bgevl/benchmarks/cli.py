@@ -103,6 +103,7 @@ def _hardware(threads: int) -> dict[str, Any]:
 
 def _export(key: str, precision: str, args, log, int8_mode: str | None = None) -> Path:
     from bgevl.export import ExportOptions, run_export
+    from bgevl.families import family_of, get_model_spec
     from bgevl.manifest import MANIFEST_NAME
 
     root = args.exports or args.output / "exports"
@@ -112,10 +113,12 @@ def _export(key: str, precision: str, args, log, int8_mode: str | None = None) -
     if (out / MANIFEST_NAME).is_file():
         return out
     log(f"exporting {key} {precision}{int8} to {out}")
+    family = family_of(get_model_spec(key))
+    # cheap towers export up to the largest batch asked for; the family default otherwise (larger batches skipped)
+    max_batch = max(family.default_batch[1], max(args.batch_sizes)) if family.bench_grows_max_batch else None
     return run_export(ExportOptions(output=out, model=key, precision=precision, int8_mode=int8_mode,
                                     random_weights=args.random_weights, model_path=args.model_path,
-                                    max_batch=max(64, max(args.batch_sizes)) if not key.endswith("mllm") else None,
-                                    overwrite=True), sink=lambda msg: None)
+                                    max_batch=max_batch, overwrite=True), sink=lambda msg: None)
 
 
 class Progress:
@@ -126,23 +129,11 @@ class Progress:
         print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def _request_values(case) -> dict[str, list[bytes]]:
-    """The entry model's BYTES inputs of a case, one value per item: IMAGE, TEXT and, for the MLLM,
-    INSTRUCTION and ROLE (the same for every item of a request)."""
-    values: dict[str, list[bytes]] = {}
-    if case.images is not None:
-        values["IMAGE"] = list(case.images)
-    if case.texts:
-        values["TEXT"] = [t.encode() for t in case.texts]
-    for name, key in (("INSTRUCTION", "instruction"), ("ROLE", "role")):
-        if case.feeds.get(key):
-            values[name] = [case.feeds[key].encode()] * case.batch
-    return values
-
-
 def _triton_request(client_module, case):
+    from bgevl.triton_repo.perf_analyzer import request_values
+
     inputs = []
-    for name, values in _request_values(case).items():
+    for name, values in request_values(case.request).items():
         tensor = client_module.InferInput(name, [len(values), 1], "BYTES")
         tensor.set_data_from_numpy(np.array(values, dtype=object).reshape(-1, 1))
         inputs.append(tensor)
@@ -151,14 +142,16 @@ def _triton_request(client_module, case):
 
 def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes: list) -> None:
     from bgevl.benchmarks.measure import interleaved
-    from bgevl.benchmarks.suite import WORKLOADS, ClipModel, MllmModel, min_cosine
+    from bgevl.benchmarks.suite import WORKLOADS, BenchModel, min_cosine
     from bgevl.checkpoints import resolve_checkpoint
+    from bgevl.families import family_of, get_model_spec
     from bgevl.manifest import read_manifest
-    from bgevl.runtime.embedder import Embedder, open_graphs
+    from bgevl.runtime.embedder import Embedder
     from bgevl.runtime.providers import available_providers
-    from bgevl.specs import get_model_spec
+    from bgevl.runtime.runners import open_runners
 
     spec = get_model_spec(key)
+    family = family_of(spec)
     backends = [b for b in args.backends.split(",") if b]
     unknown = set(backends) - set(ALL_BACKENDS + GPU_BACKENDS)
     if unknown:
@@ -174,10 +167,7 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
         _export(key, "fp16" if spec.billions > 2 else "fp32", args, log)
     log(f"{key}: loading the PyTorch model")
     checkpoint = resolve_checkpoint(spec, model_path=args.model_path, random_weights=args.random_weights, workdir=workdir)
-    if spec.family == "mllm":
-        model = MllmModel(checkpoint.path, args.threads, 4096)
-    else:
-        model = ClipModel(checkpoint.path, args.threads)
+    model = BenchModel(family, checkpoint.path, args.threads)
 
     graphs: dict[str, dict] = {}
     providers = available_providers()
@@ -194,15 +184,13 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
             continue
         directory = _export(key, precision, args, log, int8_mode)
         manifest = read_manifest(directory)
-        names = manifest.graph_names()
         if engine == "tensorrt":
-            if "engines" not in manifest.data:
+            if not manifest.engines:
                 notes.append(f"{key}: {backend} skipped (no engines: `bgevl-export build-engines {directory}` on a GPU)")
                 continue
-            opened = open_graphs(manifest, names, backend="tensorrt")
+            graphs[backend] = open_runners(manifest, backend="tensorrt")
         else:
-            opened = open_graphs(manifest, names, provider=provider, threads=args.threads)
-        graphs[backend] = dict(zip(names, opened))
+            graphs[backend] = open_runners(manifest, provider=provider, threads=args.threads)
 
     runtime = server = None
     if "runtime" in backends or "triton" in backends:
@@ -212,14 +200,14 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
         if "triton" in backends:
             server = _start_triton(fp32, workdir, log)
             sampler.add_process_tree("triton", server.process.pid)
-    max_batch = min((g.max_batch for gs in graphs.values() for g in gs.values() if hasattr(g, "max_batch")), default=64)
+    max_batch = min((g.max_batch for gs in graphs.values() for g in gs.values()), default=None)
     try:
         for workload in [w for w in args.workloads.split(",") if w]:
             if workload not in WORKLOADS:
                 raise BgevlError(f"--workloads: {workload!r}; choose from {', '.join(WORKLOADS)}")
             for batch in args.batch_sizes:
-                if spec.family == "mllm" and batch > max_batch:
-                    notes.append(f"{key}: batch {batch} skipped (the MLLM export serves up to {max_batch})")
+                if max_batch is not None and batch > max_batch:
+                    notes.append(f"{key}: batch {batch} skipped (the export serves up to {max_batch})")
                     continue
                 log(f"{key}: {workload}, batch {batch}: preparing inputs")
                 case = model.case(key, workload, batch)
@@ -229,8 +217,8 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                 for backend, g in graphs.items():
                     calls[backend], levels[backend] = model.graphs_call(g, case), "model"
                 if runtime is not None:
-                    kw = {"role": case.feeds["role"], "instruction": case.feeds["instruction"]} if spec.family == "mllm" else {}
-                    calls["runtime"] = (lambda c=case, kw=kw: runtime.encode(images=c.images, text=c.texts, **kw))
+                    calls["runtime"] = (lambda r=case.request: runtime.encode(images=r.images, text=r.texts, role=r.role,
+                                                                             instruction=r.instruction))
                     levels["runtime"] = "end-to-end"
                 if server is not None:
                     calls["triton"], levels["triton"] = _triton_call(server, case), "end-to-end"
@@ -308,7 +296,7 @@ def _perf_analyzer_sweep(binary, server, model, key: str, args, log, sweep: list
         for workload in [w for w in args.workloads.split(",") if w]:
             case = model.case(key, workload, 1)
             data = Path(work) / f"{workload}.json"
-            inputs = {name: perf_analyzer.bytes_tensor(values) for name, values in _request_values(case).items()}
+            inputs = {name: perf_analyzer.bytes_tensor(values) for name, values in perf_analyzer.request_values(case.request).items()}
             data.write_text(json.dumps({"data": [inputs]}))
             log(f"{key}: Triton sweep with perf_analyzer, {workload}, concurrency {args.concurrency}")
             for row in perf_analyzer.run("bgevl", server.grpc_url, data, args.concurrency,

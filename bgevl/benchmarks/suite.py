@@ -2,9 +2,9 @@
 
 Two levels, never mixed in one ratio:
 
-* **model** level: preprocessed tensors in, embeddings out. PyTorch eager (transformers'
-  ``CLIPModel`` / ``LlavaNextModel`` with its default SDPA attention, what a user would run
-  otherwise) against ONNX Runtime on the fp32/fp16/int8 exports (and the CUDA/TensorRT
+* **model** level: preprocessed tensors in, embeddings out. PyTorch eager (each family's
+  ``torch_baseline``: transformers' ``CLIPModel`` / ``LlavaNextModel`` with its default SDPA
+  attention, what a user would run otherwise) against ONNX Runtime on the fp32/fp16/int8 exports (and the CUDA/TensorRT
   providers or TensorRT engines where present). ``x vs PyTorch`` is measured here.
 * **end-to-end** level: encoded image files and strings in, embeddings out, preprocessing
   included: ``bgevl.runtime`` (fp32 export) against the Triton server of the Triton issue
@@ -23,12 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bgevl.fusion import l2_normalize, score_fusion
+from bgevl.families.base import Request, run_steps
 from bgevl.probes import PROBE_TEXTS, synthetic_images
-from bgevl.specs import (
-    EMBEDDING, IMAGE_EMBEDS, IMAGE_FEATURE_INDEX, IMAGE_FEATURES, IMAGE_TILES, MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH,
-    TEXT_EMBEDS, TEXT_FEATURES, TEXT_GRAPH, TILE_FEATURES, VISION_GRAPH,
-)
+from bgevl.vectors import l2_normalize
 
 WORKLOADS = ("image", "text", "composed")
 BENCH_SEED = 424242
@@ -36,15 +33,23 @@ BENCH_SEED = 424242
 
 @dataclass
 class Case:
-    """One (workload, batch size): raw inputs, the model-level feeds and the FLOPs of one call."""
+    """One (workload, batch size): the request (raw inputs, role, instruction), the model-level feeds
+    (the family's preprocessing) and the FLOPs of one call."""
 
     model: str
     workload: str
     batch: int
-    images: list[bytes] | None
-    texts: list[str] | None
+    request: Request
     feeds: dict[str, Any] = field(default_factory=dict)
     gflop: float = float("nan")
+
+    @property
+    def images(self) -> list[bytes] | None:
+        return self.request.images
+
+    @property
+    def texts(self) -> list[str] | None:
+        return self.request.texts
 
 
 def _png(image) -> bytes:
@@ -59,135 +64,31 @@ def raw_inputs(workload: str, batch: int) -> tuple[list[bytes] | None, list[str]
     return images, texts
 
 
-# --- CLIP -------------------------------------------------------------------------------
+class BenchModel:
+    """A model of one family in the benchmark: its PyTorch baseline (``Family.torch_baseline``) and, for
+    the graph backends, the same requests through the family's recipe."""
 
-class ClipModel:
-    """The checkpoint of one CLIP model: its processor for the feeds and torch modules for the baseline."""
-
-    family = "clip"
-
-    def __init__(self, checkpoint: Path, threads: int):
-        import torch
-
-        from bgevl.checkpoints import load_clip
-        from bgevl.export.clip_modules import graph_modules
-        from bgevl.runtime.preprocessing import ClipPreprocessor
-
-        torch.set_num_threads(threads)
-        model, processor = load_clip(checkpoint, attn_implementation="sdpa")
-        self.modules = graph_modules(model)
-        self.preprocessor = ClipPreprocessor(processor, model.config.text_config.max_position_embeddings)
+    def __init__(self, family: Any, checkpoint: Path, threads: int):
+        self.family = family
+        self.baseline = family.torch_baseline(checkpoint, threads)
 
     def case(self, key: str, workload: str, batch: int) -> Case:
         images, texts = raw_inputs(workload, batch)
-        case = Case(key, workload, batch, images, texts)
-        if images is not None:
-            case.feeds[VISION_GRAPH] = {"pixel_values": self.preprocessor.pixel_values(images)}
-        if texts is not None:
-            case.feeds[TEXT_GRAPH] = self.preprocessor.tokens(texts)
-        case.gflop = self._gflop(case)
-        return case
-
-    def _gflop(self, case: Case) -> float:
-        """FLOPs of one call from torch's own counter (matmuls, convolutions, attention) on the
-        baseline modules, which compute what the exported graphs compute; counted at batch 1
-        (same padded length) and scaled, so large batches need not run under the counter."""
-        import torch
-        from torch.utils.flop_counter import FlopCounterMode
-
-        total = 0
-        with torch.inference_mode():
-            for graph, feed in case.feeds.items():
-                one = [torch.from_numpy(v[:1]) for v in feed.values()]
-                with FlopCounterMode(display=False) as counter:
-                    self.modules[graph](*one)
-                total += counter.get_total_flops() * case.batch
-        return total / 1e9
-
-    def torch_call(self, case: Case) -> Callable[[], np.ndarray]:
-        import torch
-
-        tensors = {g: [torch.from_numpy(v) for v in feed.values()] for g, feed in case.feeds.items()}
-
-        def call() -> np.ndarray:
-            with torch.inference_mode():
-                out = {g: self.modules[g](*t) for g, t in tensors.items()}
-            if case.workload == "image":
-                return out[VISION_GRAPH][0].numpy()
-            if case.workload == "text":
-                return out[TEXT_GRAPH][0].numpy()
-            return score_fusion(out[VISION_GRAPH][1].numpy(), out[TEXT_GRAPH][1].numpy())
-        return call
-
-    @staticmethod
-    def graphs_call(graphs: dict, case: Case) -> Callable[[], np.ndarray]:
-        """The exported graphs (ONNX Runtime or TensorRT) on the same feeds."""
-        def call() -> np.ndarray:
-            if case.workload == "image":
-                return graphs[VISION_GRAPH].run_whole(case.feeds[VISION_GRAPH], [IMAGE_EMBEDS])[0]
-            if case.workload == "text":
-                return graphs[TEXT_GRAPH].run_whole(case.feeds[TEXT_GRAPH], [TEXT_EMBEDS])[0]
-            image = graphs[VISION_GRAPH].run_whole(case.feeds[VISION_GRAPH], [IMAGE_FEATURES])[0]
-            text = graphs[TEXT_GRAPH].run_whole(case.feeds[TEXT_GRAPH], [TEXT_FEATURES])[0]
-            return score_fusion(image, text)
-        return call
-
-
-# --- MLLM -------------------------------------------------------------------------------
-
-class MllmModel:
-    """LLaVA-NeXT embedder: queries (text, composed) carry BGE-VL's CIR instruction; images are candidates."""
-
-    family = "mllm"
-
-    def __init__(self, checkpoint: Path, threads: int, max_sequence: int):
-        import torch
-
-        from bgevl.checkpoints import load_mllm
-        from bgevl.runtime.mllm_preprocessing import ImageLayout, MllmPreprocessor
-
-        torch.set_num_threads(threads)
-        self.model, self.processor = load_mllm(checkpoint, attn_implementation="sdpa")
-        self.layout = ImageLayout.from_config(self.model.config)
-        self.preprocessor = MllmPreprocessor(self.processor, self.layout, max_sequence)
-        self.hidden = int(self.model.config.text_config.hidden_size)
-
-    def case(self, key: str, workload: str, batch: int) -> Case:
-        from bgevl.runtime.mllm_preprocessing import CIR_INSTRUCTION
-
-        images, texts = raw_inputs(workload, batch)
-        role, instruction = ("candidate", None) if workload == "image" else ("query", CIR_INSTRUCTION)
-        case = Case(key, workload, batch, images, texts)
-        case.feeds["graphs"] = self.preprocessor(images, texts, role, instruction)
-        prompts = self.preprocessor.prompts(images, texts, role, instruction)
-        pil = self.preprocessor.load_images(images) if images else None
-        case.feeds["processor"] = dict(self.processor(text=prompts, images=pil, padding=True, return_tensors="np"))
-        case.feeds["role"], case.feeds["instruction"] = role, instruction
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            self.torch_call(case)()
-        case.gflop = counter.get_total_flops() / 1e9
+        request = self.family.bench_request(workload, images, texts)
+        case = Case(key, workload, batch, request, self.baseline.preprocessor.prepare(request))
+        case.gflop = self.baseline.gflop(request, case.feeds)
         return case
 
     def torch_call(self, case: Case) -> Callable[[], np.ndarray]:
-        from bgevl.export.mllm_modules import reference_embeddings
+        return self.baseline.call(case.request, case.feeds)
 
-        return lambda: reference_embeddings(self.model, case.feeds["processor"])
+    def graphs_call(self, runners: dict, case: Case) -> Callable[[], np.ndarray]:
+        """The exported graphs (ONNX Runtime or TensorRT runners) on the same feeds, through the family's recipe."""
+        from bgevl.runtime.runners import runner_call
 
-    def graphs_call(self, graphs: dict, case: Case) -> Callable[[], np.ndarray]:
-        feeds = case.feeds["graphs"]
-        zero_tile = np.zeros((1, self.layout.tile_tokens, self.hidden), np.float32)
-
-        def call() -> np.ndarray:
-            if IMAGE_TILES in feeds:
-                tiles = graphs[MLLM_VISION_GRAPH].run_whole({IMAGE_TILES: feeds[IMAGE_TILES]}, [TILE_FEATURES])[0]
-            else:
-                tiles = zero_tile
-            language = {k: feeds[k] for k in ("input_ids", "attention_mask", IMAGE_FEATURE_INDEX)}
-            language[TILE_FEATURES] = np.asarray(tiles, np.float32)
-            return graphs[MLLM_LANGUAGE_GRAPH].run_whole(language, [EMBEDDING])[0]
-        return call
+        graphs = {name: runner.spec for name, runner in runners.items()}
+        run = runner_call(runners)
+        return lambda: run_steps(self.family.steps(case.feeds, graphs), run)
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:

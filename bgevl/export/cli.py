@@ -9,47 +9,53 @@ import sys
 from pathlib import Path
 
 from bgevl.errors import BgevlError
-from bgevl.specs import (
-    DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, DEFAULT_OPT_BATCH, MLLM_MAX_BATCH, MLLM_OPT_BATCH, MODELS, PRECISIONS,
-)
+from bgevl.families import all_models, families
+from bgevl.specs import PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Argument groups, one per library call: "model and checkpoint" + "export" -> ``ExportOptions``
+    (``run_export``), "TensorRT engines" -> ``EngineOptions`` (``build_engines``), "Triton model
+    repository" -> ``RepositoryOptions`` (``write_repository``); ``build_artifacts`` runs them in turn."""
     p = argparse.ArgumentParser(
         prog="bgevl-export",
         description="Export a BGE-VL model to validated ONNX graphs (fp32, fp16 or int8) with a manifest.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="tiny", choices=list(MODELS),
-                   help="tiny / tiny-mllm: offline random-weight CLIP / LLaVA-NeXT; base, large, mllm-s1, mllm-s2: "
-                        "BAAI/BGE-VL-base, -large, -MLLM-S1, -MLLM-S2 (hub or --model-path)")
-    p.add_argument("--model-path", type=Path, default=None, help="local checkpoint directory (config.json, weights, processor files)")
-    p.add_argument("--random-weights", action="store_true",
+    known = families()
+    models = all_models()
+    m = p.add_argument_group("model and checkpoint")
+    m.add_argument("--model", default="tiny", choices=list(models),
+                   help="; ".join(f"{spec.key}: {spec.hub_id or 'offline random-weight ' + known[spec.family].name}"
+                                  for spec in models.values()) + " (hub models from the hub or --model-path)")
+    m.add_argument("--model-path", type=Path, default=None, help="local checkpoint directory (config.json, weights, processor files)")
+    m.add_argument("--random-weights", action="store_true",
                    help="build the --model architecture with random weights, offline (for structure and speed checks)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--int8-mode", default="qdq", choices=("qdq", "dynamic"),
-                   help="qdq: static QuantizeLinear/DequantizeLinear graph (TensorRT INT8, ORT); dynamic: ORT dynamic quantization (CPU only)")
-    p.add_argument("--calibration-data", type=Path, default=None,
+    e = p.add_argument_group("export")
+    e.add_argument("--output", "-o", type=Path, default=None, help="output directory (default: out/<model>-<precision>)")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    e.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    e.add_argument("--int8-mode", default="qdq", choices=("qdq", "dynamic"),
+                   help="qdq: QuantizeLinear/DequantizeLinear graph (TensorRT INT8, ORT; static for CLIP, weight-only for "
+                        "the MLLM); dynamic: ORT dynamic quantization (CPU only)")
+    e.add_argument("--calibration-data", type=Path, default=None,
                    help="directory of images plus a .txt file of captions (one per line) for int8 calibration; default: the built-in synthetic set")
-    p.add_argument("--calibration-size", type=int, default=32, help="images and captions in the built-in calibration set")
-    p.add_argument("--output", "-o", type=Path, default=None, help="output directory (default: out/<model>-<precision>)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the parity check against PyTorch")
-    p.add_argument("--min-cosine", type=float, default=None,
+    e.add_argument("--calibration-size", type=int, default=32, help="images and captions in the built-in calibration set")
+    e.add_argument("--no-validate", dest="validate", action="store_false", help="skip the parity check against the original")
+    e.add_argument("--min-cosine", type=float, default=None,
                    help="override the validation threshold (default: fp32 0.99999, fp16 0.999, int8 0.99)")
-    p.add_argument("--opt-batch", type=int, default=None,
-                   help=f"batch size to optimize for (TensorRT profile, Triton); default {DEFAULT_OPT_BATCH} for CLIP, "
-                        f"{MLLM_OPT_BATCH} for the MLLM")
-    p.add_argument("--max-batch", type=int, default=None,
-                   help=f"largest batch the artifacts serve; default {DEFAULT_MAX_BATCH} for CLIP, {MLLM_MAX_BATCH} for the MLLM")
-    p.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE,
+    defaults = ", ".join(f"{f.default_batch[0]}/{f.default_batch[1]} for {name}" for name, f in known.items())
+    e.add_argument("--opt-batch", type=int, default=None,
+                   help=f"batch size to optimize for (TensorRT profile, Triton); default opt/max: {defaults}")
+    e.add_argument("--max-batch", type=int, default=None, help="largest batch the artifacts serve (default: the family's)")
+    e.add_argument("--max-sequence-length", type=int, default=4096,
                    help="MLLM: longest prompt plus image tokens the language graph serves (one 512x512 image is 2928 tokens)")
-    p.add_argument("--force-fp32", action="store_true", help="allow --precision fp32 for the 7B MLLM (about 60 GB of memory)")
-    p.add_argument("--format", default="auto", choices=("auto", "onnx", "tensorrt"),
+    e.add_argument("--force-fp32", action="store_true", help="allow --precision fp32 for the 7B MLLM (about 60 GB of memory)")
+    e.add_argument("--format", default="auto", choices=("auto", "onnx", "tensorrt"),
                    help="auto: ONNX, plus TensorRT engines when TensorRT and a CUDA device are present; onnx: ONNX only; "
                         "tensorrt: ONNX and engines, an error where they cannot be built")
+    e.add_argument("--quiet", "-q", action="store_true", help="print only the result and errors")
     _engine_options(p)
-    p.add_argument("--quiet", "-q", action="store_true", help="print only the result and errors")
     _triton_options(p, standalone=False)
     return p
 
@@ -146,24 +152,23 @@ def build_triton_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_triton(args, export_dir: Path, output: Path, overwrite: bool, quiet: bool) -> Path:
-    from bgevl.triton_repo.repository import write_repository
-
+def _repository_options(args, output: Path, overwrite: bool):
+    """The "Triton model repository" argument group as ``RepositoryOptions``."""
     from bgevl.runtime.preprocessing import InputLimits
+    from bgevl.triton_repo.repository import RepositoryOptions
 
     limits = InputLimits(max_image_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio,
                          max_text_bytes=args.max_text_bytes)
-    return write_repository(export_dir, output, backend=args.triton_backend, name=args.triton_name,
-                            instances=args.triton_instances, queue_delay_us=args.triton_queue_delay_us,
-                            overwrite=overwrite, sink=None if quiet else print, limits=limits,
-                            preprocess_instances=args.triton_preprocess_instances,
-                            preferred_batch=args.triton_preferred_batch_sizes)
+    return RepositoryOptions(output, backend=args.triton_backend, name=args.triton_name, instances=args.triton_instances,
+                             queue_delay_us=args.triton_queue_delay_us, overwrite=overwrite, limits=limits,
+                             preprocess_instances=args.triton_preprocess_instances,
+                             preferred_batch=args.triton_preferred_batch_sizes)
 
 
 def triton_main(argv: list[str]) -> int:
     args = build_triton_parser().parse_args(argv)
     try:
-        print(_write_triton(args, args.export_dir, args.output, args.overwrite, quiet=False))
+        print(_repository_options(args, args.output, args.overwrite).write(args.export_dir))
     except BgevlError as exc:
         print(f"bgevl-export triton-repo: error: {exc}", file=sys.stderr)
         return 2
@@ -177,7 +182,7 @@ def build_check_parser() -> argparse.ArgumentParser:
                     "--model, weight files, a float32 load with no missing or unexpected tensors, tokenizer and "
                     "processor files, and the original model's fp32 embeddings of the probe set (finite, distinct).",
     )
-    p.add_argument("--model", required=True, choices=list(MODELS), help="the model the checkpoint should be")
+    p.add_argument("--model", required=True, choices=list(all_models()), help="the model the checkpoint should be")
     p.add_argument("--model-path", type=Path, default=None, help="checkpoint directory (default: the hub / its local cache)")
     return p
 
@@ -186,7 +191,7 @@ def check_main(argv: list[str]) -> int:
     import tempfile
 
     from bgevl.checkpoints import check_checkpoint, resolve_checkpoint
-    from bgevl.specs import get_model_spec
+    from bgevl.families import get_model_spec
 
     args = build_check_parser().parse_args(argv)
     try:
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _interrupt_on_sigterm()
-    from bgevl.export.pipeline import ExportOptions, run_export
+    from bgevl.export.driver import ExportOptions, build_artifacts
 
     output = args.output or Path("out") / f"{args.model}-{args.precision}"
     opts = ExportOptions(
@@ -289,30 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         max_sequence_length=args.max_sequence_length, force_fp32=args.force_fp32,
         command=shlex.join(["bgevl-export", *argv]),
     )
+    repository = _repository_options(args, args.triton_repo, args.overwrite) if args.triton_repo is not None else None
     try:
-        if args.triton_repo is not None:  # refused before minutes of exporting, not after
-            from bgevl.staging import check_replaceable
-            from bgevl.triton_repo.repository import is_repository
-
-            check_replaceable(args.triton_repo, args.overwrite, is_repository, "a Triton model repository", "--triton-repo")
-        engines_ok, engines_why = (False, "--format onnx")
-        if args.format != "onnx":
-            from bgevl.runtime.tensorrt import tensorrt_status
-
-            engines_ok, engines_why = tensorrt_status()
-            if args.format == "tensorrt" and not engines_ok:
-                raise BgevlError(f"--format tensorrt: {engines_why}. Export with --format onnx here and build the engines "
-                                 f"on a GPU machine with `bgevl-export build-engines DIR`")
-        out = run_export(opts, sink=(lambda msg: None) if args.quiet else None)
-        if engines_ok:
-            from bgevl.export.tensorrt import build_engines
-
-            build_engines(out, _engine_options_from(args, standalone=False), progress=(lambda msg: None) if args.quiet else print)
-        elif args.format == "auto":
-            print(f"TensorRT engines not built ({engines_why}); build them on a GPU machine with: "
-                  f"bgevl-export build-engines {out}", file=sys.stderr)
-        if args.triton_repo is not None:
-            _write_triton(args, out, args.triton_repo, args.overwrite, args.quiet)
+        out = build_artifacts(opts, format=args.format, engines=_engine_options_from(args, standalone=False),
+                              repository=repository, quiet=args.quiet)
     except BgevlError as exc:
         print(f"bgevl-export: error: {exc}", file=sys.stderr)
         return 2

@@ -19,13 +19,16 @@ Precision plans (:func:`precision_plan`), and why:
   exactly those types. The alternative, the FP16 builder flag on the fp32 graph with per-layer
   constraints, lets TensorRT re-decide precisions per layer, and weakly typed networks are
   deprecated since TensorRT 10.12.
-* int8 (qdq, CLIP): explicit quantization from the QDQ ONNX (no implicit calibrator), weakly
+* int8 (static QDQ, CLIP): explicit quantization from the QDQ ONNX (no implicit calibrator), weakly
   typed with the INT8 and FP16 flags so the layers between Q/DQ pairs may run in fp16, and
   normalization, softmax, reductions, unary ops and Pow held at fp32
   (``OBEY_PRECISION_CONSTRAINTS``): LayerNorm/RMSNorm statistics overflow in fp16.
-* int8 (MLLM, weight-only QDQ): strongly typed: int8 weights dequantized into the MatMuls, the
+* int8 (weight-only QDQ, MLLM): strongly typed: int8 weights dequantized into the MatMuls, the
   graph's float types elsewhere.
 * int8 dynamic: refused (ONNX Runtime's dynamic/MatMulNBits ops have no TensorRT equivalent).
+
+The plan follows the int8 form the export recorded per graph (``precision_details.int8_form``,
+declared by the family), not the family itself.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from bgevl.errors import BgevlError
-from bgevl.manifest import Manifest, read_manifest, write_manifest
+from bgevl.families import get_family
+from bgevl.manifest import EngineEntry, Manifest, Validation, read_manifest, write_manifest
 from bgevl.staging import staged_directory
+from bgevl.runtime.runners import runner_call
 from bgevl.runtime.tensorrt import (
-    TensorRTGraph, cuda_device, import_tensorrt, sidecar_path, write_sidecar,
+    TensorRTRunner, cuda_device, import_tensorrt, sidecar_path, write_sidecar,
 )
 from bgevl.specs import Dim, GraphSpec
 
@@ -70,7 +75,8 @@ class PrecisionPlan:
 FP32_LAYERS = ("NORMALIZATION", "SOFTMAX", "REDUCE", "UNARY", "ELEMENTWISE.POW")
 
 
-def precision_plan(precision: str, int8_mode: str | None = None, family: str = "clip") -> PrecisionPlan:
+def precision_plan(precision: str, int8_form: str | None = None) -> PrecisionPlan:
+    """``int8_form``: ``static-qdq``, ``weight-only-qdq``, or a dynamic form (``dynamic``, ``weight-only-dynamic``)."""
     if precision == "fp32":
         return PrecisionPlan("fp32", False, cleared_flags=("TF32",),
                              reason="fp32 kernels; TF32 cleared to meet the fp32 threshold")
@@ -79,11 +85,11 @@ def precision_plan(precision: str, int8_mode: str | None = None, family: str = "
             "strongly typed from the fp16 ONNX: TensorRT keeps the graph's types, including the fp32 "
             "LayerNorm/Softmax/RMSNorm/rotary/L2-norm parts validated with ONNX Runtime"))
     if precision == "int8":
-        if int8_mode == "dynamic":
+        if int8_form is None or "dynamic" in int8_form:
             raise BgevlError("this export is int8 --int8-mode dynamic (ONNX Runtime dynamic quantization / MatMulNBits), "
                              "which TensorRT cannot build; export with --precision int8 --int8-mode qdq (explicit Q/DQ) "
                              "or --precision fp16 for TensorRT")
-        if family == "mllm":
+        if int8_form == "weight-only-qdq":
             return PrecisionPlan("int8", True, reason=(
                 "strongly typed from the weight-only QDQ ONNX: int8 weights dequantized into the MatMuls"))
         return PrecisionPlan("int8", False, builder_flags=("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"),
@@ -205,7 +211,10 @@ def build_engines(export_dir: str | os.PathLike, options: EngineOptions | None =
     manifest: Manifest = read_manifest(export_dir)
     trt = import_tensorrt()
     device = cuda_device()
-    plan = precision_plan(manifest.precision, manifest.data.get("int8_mode"), manifest.family)
+    forms = {entry.precision_details.get("int8_form") for entry in manifest.graphs.values()}
+    if len(forms) != 1:
+        raise BgevlError(f"{manifest.directory}: the graphs' int8 forms differ ({sorted(map(str, forms))}); re-run the export")
+    plan = precision_plan(manifest.precision, forms.pop())
     final = manifest.directory / ENGINE_DIR
     timing_cache = options.timing_cache or final / TIMING_CACHE
     with staged_directory(final) as staging:
@@ -224,29 +233,28 @@ def build_engines(export_dir: str | os.PathLike, options: EngineOptions | None =
             write_sidecar(engine, {
                 "graph": name, "tensorrt_version": trt.__version__, "gpu": device.name,
                 "compute_capability": device.compute_capability, "precision": plan.precision,
-                "precision_plan": asdict(plan), "source_onnx": manifest.data["graphs"][name]["file"],
+                "precision_plan": asdict(plan), "source_onnx": manifest.graphs[name].file,
                 "workspace_bytes": int(options.workspace_gb * (1 << 30)),
                 "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **built,
             })
             progress(f"  {engine.name}: {engine.stat().st_size / 1e6:.1f} MB in {built['build_seconds']} s")
-            entries[name] = {"file": f"{ENGINE_DIR}/{engine.name}", "sidecar": f"{ENGINE_DIR}/{sidecar_path(engine).name}",
-                             "tensorrt_version": trt.__version__, "gpu": device.name,
-                             "compute_capability": device.compute_capability, "profiles": built["profiles"],
-                             "precision_plan": plan.reason}
-        validation: dict = {"performed": False}
+            entries[name] = EngineEntry(f"{ENGINE_DIR}/{engine.name}", f"{ENGINE_DIR}/{sidecar_path(engine).name}",
+                                        trt.__version__, device.name, device.compute_capability, built["profiles"],
+                                        plan.reason)
+        validation = Validation()
         arrays_path = manifest.directory / VALIDATION_ARRAYS
         if options.validate and arrays_path.is_file():
-            graphs = {name: TensorRTGraph(manifest.graph_spec(name), staging / f"{name}.plan") for name in entries}
-            figures = parity(manifest.family, load_arrays(arrays_path),
-                             lambda name, feed, outs: graphs[name].run(feed, outs))
-            progress("parity vs PyTorch fp32 (TensorRT engines):\n" + format_figures(figures))
+            runners = {name: TensorRTRunner(manifest.graph_spec(name), staging / f"{name}.plan") for name in entries}
+            figures = parity(get_family(manifest.family), manifest.graph_specs(), load_arrays(arrays_path),
+                             runner_call(runners))
+            progress("parity vs the original's fp32 embeddings (TensorRT engines):\n" + format_figures(figures))
             threshold = threshold_for(manifest.precision, options.min_cosine)
-            validation = {"performed": True, "reference": VALIDATION_ARRAYS, "figures": figures,
-                          **check_thresholds(figures, manifest.precision, threshold, manifest.data["model"].get("weights", ""))}
+            validation = Validation(performed=True, reference=manifest.validation.reference, arrays=VALIDATION_ARRAYS,
+                                    runtime=f"TensorRT {trt.__version__} on {device.name}", figures=figures,
+                                    **check_thresholds(figures, manifest.precision, threshold, manifest.model.weights))
         elif options.validate:
             progress(f"engines not validated: {arrays_path.name} is missing (export made before it was recorded)")
-    data = dict(manifest.data)
-    data["engines"] = entries
-    data["engine_validation"] = validation
-    write_manifest(manifest.directory, data)  # atomic: readers see the old manifest or the new one
+    manifest.engines = entries
+    manifest.engine_validation = validation
+    write_manifest(manifest)  # atomic: readers see the old manifest or the new one
     return final

@@ -1,6 +1,8 @@
-"""Parity of exported graphs against the original's fp32 embeddings (``bgevl.reference``) on the fixed probe set.
+"""Parity of exported graphs against the original's fp32 embeddings (each family's ``reference``) on the fixed probe set.
 
-Figures, per graph and for composed queries:
+The exported graphs run through the family's own recipe (``Family.steps``), the one the runtime
+and the Triton entry model use, on the family's probe requests. Figures, per kind of item
+(image-only, text-only, composed):
 
 * ``min_cosine`` / ``mean_cosine``: cosine similarity of each exported embedding to the
   original's fp32 embedding of the same input;
@@ -11,6 +13,11 @@ Figures, per graph and for composed queries:
   with the exported embedding as with the reference one. Queries are the graph's outputs;
   the gallery is the reference embeddings of the other modality (images retrieve texts, texts
   and composed queries retrieve images).
+
+The probe feeds and the original's embeddings are saved beside the graphs (``validation.npz``),
+so artifacts built later from the export (TensorRT engines, on a GPU machine that may have neither
+torch nor the checkpoint) are validated on the same inputs against the same reference with the
+same thresholds, by the same :func:`parity` over other runners.
 """
 
 from __future__ import annotations
@@ -20,12 +27,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from bgevl.errors import ValidationFailed
-from bgevl.fusion import l2_normalize, score_fusion
-from bgevl.specs import (
-    ATTENTION_MASK, COSINE_THRESHOLDS, EMBEDDING, IMAGE_EMBEDS, IMAGE_FEATURE_INDEX, IMAGE_FEATURES, IMAGE_TILES,
-    INPUT_IDS, MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH, TEXT_EMBEDS, TEXT_FEATURES, TEXT_GRAPH, TILE_FEATURES,
-    VISION_GRAPH,
-)
+from bgevl.families.base import IMAGE, KINDS, TEXT, Family, run_steps
+from bgevl.specs import COSINE_THRESHOLDS, GraphSpec
+from bgevl.vectors import l2_normalize
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -105,6 +109,7 @@ def check_thresholds(figures: dict[str, dict], precision: str, threshold: float,
         "threshold_min_cosine": threshold,
         "passed": not failed,
         "weights": weights,
+        "note": None,
     }
     if weights == "random":
         summary["note"] = (
@@ -124,7 +129,7 @@ def check_thresholds(figures: dict[str, dict], precision: str, threshold: float,
 
 
 def format_figures(figures: dict[str, dict]) -> str:
-    lines = [f"  {'graph':<10} {'min cos':>10} {'mean cos':>10} {'max|diff|':>10} {'top-1 agr':>10} {'probe-max cos':>14}"]
+    lines = [f"  {'kind':<10} {'min cos':>10} {'mean cos':>10} {'max|diff|':>10} {'top-1 agr':>10} {'probe-max cos':>14}"]
     for name, f in figures.items():
         lines.append(
             f"  {name:<10} {f['min_cosine']:>10.6f} {f['mean_cosine']:>10.6f} {f['max_abs_diff']:>10.2e} "
@@ -133,80 +138,41 @@ def format_figures(figures: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-# --- the reference set, kept with the export ----------------------------------------------
-#
-# The probe feeds and the original's fp32 embeddings are saved beside the graphs
-# (``validation.npz``), so that artifacts built later from the export (TensorRT engines, on a GPU
-# machine that may have neither torch nor the checkpoint) are validated on the same inputs
-# against the same reference with the same thresholds. ``run(graph, feed, outputs)`` is any
-# backend: ONNX Runtime sessions during the export, TensorRT engines after ``build-engines``.
-
 VALIDATION_ARRAYS = "validation.npz"
 
-#: run(graph name, feed, output names) -> list of arrays
-GraphRunner = Callable[[str, Mapping[str, np.ndarray], Sequence[str]], Sequence[np.ndarray]]
 
-
-def _feed(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-
-
-def clip_reference_arrays(feeds: Mapping[str, Mapping[str, np.ndarray]], composed_feeds: Mapping[str, Mapping[str, np.ndarray]],
-                          ref_images: np.ndarray, ref_texts: np.ndarray, ref_composed: np.ndarray) -> dict[str, np.ndarray]:
-    """The graphs' feeds (this project's preprocessing) and the original's embeddings of the same
-    probes (``bgevl.reference.OriginalClip``), after the sanity gate on the latter."""
-    check_reference({"reference images": ref_images, "reference texts": ref_texts, "reference composed": ref_composed})
-    arrays = {f"feed/{g}/{k}": v for g, feed in feeds.items() for k, v in feed.items()}
-    arrays.update({f"composed/{g}/{k}": v for g, feed in composed_feeds.items() for k, v in feed.items()})
-    arrays["ref/image_embeds"], arrays["ref/text_embeds"], arrays["ref/composed"] = ref_images, ref_texts, ref_composed
+def reference_arrays(requests_feeds: Sequence[Mapping[str, np.ndarray]], kinds: Sequence[Sequence[str]],
+                     reference: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """The probe requests' feeds (this project's preprocessing), each item's kind and the original's
+    embeddings of the same items, after the sanity gate on the latter."""
+    ref = np.concatenate([np.asarray(r, np.float32) for r in reference])
+    flat = np.array([k for ks in kinds for k in ks])
+    plural = {IMAGE: "images", TEXT: "texts"}
+    check_reference({f"reference {plural.get(kind, kind)}": ref[flat == kind] for kind in KINDS if np.any(flat == kind)})
+    arrays = {f"request{i}/{k}": v for i, feed in enumerate(requests_feeds) for k, v in feed.items()}
+    arrays["ref/embeddings"], arrays["kinds"] = ref, flat
     return arrays
 
 
-def clip_parity(arrays: Mapping[str, np.ndarray], run: GraphRunner) -> dict[str, dict]:
-    """Figures of the vision and text graphs and of composed queries (score fusion of the graphs' features)."""
-    image = run(VISION_GRAPH, _feed(arrays, f"feed/{VISION_GRAPH}/"), [IMAGE_EMBEDS])[0]
-    text = run(TEXT_GRAPH, _feed(arrays, f"feed/{TEXT_GRAPH}/"), [TEXT_EMBEDS])[0]
-    image_features = run(VISION_GRAPH, _feed(arrays, f"composed/{VISION_GRAPH}/"), [IMAGE_FEATURES])[0]
-    text_features = run(TEXT_GRAPH, _feed(arrays, f"composed/{TEXT_GRAPH}/"), [TEXT_FEATURES])[0]
-    ref_image, ref_text = arrays["ref/image_embeds"], arrays["ref/text_embeds"]
-    return {
-        VISION_GRAPH: parity_figures(image, ref_image, ref_text),
-        TEXT_GRAPH: parity_figures(text, ref_text, ref_image),
-        "composed": parity_figures(score_fusion(image_features, text_features), arrays["ref/composed"], ref_image),
-    }
-
-
-def mllm_reference_arrays(parts: Sequence[Mapping[str, np.ndarray]], reference: np.ndarray, kinds: Sequence[str],
-                          zero_tile_shape: Sequence[int]) -> dict[str, np.ndarray]:
-    check_reference({f"reference {kind}": reference[np.array(kinds) == kind] for kind in sorted(set(kinds))})
-    arrays = {f"part{i}/{k}": v for i, feed in enumerate(parts) for k, v in feed.items()}
-    arrays["ref/embeds"], arrays["kinds"] = reference, np.array(kinds)
-    arrays["zero_tile_shape"] = np.array(zero_tile_shape, dtype=np.int64)
-    return arrays
-
-
-def mllm_parity(arrays: Mapping[str, np.ndarray], run: GraphRunner) -> dict[str, dict]:
-    """Figures of image-only, text-only and composed items through the vision and language graphs."""
-    zero_tile = np.zeros(tuple(arrays["zero_tile_shape"]), np.float32)
+def parity(family: Family, graphs: Mapping[str, GraphSpec], arrays: Mapping[str, np.ndarray],
+           run: Callable) -> dict[str, dict]:
+    """Figures per kind of item: every probe request's feeds through ``family``'s recipe with the graph
+    runner ``run`` (``bgevl.runtime.runners.runner_call``), against the original's embeddings."""
     got, i = [], 0
-    while f"part{i}/{INPUT_IDS}" in arrays:
-        feed = _feed(arrays, f"part{i}/")
-        tiles = run(MLLM_VISION_GRAPH, {IMAGE_TILES: feed[IMAGE_TILES]}, [TILE_FEATURES])[0] if IMAGE_TILES in feed else zero_tile
-        language = {k: feed[k] for k in (INPUT_IDS, ATTENTION_MASK, IMAGE_FEATURE_INDEX)}
-        language[TILE_FEATURES] = np.asarray(tiles, np.float32)
-        got.append(run(MLLM_LANGUAGE_GRAPH, language, [EMBEDDING])[0])
+    while any(k.startswith(f"request{i}/") for k in arrays):
+        prefix = f"request{i}/"
+        feeds = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        got.append(np.asarray(run_steps(family.steps(feeds, graphs), run), np.float32))
         i += 1
-    got_all, ref, kinds = np.concatenate(got), arrays["ref/embeds"], arrays["kinds"]
+    got_all, ref, kinds = np.concatenate(got), arrays["ref/embeddings"], arrays["kinds"]
     figures = {}
-    for kind in ("image", "text", "composed"):
+    for kind in KINDS:
         sel = kinds == kind
-        gallery = ref[kinds == ("text" if kind == "image" else "image")]
+        if not np.any(sel):
+            continue
+        gallery = ref[kinds == (TEXT if kind == IMAGE else IMAGE)]
         figures[kind] = parity_figures(got_all[sel], ref[sel], gallery)
     return figures
-
-
-def parity(family: str, arrays: Mapping[str, np.ndarray], run: GraphRunner) -> dict[str, dict]:
-    return mllm_parity(arrays, run) if family == "mllm" else clip_parity(arrays, run)
 
 
 def save_arrays(path, arrays: Mapping[str, np.ndarray]) -> None:

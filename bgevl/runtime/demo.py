@@ -17,23 +17,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     embedder = Embedder.load(argv[0])
     m = embedder.manifest
-    print(f"{m.data['model']['source']} | {m.precision} | providers {embedder.providers} | dim {embedder.dim}")
+    print(f"{m.model.source} | {m.precision} | providers {embedder.providers} | dim {embedder.dim}")
     images = synthetic_images(3, seed=1)
     texts = list(PROBE_TEXTS[:3])
     img = embedder.encode(images=images)
     txt = embedder.encode(text=texts)
-    if m.family == "mllm":  # BGE-VL-MLLM: queries carry a task instruction, candidates none
-        composed = embedder.encode(images=images[:1], text=[PROBE_TEXTS[1]], role="query",
-                                   instruction=m.data["mllm"]["default_query_instruction"])
-    else:  # CLIP: score fusion
-        composed = embedder.encode(images=images[:1], text=[PROBE_TEXTS[1]])
+    # a composed query with the family's default task instruction (the MLLM's; CLIP takes none)
+    composed = embedder.encode(images=images[:1], text=[PROBE_TEXTS[1]], role="query",
+                               instruction=embedder.default_instruction)
     np.set_printoptions(precision=4, suppress=True)
     print("image x text cosine similarities (rows: 3 synthetic images; columns: texts):")
     for t in texts:
         print(f"  - {t}")
     print(img @ txt.T)
     print(f"composed query (image 0 + {PROBE_TEXTS[1]!r}) x images: {composed @ img.T}")
-    weights = m.data["model"]["weights"]
+    weights = m.model.weights
     if weights == "random":
         print("(random weights: the numbers show the pipeline works, not retrieval quality)")
     return 0

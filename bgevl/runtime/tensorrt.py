@@ -6,7 +6,7 @@ optimization profile and the precision plan; :func:`check_compatible` compares t
 this machine before deserializing, so a mismatch is a clear "rebuild" error rather than a failed
 deserialization deep inside TensorRT.
 
-:class:`TensorRTGraph` runs one engine with the TensorRT 10 API: one execution context and one
+:class:`TensorRTRunner` runs one engine with the TensorRT 10 API: one execution context and one
 CUDA stream, input shapes set per call (``set_input_shape``), device buffers bound by address
 (``set_tensor_address``) and ``execute_async_v3``. Buffers grow to the largest shape seen and are
 reused, so repeated shapes never reallocate. Device memory is handled with ``cuda-python``
@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bgevl.errors import BgevlError
+from bgevl.runtime.runners import Runner
 
 SIDECAR_SUFFIX = ".json"
 INSTALL_HINT = "pip install 'bgevl-export[tensorrt]' on a machine with an NVIDIA GPU and CUDA 12"
@@ -143,8 +144,8 @@ class DeviceBuffers:
         self.allocations.clear()
 
 
-class TensorRTGraph:
-    """A TensorRT engine of one graph, with the interface of ``bgevl.runtime.embedder.OnnxGraph``."""
+class TensorRTRunner(Runner):
+    """A TensorRT engine of one graph (``bgevl.runtime.runners.Runner``: chunking by max batch is the base class's)."""
 
     def __init__(self, spec, path: Path):
         trt = import_tensorrt()
@@ -165,8 +166,8 @@ class TensorRTGraph:
         self.max_batch = int(profile["max"][0])
 
     @classmethod
-    def from_manifest(cls, manifest, name: str) -> "TensorRTGraph":
-        return cls(manifest.graph_spec(name), manifest.path_of(manifest.engine(name)["file"]))
+    def from_manifest(cls, manifest, name: str) -> "TensorRTRunner":
+        return cls(manifest.graph_spec(name), manifest.path_of(manifest.engine(name).file))
 
     @property
     def providers(self) -> list[str]:
@@ -175,7 +176,7 @@ class TensorRTGraph:
     def _dtype(self, name: str) -> np.dtype:
         return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
 
-    def run_whole(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+    def run_once(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
         cudart = self.cudart
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         hosts = []
@@ -201,12 +202,6 @@ class TensorRTGraph:
             _check(cudart.cudaMemcpyAsync(results[name].ctypes.data, pointer, results[name].nbytes, d2h, self.stream))
         _check(cudart.cudaStreamSynchronize(self.stream))
         return [results[name].astype(np.float32, copy=False) for name in outputs]
-
-    def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
-        n = len(next(iter(feed.values())))
-        parts = [self.run_whole({k: v[s:s + self.max_batch] for k, v in feed.items()}, outputs)
-                 for s in range(0, n, self.max_batch)]
-        return [np.concatenate(p) for p in zip(*parts)]
 
     def __del__(self):
         try:

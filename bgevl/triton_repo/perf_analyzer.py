@@ -112,31 +112,37 @@ def _images() -> list[bytes]:
     return out
 
 
-def input_data(family: str) -> dict[str, dict]:
-    """{workload: perf_analyzer input-data document} for the entry model of a ``family`` repository.
-    Each request is one item ([1] per input: the batch axis is perf_analyzer's ``-b``)."""
-    from bgevl.probes import PROBE_TEXTS
-    from bgevl.runtime.mllm_preprocessing import CIR_INSTRUCTION
+def request_values(request) -> dict[str, list[bytes]]:
+    """The entry model's BYTES inputs of a request (``bgevl.families.base.Request``), one value per item:
+    IMAGE, TEXT and, where set, INSTRUCTION and ROLE (the same for every item of a request)."""
     from bgevl.specs import SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
 
-    images, texts = _images(), [t.encode() for t in PROBE_TEXTS[:ITEMS]]
-
-    def steps(*inputs: tuple[str, list[bytes]]) -> dict:
-        return {"data": [{name: bytes_tensor([values[i]]) for name, values in inputs} for i in range(ITEMS)]}
-
-    if family == "mllm":
-        query = [CIR_INSTRUCTION.encode()] * ITEMS
-        return {
-            "candidate_image": steps((SERVING_IMAGE, images), (SERVING_ROLE, [b"candidate"] * ITEMS)),
-            "candidate_text": steps((SERVING_TEXT, texts), (SERVING_ROLE, [b"candidate"] * ITEMS)),
-            "query": steps((SERVING_IMAGE, images), (SERVING_TEXT, texts), (SERVING_INSTRUCTION, query),
-                           (SERVING_ROLE, [b"query"] * ITEMS)),
-        }
-    return {"text": steps((SERVING_TEXT, texts)), "image": steps((SERVING_IMAGE, images)),
-            "composed": steps((SERVING_IMAGE, images), (SERVING_TEXT, texts))}
+    values: dict[str, list[bytes]] = {}
+    if request.images is not None:
+        values[SERVING_IMAGE] = [bytes(v) for v in request.images]
+    if request.texts is not None:
+        values[SERVING_TEXT] = [t.encode() for t in request.texts]
+    for name, value in ((SERVING_INSTRUCTION, request.instruction), (SERVING_ROLE, request.role)):
+        if value is not None:
+            values[name] = [value.encode()] * len(request)
+    return values
 
 
-def write_input_data(repository: Path, family: str) -> list[Path]:
+def input_data(family) -> dict[str, dict]:
+    """{workload: perf_analyzer input-data document} for the entry model of a repository of ``family``
+    (``Family.serving_workloads``). Each request is one item ([1] per input: the batch axis is
+    perf_analyzer's ``-b``)."""
+    from bgevl.probes import PROBE_TEXTS
+
+    images, texts = _images(), list(PROBE_TEXTS[:ITEMS])
+    documents = {}
+    for workload, request in family.serving_workloads(images, texts).items():
+        values = request_values(request)
+        documents[workload] = {"data": [{name: bytes_tensor([v[i]]) for name, v in values.items()} for i in range(ITEMS)]}
+    return documents
+
+
+def write_input_data(repository: Path, family) -> list[Path]:
     out = []
     for workload, document in input_data(family).items():
         path = Path(repository) / f"perf_analyzer_{workload}.json"

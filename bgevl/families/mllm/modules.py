@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bgevl.specs import MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH
+from bgevl.families.mllm.graphs import MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH
 
 
 class MllmVision(torch.nn.Module):

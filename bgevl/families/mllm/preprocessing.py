@@ -30,13 +30,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from bgevl.errors import CheckpointError, InputError
+from bgevl.families.base import CANDIDATE, QUERY, Feeds, Preprocessor, Request, normalize_role
+from bgevl.families.mllm.graphs import IMAGE_FEATURE_INDEX, IMAGE_TILES, NEWLINE_ROW, TEXT_POSITION
 from bgevl.runtime.preprocessing import DEFAULT_LIMITS, ImageInput, InputLimits, check_text, load_image, load_processor
-from bgevl.specs import ATTENTION_MASK, IMAGE_FEATURE_INDEX, IMAGE_TILES, INPUT_IDS, NEWLINE_ROW, TEXT_POSITION
+from bgevl.specs import ATTENTION_MASK, INPUT_IDS
 
 log = logging.getLogger("bgevl")
 
-QUERY, CANDIDATE = "query", "candidate"
-ROLES = {"q": QUERY, "query": QUERY, "c": CANDIDATE, "candidate": CANDIDATE}
 
 #: BGE-VL-MLLM's ``data_process`` resizes every image to this size (width, height) first.
 BGEVL_IMAGE_RESIZE = (512, 512)
@@ -46,13 +46,6 @@ CIR_INSTRUCTION = (
     "Retrieve the target image that best meets the combined criteria by using both the provided image "
     "and the image retrieval instructions: "
 )
-
-
-def normalize_role(role: str) -> str:
-    try:
-        return ROLES[role]
-    except (KeyError, TypeError):
-        raise InputError(f"role {role!r}: use 'query' (or 'q') or 'candidate' (or 'c')") from None
 
 
 def build_prompt(text: str | None, has_image: bool, role: str, instruction: str | None) -> str:
@@ -204,7 +197,7 @@ def image_feature_index(input_ids: np.ndarray, layout: ImageLayout, image_sizes:
     return index
 
 
-class MllmPreprocessor:
+class MllmPreprocessor(Preprocessor):
     """Prompts, the checkpoint's ``LlavaNextProcessor`` and the image-feature index, for one batch."""
 
     def __init__(self, processor: Any, layout: ImageLayout, max_sequence: int,
@@ -291,3 +284,13 @@ class MllmPreprocessor:
             feeds[IMAGE_TILES] = np.ascontiguousarray(np.concatenate(tiles))
         feeds[IMAGE_FEATURE_INDEX] = image_feature_index(input_ids, self.layout, sizes)
         return feeds
+
+    def check(self, request: Request) -> Request:
+        """The role defaults to ``query`` when an instruction is given, else ``candidate``."""
+        role = normalize_role(request.role) if request.role is not None else (
+            QUERY if request.instruction is not None else CANDIDATE)
+        return Request(request.images, request.texts, role, request.instruction)
+
+    def prepare(self, request: Request, start: int = 0, *, serving: bool = False) -> Feeds:
+        request = self.check(request)
+        return self(request.images, request.texts, request.role, request.instruction, start)

@@ -1,7 +1,7 @@
-"""PyTorch modules that define the exported CLIP graphs (validated against ``bgevl.reference``).
+"""PyTorch modules that define the exported CLIP graphs (validated against ``bgevl.families.clip.reference``).
 
 Each module puts the projection and the L2 normalization inside the graph and also returns the
-unnormalized projection, which score fusion needs (``bgevl.fusion``).
+unnormalized projection, which score fusion needs (``bgevl.families.clip.fusion``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from bgevl.specs import TEXT_GRAPH, VISION_GRAPH
+from bgevl.families.clip.graphs import TEXT_GRAPH, VISION_GRAPH
 
 
 class VisionEmbedding(torch.nn.Module):

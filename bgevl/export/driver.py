@@ -1,0 +1,277 @@
+"""The one export driver behind ``bgevl-export``: checkpoint -> ONNX graphs -> precision -> validation -> manifest.
+
+It runs any registered model family (``bgevl.families``) through the same steps; what differs
+between families (the graphs, the torch modules, the probe requests, the int8 form, the
+recipe) is asked of the family object. Everything is written into a staging directory next to
+the output and moved into place only when the whole job (validation included) has succeeded,
+so a failure leaves nothing half-written. :func:`build_artifacts` runs the whole command:
+export, then TensorRT engines where they can be built, then a Triton repository.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from bgevl import __version__
+from bgevl.checkpoints import resolve_checkpoint
+from bgevl.errors import BgevlError
+from bgevl.families import family_of, get_model_spec
+from bgevl.families.base import Feeds, Request
+from bgevl.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, Validation, write_manifest
+from bgevl.staging import check_replaceable, staged_directory
+from bgevl.probes import builtin_calibration_set, probe_set
+from bgevl.runtime.preprocessing import load_image
+from bgevl.specs import ONNX_OPSET, PRECISIONS, GraphSpec
+
+INT8_MODES = ("qdq", "dynamic")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CALIBRATION_BATCH = 8
+
+
+@dataclass
+class ExportOptions:
+    output: Path
+    model: str = "tiny"
+    model_path: Path | None = None
+    random_weights: bool = False
+    precision: str = "fp32"
+    int8_mode: str = "qdq"
+    calibration_data: Path | None = None
+    calibration_size: int = 32
+    validate: bool = True
+    min_cosine: float | None = None
+    opt_batch: int | None = None  # None: the model family's default (Family.default_batch)
+    max_batch: int | None = None
+    max_sequence_length: int = 4096  # MLLM language graph: prompt + image tokens
+    force_fp32: bool = False  # allow fp32 for models over FP32_LIMIT_BILLIONS
+    overwrite: bool = False
+    probe_count: int = 8
+    command: str | None = None  # the command line, recorded in the manifest
+
+
+class Progress:
+    def __init__(self, total: int, sink: Callable[[str], None] | None = None):
+        self.total, self.step, self.start = total, 0, time.perf_counter()
+        self.sink = sink or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def __call__(self, message: str) -> None:
+        self.step += 1
+        self.sink(f"[{self.step}/{self.total}] {message} (t={time.perf_counter() - self.start:.1f}s)")
+
+    def info(self, message: str) -> None:
+        self.sink(f"      {message}")
+
+
+def _check_options(opts: ExportOptions) -> None:
+    if opts.precision not in PRECISIONS:
+        raise BgevlError(f"--precision {opts.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if opts.int8_mode not in INT8_MODES:
+        raise BgevlError(f"--int8-mode {opts.int8_mode!r}: choose one of {', '.join(INT8_MODES)}")
+    spec = get_model_spec(opts.model)
+    default_opt, default_max = family_of(spec).default_batch
+    opts.max_batch = opts.max_batch or max(default_max, opts.opt_batch or 0)
+    opts.opt_batch = opts.opt_batch or min(default_opt, opts.max_batch)
+    if not 1 <= opts.opt_batch <= opts.max_batch:
+        raise BgevlError(f"need 1 <= --opt-batch <= --max-batch, got {opts.opt_batch} and {opts.max_batch}")
+    if opts.max_sequence_length < 16:
+        raise BgevlError(f"--max-sequence-length {opts.max_sequence_length}: need at least 16 tokens")
+    check_replaceable(Path(opts.output), opts.overwrite, lambda d: (d / MANIFEST_NAME).is_file(),
+                      "a bgevl export (manifest.json)", "--output")
+    if opts.calibration_data is not None and opts.precision != "int8":
+        raise BgevlError("--calibration-data only applies to --precision int8")
+    family_of(spec).check_export_options(spec, opts)
+
+
+def load_calibration_dir(directory: Path) -> tuple[list, list[str]]:
+    """Images (any common format) and captions (``*.txt``, one per line) from a directory."""
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise BgevlError(f"--calibration-data {directory}: no such directory")
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    image_files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    texts = [line.strip() for p in files if p.suffix.lower() == ".txt" for line in p.read_text().splitlines() if line.strip()]
+    if not image_files or not texts:
+        raise BgevlError(
+            f"--calibration-data {directory}: found {len(image_files)} images and {len(texts)} captions; "
+            f"INT8 calibration needs both: image files (png/jpg/...) and a .txt file with one caption per line"
+        )
+    return [load_image(p, i) for i, p in enumerate(image_files)], texts
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "bgevl-export": __version__}
+    for dist in ("torch", "transformers", "onnx", "onnxruntime", "onnxconverter-common", "onnxscript"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+
+def convert_graph(graph: GraphSpec, src: Path, dst: Path, precision: str, int8: Callable[[], dict]) -> dict:
+    """Write the exported fp32 graph ``src`` at ``precision`` to ``dst`` and check it; returns what was
+    done, for the manifest. ``int8`` is the family's int8 pass."""
+    import onnx
+
+    from bgevl.export import onnx_tools
+
+    if precision == "fp32":
+        onnx_tools.save_onnx(onnx.load(str(src)), dst)
+        details = {"method": "float32 as exported"}
+    elif precision == "fp16":
+        details = onnx_tools.fp16_graph(src, dst, graph.normalized_output)
+    else:
+        details = int8()
+    onnx_tools.check_onnx(dst)
+    return details
+
+
+def _kind_counts(requests: list[Request]) -> str:
+    kinds = [k for r in requests for k in r.kinds()]
+    return ", ".join(f"{kinds.count(k)} {k}" for k in ("image", "text", "composed") if k in kinds)
+
+
+def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -> Path:
+    """Run the whole export; returns the output directory."""
+    from bgevl.export import onnx_tools
+    from bgevl.export.validate import (
+        VALIDATION_ARRAYS, check_thresholds, format_figures, parity, reference_arrays, save_arrays, threshold_for,
+    )
+    from bgevl.runtime.runners import OnnxRunner, runner_call
+
+    _check_options(opts)
+    spec = get_model_spec(opts.model)
+    family = family_of(spec)
+    out = Path(opts.output).expanduser().resolve()
+    progress = Progress(total=6, sink=sink)
+    with staged_directory(out) as staging, tempfile.TemporaryDirectory(prefix="bgevl-export-") as work_dir:
+        work = Path(work_dir)
+        source = "--model-path" if opts.model_path else ("generated" if spec.generated or opts.random_weights else "hub")
+        progress(f"loading {spec.key} ({source})")
+        ckpt = resolve_checkpoint(spec, model_path=opts.model_path, random_weights=opts.random_weights, workdir=work)
+        exported = family.prepare_export(ckpt.path, spec, opts)
+        graphs = exported.graphs
+        progress.info(f"{ckpt.source}; {exported.summary}")
+
+        probes = probe_set(opts.probe_count)
+        requests = family.validation_requests(probes)
+        prepared: list[Feeds] = [exported.preprocessor.prepare(r) for r in requests]
+        modules = family.graph_modules(exported)
+
+        progress(f"exporting {len(graphs)} graphs to ONNX (opset {ONNX_OPSET}, fp32)")
+        fp32_dir = work / "fp32"
+        fp32_dir.mkdir()
+        examples = family.example_feeds(modules, prepared)
+        for name, graph in graphs.items():
+            onnx_tools.export_torch_graph(modules[name], graph, examples[name], fp32_dir / graph.filename)
+            progress.info(f"{graph.filename}: {onnx_tools.file_size(fp32_dir / graph.filename) / 1e6:.1f} MB")
+
+        int8_form = family.int8_form(opts.int8_mode) if opts.precision == "int8" else None
+        progress(f"converting to {opts.precision}" + (f" ({int8_form.name})" if int8_form else ""))
+        calibration_info: dict | None = None
+        calibration: tuple[list, list] | None = None
+        if int8_form is not None and int8_form.calibrated:
+            if opts.calibration_data:
+                calibration = load_calibration_dir(opts.calibration_data)
+                calibration_info = {"source": str(Path(opts.calibration_data).resolve())}
+            else:
+                calibration = builtin_calibration_set(opts.calibration_size)
+                calibration_info = {"source": "built-in synthetic set (bgevl.probes.builtin_calibration_set)"}
+            calibration_info.update(images=len(calibration[0]), texts=len(calibration[1]))
+            progress.info(f"calibration: {calibration_info['source']} ({calibration_info['images']} images, "
+                          f"{calibration_info['texts']} texts)")
+        precision_details: dict[str, dict] = {}
+        for name, graph in graphs.items():
+            src, dst = fp32_dir / graph.filename, staging / graph.filename
+            feeds = (lambda g=graph, pre=exported.preprocessor: family.calibration_feeds(pre, g, *calibration, CALIBRATION_BATCH)) \
+                if calibration is not None else None
+            precision_details[name] = convert_graph(
+                graph, src, dst, opts.precision,
+                int8=lambda g=graph, s=src, d=dst, f=feeds: {
+                    **family.quantize_int8(g, s, d, opts.int8_mode, f), "int8_form": int8_form.name})
+
+        processor, recipe = exported.processor, exported.recipe
+        model_info = ModelInfo(spec.key, family.name, spec.description, ckpt.source, ckpt.weights, exported.embedding_dim,
+                               exported.max_text_length, exported.parameters, exported.details)
+        probe_description = family.probe_description(exported)
+        del modules, exported  # the reference below is loaded on its own; do not hold two copies
+        validation = Validation()
+        if opts.validate:
+            progress(f"validating against the original's fp32 embeddings on {_kind_counts(requests)} items "
+                     f"(images {', '.join(sorted({im.mode for im in probes.images}))})")
+            original = family.original(ckpt.path)
+            arrays = reference_arrays(prepared, [r.kinds() for r in requests], [original.embed(r) for r in requests])
+            reference = original.DESCRIPTION
+            del original
+            runners = {name: OnnxRunner(g, staging / g.filename) for name, g in graphs.items()}
+            figures = parity(family, graphs, arrays, runner_call(runners))
+            save_arrays(staging / VALIDATION_ARRAYS, arrays)
+            progress.info("parity vs the original's fp32 embeddings (ONNX Runtime CPU):\n" + format_figures(figures))
+            threshold = threshold_for(opts.precision, opts.min_cosine)
+            validation = Validation(
+                performed=True, reference=reference,
+                runtime="onnxruntime CPUExecutionProvider",
+                probe_set={**probes.describe(), "requests": len(requests), **probe_description},
+                arrays=VALIDATION_ARRAYS, figures=figures,
+                **check_thresholds(figures, opts.precision, threshold, ckpt.weights))
+        else:
+            progress("validation skipped (--no-validate)")
+
+        progress("writing processor files and manifest")
+        processor.save_pretrained(staging / "processor")
+        manifest = Manifest(
+            directory=staging,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            model=model_info, precision=opts.precision,
+            int8_mode=opts.int8_mode if opts.precision == "int8" else None, calibration=calibration_info,
+            opset=ONNX_OPSET, processor="processor",
+            graphs={name: GraphEntry(g, opts.precision, ONNX_OPSET, onnx_tools.file_size(staging / g.filename),
+                                     precision_details[name]) for name, g in graphs.items()},
+            recipe=recipe, validation=validation, versions=_versions(), command=opts.command)
+        write_manifest(manifest)
+    progress(f"wrote {out}")
+    return out
+
+
+def build_artifacts(export: ExportOptions, *, format: str = "auto", engines: Any = None, repository: Any = None,
+                    sink: Callable[[str], None] | None = None, quiet: bool = False) -> Path:
+    """The whole ``bgevl-export`` command: the export, then TensorRT engines (``format``: ``auto`` where
+    TensorRT and a GPU are present, ``tensorrt`` required, ``onnx`` never; ``engines``:
+    ``bgevl.export.tensorrt.EngineOptions``), then a Triton repository (``repository``:
+    ``bgevl.triton_repo.repository.RepositoryOptions``). What would be refused after minutes of
+    exporting (a repository directory that may not be replaced, TensorRT required but absent) is
+    refused first."""
+    if repository is not None:
+        from bgevl.triton_repo.repository import is_repository
+
+        check_replaceable(Path(repository.output), repository.overwrite, is_repository, "a Triton model repository",
+                          "--triton-repo")
+    engines_ok, engines_why = False, "--format onnx"
+    if format != "onnx":
+        from bgevl.runtime.tensorrt import tensorrt_status
+
+        engines_ok, engines_why = tensorrt_status()
+        if format == "tensorrt" and not engines_ok:
+            raise BgevlError(f"--format tensorrt: {engines_why}. Export with --format onnx here and build the engines "
+                             f"on a GPU machine with `bgevl-export build-engines DIR`")
+    out = run_export(export, sink=(lambda msg: None) if quiet else sink)
+    if engines_ok:
+        from bgevl.export.tensorrt import EngineOptions, build_engines
+
+        build_engines(out, engines or EngineOptions(), progress=(lambda msg: None) if quiet else print)
+    elif format == "auto":
+        print(f"TensorRT engines not built ({engines_why}); build them on a GPU machine with: "
+              f"bgevl-export build-engines {out}", file=sys.stderr)
+    if repository is not None:
+        repository.write(out, sink=None if quiet else print)
+    return out

@@ -1,0 +1,302 @@
+"""The model-family protocol: everything the generic parts of bgevl need to know about a family.
+
+A family (CLIP dual encoders, LLaVA-NeXT embedders, ...) is one :class:`Family` object registered
+in ``bgevl.families``. The exporter (``bgevl.export.driver``), the runtime (``bgevl.runtime``),
+validation, the TensorRT build, the Triton repository and the benchmarks call only the methods
+below and never ask which family they hold, the way Optimum's exporter runs one ``OnnxConfig``
+per architecture through one ``export`` / ``validate_model_outputs``.
+
+Two shared vocabularies:
+
+* a :class:`Request` says *what* to embed (images and/or texts paired item by item, a role and a
+  task instruction); the family's preprocessor turns it into **feeds** (named arrays);
+* the family's **recipe** (:meth:`Family.steps`) says *how* feeds become embeddings: which graphs
+  run in which order and how their outputs combine. It is a generator yielding lists of
+  :class:`Call` (graphs that may run concurrently) and receiving their outputs, so one recipe
+  drives ONNX Runtime or TensorRT runners (:func:`run_steps`), validation, the benchmarks and the
+  Triton entry model's asynchronous BLS calls (:func:`run_steps_async`) alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Generator, Mapping, Sequence
+
+import numpy as np
+
+from bgevl.specs import GraphSpec, ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bgevl.runtime.preprocessing import InputLimits
+
+Feeds = dict[str, np.ndarray]
+
+#: The kinds of item every family embeds; validation figures and benchmark workloads use these names.
+IMAGE, TEXT, COMPOSED = "image", "text", "composed"
+KINDS = (IMAGE, TEXT, COMPOSED)
+
+
+#: Roles of a retrieval request (BGE-VL-MLLM's ``q_or_c``); families without roles accept and ignore them.
+QUERY, CANDIDATE = "query", "candidate"
+ROLES = {"q": QUERY, "query": QUERY, "c": CANDIDATE, "candidate": CANDIDATE}
+
+
+def normalize_role(role: str) -> str:
+    from bgevl.errors import InputError
+
+    try:
+        return ROLES[role]
+    except (KeyError, TypeError):
+        raise InputError(f"role {role!r}: use 'query' (or 'q') or 'candidate' (or 'c')") from None
+
+
+@dataclass
+class Request:
+    """What to embed: ``images`` and ``texts`` pair up item by item (either may be absent, and in
+    families that allow it an entry may be ``None``); ``role`` and ``instruction`` as the family
+    defines them (families without them refuse an instruction)."""
+
+    images: list | None = None
+    texts: list | None = None
+    role: str | None = None
+    instruction: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.images if self.images is not None else self.texts or [])
+
+    def kinds(self) -> list[str]:
+        """The kind of each item: image-only, text-only or composed."""
+        out = []
+        for i in range(len(self)):
+            image = self.images is not None and self.images[i] is not None
+            text = self.texts is not None and self.texts[i] is not None
+            out.append(COMPOSED if image and text else IMAGE if image else TEXT)
+        return out
+
+    def slice(self, start: int, stop: int) -> "Request":
+        return Request(self.images[start:stop] if self.images is not None else None,
+                       self.texts[start:stop] if self.texts is not None else None, self.role, self.instruction)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One graph run inside a recipe: ``graph`` on ``feed``, returning ``outputs``."""
+
+    graph: str
+    feed: Mapping[str, np.ndarray]
+    outputs: tuple[str, ...]
+
+
+#: A recipe: yields lists of calls, receives a list of {output name: array} per call, returns the embeddings.
+Steps = Generator[list[Call], list[dict[str, np.ndarray]], np.ndarray]
+
+
+def run_steps(steps: Steps, run: Callable[[Call], dict[str, np.ndarray]]) -> np.ndarray:
+    """Drive a recipe with a synchronous graph runner."""
+    try:
+        calls = next(steps)
+        while True:
+            calls = steps.send([run(call) for call in calls])
+    except StopIteration as done:
+        return done.value
+
+
+async def run_steps_async(steps: Steps, run: Callable[[Call], Awaitable[dict[str, np.ndarray]]]) -> np.ndarray:
+    """Drive a recipe with an asynchronous graph runner (the calls of one step run concurrently)."""
+    import asyncio
+
+    try:
+        calls = next(steps)
+        while True:
+            calls = steps.send(list(await asyncio.gather(*(run(call) for call in calls))))
+    except StopIteration as done:
+        return done.value
+
+
+class Preprocessor(ABC):
+    """A family's preprocessing: a :class:`Request` -> the feeds of its recipe, with its input rules.
+    Shared by the runtime, the export's validation, the benchmarks and the Triton preprocess model."""
+
+    limits: "InputLimits"
+
+    @abstractmethod
+    def prepare(self, request: Request, start: int = 0, *, serving: bool = False) -> Feeds:
+        """Feeds for one batch of items. ``start``: index of its first item in the caller's list (errors
+        name items by it). ``serving``: fixed shapes where the Triton preprocess model needs them."""
+
+    def check(self, request: Request) -> Request:
+        """Check a whole request before any item is decoded (roles, instruction, text limits); returns it
+        with the family's defaults filled in."""
+        return request
+
+
+class Original(ABC):
+    """The independent fp32 reference of a family (``bgevl.reference``): the original code's computation."""
+
+    DESCRIPTION: ClassVar[str]
+
+    @abstractmethod
+    def embed(self, request: Request) -> np.ndarray:
+        """The original's L2-normalized fp32 embeddings of a request, in item order."""
+
+    @abstractmethod
+    def probe_embeddings(self, probes: Any) -> dict[str, np.ndarray]:
+        """Embeddings of the probe set by kind (the sanity gate of ``bgevl-export check``)."""
+
+
+@dataclass(frozen=True)
+class CheckpointKind:
+    """What a checkpoint of one model family holds, as the hub repositories publish it."""
+
+    model_type: str  # config.json "model_type"
+    architecture: str  # for messages
+    config_class: str  # transformers config class that parses config.json
+    tokenizer_files: tuple[tuple[str, ...], ...]  # one of these file sets must be present
+    #: config attributes (dotted) that tell the models of the family apart; compared with the
+    #: --model spec's architecture so that a large checkpoint is not exported as base
+    identity: tuple[str, ...]
+
+
+@dataclass
+class ExportedModel:
+    """What the export driver holds of a loaded checkpoint: the model, its processor, the graphs to
+    export and the manifest's description of the model."""
+
+    model: Any
+    processor: Any
+    graphs: dict[str, GraphSpec]
+    preprocessor: Preprocessor
+    embedding_dim: int
+    max_text_length: int
+    parameters: int
+    #: the manifest's ``recipe`` section: the settings the family's runtime needs back (fusion formula,
+    #: image layout, default instruction, ...)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    #: extra fields of the manifest's ``model`` section
+    details: dict[str, Any] = field(default_factory=dict)
+    #: one line describing the loaded model, for the progress log
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class Int8Form:
+    """How a family quantizes to int8: what the manifest records per graph and what TensorRT builds."""
+
+    name: str  # "static-qdq", "weight-only-qdq", "dynamic", "weight-only-dynamic"
+    description: str
+    calibrated: bool
+    tensorrt: bool  # whether TensorRT can build it
+
+
+class Family(ABC):
+    """One model family. Subclasses declare the class attributes and implement the methods; they
+    import their heavy dependencies (torch, transformers) inside the methods, so listing the
+    families (the command line's ``--model`` choices) stays cheap."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    models: ClassVar[tuple[ModelSpec, ...]]
+    #: (opt, max) batch of the exported graphs when the command line gives none
+    default_batch: ClassVar[tuple[int, int]]
+    #: whether ``bgevl-bench`` exports with a max batch grown to its largest batch size (cheap towers),
+    #: or keeps the family default and skips larger batches (7B prefills)
+    bench_grows_max_batch: ClassVar[bool] = True
+    checkpoint_kind: ClassVar[CheckpointKind]
+    #: the entry model's inputs (of SERVING_IMAGE, SERVING_TEXT, SERVING_INSTRUCTION, SERVING_ROLE)
+    serving_inputs: ClassVar[tuple[str, ...]]
+
+    # --- checkpoints -------------------------------------------------------------------
+    @abstractmethod
+    def generate_checkpoint(self, spec: ModelSpec, directory: Path) -> Path:
+        """Write a random-weight checkpoint of ``spec.architecture`` in the hub's layout (offline)."""
+
+    @abstractmethod
+    def load(self, path: Path, spec: ModelSpec | None = None, attn_implementation: str = "eager") -> tuple[Any, Any]:
+        """The checked float32 (model, processor) of a checkpoint directory."""
+
+    @abstractmethod
+    def original(self, path: Path) -> Original:
+        """The independent fp32 reference on a checkpoint directory."""
+
+    # --- export ------------------------------------------------------------------------
+    def check_export_options(self, spec: ModelSpec, options: Any) -> None:
+        """Refuse export options that do not apply to this family (before anything is loaded)."""
+
+    @abstractmethod
+    def prepare_export(self, path: Path, spec: ModelSpec, options: Any) -> ExportedModel:
+        """Load the checkpoint and declare its graphs (batch and sequence ranges from ``options``)."""
+
+    @abstractmethod
+    def graph_modules(self, exported: ExportedModel) -> dict[str, Any]:
+        """The torch modules that define the graphs."""
+
+    @abstractmethod
+    def example_feeds(self, modules: Mapping[str, Any], requests: Sequence[Feeds]) -> dict[str, Feeds]:
+        """An example feed per graph (batch >= 2 where possible) for tracing, from prepared requests."""
+
+    @abstractmethod
+    def validation_requests(self, probes: Any) -> list[Request]:
+        """The probe set as requests covering image-only, text-only and composed items."""
+
+    def probe_description(self, exported: ExportedModel) -> dict[str, Any]:
+        """Extra facts about how the probes were preprocessed, for the manifest."""
+        return {}
+
+    @abstractmethod
+    def int8_form(self, mode: str) -> Int8Form:
+        """The int8 form of ``--int8-mode`` for this family."""
+
+    @abstractmethod
+    def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
+                      calibration: Callable[[], list[Feeds]] | None) -> dict:
+        """Write the int8 graph; returns what was done, for the manifest."""
+
+    def calibration_feeds(self, preprocessor: Preprocessor, graph: GraphSpec, images: list, texts: list,
+                          batch: int) -> list[Feeds]:
+        """Calibration batches of one graph (families with calibrated int8 forms)."""
+        raise NotImplementedError(f"the {self.name} family has no calibrated int8 form")
+
+    # --- the embedding recipe ----------------------------------------------------------
+    @abstractmethod
+    def steps(self, feeds: Feeds, graphs: Mapping[str, GraphSpec]) -> Steps:
+        """The recipe: which graphs run on ``feeds`` and how their outputs combine into L2-normalized embeddings."""
+
+    @abstractmethod
+    def open_preprocessor(self, processor_dir: Path, recipe: Mapping[str, Any], max_text_length: int,
+                          limits: "InputLimits", **options: Any) -> Preprocessor:
+        """The runtime's preprocessor from an export's processor files and manifest ``recipe`` section.
+        Unknown ``options`` are a TypeError naming them."""
+
+    def default_instruction(self, recipe: Mapping[str, Any]) -> str | None:
+        """The task instruction a query takes when none is given (families with instructions)."""
+        return None
+
+    # --- Triton ------------------------------------------------------------------------
+    @abstractmethod
+    def write_triton_models(self, writer: Any) -> None:
+        """The family's models of a Triton repository (``bgevl.triton_repo.repository.RepositoryWriter``)."""
+
+    @abstractmethod
+    def preprocess_outputs(self, present: set[str]) -> list[str]:
+        """The preprocess model's outputs a request with the serving inputs ``present`` produces."""
+
+    def serving_preprocess_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The entry model's inputs (BYTES ``[batch, 1]``) in the shapes of the family's preprocess model."""
+        return inputs
+
+    # --- benchmarks --------------------------------------------------------------------
+    @abstractmethod
+    def bench_request(self, workload: str, images: list | None, texts: list | None) -> Request:
+        """The request of a benchmark workload (image, text or composed) on the given inputs."""
+
+    def serving_workloads(self, images: list, texts: list) -> dict[str, Request]:
+        """The perf_analyzer input files shipped with a repository: file stem -> request."""
+        return {kind: self.bench_request(kind, images if kind != TEXT else None, texts if kind != IMAGE else None)
+                for kind in KINDS}
+
+    @abstractmethod
+    def torch_baseline(self, checkpoint: Path, threads: int) -> Any:
+        """The PyTorch model a user would otherwise run, for ``bgevl-bench``: an object with
+        ``preprocessor`` and ``call(request, feeds) -> Callable[[], embeddings]`` and ``gflop(request, feeds)``."""

@@ -1,0 +1,39 @@
+"""The MLLM family's PyTorch baseline for ``bgevl-bench``: transformers' ``LlavaNextModel`` forward on the
+processor's own outputs (what BGE-VL-MLLM's remote code runs), last token, L2-normalized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bgevl.families.base import Feeds, Request
+
+
+class MllmBaseline:
+    def __init__(self, family: Any, checkpoint: Path, threads: int, max_sequence: int = 4096):
+        import torch
+
+        from bgevl.families.mllm.preprocessing import ImageLayout, MllmPreprocessor
+
+        torch.set_num_threads(threads)
+        self.model, self.processor = family.load(checkpoint, attn_implementation="sdpa")
+        self.preprocessor = MllmPreprocessor(self.processor, ImageLayout.from_config(self.model.config), max_sequence)
+
+    def call(self, request: Request, feeds: Feeds) -> Callable[[], np.ndarray]:
+        from bgevl.families.mllm.modules import reference_embeddings
+
+        request = self.preprocessor.check(request)
+        prompts = self.preprocessor.prompts(request.images, request.texts, request.role, request.instruction)
+        images = self.preprocessor.load_images(request.images) if request.images else None
+        inputs = dict(self.processor(text=prompts, images=images, padding=True, return_tensors="np"))
+        return lambda: reference_embeddings(self.model, inputs)
+
+    def gflop(self, request: Request, feeds: Feeds) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        call = self.call(request, feeds)
+        with FlopCounterMode(display=False) as counter:
+            call()
+        return counter.get_total_flops() / 1e9

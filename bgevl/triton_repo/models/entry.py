@@ -1,0 +1,53 @@
+"""The entry model of every repository: the family's serving inputs (BYTES) -> EMBEDDING.
+
+It orchestrates the other models with BLS (business logic scripting) rather than being a
+``platform: "ensemble"``: Triton 2.51's ensemble scheduler runs every step and rejects a step
+whose input tensor was not produced ("expected 1 inputs but got 0"), so one ensemble cannot take
+text *or* image *or* both. Here each request runs the preprocess model, then the model family's
+recipe (``Family.steps``, the same one ``bgevl.runtime`` runs), whose graph calls become BLS
+requests to the encoder models; the calls of one recipe step run concurrently. The requests of
+one ``execute`` are processed concurrently (``async_exec``), so the encoders' dynamic batchers
+see them together and merge them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb
+
+from bgevl.families import get_family
+from bgevl.families.base import run_steps_async
+from bgevl.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_TEXT, GraphSpec
+from bgevl.triton_repo.models.backend_utils import answer_async, call, error_response, model_config, optional_input, parameter
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = model_config(args)
+        self.name = config["name"]
+        self.family = get_family(parameter(config, "family"))
+        self.preprocess = parameter(config, "preprocess_model")
+        self.graph_models = json.loads(parameter(config, "graph_models"))
+        self.graphs = {name: GraphSpec.from_json(g) for name, g in json.loads(parameter(config, "graphs")).items()}
+
+    async def execute(self, requests):
+        return await asyncio.gather(*(answer_async(self.name, self._one, r) for r in requests))
+
+    async def _run(self, step_call):
+        return await call(self.graph_models[step_call.graph], dict(step_call.feed), list(step_call.outputs))
+
+    async def _one(self, request):
+        inputs = {}
+        for name in self.family.serving_inputs:
+            values = optional_input(request, name)
+            if values is not None:
+                inputs[name] = values
+        if SERVING_IMAGE not in inputs and SERVING_TEXT not in inputs:
+            return error_response(f"send {SERVING_TEXT}, {SERVING_IMAGE} or both (BYTES tensors of shape [batch, 1])")
+        feeds = await call(self.preprocess, self.family.serving_preprocess_inputs(inputs),
+                           self.family.preprocess_outputs(set(inputs)), input_errors=True)
+        out = await run_steps_async(self.family.steps(feeds, self.graphs), self._run)
+        return pb.InferenceResponse(output_tensors=[pb.Tensor(SERVING_EMBEDDING, np.ascontiguousarray(out, np.float32))])
