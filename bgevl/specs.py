@@ -150,6 +150,10 @@ class GraphSpec:
         )
 
 
+#: Default longest sequence a language graph serves (``--max-sequence-length``; MLLM: prompt + image
+#: tokens; one 512x512 image is 2928 tokens on BGE-VL-MLLM: 576 base + 48x48 unpadded grid + 48 newlines).
+DEFAULT_MAX_SEQUENCE = 4096
+
 #: Input names every family's text and image graphs use (the tokenizer's and image processor's own names).
 PIXEL_VALUES, INPUT_IDS, ATTENTION_MASK = "pixel_values", "input_ids", "attention_mask"
 

@@ -43,14 +43,6 @@ class Case:
     feeds: dict[str, Any] = field(default_factory=dict)
     gflop: float = float("nan")
 
-    @property
-    def images(self) -> list[bytes] | None:
-        return self.request.images
-
-    @property
-    def texts(self) -> list[str] | None:
-        return self.request.texts
-
 
 def _png(image) -> bytes:
     buf = io.BytesIO()

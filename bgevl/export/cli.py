@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bgevl.errors import BgevlError
 from bgevl.families import all_models, families
-from bgevl.specs import PRECISIONS
+from bgevl.specs import DEFAULT_MAX_SEQUENCE, PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opt-batch", type=int, default=None,
                    help=f"batch size to optimize for (TensorRT profile, Triton); default opt/max: {defaults}")
     e.add_argument("--max-batch", type=int, default=None, help="largest batch the artifacts serve (default: the family's)")
-    e.add_argument("--max-sequence-length", type=int, default=4096,
+    e.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE,
                    help="MLLM: longest prompt plus image tokens the language graph serves (one 512x512 image is 2928 tokens)")
     e.add_argument("--force-fp32", action="store_true", help="allow --precision fp32 for the 7B MLLM (about 60 GB of memory)")
     e.add_argument("--format", default="auto", choices=("auto", "onnx", "tensorrt"),

@@ -23,12 +23,12 @@ from bgevl import __version__
 from bgevl.checkpoints import resolve_checkpoint
 from bgevl.errors import BgevlError
 from bgevl.families import family_of, get_model_spec
-from bgevl.families.base import Feeds, Request
+from bgevl.families.base import KINDS, Feeds, Request
 from bgevl.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, Validation, write_manifest
 from bgevl.staging import check_replaceable, staged_directory
 from bgevl.probes import builtin_calibration_set, probe_set
 from bgevl.runtime.preprocessing import load_image
-from bgevl.specs import ONNX_OPSET, PRECISIONS, GraphSpec
+from bgevl.specs import DEFAULT_MAX_SEQUENCE, ONNX_OPSET, PRECISIONS, GraphSpec
 
 INT8_MODES = ("qdq", "dynamic")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -49,7 +49,7 @@ class ExportOptions:
     min_cosine: float | None = None
     opt_batch: int | None = None  # None: the model family's default (Family.default_batch)
     max_batch: int | None = None
-    max_sequence_length: int = 4096  # MLLM language graph: prompt + image tokens
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE  # MLLM language graph: prompt + image tokens
     force_fp32: bool = False  # allow fp32 for models over FP32_LIMIT_BILLIONS
     overwrite: bool = False
     probe_count: int = 8
@@ -117,7 +117,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-
 def convert_graph(graph: GraphSpec, src: Path, dst: Path, precision: str, int8: Callable[[], dict]) -> dict:
     """Write the exported fp32 graph ``src`` at ``precision`` to ``dst`` and check it; returns what was
     done, for the manifest. ``int8`` is the family's int8 pass."""
@@ -138,7 +137,7 @@ def convert_graph(graph: GraphSpec, src: Path, dst: Path, precision: str, int8: 
 
 def _kind_counts(requests: list[Request]) -> str:
     kinds = [k for r in requests for k in r.kinds()]
-    return ", ".join(f"{kinds.count(k)} {k}" for k in ("image", "text", "composed") if k in kinds)
+    return ", ".join(f"{kinds.count(k)} {k}" for k in KINDS if k in kinds)
 
 
 def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -> Path:
@@ -198,7 +197,8 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
             precision_details[name] = convert_graph(
                 graph, src, dst, opts.precision,
                 int8=lambda g=graph, s=src, d=dst, f=feeds: {
-                    **family.quantize_int8(g, s, d, opts.int8_mode, f), "int8_form": int8_form.name})
+                    **family.quantize_int8(g, s, d, opts.int8_mode, f), "int8_form": int8_form.name,
+                    "int8_form_description": int8_form.description})
 
         processor, recipe = exported.processor, exported.recipe
         model_info = ModelInfo(spec.key, family.name, spec.description, ckpt.source, ckpt.weights, exported.embedding_dim,

@@ -85,17 +85,17 @@ def precision_plan(precision: str, int8_form: str | None = None) -> PrecisionPla
             "strongly typed from the fp16 ONNX: TensorRT keeps the graph's types, including the fp32 "
             "LayerNorm/Softmax/RMSNorm/rotary/L2-norm parts validated with ONNX Runtime"))
     if precision == "int8":
-        if int8_form is None or "dynamic" in int8_form:
-            raise BgevlError("this export is int8 --int8-mode dynamic (ONNX Runtime dynamic quantization / MatMulNBits), "
-                             "which TensorRT cannot build; export with --precision int8 --int8-mode qdq (explicit Q/DQ) "
-                             "or --precision fp16 for TensorRT")
         if int8_form == "weight-only-qdq":
             return PrecisionPlan("int8", True, reason=(
                 "strongly typed from the weight-only QDQ ONNX: int8 weights dequantized into the MatMuls"))
-        return PrecisionPlan("int8", False, builder_flags=("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"),
-                             fp32_layers=FP32_LAYERS, reason=(
-                                 "explicit quantization from the QDQ ONNX; fp16 between Q/DQ pairs; normalization, "
-                                 "softmax, reductions, unary ops and Pow held at fp32"))
+        if int8_form == "static-qdq":
+            return PrecisionPlan("int8", False, builder_flags=("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"),
+                                 fp32_layers=FP32_LAYERS, reason=(
+                                     "explicit quantization from the QDQ ONNX; fp16 between Q/DQ pairs; normalization, "
+                                     "softmax, reductions, unary ops and Pow held at fp32"))
+        raise BgevlError(f"this export's int8 form is {int8_form!r} (--int8-mode dynamic: ONNX Runtime dynamic "
+                         f"quantization / MatMulNBits), which TensorRT cannot build; export with --precision int8 "
+                         f"--int8-mode qdq (explicit Q/DQ) or --precision fp16 for TensorRT")
     raise BgevlError(f"unknown precision {precision!r}")
 
 

@@ -184,10 +184,11 @@ class ExportedModel:
 class Int8Form:
     """How a family quantizes to int8: what the manifest records per graph and what TensorRT builds."""
 
-    name: str  # "static-qdq", "weight-only-qdq", "dynamic", "weight-only-dynamic"
+    #: "static-qdq", "weight-only-qdq" (the forms TensorRT builds: ``bgevl.export.tensorrt.precision_plan``),
+    #: "dynamic", "weight-only-dynamic" (ONNX Runtime CPU only)
+    name: str
     description: str
     calibrated: bool
-    tensorrt: bool  # whether TensorRT can build it
 
 
 class Family(ABC):

@@ -92,7 +92,9 @@ def encoder_config(name: str, graph: GraphSpec, backend: str, batching: Batching
         config.default_model_filename = model_file or "model.plan"
     else:
         config.backend = "python"
-    batched = batch_aligned(graph)
+    # Triton's batching owns the first axis only when every tensor shares it (not so for the MLLM language
+    # graph: its tile_features are indexed by tile, so Triton must not split or merge them by request)
+    batched = graph.batch_aligned
     for t in graph.inputs:
         _tensor(config.input.add(), t, batched=batched)
     for t in graph.outputs:
@@ -104,14 +106,6 @@ def encoder_config(name: str, graph: GraphSpec, backend: str, batching: Batching
     for key, value in (parameters or {}).items():
         config.parameters[key].string_value = value
     return config
-
-
-def batch_aligned(graph: GraphSpec) -> bool:
-    """True when every input and output has the same first axis, which Triton's batching then
-    owns. Not so for the MLLM language graph: ``tile_features`` is indexed by tile, not by batch
-    item, so Triton must not split or concatenate it along the request batch."""
-    first = {t.shape[0].name if isinstance(t.shape[0], Dim) else None for t in graph.inputs + graph.outputs}
-    return len(first) == 1 and None not in first
 
 
 def python_config(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], batching: Batching,

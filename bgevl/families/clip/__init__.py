@@ -134,9 +134,9 @@ class ClipFamily(Family):
     def int8_form(self, mode: str) -> Int8Form:
         if mode == "dynamic":
             return Int8Form("dynamic", "ONNX Runtime dynamic quantization (int8 weights, activations quantized at run "
-                            "time; CPU only)", calibrated=False, tensorrt=False)
+                            "time; CPU only)", calibrated=False)
         return Int8Form("static-qdq", "static QuantizeLinear/DequantizeLinear, int8 weights and activations from a "
-                        "calibration set (TensorRT explicit quantization, ONNX Runtime)", calibrated=True, tensorrt=True)
+                        "calibration set (TensorRT explicit quantization, ONNX Runtime)", calibrated=True)
 
     def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
                       calibration: Callable[[], list[Feeds]] | None) -> dict:
@@ -147,9 +147,9 @@ class ClipFamily(Family):
 
     def calibration_feeds(self, preprocessor: Any, graph: GraphSpec, images: list, texts: list,
                           batch: int) -> list[Feeds]:
-        items = images if PIXEL_VALUES in graph.input_names else texts
-        request = (lambda part: Request(images=part)) if PIXEL_VALUES in graph.input_names else (lambda part: Request(texts=part))
-        return [preprocessor.prepare(request(items[i:i + batch]), i) for i in range(0, len(items), batch)]
+        if PIXEL_VALUES in graph.input_names:
+            return [preprocessor.prepare(Request(images=images[i:i + batch]), i) for i in range(0, len(images), batch)]
+        return [preprocessor.prepare(Request(texts=texts[i:i + batch]), i) for i in range(0, len(texts), batch)]
 
     # --- the embedding recipe ----------------------------------------------------------
     def steps(self, feeds: Feeds, graphs: Mapping[str, GraphSpec]) -> Steps:

@@ -218,9 +218,9 @@ class MllmFamily(Family):
     def int8_form(self, mode: str) -> Int8Form:
         if mode == "dynamic":
             return Int8Form("weight-only-dynamic", "int8 weights in ONNX Runtime's MatMulNBits (CPU), float activations",
-                            calibrated=False, tensorrt=False)
+                            calibrated=False)
         return Int8Form("weight-only-qdq", "int8 weights + DequantizeLinear into the MatMuls, float activations "
-                        "(TensorRT weight-only INT8, ONNX Runtime)", calibrated=False, tensorrt=True)
+                        "(TensorRT weight-only INT8, ONNX Runtime)", calibrated=False)
 
     def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
                       calibration: Callable[[], list[Feeds]] | None) -> dict:

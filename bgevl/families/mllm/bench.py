@@ -9,10 +9,11 @@ from typing import Any, Callable
 import numpy as np
 
 from bgevl.families.base import Feeds, Request
+from bgevl.specs import DEFAULT_MAX_SEQUENCE
 
 
 class MllmBaseline:
-    def __init__(self, family: Any, checkpoint: Path, threads: int, max_sequence: int = 4096):
+    def __init__(self, family: Any, checkpoint: Path, threads: int, max_sequence: int = DEFAULT_MAX_SEQUENCE):
         import torch
 
         from bgevl.families.mllm.preprocessing import ImageLayout, MllmPreprocessor

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bgevl.specs import (
-    ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, INPUT_IDS, Dim, GraphSpec, TensorSpec, batch_dim,
+    ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, DEFAULT_OPT_BATCH, INPUT_IDS, Dim, GraphSpec, TensorSpec, batch_dim,
 )
 
 
@@ -20,9 +20,6 @@ EMBEDDING, POOLED_HIDDEN = "embeds", "pooled_hidden"
 #: ``image_newline`` vector, k >= 1 = row k-1 of the flattened ``tile_features``.
 TEXT_POSITION, NEWLINE_ROW = -1, 0
 
-#: Default longest sequence (prompt + image tokens) of the language graph. One 512x512 image
-#: is 2928 tokens on BGE-VL-MLLM (576 base + 48x48 unpadded grid + 48 newlines).
-DEFAULT_MAX_SEQUENCE = 4096
 MLLM_OPT_BATCH, MLLM_MAX_BATCH = 2, 8
 
 
