@@ -72,38 +72,48 @@ def _hub_offline_message(spec: ModelSpec, reason: str) -> str:
 
 def resolve_checkpoint(spec: ModelSpec, *, model_path: str | os.PathLike | None, random_weights: bool,
                        workdir: Path) -> ResolvedCheckpoint:
+    family = family_of(spec)
     if model_path is not None:
-        path = Path(model_path).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(
-                f"--model-path {path}: no such directory. Pass the directory that holds the "
-                f"checkpoint's config.json, weights and processor files."
-            )
-        if not (path / "config.json").is_file():
-            raise CheckpointError(
-                f"--model-path {path}: no config.json there. Point --model-path at the checkpoint "
-                f"directory itself (the one with config.json and model.safetensors)."
-            )
+        path = family.local_checkpoint(Path(model_path).expanduser())
         return ResolvedCheckpoint(path.resolve(), f"local:{path.resolve()}", "pretrained")
     if spec.generated or random_weights:
-        path = family_of(spec).generate_checkpoint(spec, workdir / f"generated-{spec.key}")
+        path = family.generate_checkpoint(spec, workdir / f"generated-{spec.key}")
         return ResolvedCheckpoint(path, f"generated:{spec.key} (random weights, seed {GENERATED_SEED})", "random")
-    return ResolvedCheckpoint(_download(spec), f"hub:{spec.hub_id}", "pretrained")
+    return ResolvedCheckpoint(family.download(spec), f"hub:{spec.hub_id}", "pretrained")
 
 
-def _download(spec: ModelSpec) -> Path:
+def checkpoint_directory(path: Path) -> Path:
+    """A ``--model-path`` in the hub's transformers layout: a directory with ``config.json``."""
+    if not path.is_dir():
+        raise CheckpointError(
+            f"--model-path {path}: no such directory. Pass the directory that holds the "
+            f"checkpoint's config.json, weights and processor files."
+        )
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"--model-path {path}: no config.json there. Point --model-path at the checkpoint "
+            f"directory itself (the one with config.json and model.safetensors)."
+        )
+    return path
+
+
+def download_repository(spec: ModelSpec, patterns: tuple[str, ...] = ("*.json", "*.safetensors", "*.txt", "*.model"),
+                        repo_id: str | None = None, local_only: bool = False) -> Path:
+    """``repo_id`` (default ``spec.hub_id``) from the local Hugging Face cache, else downloaded; the
+    files matching ``patterns``. No network: one line naming ``--model-path``."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    repo_id = repo_id or spec.hub_id
     try:  # the local cache first: no network needed when the model was downloaded before
-        return Path(snapshot_download(spec.hub_id, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns), local_files_only=True))
     except LocalEntryNotFoundError:
-        pass
+        if local_only:
+            raise CheckpointError(f"{repo_id} is not in the local Hugging Face cache") from None
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise CheckpointError(_hub_offline_message(spec, "HF_HUB_OFFLINE is set and it is not in the local cache"))
     try:
-        return Path(snapshot_download(spec.hub_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
     except LocalEntryNotFoundError as exc:
         raise CheckpointError(_hub_offline_message(spec, "no network connection to the hub")) from exc
     except HfHubHTTPError as exc:
@@ -315,6 +325,16 @@ def check_checkpoint(spec: ModelSpec, path: Path, report: Any = print) -> None:
 
     path = Path(path)
     family = family_of(spec)
+    family.check_files(path, spec, report)
+    embeddings = family.original(path).probe_embeddings(probe_set())
+    check_reference(embeddings)
+    worst = max((max_cosine_between_rows(e) or -1.0) for e in embeddings.values())
+    report(f"original fp32 embeddings of the probe set ({', '.join(f'{len(e)} {k}' for k, e in embeddings.items())}): "
+           f"finite and distinct (largest cosine between two probes {worst:.6f})")
+
+
+def check_transformers_checkpoint(family: Any, path: Path, spec: ModelSpec, report: Any) -> None:
+    """``Family.check_files`` of a checkpoint in the hub's transformers layout."""
     files = inspect_checkpoint(path, spec)
     kind = family.checkpoint_kind
     report(f"{path}: {kind.architecture}, config.json {'matches' if not spec.generated else 'is of the family of'} "
@@ -326,9 +346,3 @@ def check_checkpoint(spec: ModelSpec, path: Path, report: Any = print) -> None:
            f"unexpected or mismatched")
     report(f"tokenizer {type(processor.tokenizer).__name__} ({len(processor.tokenizer)} tokens), image processor "
            f"{type(processor.image_processor).__name__}")
-    del model
-    embeddings = family.original(path).probe_embeddings(probe_set())
-    check_reference(embeddings)
-    worst = max((max_cosine_between_rows(e) or -1.0) for e in embeddings.values())
-    report(f"original fp32 embeddings of the probe set ({', '.join(f'{len(e)} {k}' for k, e in embeddings.items())}): "
-           f"finite and distinct (largest cosine between two probes {worst:.6f})")

@@ -46,8 +46,9 @@ class Dim:
     max: int
 
     def __post_init__(self) -> None:
-        if not (1 <= self.min <= self.opt <= self.max):
-            raise ValueError(f"dynamic axis {self.name!r}: need 1 <= min <= opt <= max, got {self}")
+        # min 0: an axis that may be empty (Visualized-BGE's text graph takes 0 image tokens for texts)
+        if not (0 <= self.min <= self.opt <= self.max) or self.max < 1:
+            raise ValueError(f"dynamic axis {self.name!r}: need 0 <= min <= opt <= max and max >= 1, got {self}")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ FAMILY_DIRS = [PACKAGE / "families" / module.rsplit(".", 1)[1] for module in FAM
 #: literal, testing a model key's suffix, importing a family's own files, or dispatching on a
 #: family-specific class.
 BRANCHING = re.compile(
-    r"""family\s*(==|!=)|["'](clip|mllm)["']|endswith\(["']mllm|"""
-    r"""^\s*(from|import)\s+bgevl\.families\.(clip|mllm)\b|isinstance\([^)]*\b(Clip|Mllm)\w*""")
+    r"""family\s*(==|!=)|["'](clip|mllm|visualized)["']|endswith\(["']mllm|"""
+    r"""^\s*(from|import)\s+bgevl\.families\.(clip|mllm|visualized)\b|isinstance\([^)]*\b(Clip|Mllm|Visualized)\w*""")
 
 
 def _generic_modules() -> list[Path]:
@@ -45,7 +45,7 @@ def test_the_grep_catches_what_it_is_meant_to_catch():
 
 
 def test_each_family_lives_in_its_own_package_and_declares_its_models():
-    assert set(families()) == {"clip", "mllm"}
+    assert set(families()) == {"clip", "mllm", "visualized"}
     for name, family in families().items():
         assert (PACKAGE / "families" / name / "__init__.py").is_file()
         assert family.models and all(spec.family == name for spec in family.models)
@@ -53,8 +53,8 @@ def test_each_family_lives_in_its_own_package_and_declares_its_models():
 
 
 def test_an_unknown_family_is_an_error_listing_the_known_ones():
-    with pytest.raises(BgevlError, match=r"unknown model family 'visualized'; known families: clip, mllm"):
-        get_family("visualized")
+    with pytest.raises(BgevlError, match=r"unknown model family 'blip'; known families: clip, mllm, visualized"):
+        get_family("blip")
 
 
 def test_benchmark_exports_of_every_mllm_keep_the_family_batch_range():

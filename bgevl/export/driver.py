@@ -117,9 +117,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def convert_graph(graph: GraphSpec, src: Path, dst: Path, precision: str, int8: Callable[[], dict]) -> dict:
+def convert_graph(graph: GraphSpec, src: Path, dst: Path, precision: str, int8: Callable[[], dict],
+                  fp16_kept: Callable[[Any], dict[str, list[str]]] | None = None) -> dict:
     """Write the exported fp32 graph ``src`` at ``precision`` to ``dst`` and check it; returns what was
-    done, for the manifest. ``int8`` is the family's int8 pass."""
+    done, for the manifest. ``int8`` is the family's int8 pass, ``fp16_kept`` what its fp16 pass keeps
+    in float32 (``Family.fp16_keep_float32``)."""
     import onnx
 
     from bgevl.export import onnx_tools
@@ -128,7 +130,7 @@ def convert_graph(graph: GraphSpec, src: Path, dst: Path, precision: str, int8: 
         onnx_tools.save_onnx(onnx.load(str(src)), dst)
         details = {"method": "float32 as exported"}
     elif precision == "fp16":
-        details = onnx_tools.fp16_graph(src, dst, graph.normalized_output)
+        details = onnx_tools.fp16_graph(src, dst, graph.normalized_output, fp16_kept)
     else:
         details = int8()
     onnx_tools.check_onnx(dst)
@@ -198,7 +200,8 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
                 graph, src, dst, opts.precision,
                 int8=lambda g=graph, s=src, d=dst, f=feeds: {
                     **family.quantize_int8(g, s, d, opts.int8_mode, f), "int8_form": int8_form.name,
-                    "int8_form_description": int8_form.description})
+                    "int8_form_description": int8_form.description},
+                fp16_kept=lambda model, g=graph: family.fp16_keep_float32(g, model))
 
         processor, recipe = exported.processor, exported.recipe
         model_info = ModelInfo(spec.key, family.name, spec.description, ckpt.source, ckpt.weights, exported.embedding_dim,

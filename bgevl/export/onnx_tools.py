@@ -21,7 +21,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -252,15 +252,18 @@ def _prune_dead_casts_and_initializers(model: onnx.ModelProto) -> None:
         del graph.value_info[i]
 
 
-def fp16_graph(src: Path, dst: Path, normalized_outputs: tuple[str, str] | None = None) -> dict:
+def fp16_graph(src: Path, dst: Path, normalized_outputs: tuple[str, str] | None = None,
+               family_kept: Callable[[onnx.ModelProto], dict[str, list[str]]] | None = None) -> dict:
     """The fp16 pass of every graph: float16 with LayerNorm and Softmax (by op type) and, found by
-    structure, RMSNorms, rotary positions/angles and the final L2 normalization kept in float32.
-    Returns what was done, for the manifest."""
+    structure, RMSNorms, rotary positions/angles and the final L2 normalization kept in float32, plus
+    what the model family keeps (``family_kept``: ``Family.fp16_keep_float32``). Returns what was done,
+    for the manifest."""
     model = onnx.load(str(src))
     kept = {
         "RMSNorm": rms_norm_nodes(model),
         "rotary positions and angles": rotary_nodes(model),
         "final L2 normalization": nodes_between_outputs(model, *normalized_outputs) if normalized_outputs else [],
+        **(family_kept(model) if family_kept else {}),
     }
     keep = [node for nodes in kept.values() for node in nodes]
     save_onnx(convert_to_fp16(model, keep), dst)

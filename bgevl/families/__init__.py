@@ -17,6 +17,7 @@ from bgevl.specs import ModelSpec
 FAMILY_MODULES = (
     "bgevl.families.clip",
     "bgevl.families.mllm",
+    "bgevl.families.visualized",
 )
 
 _FAMILIES: dict[str, Family] = {}

@@ -213,6 +213,27 @@ class Family(ABC):
     def generate_checkpoint(self, spec: ModelSpec, directory: Path) -> Path:
         """Write a random-weight checkpoint of ``spec.architecture`` in the hub's layout (offline)."""
 
+    def local_checkpoint(self, path: Path) -> Path:
+        """The checkpoint a ``--model-path`` names, refused in one line when it is not one. Default: a
+        directory in the hub's layout (``config.json``, safetensors, processor files)."""
+        from bgevl.checkpoints import checkpoint_directory
+
+        return checkpoint_directory(path)
+
+    def download(self, spec: ModelSpec) -> Path:
+        """The checkpoint of a hub model: the local Hugging Face cache, else a download (one-line error
+        naming ``--model-path`` when neither works). Default: the hub repository ``spec.hub_id``."""
+        from bgevl.checkpoints import download_repository
+
+        return download_repository(spec)
+
+    def check_files(self, path: Path, spec: ModelSpec, report: Callable[[str], None]) -> None:
+        """``bgevl-export check`` before the reference runs: the files, a checked load, the tokenizer;
+        one report line each. Default: a checkpoint in the hub's transformers layout."""
+        from bgevl.checkpoints import check_transformers_checkpoint
+
+        check_transformers_checkpoint(self, path, spec, report)
+
     @abstractmethod
     def load(self, path: Path, spec: ModelSpec | None = None, attn_implementation: str = "eager") -> tuple[Any, Any]:
         """The checked float32 (model, processor) of a checkpoint directory."""
@@ -248,6 +269,11 @@ class Family(ABC):
     @abstractmethod
     def int8_form(self, mode: str) -> Int8Form:
         """The int8 form of ``--int8-mode`` for this family."""
+
+    def fp16_keep_float32(self, graph: GraphSpec, model: Any) -> dict[str, list[str]]:
+        """Nodes of the fp32 ONNX ``model`` the fp16 pass keeps in float32 beyond the generic ones
+        (``bgevl.export.onnx_tools.fp16_graph``), by what they are (for the manifest)."""
+        return {}
 
     @abstractmethod
     def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,

@@ -51,7 +51,7 @@ class Embedder:
         self.max_batch = min(spec.batch.max for spec in self.graphs.values())
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, provider: str = "auto", text_overflow: str = "truncate",
+    def load(cls, directory: str | os.PathLike, provider: str = "auto", text_overflow: str | None = None,
              threads: int | None = None, *, backend: str = "onnxruntime", provider_options: Any = None,
              engine_cache_dir: Any = None, limits: InputLimits = DEFAULT_LIMITS, **options: Any) -> "Embedder":
         """Load an export directory (the one holding ``manifest.json``).
@@ -61,16 +61,19 @@ class Embedder:
         CUDA EP, then CPU, as installed), ``"tensorrt"``, ``"cuda"`` or ``"cpu"``;
         ``provider_options`` per provider name overrides the defaults (see
         ``bgevl.runtime.providers.provider_options_for``); ``engine_cache_dir``: the TensorRT EP's
-        engine cache (default ``<export>/trt-cache``). ``text_overflow`` (CLIP): ``"truncate"``
-        (warn) or ``"error"`` for texts over the model's token limit. MLLM options:
+        engine cache (default ``<export>/trt-cache``). ``text_overflow``: ``"truncate"`` (warn) or
+        ``"error"`` for texts over the model's token limit; default the family's (CLIP: truncate, the
+        authors' evaluation setting; Visualized-BGE: error; the MLLM always refuses). MLLM options:
         ``image_resize`` (default: BGE-VL's 512x512; ``None`` keeps the images' own sizes).
         ``limits``: what one input may cost (image pixels and aspect ratio read from the header before
         decoding, text bytes before tokenizing; ``bgevl.runtime.preprocessing.InputLimits``).
         """
         manifest = read_manifest(Path(directory))
         family = get_family(manifest.family)
+        if text_overflow is not None:
+            options["text_overflow"] = text_overflow
         preprocessor = family.open_preprocessor(manifest.processor_dir, manifest.recipe, manifest.max_text_length,
-                                                limits, text_overflow, **options)
+                                                limits, **options)
         runners = open_runners(manifest, backend=backend, provider=provider, threads=threads,
                                provider_options=provider_options, engine_cache_dir=engine_cache_dir)
         return cls(manifest, runners, preprocessor)

@@ -1,0 +1,287 @@
+"""The Visualized-BGE family: bge-visualized-base-en-v1.5 and bge-visualized-m3 (BAAI/bge-visualized).
+
+An EVA02-CLIP vision tower whose patch tokens, projected by ``visual_proj``, are placed after the
+text's [CLS] in the BGE text encoder (BERT for base, XLM-RoBERTa for m3); the embedding is the
+L2-normalized CLS. Image-only items are the multimodal path with the empty prompt, text-only items
+the plain text model (FlagOpen/FlagEmbedding ``research/visual_bge``, ``Visualized_BGE.encode``).
+
+Files: ``graphs`` (graph declarations), ``modeling`` (the torch modules exported), ``checkpoint``
+(the published ``.pth`` layout, checked loader, offline generator), ``reference`` (the original's
+fp32 embeddings), ``preprocessing`` (EVA-CLIP transform, tokenizer and position limits), ``bench``
+(the PyTorch baseline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from bgevl.families import register
+from bgevl.families.base import (
+    Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Request, Steps,
+)
+from bgevl.families.visualized.graphs import EMBEDDING, IMAGE_TOKENS, TEXT_GRAPH, VISION_GRAPH, visualized_graph_specs
+from bgevl.specs import (
+    ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, INPUT_IDS, PIXEL_VALUES, SERVING_IMAGE, SERVING_TEXT,
+    GraphSpec, ModelSpec,
+)
+
+
+def _eva(*, patch: int, width: int, layers: int, head: int = 64, clip_embed_dim: int) -> dict[str, Any]:
+    """EVA02-CLIP tower geometry (FE ``eva_clip/model_configs/EVA02-CLIP-{B-16,L-14}.json``; SwiGLU hidden
+    ``int(width * 2.6667)``)."""
+    return {"image_size": 224, "patch_size": patch, "width": width, "layers": layers, "head_width": head,
+            "mlp_hidden": int(width * 2.6667), "clip_embed_dim": clip_embed_dim}
+
+
+def _text(*, hidden: int, layers: int, heads: int, vocab: int, positions: int, type_vocab: int, eps: float,
+          pad: int) -> dict[str, Any]:
+    return {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "intermediate_size": 4 * hidden, "max_position_embeddings": positions, "type_vocab_size": type_vocab,
+            "layer_norm_eps": eps, "pad_token_id": pad, "hidden_act": "gelu"}
+
+
+_BGE_BASE_EN = _text(hidden=768, layers=12, heads=12, vocab=30522, positions=512, type_vocab=2, eps=1e-12, pad=0)
+_BGE_M3 = _text(hidden=1024, layers=24, heads=16, vocab=250002, positions=8194, type_vocab=1, eps=1e-5, pad=1)
+
+MODELS = (
+    ModelSpec(
+        "tiny-visualized", "visualized",
+        "small random-weight Visualized-BGE (EVA02-CLIP-B/16 geometry at width 64, 2 layers, + a 2-layer BERT "
+        "shaped like bge-base-en-v1.5), generated offline in the published .pth layout",
+        architecture={"vision": _eva(patch=16, width=64, layers=2, head=32, clip_embed_dim=32), "text_model_type": "bert",
+                      "text": {**_text(hidden=64, layers=2, heads=4, vocab=0, positions=512, type_vocab=2, eps=1e-12,
+                                       pad=0), "intermediate_size": 128}},
+    ),
+    ModelSpec(
+        "tiny-visualized-m3", "visualized",
+        "small random-weight Visualized-BGE-M3 (EVA02-CLIP-L/14 geometry at width 64, 2 layers, + a 2-layer "
+        "XLM-RoBERTa shaped like bge-m3), generated offline in the published .pth layout",
+        architecture={"vision": _eva(patch=14, width=64, layers=2, head=32, clip_embed_dim=32),
+                      "text_model_type": "xlm-roberta",
+                      "text": {**_text(hidden=64, layers=2, heads=4, vocab=0, positions=8194, type_vocab=1, eps=1e-5,
+                                       pad=1), "intermediate_size": 128, "bos_token_id": 0, "eos_token_id": 2}},
+    ),
+    ModelSpec(
+        "visualized-base", "visualized",
+        "BAAI/bge-visualized Visualized_base_en_v1.5.pth: EVA02-CLIP-B/16 + bge-base-en-v1.5 (196M parameters)",
+        hub_id="BAAI/bge-visualized", billions=0.196,
+        architecture={"vision": _eva(patch=16, width=768, layers=12, clip_embed_dim=512), "text_model_type": "bert",
+                      "text": _BGE_BASE_EN, "weights_file": "Visualized_base_en_v1.5.pth",
+                      "text_hub_id": "BAAI/bge-base-en-v1.5"},
+    ),
+    ModelSpec(
+        "visualized-m3", "visualized",
+        "BAAI/bge-visualized Visualized_m3.pth: EVA02-CLIP-L/14 + bge-m3 (873M parameters)",
+        hub_id="BAAI/bge-visualized", billions=0.873,
+        architecture={"vision": _eva(patch=14, width=1024, layers=24, clip_embed_dim=768),
+                      "text_model_type": "xlm-roberta", "text": {**_BGE_M3, "bos_token_id": 0, "eos_token_id": 2},
+                      "weights_file": "Visualized_m3.pth", "text_hub_id": "BAAI/bge-m3"},
+    ),
+)
+
+#: The manifest's recipe section names where the semantics come from.
+_SOURCE = "FlagOpen/FlagEmbedding research/visual_bge/visual_bge/modeling.py Visualized_BGE.encode"
+
+
+class VisualizedFamily(Family):
+    name = "visualized"
+    description = ("Visualized-BGE (bge-visualized-base-en-v1.5, bge-visualized-m3): EVA-CLIP image tokens in the "
+                   "BGE text encoder, CLS pooling")
+    models = MODELS
+    default_batch = (DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH)
+    checkpoint_kind = CheckpointKind(
+        "visualized-bge", "Visualized-BGE (.pth + text model config and tokenizer)", "", (), ())
+    serving_inputs = (SERVING_IMAGE, SERVING_TEXT)
+
+    # --- checkpoints -------------------------------------------------------------------
+    def local_checkpoint(self, path: Path) -> Path:
+        from bgevl.families.visualized.checkpoint import locate
+
+        locate(path)
+        return path
+
+    def download(self, spec: ModelSpec) -> Path:
+        """``weights_file`` of ``BAAI/bge-visualized`` and the text model's files (cache first)."""
+        from bgevl.checkpoints import download_repository
+        from bgevl.families.visualized.checkpoint import _TEXT_PATTERNS
+
+        weights = download_repository(spec, (spec.architecture["weights_file"],)) / spec.architecture["weights_file"]
+        download_repository(spec, _TEXT_PATTERNS, spec.architecture["text_hub_id"])
+        return weights
+
+    def check_files(self, path: Path, spec: ModelSpec, report: Callable[[str], None]) -> None:
+        from bgevl.families.visualized.checkpoint import inspect_visualized, load_tokenizer
+
+        ckpt = inspect_visualized(path, spec)
+        stored = sorted({str(t.dtype).removeprefix("torch.") for t in ckpt.state.values()})
+        report(f"{ckpt.files.weights}: {len(ckpt.state)} tensors stored as {', '.join(stored)}, read with "
+               f"weights_only=True; EVA-CLIP tower patch {ckpt.vision.patch_size}, width {ckpt.vision.width}, "
+               f"{ckpt.vision.layers} layers")
+        report(f"text model {ckpt.text_config.model_type} ({ckpt.files.text_dir}): hidden {ckpt.text_config.hidden_size}, "
+               f"{ckpt.text_config.num_hidden_layers} layers; every tensor present with its shape, none unexpected")
+        tokenizer = load_tokenizer(ckpt.files.text_dir)
+        report(f"tokenizer {type(tokenizer).__name__} ({len(tokenizer)} tokens)")
+
+    def generate_checkpoint(self, spec: ModelSpec, directory: Path) -> Path:
+        from bgevl.families.visualized.checkpoint import generate_visualized_checkpoint
+
+        return generate_visualized_checkpoint(spec, directory)
+
+    def load(self, path: Path, spec: ModelSpec | None = None, attn_implementation: str = "eager") -> tuple[Any, Any]:
+        from bgevl.families.visualized.checkpoint import load_visualized
+
+        return load_visualized(path, spec, attn_implementation)
+
+    def original(self, path: Path):
+        from bgevl.families.visualized.reference import OriginalVisualized
+
+        return OriginalVisualized(path)
+
+    # --- export ------------------------------------------------------------------------
+    def check_export_options(self, spec: ModelSpec, options: Any) -> None:
+        from bgevl.errors import BgevlError
+
+        if options.calibration_data is not None:
+            raise BgevlError("--calibration-data does not apply to Visualized-BGE: its int8 forms need no calibration "
+                             "(weight-only QDQ, or ONNX Runtime's dynamic quantization)")
+
+    @staticmethod
+    def layout_of(model: Any, max_sequence_length: int) -> Any:
+        from bgevl.families.visualized.preprocessing import TextLayout
+
+        positions = int(model.text_config.max_position_embeddings)
+        model_type = model.text_config.model_type
+        text_only = positions - (2 if model_type == "xlm-roberta" else 0)
+        return TextLayout(model.vision_config.image_size, model.vision_config.num_patches, positions, model_type,
+                          min(text_only, int(max_sequence_length)))
+
+    def prepare_export(self, path: Path, spec: ModelSpec, options: Any) -> ExportedModel:
+        from bgevl.families.visualized.preprocessing import VisualizedPreprocessor
+
+        model, tokenizer = self.load(path, spec)
+        layout = self.layout_of(model, options.max_sequence_length)
+        hidden = int(model.text_config.hidden_size)
+        graphs = visualized_graph_specs(image_size=layout.image_size, image_tokens=layout.image_tokens, hidden=hidden,
+                                        max_text_length=layout.max_text_length, opt_batch=options.opt_batch,
+                                        max_batch=options.max_batch)
+        # the stored, unused parts (pooler, EVA final norm and CLIP head, logit scale) are not counted
+        unused = ("bge_pooler.", "model_visual.logit_scale", "model_visual.visual.norm.", "model_visual.visual.head.")
+        parameters = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(unused))
+        return ExportedModel(
+            model, tokenizer, graphs, VisualizedPreprocessor(tokenizer, layout, text_overflow="error"),
+            embedding_dim=hidden, max_text_length=layout.max_text_length, parameters=int(parameters),
+            recipe={"text_layout": layout.to_json(), "pooling": "CLS, L2-normalized", "source": _SOURCE,
+                    "image_only_prompt": "[CLS][SEP] (the tokenizer on \"\")"},
+            details={"image_size": layout.image_size, "text_model_type": layout.text_model_type},
+            summary=f"{parameters / 1e6:.1f}M parameters (EVA-CLIP patch {model.vision_config.patch_size}, "
+                    f"{layout.text_model_type} text model), embedding dim {hidden}; texts up to "
+                    f"{layout.multimodal_limit} tokens beside an image, {layout.text_only_limit} alone")
+
+    def graph_modules(self, exported: ExportedModel) -> dict[str, Any]:
+        from bgevl.families.visualized.modeling import TextGraph, VisionGraph
+
+        return {VISION_GRAPH: VisionGraph(exported.model).eval(), TEXT_GRAPH: TextGraph(exported.model).eval()}
+
+    def example_feeds(self, modules: Mapping[str, Any], requests: Sequence[Feeds]) -> dict[str, Feeds]:
+        """A composed request (two items or more): the text graph traced with the image tokens of the
+        vision module (image-token count and sequence stay symbolic)."""
+        import torch
+
+        example = next(f for f in requests if PIXEL_VALUES in f and len(f[PIXEL_VALUES]) >= 2
+                       and f[INPUT_IDS].shape[1] > 2)
+        with torch.inference_mode():
+            tokens = modules[VISION_GRAPH](torch.from_numpy(example[PIXEL_VALUES][:2])).numpy()
+        return {VISION_GRAPH: {PIXEL_VALUES: example[PIXEL_VALUES][:2]},
+                TEXT_GRAPH: {INPUT_IDS: example[INPUT_IDS][:2], ATTENTION_MASK: example[ATTENTION_MASK][:2],
+                             IMAGE_TOKENS: tokens}}
+
+    def validation_requests(self, probes: Any) -> list[Request]:
+        return [Request(images=list(probes.images)), Request(texts=list(probes.texts)),
+                Request(images=probes.composed_images(), texts=probes.composed_texts())]
+
+    def fp16_keep_float32(self, graph: GraphSpec, model: Any) -> dict[str, list[str]]:
+        """EVA-02's 2D rotary: the products with the stored cos/sin tables and their sum stay float32, the
+        tables with them (plain elementwise ops; TensorRT users report trouble with EVA-02's rotary in fp16)."""
+        tables = {init.name for init in model.graph.initializer if ".rope.freqs_" in init.name}
+        products = [n for n in model.graph.node if n.op_type == "Mul" and tables.intersection(n.input)]
+        outputs = {o for n in products for o in n.output}
+        sums = [n for n in model.graph.node if n.op_type == "Add" and outputs.issuperset(n.input)]
+        return {"2D rotary (cos/sin tables)": [n.name for n in products + sums]} if products else {}
+
+    def int8_form(self, mode: str) -> Int8Form:
+        if mode == "dynamic":
+            return Int8Form("dynamic", "ONNX Runtime dynamic quantization (int8 weights, activations quantized at run "
+                            "time; CPU only)", calibrated=False)
+        return Int8Form("weight-only-qdq", "int8 weights + DequantizeLinear into the MatMuls, float activations "
+                        "(TensorRT weight-only INT8, ONNX Runtime)", calibrated=False)
+
+    def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
+                      calibration: Callable[[], list[Feeds]] | None) -> dict:
+        from bgevl.export import onnx_tools
+
+        if mode == "dynamic":
+            return onnx_tools.quantize_int8(src, dst, mode, None)
+        return onnx_tools.quantize_weights_int8(src, dst, "qdq")
+
+    # --- the embedding recipe ----------------------------------------------------------
+    def steps(self, feeds: Feeds, graphs: Mapping[str, GraphSpec]) -> Steps:
+        """Images (alone or with texts): the vision graph, then the text graph on the tokens (the empty prompt
+        for images alone); texts alone: the text graph with no image tokens (FE ``encode_text``)."""
+        if PIXEL_VALUES in feeds:
+            (vision,) = yield [Call(VISION_GRAPH, {PIXEL_VALUES: feeds[PIXEL_VALUES]}, (IMAGE_TOKENS,))]
+            tokens = np.asarray(vision[IMAGE_TOKENS], np.float32)
+        else:
+            hidden = graphs[TEXT_GRAPH].input(IMAGE_TOKENS).shape[-1]
+            tokens = np.zeros((len(feeds[INPUT_IDS]), 0, hidden), np.float32)
+        text = {INPUT_IDS: feeds[INPUT_IDS], ATTENTION_MASK: feeds[ATTENTION_MASK], IMAGE_TOKENS: tokens}
+        (out,) = yield [Call(TEXT_GRAPH, text, (EMBEDDING,))]
+        return out[EMBEDDING]
+
+    def open_preprocessor(self, processor_dir: Path, recipe: Mapping[str, Any], max_text_length: int, limits: Any,
+                          text_overflow: str = "error", **options: Any):
+        """``text_overflow``: ``"error"`` (default) refuses a text over the position limit, ``"truncate"`` cuts
+        it with a warning."""
+        from bgevl.families.visualized.preprocessing import TextLayout, VisualizedPreprocessor
+
+        if options:
+            raise TypeError(f"unexpected options for a Visualized-BGE export: {', '.join(options)}")
+        return VisualizedPreprocessor.from_pretrained(processor_dir, TextLayout.from_json(recipe["text_layout"]),
+                                                      text_overflow, limits)
+
+    # --- Triton ------------------------------------------------------------------------
+    def write_triton_models(self, writer: Any) -> None:
+        """``<name>_preprocess`` (one request per execution: token lengths differ between requests),
+        ``<name>_vision``, ``<name>_text`` and the entry ``<name>``."""
+        from bgevl.specs import TensorSpec
+
+        vision = writer.manifest.graph_spec(VISION_GRAPH)
+        graph_models = {VISION_GRAPH: writer.encoder(VISION_GRAPH), TEXT_GRAPH: writer.encoder(TEXT_GRAPH)}
+        matrix = (-1, -1)
+        pre = writer.preprocess(
+            [TensorSpec(SERVING_IMAGE, "bytes", (-1,)), TensorSpec(SERVING_TEXT, "bytes", (-1,))],
+            [TensorSpec(PIXEL_VALUES, "float32", (-1, *vision.inputs[0].shape[1:])),
+             TensorSpec(INPUT_IDS, "int64", matrix), TensorSpec(ATTENTION_MASK, "int64", matrix)],
+            writer.batching(0, instances=writer.preprocess_instances), options={"text_overflow": "error"})
+        writer.entry(writer.batching(vision.batch), graph_models, pre)
+
+    def preprocess_outputs(self, present: set[str]) -> list[str]:
+        return ([PIXEL_VALUES] if SERVING_IMAGE in present else []) + [INPUT_IDS, ATTENTION_MASK]
+
+    def serving_preprocess_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """IMAGE and TEXT ([batch, 1]) as one value per item."""
+        return {name: values.reshape(-1) for name, values in inputs.items()}
+
+    # --- benchmarks --------------------------------------------------------------------
+    def bench_request(self, workload: str, images: list | None, texts: list | None) -> Request:
+        return Request(images=images, texts=texts)
+
+    def torch_baseline(self, checkpoint: Path, threads: int) -> Any:
+        from bgevl.families.visualized.bench import VisualizedBaseline
+
+        return VisualizedBaseline(self, checkpoint, threads)
+
+
+register(VisualizedFamily())

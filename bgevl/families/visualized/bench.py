@@ -1,0 +1,48 @@
+"""The Visualized-BGE family's PyTorch baseline for ``bgevl-bench``: the exported graphs' torch modules
+(the text model with SDPA attention, what a user would run otherwise) through the family's recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bgevl.families.base import Feeds, Request, run_steps
+
+
+class VisualizedBaseline:
+    def __init__(self, family: Any, checkpoint: Path, threads: int):
+        import torch
+
+        from bgevl.families.visualized.graphs import TEXT_GRAPH, VISION_GRAPH, visualized_graph_specs
+        from bgevl.families.visualized.modeling import TextGraph, VisionGraph
+        from bgevl.families.visualized.preprocessing import VisualizedPreprocessor
+        from bgevl.runtime.runners import TorchModuleRunner
+        from bgevl.specs import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, DEFAULT_OPT_BATCH
+
+        torch.set_num_threads(threads)
+        model, tokenizer = family.load(checkpoint, attn_implementation="sdpa")
+        layout = family.layout_of(model, DEFAULT_MAX_SEQUENCE)
+        self.family = family
+        self.graphs = visualized_graph_specs(
+            image_size=layout.image_size, image_tokens=layout.image_tokens, hidden=int(model.text_config.hidden_size),
+            max_text_length=layout.max_text_length, opt_batch=DEFAULT_OPT_BATCH, max_batch=DEFAULT_MAX_BATCH)
+        modules = {VISION_GRAPH: VisionGraph(model).eval(), TEXT_GRAPH: TextGraph(model).eval()}
+        self.runners = {name: TorchModuleRunner(spec, modules[name]) for name, spec in self.graphs.items()}
+        self.preprocessor = VisualizedPreprocessor(tokenizer, layout)
+
+    def call(self, request: Request, feeds: Feeds) -> Callable[[], np.ndarray]:
+        from bgevl.runtime.runners import runner_call
+
+        run = runner_call(self.runners)
+        return lambda: run_steps(self.family.steps(feeds, self.graphs), run)
+
+    def gflop(self, request: Request, feeds: Feeds) -> float:
+        """FLOPs of one call from torch's own counter on the baseline modules; counted on the first item and scaled."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        first = {k: v[:1] for k, v in feeds.items()}
+        with FlopCounterMode(display=False) as counter:
+            self.call(request, first)()
+        return counter.get_total_flops() * len(request) / 1e9
