@@ -324,3 +324,15 @@ def test_a_triton_server_serves_what_the_runtime_computes(export_dir, tmp_path):
         assert server.alive(), server.log_tail()
         server.stop()
         assert not server.group_alive()
+
+
+def test_the_benchmark_baseline_computes_the_original(checkpoints, originals):
+    """bgevl-bench's PyTorch baseline (the text model with SDPA attention) on each workload's request."""
+    family = get_family("visualized")
+    baseline = family.torch_baseline(checkpoints["tiny-visualized"], threads=1)
+    for workload, (images, texts) in {"image": (IMAGES, None), "text": (None, TEXTS), "composed": (IMAGES, TEXTS)}.items():
+        request = family.bench_request(workload, images, texts)
+        got = baseline.call(request, baseline.preprocessor.prepare(request))()
+        want = originals["tiny-visualized"].encode(images, texts)
+        assert _cosines(got, want).min() >= 0.99999, workload
+        assert baseline.gflop(request, baseline.preprocessor.prepare(request)) > 0

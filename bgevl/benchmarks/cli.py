@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from bgevl.errors import BgevlError
+from bgevl.families import all_models
 
 #: Graph backends: name -> (engine, ONNX Runtime provider, export precision, int8 mode).
 GRAPH_BACKENDS = {
@@ -51,7 +52,7 @@ def _ints(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bgevl-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default="tiny", help="comma-separated: tiny, base, large, tiny-mllm, mllm-s1, mllm-s2")
+    p.add_argument("--models", default="tiny", help=f"comma-separated: {', '.join(all_models())}")
     p.add_argument("--random-weights", action="store_true", help="full-size architectures with random weights, offline")
     p.add_argument("--model-path", type=Path, default=None, help="local checkpoint (one model only)")
     p.add_argument("--backends", default=",".join(ALL_BACKENDS),
