@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bgevl.errors import BgevlError
 from bgevl.families import all_models, families
+from bgevl.export.driver import INT8_MODES
 from bgevl.specs import DEFAULT_MAX_SEQUENCE, PRECISIONS
 
 
@@ -35,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", "-o", type=Path, default=None, help="output directory (default: out/<model>-<precision>)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     e.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    e.add_argument("--int8-mode", default="qdq", choices=("qdq", "dynamic"),
+    e.add_argument("--int8-mode", default="qdq", choices=INT8_MODES,
                    help="qdq: QuantizeLinear/DequantizeLinear graph (TensorRT INT8, ORT; static for CLIP, weight-only for "
-                        "the MLLM); dynamic: ORT dynamic quantization (CPU only)")
+                        "the MLLM and Visualized-BGE); qdq-u8 (CLIP): static QDQ with uint8 activations, the CPU form "
+                        "(ONNX Runtime CPU and OpenVINO run every quantized MatMul in int8); dynamic: ORT dynamic "
+                        "quantization (CPU only)")
     e.add_argument("--calibration-data", type=Path, default=None,
                    help="directory of images plus a .txt file of captions (one per line) for int8 calibration; default: the built-in synthetic set")
     e.add_argument("--calibration-size", type=int, default=32, help="images and captions in the built-in calibration set")
@@ -121,7 +124,10 @@ def _triton_options(p: argparse.ArgumentParser, standalone: bool) -> None:
                        help="also write a Triton model repository of the export to DIR")
     g.add_argument("--triton-backend", default="python", choices=ENCODER_BACKENDS,
                    help="encoders as python-backend ONNX Runtime models (what the CPU server from nvidia-pytriton "
-                        "serves), onnxruntime_onnx models, or tensorrt_plan engines")
+                        "serves), onnxruntime_onnx models, tensorrt_plan engines, Triton's OpenVINO backend, or "
+                        "python-backend OpenVINO models (python-openvino; bf16 on CPUs that have it)")
+    g.add_argument("--triton-openvino-precision", default="bf16", choices=("bf16", "f32"),
+                   help="inference precision of OpenVINO encoders (checked against the export's probe set first)")
     g.add_argument("--triton-name", default=DEFAULT_SERVING_NAME, help="name of the entry model; the others are NAME_<part>")
     g.add_argument("--triton-instances", type=int, default=1, help="instances per model (instance_group count)")
     g.add_argument("--triton-queue-delay-us", type=int, default=2000,
@@ -162,7 +168,8 @@ def _repository_options(args, output: Path, overwrite: bool):
     return RepositoryOptions(output, backend=args.triton_backend, name=args.triton_name, instances=args.triton_instances,
                              queue_delay_us=args.triton_queue_delay_us, overwrite=overwrite, limits=limits,
                              preprocess_instances=args.triton_preprocess_instances,
-                             preferred_batch=args.triton_preferred_batch_sizes)
+                             preferred_batch=args.triton_preferred_batch_sizes,
+                             openvino_precision=args.triton_openvino_precision)
 
 
 def triton_main(argv: list[str]) -> int:

@@ -30,7 +30,7 @@ from bgevl.probes import builtin_calibration_set, probe_set
 from bgevl.runtime.preprocessing import load_image
 from bgevl.specs import DEFAULT_MAX_SEQUENCE, ONNX_OPSET, PRECISIONS, GraphSpec
 
-INT8_MODES = ("qdq", "dynamic")
+INT8_MODES = ("qdq", "qdq-u8", "dynamic")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CALIBRATION_BATCH = 8
 
@@ -87,6 +87,8 @@ def _check_options(opts: ExportOptions) -> None:
     if opts.calibration_data is not None and opts.precision != "int8":
         raise BgevlError("--calibration-data only applies to --precision int8")
     family_of(spec).check_export_options(spec, opts)
+    if opts.precision == "int8":
+        family_of(spec).int8_form(opts.int8_mode)  # a mode the family does not have is refused before loading
 
 
 def load_calibration_dir(directory: Path) -> tuple[list, list[str]]:

@@ -352,6 +352,22 @@ def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: list[Mappi
             )
             return {"method": "static QDQ (QuantizeLinear/DequantizeLinear)", "activations": "int8 symmetric per-tensor",
                     "weights": "int8 symmetric per-channel", "calibration": "MinMax", "quantized_nodes": len(nodes)}
+        if mode == "qdq-u8":
+            if not calibration_feeds:
+                raise ValueError("static INT8 needs calibration data")
+            # uint8 (asymmetric) activations: on x86 ONNX Runtime fuses a QDQ MatMul into QLinearMatMul only
+            # for uint8 activations, or for int8 ones whose QuantizeLinear has a single consumer
+            # (qdq_s8_to_u8.cc), so the s8 form above runs the Q/K/V projections (one Q, three consumers)
+            # as DequantizeLinear + float MatMul; OpenVINO runs both forms in int8
+            quantize_static(
+                str(prepared), str(dst), FeedReader(calibration_feeds), quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+            return {"method": "static QDQ (QuantizeLinear/DequantizeLinear) for CPU engines",
+                    "activations": "uint8 asymmetric per-tensor", "weights": "int8 symmetric per-channel",
+                    "calibration": "MinMax", "quantized_nodes": len(nodes)}
         if mode == "dynamic":
             quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                              use_external_data_format=large, per_channel=True)

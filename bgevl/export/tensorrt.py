@@ -76,7 +76,8 @@ FP32_LAYERS = ("NORMALIZATION", "SOFTMAX", "REDUCE", "UNARY", "ELEMENTWISE.POW")
 
 
 def precision_plan(precision: str, int8_form: str | None = None) -> PrecisionPlan:
-    """``int8_form``: ``static-qdq``, ``weight-only-qdq``, or a dynamic form (``dynamic``, ``weight-only-dynamic``)."""
+    """``int8_form``: ``static-qdq``, ``weight-only-qdq``, or a CPU form (``dynamic``, ``weight-only-dynamic``,
+    ``static-qdq-u8``), refused."""
     if precision == "fp32":
         return PrecisionPlan("fp32", False, cleared_flags=("TF32",),
                              reason="fp32 kernels; TF32 cleared to meet the fp32 threshold")
@@ -93,9 +94,9 @@ def precision_plan(precision: str, int8_form: str | None = None) -> PrecisionPla
                                  fp32_layers=FP32_LAYERS, reason=(
                                      "explicit quantization from the QDQ ONNX; fp16 between Q/DQ pairs; normalization, "
                                      "softmax, reductions, unary ops and Pow held at fp32"))
-        raise BgevlError(f"this export's int8 form is {int8_form!r} (--int8-mode dynamic: ONNX Runtime dynamic "
-                         f"quantization / MatMulNBits), which TensorRT cannot build; export with --precision int8 "
-                         f"--int8-mode qdq (explicit Q/DQ) or --precision fp16 for TensorRT")
+        raise BgevlError(f"this export's int8 form is {int8_form!r} (a CPU form: ONNX Runtime dynamic quantization, "
+                         f"MatMulNBits or uint8-activation QDQ), which TensorRT does not build; export with --precision "
+                         f"int8 --int8-mode qdq (explicit Q/DQ) or --precision fp16 for TensorRT")
     raise BgevlError(f"unknown precision {precision!r}")
 
 

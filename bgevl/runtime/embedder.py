@@ -53,11 +53,14 @@ class Embedder:
     @classmethod
     def load(cls, directory: str | os.PathLike, provider: str = "auto", text_overflow: str | None = None,
              threads: int | None = None, *, backend: str = "onnxruntime", provider_options: Any = None,
-             engine_cache_dir: Any = None, limits: InputLimits = DEFAULT_LIMITS, **options: Any) -> "Embedder":
+             engine_cache_dir: Any = None, limits: InputLimits = DEFAULT_LIMITS, openvino_precision: str = "bf16",
+             **options: Any) -> "Embedder":
         """Load an export directory (the one holding ``manifest.json``).
 
-        ``backend``: ``"onnxruntime"`` (the ONNX graphs) or ``"tensorrt"`` (the engines of
-        ``bgevl-export build-engines``). ``provider`` (ONNX Runtime): ``"auto"`` (TensorRT EP, then
+        ``backend``: ``"onnxruntime"`` (the ONNX graphs), ``"tensorrt"`` (the engines of
+        ``bgevl-export build-engines``) or ``"openvino"`` (the ONNX graphs compiled by OpenVINO for the
+        CPU at ``openvino_precision``, ``"bf16"`` or ``"f32"``; checked on load against the export's
+        probe set, min cosine 0.9999: ``bgevl.runtime.openvino``). ``provider`` (ONNX Runtime): ``"auto"`` (TensorRT EP, then
         CUDA EP, then CPU, as installed), ``"tensorrt"``, ``"cuda"`` or ``"cpu"``;
         ``provider_options`` per provider name overrides the defaults (see
         ``bgevl.runtime.providers.provider_options_for``); ``engine_cache_dir``: the TensorRT EP's
@@ -75,7 +78,8 @@ class Embedder:
         preprocessor = family.open_preprocessor(manifest.processor_dir, manifest.recipe, manifest.max_text_length,
                                                 limits, **options)
         runners = open_runners(manifest, backend=backend, provider=provider, threads=threads,
-                               provider_options=provider_options, engine_cache_dir=engine_cache_dir)
+                               provider_options=provider_options, engine_cache_dir=engine_cache_dir,
+                               openvino_precision=openvino_precision)
         return cls(manifest, runners, preprocessor)
 
     @property

@@ -1,7 +1,8 @@
 """One runner interface over the backends that run an exported graph, with batching in one place.
 
 A runner runs one graph (:class:`~bgevl.specs.GraphSpec`): ONNX Runtime sessions
-(:class:`OnnxRunner`), TensorRT engines (``bgevl.runtime.tensorrt.TensorRTRunner``) and, for the
+(:class:`OnnxRunner`), TensorRT engines (``bgevl.runtime.tensorrt.TensorRTRunner``), OpenVINO on the
+CPU (``bgevl.runtime.openvino.OpenVinoRunner``, bf16 where the CPU has it) and, for the
 benchmark baseline, the torch modules the graphs were exported from (:class:`TorchModuleRunner`).
 Each backend implements only :meth:`Runner.run_once`; :meth:`Runner.run` splits a feed into
 chunks of the graph's max batch when its inputs and outputs share the batch axis
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from bgevl.families.base import Call
     from bgevl.manifest import Manifest
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 
 
 class Runner(ABC):
@@ -96,11 +97,17 @@ class TorchModuleRunner(Runner):
 
 def open_runners(manifest: "Manifest", names: Sequence[str] | None = None, backend: str = "onnxruntime",
                  provider: str = "auto", threads: int | None = None, provider_options: Any = None,
-                 engine_cache_dir: Any = None) -> dict[str, Runner]:
-    """The graphs ``names`` (default: all) of an export on ONNX Runtime (with ``provider``) or as TensorRT engines."""
+                 engine_cache_dir: Any = None, openvino_precision: str = "bf16") -> dict[str, Runner]:
+    """The graphs ``names`` (default: all) of an export on ONNX Runtime (with ``provider``), as TensorRT
+    engines, or compiled by OpenVINO at ``openvino_precision`` (checked against the export's probe set:
+    ``bgevl.runtime.openvino``)."""
     from bgevl.runtime.providers import provider_options_for, select_providers
 
     names = list(names or manifest.graphs)
+    if backend == "openvino":
+        from bgevl.runtime.openvino import open_openvino
+
+        return open_openvino(manifest, names, openvino_precision, threads)
     if backend == "tensorrt":
         from bgevl.runtime.tensorrt import TensorRTRunner
 

@@ -20,7 +20,9 @@ from typing import Iterable, Mapping, Sequence
 
 from bgevl.specs import Dim, GraphSpec, TensorSpec
 
-ENCODER_BACKENDS = ("onnxruntime", "tensorrt", "python")
+#: How an exported graph is served: Triton's ONNX Runtime, TensorRT or OpenVINO backends (a full Triton), or
+#: the python backend running ONNX Runtime ("python") or OpenVINO ("python-openvino"; the bundled CPU server).
+ENCODER_BACKENDS = ("onnxruntime", "tensorrt", "openvino", "python", "python-openvino")
 
 #: numpy dtype name -> Triton data type (model_config.proto ``DataType``).
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
@@ -90,6 +92,9 @@ def encoder_config(name: str, graph: GraphSpec, backend: str, batching: Batching
     elif backend == "tensorrt":
         config.platform = "tensorrt_plan"
         config.default_model_filename = model_file or "model.plan"
+    elif backend == "openvino":  # triton-inference-server/openvino_backend reads ONNX directly
+        config.backend = "openvino"
+        config.default_model_filename = model_file or "model.onnx"
     else:
         config.backend = "python"
     # Triton's batching owns the first axis only when every tensor shares it (not so for the MLLM language

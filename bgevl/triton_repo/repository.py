@@ -36,7 +36,12 @@ from bgevl.triton_repo.configs import ENCODER_BACKENDS, Batching, encoder_config
 #: Instance kind of the encoders per backend: TensorRT plans run on a GPU; the ONNX Runtime
 #: backend takes whatever the server has (KIND_AUTO: GPU when present); python-backend ONNX
 #: Runtime encoders run on the CPU.
-ENCODER_KIND = {"tensorrt": "KIND_GPU", "onnxruntime": "KIND_AUTO", "python": "KIND_CPU"}
+ENCODER_KIND = {"tensorrt": "KIND_GPU", "onnxruntime": "KIND_AUTO", "python": "KIND_CPU", "openvino": "KIND_CPU",
+                "python-openvino": "KIND_CPU"}
+#: Parameters of Triton's OpenVINO backend (openvino_backend src/openvino.cc ParseParameters): bf16 inference
+#: where the CPU has it (the backend has no switch to force f32: on a bf16 CPU OpenVINO computes in bf16
+#: anyway), latency-oriented compilation, one stream per instance.
+OPENVINO_BACKEND_PARAMETERS = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
 
 #: The shim written as ``model.py`` of every python-backend model: the implementation lives in
 #: the installed package (``bgevl.triton_repo.models``), shared with the runtime.
@@ -74,8 +79,9 @@ DEFAULT_PREPROCESS_INSTANCES = 2
 class RepositoryWriter:
     def __init__(self, manifest: Manifest, root: Path, backend: str, name: str, instances: int, queue_delay_us: int,
                  limits: InputLimits = DEFAULT_LIMITS, preprocess_instances: int = DEFAULT_PREPROCESS_INSTANCES,
-                 preferred_batch: tuple[int, ...] | None = None):
+                 preferred_batch: tuple[int, ...] | None = None, openvino_precision: str = "bf16"):
         self.manifest, self.root, self.backend, self.name = manifest, root, backend, name
+        self.openvino_precision = openvino_precision
         self.instances, self.queue_delay_us, self.preferred_batch = instances, queue_delay_us, preferred_batch
         self.limits, self.preprocess_instances = limits, preprocess_instances
         self.configs: dict[str, object] = {}
@@ -126,8 +132,14 @@ class RepositoryWriter:
         if self.backend == "onnxruntime":
             config = encoder_config(name, graph, "onnxruntime", batching, model_file=files[0].name)
             version = self.write(config)
+        elif self.backend == "openvino":
+            parameters = {**OPENVINO_BACKEND_PARAMETERS, **({"HINT_BF16": "YES"} if self.openvino_precision == "bf16" else {})}
+            config = encoder_config(name, graph, "openvino", batching, model_file=files[0].name, parameters=parameters)
+            version = self.write(config)
         else:
             parameters = {"onnx_file": files[0].name}
+            if self.backend == "python-openvino":
+                parameters.update(engine="openvino", openvino_precision=self.openvino_precision)
             if trim_right_padding:
                 parameters["trim_right_padding"] = trim_right_padding
             config = encoder_config(name, graph, "python", batching, parameters=parameters)
@@ -179,20 +191,23 @@ class RepositoryOptions:
     limits: InputLimits = DEFAULT_LIMITS
     preprocess_instances: int = DEFAULT_PREPROCESS_INSTANCES
     preferred_batch: tuple[int, ...] | None = None
+    openvino_precision: str = "bf16"
 
     def write(self, export_dir: str | os.PathLike, sink: Callable[[str], None] | None = print) -> Path:
         return write_repository(export_dir, self.output, backend=self.backend, name=self.name, instances=self.instances,
                                 queue_delay_us=self.queue_delay_us, overwrite=self.overwrite, sink=sink,
                                 limits=self.limits, preprocess_instances=self.preprocess_instances,
-                                preferred_batch=self.preferred_batch)
+                                preferred_batch=self.preferred_batch, openvino_precision=self.openvino_precision)
 
 
 def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *, backend: str = "python",
                      name: str = DEFAULT_SERVING_NAME, instances: int = 1, queue_delay_us: int = 2000,
                      overwrite: bool = False, sink: Callable[[str], None] | None = print,
                      limits: InputLimits = DEFAULT_LIMITS, preprocess_instances: int = DEFAULT_PREPROCESS_INSTANCES,
-                     preferred_batch: tuple[int, ...] | None = None) -> Path:
-    """Package the export in ``export_dir`` as a Triton model repository at ``output``."""
+                     preferred_batch: tuple[int, ...] | None = None, openvino_precision: str = "bf16") -> Path:
+    """Package the export in ``export_dir`` as a Triton model repository at ``output``. OpenVINO encoders
+    (``openvino``, ``python-openvino``) are compiled here first and must pass the parity gate of
+    ``bgevl.runtime.openvino`` on the export's probe set (at ``openvino_precision``), or nothing is written."""
     sink = sink or (lambda msg: None)
     manifest = read_manifest(export_dir)
     if backend not in ENCODER_BACKENDS:
@@ -201,13 +216,20 @@ def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *
         raise BgevlError(
             f"{manifest.directory} has no TensorRT engines; build them on a machine with TensorRT and a GPU "
             f"(`bgevl-export build-engines {manifest.directory}`), or package with --triton-backend onnxruntime or python")
+    if backend in ("openvino", "python-openvino"):
+        from bgevl.runtime.openvino import open_openvino
+
+        if backend == "openvino" and openvino_precision != "bf16":
+            raise BgevlError("--triton-backend openvino: Triton's OpenVINO backend has no switch to force f32 (on a bf16 "
+                             "CPU OpenVINO computes in bf16 anyway); use --triton-backend python-openvino for f32")
+        open_openvino(manifest, precision=openvino_precision)  # compiles and checks parity; raises when it misses
     if not name.replace("_", "").replace("-", "").isalnum():
         raise BgevlError(f"--triton-name {name!r}: use letters, digits, '_' and '-' (it names the model directories)")
     out = Path(output).expanduser().resolve()
     check_replaceable(out, overwrite, is_repository, "a Triton model repository", "--output")
     with staged_directory(out) as staging:
         writer = RepositoryWriter(manifest, staging, backend, name, instances, queue_delay_us, limits, preprocess_instances,
-                                  preferred_batch)
+                                  preferred_batch, openvino_precision)
         sink(f"writing Triton repository ({manifest.family}, {backend} encoders) to {out}")
         writer.family.write_triton_models(writer)
         write_input_data(staging, writer.family)  # perf_analyzer --input-data for the entry model

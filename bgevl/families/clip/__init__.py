@@ -135,6 +135,10 @@ class ClipFamily(Family):
         if mode == "dynamic":
             return Int8Form("dynamic", "ONNX Runtime dynamic quantization (int8 weights, activations quantized at run "
                             "time; CPU only)", calibrated=False)
+        if mode == "qdq-u8":
+            return Int8Form("static-qdq-u8", "static QuantizeLinear/DequantizeLinear with uint8 activations and int8 "
+                            "per-channel weights from a calibration set (the CPU form: ONNX Runtime CPU and OpenVINO run "
+                            "every quantized MatMul in int8; not for TensorRT)", calibrated=True)
         return Int8Form("static-qdq", "static QuantizeLinear/DequantizeLinear, int8 weights and activations from a "
                         "calibration set (TensorRT explicit quantization, ONNX Runtime)", calibrated=True)
 

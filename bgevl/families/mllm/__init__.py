@@ -216,6 +216,8 @@ class MllmFamily(Family):
         return {"batch": VALIDATION_BATCH, "image_resize": f"{resize[0]}x{resize[1]} before RGB, as the original"}
 
     def int8_form(self, mode: str) -> Int8Form:
+        if mode not in ("qdq", "dynamic"):
+            raise BgevlError(f"--int8-mode {mode}: the MLLM's int8 is weight-only; use qdq or dynamic")
         if mode == "dynamic":
             return Int8Form("weight-only-dynamic", "int8 weights in ONNX Runtime's MatMulNBits (CPU), float activations",
                             calibrated=False)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from bgevl.errors import BgevlError
 from bgevl.families import register
 from bgevl.families.base import (
     Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Request, Steps,
@@ -142,8 +143,6 @@ class VisualizedFamily(Family):
 
     # --- export ------------------------------------------------------------------------
     def check_export_options(self, spec: ModelSpec, options: Any) -> None:
-        from bgevl.errors import BgevlError
-
         if options.calibration_data is not None:
             raise BgevlError("--calibration-data does not apply to Visualized-BGE: its int8 forms need no calibration "
                              "(weight-only QDQ, or ONNX Runtime's dynamic quantization)")
@@ -212,6 +211,8 @@ class VisualizedFamily(Family):
         return {"2D rotary (cos/sin tables)": [n.name for n in products + sums]} if products else {}
 
     def int8_form(self, mode: str) -> Int8Form:
+        if mode not in ("qdq", "dynamic"):
+            raise BgevlError(f"--int8-mode {mode}: Visualized-BGE's int8 is weight-only QDQ or dynamic; use qdq or dynamic")
         if mode == "dynamic":
             return Int8Form("dynamic", "ONNX Runtime dynamic quantization (int8 weights, activations quantized at run "
                             "time; CPU only)", calibrated=False)

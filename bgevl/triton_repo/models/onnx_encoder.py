@@ -1,4 +1,4 @@
-"""An exported ONNX graph served by the python backend with ONNX Runtime (CPU-only Triton).
+"""An exported ONNX graph served by the python backend with ONNX Runtime, or OpenVINO (CPU-only Triton).
 
 With ``max_batch_size > 0`` the requests Triton's dynamic batcher hands over in one ``execute``
 are concatenated along the batch axis and run as one ONNX Runtime call, then split back (requests
@@ -19,13 +19,36 @@ from bgevl.runtime.providers import create_session
 from bgevl.triton_repo.models.backend_utils import answer, model_config, parameter
 
 
+class OpenVinoSession:
+    """The graph compiled by OpenVINO for the CPU, with ONNX Runtime's ``run(names, feed)`` (``engine:
+    openvino`` in the config's parameters; ``bgevl.runtime.openvino``)."""
+
+    def __init__(self, path: Path, precision: str, threads: int | None):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()  # execute() runs one call at a time
+
+    def run(self, names, feed):
+        results = self.request.infer({k: np.ascontiguousarray(v) for k, v in feed.items()})
+        return [np.array(results[self.compiled.output(n)], dtype=np.float32) for n in names]
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.config = model_config(args)
         self.name = self.config["name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
         threads = int(parameter(self.config, "intra_op_threads", "0")) or None
-        self.session = create_session(version_dir / parameter(self.config, "onnx_file", "model.onnx"), None, threads)
+        path = version_dir / parameter(self.config, "onnx_file", "model.onnx")
+        if parameter(self.config, "engine", "onnxruntime") == "openvino":
+            self.session = OpenVinoSession(path, parameter(self.config, "openvino_precision", "bf16"), threads)
+        else:
+            self.session = create_session(path, None, threads)
         self.inputs = [i["name"] for i in self.config["input"]]
         self.outputs = [o["name"] for o in self.config["output"]]
         self.batched = int(self.config.get("max_batch_size", 0)) > 0
