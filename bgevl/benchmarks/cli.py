@@ -39,9 +39,19 @@ GRAPH_BACKENDS = {
     "onnxruntime-tensorrt-fp16": ("onnxruntime", "tensorrt", "fp16", None),
     "tensorrt-fp16": ("tensorrt", None, "fp16", None),
     "tensorrt-int8": ("tensorrt", None, "int8", "qdq"),
+    # CPU: uint8-activation static QDQ on ONNX Runtime; OpenVINO (provider slot: its inference precision)
+    "onnxruntime-int8-u8": ("onnxruntime", "cpu", "int8", "qdq-u8"),
+    "openvino-bf16": ("openvino", "bf16", "fp32", None),
+    "openvino-f32": ("openvino", "f32", "fp32", None),
+    "openvino-int8-u8": ("openvino", "bf16", "int8", "qdq-u8"),
 }
 ALL_BACKENDS = ("pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-int8-dynamic",
                 "runtime", "triton")
+#: Not run unless asked for: the PyTorch baseline with glibc malloc untouched (a child process), the CPU
+#: int8 form and OpenVINO (the optional extra).
+OPTIONAL_BACKENDS = ("pytorch-plain", "onnxruntime-int8-u8", "openvino-bf16", "openvino-f32", "openvino-int8-u8")
+#: Backends every other one is compared with round by round, where they ran (``paired`` in the results).
+PAIRED_REFERENCES = ("pytorch", "pytorch-plain", "onnxruntime-fp32", "onnxruntime-int8-dynamic")
 GPU_BACKENDS = ("onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16", "tensorrt-fp16", "tensorrt-int8")
 
 
@@ -56,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true", help="full-size architectures with random weights, offline")
     p.add_argument("--model-path", type=Path, default=None, help="local checkpoint (one model only)")
     p.add_argument("--backends", default=",".join(ALL_BACKENDS),
-                   help=f"comma-separated from {', '.join(ALL_BACKENDS + GPU_BACKENDS)} (GPU ones only where present)")
+                   help=f"comma-separated from {', '.join(ALL_BACKENDS + OPTIONAL_BACKENDS + GPU_BACKENDS)} (GPU ones only "
+                        f"where present)")
+    p.add_argument("--allocator", choices=("tuned", "plain"), default="tuned",
+                   help="tuned: glibc malloc keeps large blocks (PyTorch's CPU guide; bgevl.benchmarks.measure."
+                        "tune_allocator) in this process; pytorch-plain always runs untuned in a child process")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-round random order of the backends")
     p.add_argument("--workloads", default="image,text,composed")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
     p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8], help="Triton client concurrency sweep")
@@ -142,8 +157,8 @@ def _triton_request(client_module, case):
 
 
 def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes: list) -> None:
-    from bgevl.benchmarks.measure import interleaved
-    from bgevl.benchmarks.suite import WORKLOADS, BenchModel, min_cosine
+    from bgevl.benchmarks.measure import SelfTimed, interleaved, paired_ratios
+    from bgevl.benchmarks.suite import WORKLOADS, BenchModel, PlainPytorch, min_cosine
     from bgevl.checkpoints import resolve_checkpoint
     from bgevl.families import family_of, get_model_spec
     from bgevl.manifest import read_manifest
@@ -154,9 +169,24 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
     spec = get_model_spec(key)
     family = family_of(spec)
     backends = [b for b in args.backends.split(",") if b]
-    unknown = set(backends) - set(ALL_BACKENDS + GPU_BACKENDS)
+    known = ALL_BACKENDS + OPTIONAL_BACKENDS + GPU_BACKENDS
+    unknown = set(backends) - set(known)
     if unknown:
-        raise BgevlError(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(ALL_BACKENDS + GPU_BACKENDS)}")
+        raise BgevlError(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(known)}")
+    for backend in [b for b in backends if b in GRAPH_BACKENDS and GRAPH_BACKENDS[b][3]]:
+        try:
+            family.int8_form(GRAPH_BACKENDS[backend][3])
+        except BgevlError as exc:
+            notes.append(f"{key}: {backend} skipped ({exc})")
+            backends.remove(backend)
+    if any(GRAPH_BACKENDS.get(b, ("",))[0] == "openvino" for b in backends):
+        from bgevl.runtime.openvino import cpu_has_bf16, openvino_status
+
+        ok, why = openvino_status()
+        for backend in [b for b in backends if GRAPH_BACKENDS.get(b, ("",))[0] == "openvino"]:
+            if not ok or (GRAPH_BACKENDS[backend][1] == "bf16" and not cpu_has_bf16()):
+                notes.append(f"{key}: {backend} skipped ({why or 'this CPU has no bf16'})")
+                backends.remove(backend)
     workdir = (args.exports or args.output / "exports") / "work" / key  # checkpoints, Triton repositories
     workdir.mkdir(parents=True, exist_ok=True)
     # Every export first, before any model is loaded: an export (int8 calibration above all) needs
@@ -166,9 +196,11 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
             _export(key, GRAPH_BACKENDS[backend][2], args, log, GRAPH_BACKENDS[backend][3])
     if "runtime" in backends or "triton" in backends:
         _export(key, "fp16" if spec.billions > 2 else "fp32", args, log)
+    float_export = _export(key, "fp16" if spec.billions > 2 else "fp32", args, log)  # FLOPs are counted on it
     log(f"{key}: loading the PyTorch model")
     checkpoint = resolve_checkpoint(spec, model_path=args.model_path, random_weights=args.random_weights, workdir=workdir)
-    model = BenchModel(family, checkpoint.path, args.threads)
+    model = BenchModel(family, checkpoint.path, args.threads, float_export)
+    plain = PlainPytorch(family, checkpoint.path, args.threads) if "pytorch-plain" in backends else None
 
     graphs: dict[str, dict] = {}
     providers = available_providers()
@@ -185,7 +217,9 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
             continue
         directory = _export(key, precision, args, log, int8_mode)
         manifest = read_manifest(directory)
-        if engine == "tensorrt":
+        if engine == "openvino":
+            graphs[backend] = open_runners(manifest, backend="openvino", openvino_precision=provider, threads=args.threads)
+        elif engine == "tensorrt":
             if not manifest.engines:
                 notes.append(f"{key}: {backend} skipped (no engines: `bgevl-export build-engines {directory}` on a GPU)")
                 continue
@@ -215,6 +249,8 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                 calls, levels = {}, {}
                 if "pytorch" in backends:
                     calls["pytorch"], levels["pytorch"] = model.torch_call(case), "model"
+                if plain is not None:
+                    calls["pytorch-plain"], levels["pytorch-plain"] = plain.call(key, workload, batch), "model"
                 for backend, g in graphs.items():
                     calls[backend], levels[backend] = model.graphs_call(g, case), "model"
                 if runtime is not None:
@@ -223,10 +259,13 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                     levels["runtime"] = "end-to-end"
                 if server is not None:
                     calls["triton"], levels["triton"] = _triton_call(server, case), "end-to-end"
-                outputs = {name: np.asarray(call(), np.float32) for name, call in calls.items()}
+                outputs = {}
+                for name, call in calls.items():
+                    value = call()
+                    outputs[name] = np.asarray(value.value if isinstance(value, SelfTimed) else value, np.float32)
                 log(f"{key}: {workload}, batch {batch}: timing {', '.join(calls)} ({case.gflop:.2f} GFLOP per call)")
                 timings = interleaved(calls, warmup=args.warmup, min_repeats=args.min_repeats,
-                                      min_seconds=args.min_seconds, sampler=sampler)
+                                      min_seconds=args.min_seconds, sampler=sampler, seed=args.seed + batch)
                 base = timings["pytorch"].stats()["p50_ms"] if "pytorch" in timings else None
                 direct = timings["runtime"].stats()["p50_ms"] if "runtime" in timings else None
                 for name, timing in timings.items():
@@ -245,6 +284,9 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                     reference = outputs.get("pytorch")
                     if reference is not None:
                         row["min_cosine_vs_pytorch"] = min_cosine(outputs[name], reference)
+                    if levels[name] == "model":
+                        row["paired"] = {ref: paired_ratios(timings[ref], timing) for ref in PAIRED_REFERENCES
+                                         if ref in timings and ref != name}
                     results.append(row)
                 sampler.peaks.clear()
         if server is not None:
@@ -252,6 +294,8 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
     finally:
         if server is not None:
             server.stop()
+        if plain is not None:
+            plain.close()
 
 
 def _start_triton(export: Path, workdir: Path, log):
@@ -355,8 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         print("bgevl-bench: error: --model-path needs exactly one --models entry", file=sys.stderr)
         return 2
     args.output.mkdir(parents=True, exist_ok=True)
+    from bgevl.benchmarks.measure import tune_allocator
+
+    allocator = tune_allocator() if args.allocator == "tuned" else {"allocator": "glibc malloc as it is (--allocator plain)"}
     log("measuring the machine's fp32 matmul peak")
     hardware = _hardware(args.threads)
+    hardware.update(allocator)
     args.peak = hardware["matmul_peak_gflops"]
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     data: dict[str, Any] = {

@@ -31,25 +31,41 @@ class Timing:
                 "repetitions": int(len(s))}
 
 
+@dataclass(frozen=True)
+class SelfTimed:
+    """What a call returns when it timed itself (a backend in another process: the pipe round trip is
+    not its time)."""
+
+    seconds: float
+    value: object = None
+
+
 def interleaved(calls: Mapping[str, Callable[[], object]], *, warmup: int = 2, min_repeats: int = 5,
                 max_repeats: int = 200, min_seconds: float = 3.0, on_round: Callable[[str], None] | None = None,
-                sampler: "MemorySampler | None" = None) -> dict[str, Timing]:
-    """Time every call in rounds until each has ``min_repeats`` and the run lasted ``min_seconds``."""
+                sampler: "MemorySampler | None" = None, seed: int = 0) -> dict[str, Timing]:
+    """Time every call in rounds until each has ``min_repeats`` and the run lasted ``min_seconds``; the
+    order of the calls is drawn afresh each round (``seed``), so no backend always runs first, after the
+    same neighbour or in the same phase of a periodic disturbance. ``Timing.seconds[i]`` of every backend
+    is from round ``i``: ratios can be paired per round (:func:`paired_ratios`)."""
+    rng = np.random.default_rng(seed)
     for name, call in calls.items():
         for _ in range(warmup):
             if sampler:
                 sampler.current = name
             call()
     timings = {name: Timing() for name in calls}
+    names = list(calls)
     start = time.perf_counter()
     rounds = 0
     while rounds < max_repeats and (rounds < min_repeats or time.perf_counter() - start < min_seconds):
-        for name, call in calls.items():
+        for name in rng.permutation(names):
+            call = calls[name]
             if sampler:
                 sampler.current = name
             t0 = time.perf_counter()
-            call()
-            timings[name].seconds.append(time.perf_counter() - t0)
+            result = call()
+            elapsed = time.perf_counter() - t0
+            timings[name].seconds.append(result.seconds if isinstance(result, SelfTimed) else elapsed)
             if sampler:
                 sampler.sample(name)  # calls shorter than the sampling interval still count
         if sampler:
@@ -58,6 +74,38 @@ def interleaved(calls: Mapping[str, Callable[[], object]], *, warmup: int = 2, m
         if on_round and rounds % 5 == 0:
             on_round(f"{rounds} rounds")
     return timings
+
+
+def paired_ratios(reference: Timing, other: Timing) -> dict[str, float]:
+    """``reference`` time / ``other`` time, round by round (how many times faster ``other`` is): the median,
+    the 10th and 90th percentiles, and the share of rounds ``other`` won. A spread that straddles 1 means
+    the difference is inside this machine's noise."""
+    ratios = np.asarray(reference.seconds) / np.asarray(other.seconds)
+    p10, p50, p90 = np.percentile(ratios, [10, 50, 90])
+    return {"median": float(p50), "p10": float(p10), "p90": float(p90), "won": float(np.mean(ratios > 1.0)),
+            "rounds": int(len(ratios)), "inside_noise": bool(p10 <= 1.0 <= p90)}
+
+
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_allocator() -> dict[str, object]:
+    """glibc malloc as PyTorch's CPU performance guide asks of an allocator ("reusing memory as much as
+    possible"): large blocks stay on the heap and are not returned to the system between calls. Without
+    it, eager PyTorch maps and unmaps its activation buffers on every call (over a million minor page
+    faults per 10 ViT-B/16 calls at batch 8). The same knobs as
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824``, set
+    in-process with ``mallopt``; applies to every backend of this process."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return {"allocator": "default (not glibc: not tuned)"}
+    libc = ctypes.CDLL("libc.so.6")
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 256 * 2 ** 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 30) == 1
+    return {"allocator": "glibc malloc tuned: mmap_threshold 256 MiB, trim_threshold 1 GiB (mallopt)" if ok
+            else "glibc malloc (mallopt refused: not tuned)"}
 
 
 class MemorySampler:

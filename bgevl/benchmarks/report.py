@@ -75,10 +75,17 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "Model level: preprocessed tensors in, embeddings out; `x PyTorch` is PyTorch eager's p50 over this "
         "backend's, measured interleaved in the same run. End-to-end: image files and strings in, "
-        "preprocessing included. GFLOP/s counts the encoders' matmul/conv/attention FLOPs (torch's "
-        "FlopCounterMode) over p50; `% peak` is that over the fp32 matmul peak above (int8 rows too, "
-        "so theirs is not an int8 utilization). Peak RSS is process-wide while the backend ran "
-        "(all loaded backends' weights included; Triton adds its server's process tree).",
+        "preprocessing included. GFLOP/s: the matmul/conv FLOPs of the exported float graphs, attention "
+        "included, counted from the operand shapes of a real call (bgevl.benchmarks.flops), over p50; "
+        "`% peak` is that over the fp32 matmul peak above (int8 and bf16 rows too, so theirs is not an "
+        "int8/bf16 utilization). Peak RSS is process-wide while the backend ran (all loaded backends' "
+        "weights included; Triton adds its server's process tree).",
+        "",
+        f"Timing: {hw.get('allocator', 'allocator not recorded')} (`pytorch-plain`, where it ran, is the "
+        "same PyTorch baseline in a child process with malloc untouched, timed in that process). Every "
+        "backend of a configuration is called once per round in a random order drawn per round; ratios "
+        "are paired round by round: median [p10-p90] and the share of rounds won; `~` marks a spread "
+        "that includes 1 (a difference inside this machine's noise).",
         "",
     ]
     if data.get("notes"):
@@ -94,6 +101,7 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{r['p99_ms']:.2f} | {r['items_per_s']:.1f} | {_fmt(r.get('speedup_vs_pytorch'), '.2f')} | "
                 f"{_fmt(r.get('min_cosine_vs_pytorch'), '.5f')} | {_fmt(r.get('gflops'), '.1f')} | "
                 f"{_fmt(r.get('peak_fraction'), '.1%')} | {_fmt(r.get('peak_rss_mb'), '.0f')} |")
+        lines += _paired_table(data, model) + _pareto_table(data, model)
         sweep = [s for s in data.get("triton_sweep", []) if s["model"] == model]
         if sweep:
             client = sweep[0].get("client", "bgevl-bench threads (HTTP)")
@@ -107,6 +115,50 @@ def markdown(data: dict[str, Any]) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _ratio(paired: dict[str, Any] | None) -> str:
+    if not paired:
+        return ""
+    mark = "~" if paired["inside_noise"] else ""
+    return f"{mark}{paired['median']:.2f}x [{paired['p10']:.2f}-{paired['p90']:.2f}] {paired['won']:.0%}"
+
+
+def _paired_table(data: dict[str, Any], model: str) -> list[str]:
+    rows = [r for r in data["results"] if r["model"] == model and r.get("paired")]
+    references = list(dict.fromkeys(ref for r in rows for ref in r["paired"]))
+    if not rows or not references:
+        return []
+    lines = ["", f"Paired per-round ratios ({model}): how many times faster than each reference, median [p10-p90], "
+                 "share of rounds won:", "",
+             "| workload | batch | backend | " + " | ".join(f"vs {ref}" for ref in references) + " |",
+             "| --- | ---: | --- | " + " | ".join("---:" for _ in references) + " |"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['batch']} | {r['backend']} | "
+                     + " | ".join(_ratio(r["paired"].get(ref)) for ref in references) + " |")
+    return lines
+
+
+def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows no other row beats on both speed (p50) and accuracy (min cosine to PyTorch fp32)."""
+    return [r for r in rows if not any(o["p50_ms"] < r["p50_ms"] and o["min_cosine_vs_pytorch"] >= r["min_cosine_vs_pytorch"]
+                                       for o in rows if o is not r)]
+
+
+def _pareto_table(data: dict[str, Any], model: str) -> list[str]:
+    rows = [r for r in data["results"] if r["model"] == model and r["level"] == MODEL_LEVEL
+            and r.get("min_cosine_vs_pytorch") is not None]
+    if not rows:
+        return []
+    lines = ["", f"Speed against accuracy ({model}, model level; `*`: on the Pareto front, nothing else is both faster "
+                 "and at least as accurate):", "",
+             "| workload | batch | backend | p50 ms | min cos vs PyTorch fp32 | Pareto |", "| --- | ---: | --- | ---: | ---: | :---: |"]
+    for key in dict.fromkeys((r["workload"], r["batch"]) for r in rows):
+        group = sorted((r for r in rows if (r["workload"], r["batch"]) == key), key=lambda r: r["p50_ms"])
+        front = pareto(group)
+        lines += [f"| {r['workload']} | {r['batch']} | {r['backend']} | {r['p50_ms']:.2f} | {r['min_cosine_vs_pytorch']:.5f} | "
+                  f"{'*' if r in front else ''} |" for r in group]
+    return lines
 
 
 def _integer_log_axis(ax, ticks: list[int]) -> None:

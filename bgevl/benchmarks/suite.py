@@ -58,17 +58,28 @@ def raw_inputs(workload: str, batch: int) -> tuple[list[bytes] | None, list[str]
 
 class BenchModel:
     """A model of one family in the benchmark: its PyTorch baseline (``Family.torch_baseline``) and, for
-    the graph backends, the same requests through the family's recipe."""
+    the graph backends, the same requests through the family's recipe. ``float_export``: the export whose
+    graphs the FLOPs are counted on (``bgevl.benchmarks.flops``); without one, torch's counter on the baseline."""
 
-    def __init__(self, family: Any, checkpoint: Path, threads: int):
+    def __init__(self, family: Any, checkpoint: Path, threads: int, float_export: Path | None = None):
         self.family = family
         self.baseline = family.torch_baseline(checkpoint, threads)
+        self.float_export = float_export
 
-    def case(self, key: str, workload: str, batch: int) -> Case:
+    def case(self, key: str, workload: str, batch: int, count_flops: bool = True) -> Case:
         images, texts = raw_inputs(workload, batch)
         request = self.family.bench_request(workload, images, texts)
         case = Case(key, workload, batch, request, self.baseline.preprocessor.prepare(request))
-        case.gflop = self.baseline.gflop(request, case.feeds)
+        if count_flops and self.float_export is not None:
+            from bgevl.benchmarks.flops import recipe_gflop
+            from bgevl.manifest import read_manifest
+
+            manifest = read_manifest(self.float_export)
+            first = self.baseline.preprocessor.prepare(request.slice(0, 1))
+            case.gflop = recipe_gflop(self.family, manifest.graph_specs(),
+                                      {name: manifest.graph_path(name) for name in manifest.graphs}, first, batch)
+        elif count_flops:
+            case.gflop = self.baseline.gflop(request, case.feeds)
         return case
 
     def torch_call(self, case: Case) -> Callable[[], np.ndarray]:
@@ -85,3 +96,71 @@ class BenchModel:
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min(np.sum(l2_normalize(a) * l2_normalize(b), axis=-1)))
+
+
+class PlainPytorch:
+    """The PyTorch baseline in a child process whose glibc malloc is left as it is (the benchmark process
+    tunes its own: ``bgevl.benchmarks.measure.tune_allocator``); each call is timed in the child
+    (``SelfTimed``), so the pipe's round trip is not counted."""
+
+    def __init__(self, family: Any, checkpoint: Path, threads: int):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited mallopt
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_plain_worker, args=(child, family.name, str(checkpoint), threads),
+                                       daemon=True)
+        self.process.start()
+        self._answer()
+
+    def _answer(self) -> Any:
+        from bgevl.errors import BgevlError
+
+        status, value = self.connection.recv()
+        if status != "ok":
+            raise BgevlError(f"the plain PyTorch baseline process failed: {value}")
+        return value
+
+    def call(self, key: str, workload: str, batch: int) -> Callable[[], Any]:
+        from bgevl.benchmarks.measure import SelfTimed
+
+        self.connection.send(("case", key, workload, batch))
+        self._answer()
+
+        def run() -> SelfTimed:
+            self.connection.send(("run",))
+            seconds, value = self._answer()
+            return SelfTimed(seconds, value)
+
+        return run
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.connection.send(("stop",))
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def _plain_worker(connection: Any, family_name: str, checkpoint: str, threads: int) -> None:
+    import time
+
+    from bgevl.families import get_family
+
+    try:
+        model = BenchModel(get_family(family_name), Path(checkpoint), threads)
+        connection.send(("ok", None))
+        call = None
+        while True:
+            message = connection.recv()
+            if message[0] == "stop":
+                return
+            if message[0] == "case":
+                call = model.torch_call(model.case(*message[1:], count_flops=False))
+                connection.send(("ok", None))
+            else:
+                t0 = time.perf_counter()
+                value = call()
+                connection.send(("ok", (time.perf_counter() - t0, np.asarray(value, np.float32))))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        connection.send(("error", f"{type(exc).__name__}: {exc}"))
