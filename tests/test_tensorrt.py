@@ -52,8 +52,9 @@ def test_precision_plans():
     assert int8.fp32_layers == FP32_LAYERS and "NORMALIZATION" in FP32_LAYERS and "SOFTMAX" in FP32_LAYERS
     assert precision_plan("int8", "weight-only-qdq").strongly_typed  # weight-only Q/DQ
     assert precision_plan("fp32").cleared_flags == ("TF32",)
-    with pytest.raises(BgevlError, match="int8-mode dynamic.*TensorRT cannot build.*--int8-mode qdq"):
-        precision_plan("int8", "dynamic")
+    for cpu_form in ("dynamic", "weight-only-dynamic", "static-qdq-u8"):
+        with pytest.raises(BgevlError, match=f"int8 form is '{cpu_form}' \\(a CPU form.*TensorRT does not build.*--int8-mode qdq"):
+            precision_plan("int8", cpu_form)
 
 
 def test_engines_built_elsewhere_are_refused_with_a_rebuild_message(tmp_path):

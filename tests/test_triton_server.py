@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,7 @@ import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from bgevl.errors import BgevlError  # noqa: E402
+from bgevl.families.base import Request  # noqa: E402
 from bgevl.runtime import Embedder  # noqa: E402
 from bgevl.families.clip.preprocessing import ClipPreprocessor  # noqa: E402
 from bgevl.triton_repo.configs import check_ensemble_wiring, parse_pbtxt  # noqa: E402
@@ -188,6 +190,28 @@ def test_concurrent_requests_are_merged_by_dynamic_batching(clip_served):
         served = list(pool.map(lambda kw: embed(server, "grpc", **kw), jobs))
     for kw, out in zip(jobs, served):
         assert_matches(out, embedder.encode(images=kw.get("images"), text=kw["texts"]))
+    inferences, runs = (a - b for a, b in zip(executions(), before))
+    assert inferences == 32
+    # Whether the requests above overlapped at the encoder depends on the machine's load (each waits for its
+    # preprocessing first); requests that are queued together must be merged: 32 sent at once, directly
+    before = executions()
+    feeds = embedder.preprocessor.prepare(Request(texts=[f"caption number {i}" for i in range(32)]), serving=True)
+    answers, all_in = [], threading.Event()
+
+    def collect(result, error):
+        answers.append(error or result.as_numpy("text_embeds"))
+        if len(answers) == 32:
+            all_in.set()
+
+    for i in range(32):  # gRPC's async_infer sends without waiting (the HTTP client's gevent pool trickles)
+        tensors = []
+        for name in ("input_ids", "attention_mask"):
+            tensor = grpcclient.InferInput(name, [1, feeds[name].shape[1]], "INT64")
+            tensor.set_data_from_numpy(feeds[name][i:i + 1])
+            tensors.append(tensor)
+        stats_client.async_infer("bgevl_text", tensors, callback=collect)
+    assert all_in.wait(60)
+    assert all(getattr(a, "shape", None) == (1, embedder.dim) for a in answers), answers
     inferences, runs = (a - b for a, b in zip(executions(), before))
     assert inferences == 32
     assert runs < inferences, f"{inferences} text-encoder inferences took {runs} executions: nothing was batched"
