@@ -50,6 +50,18 @@ def cpu_has_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def compile_for_cpu(path: Any, precision: str, threads: int | None = None) -> Any:
+    """An ONNX file compiled by OpenVINO for the CPU at ``precision`` (an explicit hint both ways: on a bf16
+    CPU OpenVINO's default is bf16, so "f32" must be asked for), latency-oriented."""
+    import openvino as ov
+
+    core = ov.Core()
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return core.compile_model(core.read_model(str(path)), "CPU", config)
+
+
 class OpenVinoRunner(Runner):
     """One graph compiled by OpenVINO for the CPU at ``precision`` (``bf16`` or ``f32``)."""
 
@@ -60,13 +72,8 @@ class OpenVinoRunner(Runner):
             raise BgevlError(f"OpenVINO precision {precision!r}: choose one of {', '.join(OPENVINO_PRECISIONS)}")
         if precision == "bf16" and not cpu_has_bf16():
             raise BgevlError("this CPU has no bf16 support (AVX512-BF16 or AMX) for OpenVINO; use precision 'f32'")
-        core = ov.Core()
-        # the hint is explicit both ways: on a bf16 CPU OpenVINO's default is bf16, so "f32" must be asked for
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
         self.spec, self.precision, self.max_batch = spec, precision, spec.batch.max
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.compiled = compile_for_cpu(path, precision, threads)
         self.version = ov.get_version().split("-")[0]
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # an infer request serves one call at a time

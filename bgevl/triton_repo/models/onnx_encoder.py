@@ -24,13 +24,9 @@ class OpenVinoSession:
     openvino`` in the config's parameters; ``bgevl.runtime.openvino``)."""
 
     def __init__(self, path: Path, precision: str, threads: int | None):
-        import openvino as ov
+        from bgevl.runtime.openvino import compile_for_cpu
 
-        core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.compiled = compile_for_cpu(path, precision, threads)
         self.request = self.compiled.create_infer_request()  # execute() runs one call at a time
 
     def run(self, names, feed):
