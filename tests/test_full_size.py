@@ -38,12 +38,14 @@ def test_full_width_llava_next_mistral_exports_with_external_data(tmp_path, monk
     import copy
     import dataclasses
 
-    from bgevl import specs
+    from bgevl.families import family_of, get_model_spec
 
-    arch = copy.deepcopy(dict(specs.MODELS["mllm-s1"].architecture))
+    full = get_model_spec("mllm-s1")
+    arch = copy.deepcopy(dict(full.architecture))
     arch["text_config"]["num_hidden_layers"] = 2
-    spec = dataclasses.replace(specs.MODELS["mllm-s1"], key="mllm-s1-2layers", architecture=arch)
-    monkeypatch.setitem(specs.MODELS, spec.key, spec)
+    spec = dataclasses.replace(full, key="mllm-s1-2layers", architecture=arch)
+    family = family_of(full)
+    monkeypatch.setattr(family, "models", family.models + (spec,))  # a --model key of the family, for this test
     out = run_export(ExportOptions(output=tmp_path / "mllm", model=spec.key, random_weights=True, precision="fp16",
                                    probe_count=1, max_batch=2, opt_batch=1), sink=print)
     manifest = json.loads((out / "manifest.json").read_text())
