@@ -149,7 +149,7 @@ class CheckpointFiles:
     stored_dtypes: tuple[str, ...]  # dtypes of the stored tensors ("F16", "BF16", "F32", ...)
 
 
-def _listed(names: Any) -> str:
+def listed(names: Any) -> str:
     names = sorted(names)
     more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
     return ", ".join(names[:_LISTED]) + more
@@ -161,7 +161,7 @@ def _dotted(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -183,13 +183,13 @@ def weight_files(path: Path) -> list[Path]:
             f"and processor files")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index, "weight index").get("weight_map")
+        weight_map = read_json(index, "weight index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no weight_map; download the file again")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
-            raise CheckpointError(f"{path}: the weight index names shards that are not there ({_listed(missing)}); "
+            raise CheckpointError(f"{path}: the weight index names shards that are not there ({listed(missing)}); "
                                   f"the download is incomplete: download the missing files")
         return [path / s for s in shards]
     if (path / "model.safetensors").is_file():
@@ -223,7 +223,7 @@ def inspect_checkpoint(path: Path, spec: ModelSpec) -> CheckpointFiles:
     import transformers
 
     kind = family_of(spec).checkpoint_kind
-    raw = _read_json(path / "config.json", "model config (config.json)")
+    raw = read_json(path / "config.json", "model config (config.json)")
     if raw.get("model_type") != kind.model_type:
         found = raw.get("model_type") or "no model_type"
         archs = ", ".join(raw.get("architectures") or []) or "architecture not named"
@@ -241,7 +241,7 @@ def inspect_checkpoint(path: Path, spec: ModelSpec) -> CheckpointFiles:
         if differ:
             others = [m.key for m in _same_family(spec) if not _identity_differences(config, m, kind)]
             hint = f"it matches --model {others[0]}" if others else "no --model of this family matches it"
-            raise CheckpointError(f"{path} is not {spec.hub_id}: {_listed(differ)}; {hint}")
+            raise CheckpointError(f"{path} is not {spec.hub_id}: {listed(differ)}; {hint}")
     files = weight_files(path)
     stored: dict[str, str] = {}
     for file in files:
@@ -252,7 +252,7 @@ def inspect_checkpoint(path: Path, spec: ModelSpec) -> CheckpointFiles:
                               f"repository into the directory")
     processor_config = path / "processor_config.json"
     if not (path / "preprocessor_config.json").is_file() and not (
-            processor_config.is_file() and "image_processor" in _read_json(processor_config, "processor config")):
+            processor_config.is_file() and "image_processor" in read_json(processor_config, "processor config")):
         raise CheckpointError(f"{path}: no image-processor settings (preprocessor_config.json); copy the file from "
                               f"the hub repository into the directory")
     return CheckpointFiles(path, config, tuple(files), len(stored), tuple(sorted(set(stored.values()))))
@@ -292,7 +292,7 @@ def load_weights_checked(model_class: Any, path: Path, config: Any, attn_impleme
     for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of the wrong shape")):
         names = [k if isinstance(k, str) else k[0] for k in info.get(key) or ()]
         if names:
-            problems.append(f"{len(names)} tensors {what} ({_listed(names)})")
+            problems.append(f"{len(names)} tensors {what} ({listed(names)})")
     if problems:
         raise CheckpointError(f"{path}: the weights do not fit the {config.architectures[0] if config.architectures else model_class.__name__} "
                               f"of config.json: {'; '.join(problems)}; the checkpoint is incomplete or of another model: "

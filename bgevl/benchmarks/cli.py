@@ -194,9 +194,8 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
     for backend in backends:
         if backend in GRAPH_BACKENDS and not (GRAPH_BACKENDS[backend][2] == "fp32" and spec.billions > 2):
             _export(key, GRAPH_BACKENDS[backend][2], args, log, GRAPH_BACKENDS[backend][3])
-    if "runtime" in backends or "triton" in backends:
-        _export(key, "fp16" if spec.billions > 2 else "fp32", args, log)
-    float_export = _export(key, "fp16" if spec.billions > 2 else "fp32", args, log)  # FLOPs are counted on it
+    # the float export: FLOPs are counted on its graphs, and the runtime and Triton serve it
+    float_export = _export(key, "fp16" if spec.billions > 2 else "fp32", args, log)
     log(f"{key}: loading the PyTorch model")
     checkpoint = resolve_checkpoint(spec, model_path=args.model_path, random_weights=args.random_weights, workdir=workdir)
     model = BenchModel(family, checkpoint.path, args.threads, float_export)
@@ -228,13 +227,11 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
             graphs[backend] = open_runners(manifest, provider=provider, threads=args.threads)
 
     runtime = server = None
-    if "runtime" in backends or "triton" in backends:
-        fp32 = _export(key, "fp16" if spec.billions > 2 else "fp32", args, log)
-        if "runtime" in backends:
-            runtime = Embedder.load(fp32, provider="cpu", threads=args.threads)
-        if "triton" in backends:
-            server = _start_triton(fp32, workdir, log)
-            sampler.add_process_tree("triton", server.process.pid)
+    if "runtime" in backends:
+        runtime = Embedder.load(float_export, provider="cpu", threads=args.threads)
+    if "triton" in backends:
+        server = _start_triton(float_export, workdir, log)
+        sampler.add_process_tree("triton", server.process.pid)
     max_batch = min((g.max_batch for gs in graphs.values() for g in gs.values()), default=None)
     try:
         for workload in [w for w in args.workloads.split(",") if w]:

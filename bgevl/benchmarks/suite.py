@@ -62,22 +62,24 @@ class BenchModel:
     graphs the FLOPs are counted on (``bgevl.benchmarks.flops``); without one, torch's counter on the baseline."""
 
     def __init__(self, family: Any, checkpoint: Path, threads: int, float_export: Path | None = None):
+        from bgevl.manifest import read_manifest
+
         self.family = family
         self.baseline = family.torch_baseline(checkpoint, threads)
-        self.float_export = float_export
+        self.float_graphs = None
+        if float_export is not None:
+            manifest = read_manifest(float_export)
+            self.float_graphs = (manifest.graph_specs(), {name: manifest.graph_path(name) for name in manifest.graphs})
 
     def case(self, key: str, workload: str, batch: int, count_flops: bool = True) -> Case:
         images, texts = raw_inputs(workload, batch)
         request = self.family.bench_request(workload, images, texts)
         case = Case(key, workload, batch, request, self.baseline.preprocessor.prepare(request))
-        if count_flops and self.float_export is not None:
+        if count_flops and self.float_graphs is not None:
             from bgevl.benchmarks.flops import recipe_gflop
-            from bgevl.manifest import read_manifest
 
-            manifest = read_manifest(self.float_export)
             first = self.baseline.preprocessor.prepare(request.slice(0, 1))
-            case.gflop = recipe_gflop(self.family, manifest.graph_specs(),
-                                      {name: manifest.graph_path(name) for name in manifest.graphs}, first, batch)
+            case.gflop = recipe_gflop(self.family, *self.float_graphs, first, batch)
         if count_flops and case.gflop != case.gflop:  # no float export, or graphs too large to count in memory
             case.gflop = self.baseline.gflop(request, case.feeds)
         return case

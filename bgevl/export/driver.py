@@ -75,7 +75,8 @@ def _check_options(opts: ExportOptions) -> None:
     if opts.int8_mode not in INT8_MODES:
         raise BgevlError(f"--int8-mode {opts.int8_mode!r}: choose one of {', '.join(INT8_MODES)}")
     spec = get_model_spec(opts.model)
-    default_opt, default_max = family_of(spec).default_batch
+    family = family_of(spec)
+    default_opt, default_max = family.default_batch
     opts.max_batch = opts.max_batch or max(default_max, opts.opt_batch or 0)
     opts.opt_batch = opts.opt_batch or min(default_opt, opts.max_batch)
     if not 1 <= opts.opt_batch <= opts.max_batch:
@@ -86,9 +87,9 @@ def _check_options(opts: ExportOptions) -> None:
                       "a bgevl export (manifest.json)", "--output")
     if opts.calibration_data is not None and opts.precision != "int8":
         raise BgevlError("--calibration-data only applies to --precision int8")
-    family_of(spec).check_export_options(spec, opts)
+    family.check_export_options(spec, opts)
     if opts.precision == "int8":
-        family_of(spec).int8_form(opts.int8_mode)  # a mode the family does not have is refused before loading
+        family.int8_form(opts.int8_mode)  # a mode the family does not have is refused before loading
 
 
 def load_calibration_dir(directory: Path) -> tuple[list, list[str]]:

@@ -107,10 +107,10 @@ class VisualizedFamily(Family):
     def download(self, spec: ModelSpec) -> Path:
         """``weights_file`` of ``BAAI/bge-visualized`` and the text model's files (cache first)."""
         from bgevl.checkpoints import download_repository
-        from bgevl.families.visualized.checkpoint import _TEXT_PATTERNS
+        from bgevl.families.visualized.checkpoint import TEXT_PATTERNS
 
         weights = download_repository(spec, (spec.architecture["weights_file"],)) / spec.architecture["weights_file"]
-        download_repository(spec, _TEXT_PATTERNS, spec.architecture["text_hub_id"])
+        download_repository(spec, TEXT_PATTERNS, spec.architecture["text_hub_id"])
         return weights
 
     def check_files(self, path: Path, spec: ModelSpec, report: Callable[[str], None]) -> None:
@@ -157,15 +157,20 @@ class VisualizedFamily(Family):
         return TextLayout(model.vision_config.image_size, model.vision_config.num_patches, positions, model_type,
                           min(text_only, int(max_sequence_length)))
 
+    @staticmethod
+    def graph_specs(model: Any, layout: Any, opt_batch: int, max_batch: int) -> dict[str, GraphSpec]:
+        """The graphs of a loaded model (``modeling.VisualizedBGE``) with its text layout."""
+        return visualized_graph_specs(image_size=layout.image_size, image_tokens=layout.image_tokens,
+                                      hidden=int(model.text_config.hidden_size), max_text_length=layout.max_text_length,
+                                      opt_batch=opt_batch, max_batch=max_batch)
+
     def prepare_export(self, path: Path, spec: ModelSpec, options: Any) -> ExportedModel:
         from bgevl.families.visualized.preprocessing import VisualizedPreprocessor
 
         model, tokenizer = self.load(path, spec)
         layout = self.layout_of(model, options.max_sequence_length)
         hidden = int(model.text_config.hidden_size)
-        graphs = visualized_graph_specs(image_size=layout.image_size, image_tokens=layout.image_tokens, hidden=hidden,
-                                        max_text_length=layout.max_text_length, opt_batch=options.opt_batch,
-                                        max_batch=options.max_batch)
+        graphs = self.graph_specs(model, layout, options.opt_batch, options.max_batch)
         # the stored, unused parts (pooler, EVA final norm and CLIP head, logit scale) are not counted
         unused = ("bge_pooler.", "model_visual.logit_scale", "model_visual.visual.norm.", "model_visual.visual.head.")
         parameters = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(unused))
@@ -180,9 +185,9 @@ class VisualizedFamily(Family):
                     f"{layout.multimodal_limit} tokens beside an image, {layout.text_only_limit} alone")
 
     def graph_modules(self, exported: ExportedModel) -> dict[str, Any]:
-        from bgevl.families.visualized.modeling import TextGraph, VisionGraph
+        from bgevl.families.visualized.modeling import graph_modules
 
-        return {VISION_GRAPH: VisionGraph(exported.model).eval(), TEXT_GRAPH: TextGraph(exported.model).eval()}
+        return graph_modules(exported.model)
 
     def example_feeds(self, modules: Mapping[str, Any], requests: Sequence[Feeds]) -> dict[str, Feeds]:
         """A composed request (two items or more): the text graph traced with the image tokens of the

@@ -15,8 +15,7 @@ class VisualizedBaseline:
     def __init__(self, family: Any, checkpoint: Path, threads: int):
         import torch
 
-        from bgevl.families.visualized.graphs import TEXT_GRAPH, VISION_GRAPH, visualized_graph_specs
-        from bgevl.families.visualized.modeling import TextGraph, VisionGraph
+        from bgevl.families.visualized.modeling import graph_modules
         from bgevl.families.visualized.preprocessing import VisualizedPreprocessor
         from bgevl.runtime.runners import TorchModuleRunner
         from bgevl.specs import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, DEFAULT_OPT_BATCH
@@ -25,10 +24,8 @@ class VisualizedBaseline:
         model, tokenizer = family.load(checkpoint, attn_implementation="sdpa")
         layout = family.layout_of(model, DEFAULT_MAX_SEQUENCE)
         self.family = family
-        self.graphs = visualized_graph_specs(
-            image_size=layout.image_size, image_tokens=layout.image_tokens, hidden=int(model.text_config.hidden_size),
-            max_text_length=layout.max_text_length, opt_batch=DEFAULT_OPT_BATCH, max_batch=DEFAULT_MAX_BATCH)
-        modules = {VISION_GRAPH: VisionGraph(model).eval(), TEXT_GRAPH: TextGraph(model).eval()}
+        self.graphs = family.graph_specs(model, layout, DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH)
+        modules = graph_modules(model)
         self.runners = {name: TorchModuleRunner(spec, modules[name]) for name, spec in self.graphs.items()}
         self.preprocessor = VisualizedPreprocessor(tokenizer, layout)
 

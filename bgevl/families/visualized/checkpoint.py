@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from bgevl.checkpoints import listed, read_json
 from bgevl.errors import CheckpointError
 from bgevl.specs import ModelSpec
 
@@ -33,7 +34,6 @@ LEGACY_OPTIONAL_KEYS = ("bge_embeddings.position_ids", "bge_embeddings.token_typ
 TEXT_MODEL_TYPES = ("bert", "xlm-roberta")
 #: Files of the text model a checkpoint needs beside its weights (one of the tokenizer sets).
 TEXT_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.txt",), ("sentencepiece.bpe.model",))
-_LISTED = 3
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,6 @@ class VisualizedFiles:
 
     weights: Path
     text_dir: Path
-
-
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:_LISTED]) + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
 
 
 # --- the published layout -------------------------------------------------------------------
@@ -151,7 +147,7 @@ def locate(path: Path) -> VisualizedFiles:
         if len(weights) != 1:
             raise CheckpointError(
                 f"--model-path {path}: {'no' if not weights else len(weights)} .pth files there "
-                f"({_listed([w.name for w in weights])}); a Visualized-BGE directory holds one Visualized_*.pth and the "
+                f"({listed([w.name for w in weights])}); a Visualized-BGE directory holds one Visualized_*.pth and the "
                 f"text model's config.json and tokenizer files, or pass the .pth file itself")
         if not _has_text_files(path):
             raise CheckpointError(
@@ -173,7 +169,7 @@ def locate(path: Path) -> VisualizedFiles:
         spec = published[0]
         text_repo = spec.architecture["text_hub_id"]
         try:
-            return VisualizedFiles(path, download_repository(spec, _TEXT_PATTERNS, text_repo, local_only=True))
+            return VisualizedFiles(path, download_repository(spec, TEXT_PATTERNS, text_repo, local_only=True))
         except CheckpointError:
             pass
         raise CheckpointError(
@@ -186,7 +182,7 @@ def locate(path: Path) -> VisualizedFiles:
 
 
 #: The text model's files fetched from its hub repository.
-_TEXT_PATTERNS = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+TEXT_PATTERNS = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                   "sentencepiece.bpe.model")
 
 
@@ -220,11 +216,11 @@ def check_state_dict(state: dict, expected: "OrderedDict[str, tuple]", weights: 
     if missing or unexpected:
         raise CheckpointError(
             f"{weights}: the tensors do not fit the architecture of the text model's config.json and the tower's "
-            f"shapes: {len(missing)} missing ({_listed(missing)}), {len(unexpected)} unexpected ({_listed(unexpected)}); "
+            f"shapes: {len(missing)} missing ({listed(missing)}), {len(unexpected)} unexpected ({listed(unexpected)}); "
             f"the file is of another model or its text model files do not belong to it")
     bad = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in expected if tuple(state[k].shape) != expected[k]]
     if bad:
-        raise CheckpointError(f"{weights}: {len(bad)} tensors of the wrong shape ({_listed(bad)}); the text model's "
+        raise CheckpointError(f"{weights}: {len(bad)} tensors of the wrong shape ({listed(bad)}); the text model's "
                               f"config.json does not belong to these weights")
     # FE shares one rope module between visual.rope and every block; loading writes it 1+L times and
     # the last copy wins. The published files store one tensor; copies that differ are a broken file.
@@ -238,10 +234,7 @@ def check_state_dict(state: dict, expected: "OrderedDict[str, tuple]", weights: 
 def read_text_config(text_dir: Path) -> Any:
     from transformers import AutoConfig
 
-    try:
-        raw = json.loads((text_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{text_dir / 'config.json'}: cannot read the text model's config ({exc})") from None
+    raw = read_json(text_dir / "config.json", "text model's config")
     if raw.get("model_type") not in TEXT_MODEL_TYPES:
         raise CheckpointError(
             f"{text_dir / 'config.json'}: a {raw.get('model_type')!r} config; Visualized-BGE's text model is BERT "
@@ -277,7 +270,7 @@ def inspect_visualized(path: Path, spec: ModelSpec | None = None) -> LoadedCheck
         differ += [f"text {k} {getattr(text_config, k)} (spec {want['text'][k]})"
                    for k in ("hidden_size", "num_hidden_layers") if getattr(text_config, k) != want["text"][k]]
         if differ:
-            raise CheckpointError(f"{files.weights} is not {spec.description.split(':')[0]}: {_listed(differ)}; pass "
+            raise CheckpointError(f"{files.weights} is not {spec.description.split(':')[0]}: {', '.join(differ)}; pass "
                                   f"the --model that matches it")
     return LoadedCheckpoint(files, state, text_config, vision)
 

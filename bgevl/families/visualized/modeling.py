@@ -325,3 +325,11 @@ class TextGraph(nn.Module):
                 image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cls = self.model.cls_hidden(input_ids, attention_mask, image_tokens)
         return F.normalize(cls, dim=-1), cls
+
+
+def graph_modules(model: VisualizedBGE) -> dict[str, nn.Module]:
+    """The exported graphs' modules by graph name (``graphs``): what the export traces and the benchmark's
+    PyTorch baseline runs."""
+    from bgevl.families.visualized.graphs import TEXT_GRAPH, VISION_GRAPH
+
+    return {VISION_GRAPH: VisionGraph(model).eval(), TEXT_GRAPH: TextGraph(model).eval()}

@@ -155,13 +155,12 @@ class VisualizedPreprocessor(Preprocessor):
             feeds[PIXEL_VALUES] = np.stack([
                 pixel_values(load_image(item, start + i, convert_rgb=False, limits=self.limits, model_size=size), size)
                 for i, item in enumerate(request.images)])
-            texts = request.texts if request.texts is not None else [""] * len(request.images)
             if request.texts is None:  # FE encode_image: the prompt "" -> [CLS][SEP]
-                encoded = self.tokenizer(texts, padding=True, return_tensors="np")
+                encoded = self.tokenizer([""] * len(request.images), padding=True, return_tensors="np")
                 feeds.update({INPUT_IDS: encoded["input_ids"].astype(np.int64),
                               ATTENTION_MASK: encoded["attention_mask"].astype(np.int64)})
             else:
-                feeds.update(self.tokens(texts, True, start))
+                feeds.update(self.tokens(request.texts, True, start))
         elif request.texts is not None:
             feeds.update(self.tokens(request.texts, False, start))
         return feeds
