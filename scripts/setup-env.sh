@@ -15,7 +15,7 @@ fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # torch first and pinned: an unpinned torch pulls the CUDA build (GBs); 2.13.0 is the CPU wheel here.
 $PIP install "torch==2.13.0"
-$PIP install -c constraints.txt -e ".[cpu,export,serving,bench,openvino,test]"
+$PIP install -c constraints.txt -e ".[cpu,export,serving,bench,openvino,api,corpus,ray,test]"
 # perf_analyzer (from the tritonclient 2.51.0 wheel, the last whose binary runs on this OS) into
 # $VENV/tools; optional: the tests and bgevl-bench say why they do without it when it is missing.
 "$VENV/bin/python" -m bgevl.triton_repo.perf_analyzer --install || echo "perf_analyzer not installed (see above); continuing" >&2
