@@ -137,7 +137,8 @@ class RepositoryWriter:
             config = encoder_config(name, graph, "openvino", batching, model_file=files[0].name, parameters=parameters)
             version = self.write(config)
         else:
-            parameters = {"onnx_file": files[0].name}
+            # the graph's declaration: the encoder checks each request's feed against it (GraphSpec.check_feed)
+            parameters = {"onnx_file": files[0].name, "graph": json.dumps(graph.to_json())}
             if self.backend == "python-openvino":
                 parameters.update(engine="openvino", openvino_precision=self.openvino_precision)
             if trim_right_padding:
