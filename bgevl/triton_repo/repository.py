@@ -194,21 +194,29 @@ class RepositoryOptions:
     preferred_batch: tuple[int, ...] | None = None
     openvino_precision: str = "bf16"
 
-    def write(self, export_dir: str | os.PathLike, sink: Callable[[str], None] | None = print) -> Path:
-        return write_repository(export_dir, self.output, backend=self.backend, name=self.name, instances=self.instances,
+    def write(self, export_dir: str | os.PathLike, sink: Callable[[str], None] | None = print,
+              option: str = "--output") -> Path:
+        return write_repository(export_dir, self.output, option=option, backend=self.backend, name=self.name,
+                                instances=self.instances,
                                 queue_delay_us=self.queue_delay_us, overwrite=self.overwrite, sink=sink,
                                 limits=self.limits, preprocess_instances=self.preprocess_instances,
                                 preferred_batch=self.preferred_batch, openvino_precision=self.openvino_precision)
 
 
-def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *, backend: str = "python",
+#: What ``--overwrite`` may replace: a previous repository.
+REPOSITORY_WHAT = "a Triton model repository"
+
+
+def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *, option: str = "--output",
+                     backend: str = "python",
                      name: str = DEFAULT_SERVING_NAME, instances: int = 1, queue_delay_us: int = 2000,
                      overwrite: bool = False, sink: Callable[[str], None] | None = print,
                      limits: InputLimits = DEFAULT_LIMITS, preprocess_instances: int = DEFAULT_PREPROCESS_INSTANCES,
                      preferred_batch: tuple[int, ...] | None = None, openvino_precision: str = "bf16") -> Path:
     """Package the export in ``export_dir`` as a Triton model repository at ``output``. OpenVINO encoders
     (``openvino``, ``python-openvino``) are compiled here first and must pass the parity gate of
-    ``bgevl.runtime.openvino`` on the export's probe set (at ``openvino_precision``), or nothing is written."""
+    ``bgevl.runtime.openvino`` on the export's probe set (at ``openvino_precision``), or nothing is written.
+    ``option``: the flag that named ``output``, for the messages."""
     sink = sink or (lambda msg: None)
     manifest = read_manifest(export_dir)
     if backend not in ENCODER_BACKENDS:
@@ -227,8 +235,8 @@ def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *
     if not name.replace("_", "").replace("-", "").isalnum():
         raise BgevlError(f"--triton-name {name!r}: use letters, digits, '_' and '-' (it names the model directories)")
     out = Path(output).expanduser().resolve()
-    check_replaceable(out, overwrite, is_repository, "a Triton model repository", "--output")
-    with staged_directory(out) as staging:
+    check_replaceable(out, overwrite, is_repository, REPOSITORY_WHAT, option)
+    with staged_directory(out, option=option, overwrite=overwrite, is_ours=is_repository, what=REPOSITORY_WHAT) as staging:
         writer = RepositoryWriter(manifest, staging, backend, name, instances, queue_delay_us, limits, preprocess_instances,
                                   preferred_batch, openvino_precision)
         sink(f"writing Triton repository ({manifest.family}, {backend} encoders) to {out}")
