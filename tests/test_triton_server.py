@@ -707,9 +707,24 @@ def test_bgevl_serve_reports_and_recovers_a_dead_stub(clip_export, tmp_path):
         served = httpclient.InferenceServerClient(f"localhost:{ports[0]}").infer(
             "bgevl", request(httpclient, texts=TEXTS[:1], images=IMAGES[:1]))
         assert served.as_numpy("EMBEDDING").shape == (1, 16)
+
+        # a model that cannot come back (here: its code no longer loads) is retried with backoff, then the
+        # server is stopped and bgevl-serve exits non-zero, so that a supervisor restarts it
+        (repo / "bgevl_fusion" / "1" / "model.py").write_text("raise RuntimeError('broken on purpose')\n")
+        stub = next(p for p in psutil.Process(server_pid_of(out)).children(recursive=True)
+                    if "bgevl_fusion/1/model.py" in " ".join(p.cmdline()))
+        stub.kill()
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 3, rest
+        assert "reloading model 'bgevl_fusion' failed (HTTP 400" in rest and "retrying in 1 s" in rest, rest
+        assert "retrying in 2 s" in rest and "reloading model 'bgevl_fusion' failed 3 times" in rest, rest
+        assert ("bgevl-serve: error: model(s) bgevl_fusion cannot serve after 3 reloads; stopping the server so that "
+                "a supervisor restarts it") in rest and "Traceback" not in rest.split("failed 3 times")[1], rest
+        assert group_gone(server_pid_of(out))
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
 
 
 def test_a_failed_start_names_the_model_its_cause_and_the_log(clip_export, tmp_path):
