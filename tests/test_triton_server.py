@@ -315,6 +315,33 @@ def test_a_thin_png_of_a_few_hundred_bytes_is_refused_fast_with_bounded_memory(c
     assert _group_peak_rss_mb(server) - before < 200  # peaks: a decode spike would show
 
 
+def test_a_large_request_does_not_hold_a_small_one(clip_served):
+    """Eight 6300x6300 images (each just under the pixel limit, seconds of decoding in all) in one request to
+    the entry model, then a one-text request: the text is answered while the large request is still being
+    worked on (before, the entry model's single instance held it until the large one was done: 11 s for 16
+    such images), and the large request's answer is still right."""
+    server, embedder = clip_served
+    large = [_png_of(Image.new("1", (6300, 6300), color=i % 2)) for i in range(8)]
+    finished: dict[str, float] = {}
+
+    def send_large():
+        served = client(server, "grpc").infer("bgevl", request(grpcclient, images=large), client_timeout=300)
+        finished["large"] = time.monotonic()
+        return served.as_numpy("EMBEDDING")
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(send_large)
+        time.sleep(1.0)  # the large request is being preprocessed (its decoding alone takes several seconds)
+        sent = time.monotonic()
+        text = embed(server, "http", texts=TEXTS[:1])
+        finished["text"] = time.monotonic()
+        assert "large" not in finished, "the one-text request waited for the large request to finish"
+        served = pending.result(timeout=300)
+    print(f"one-text request beside a large one: {1e3 * (finished['text'] - sent):.0f} ms")
+    assert_matches(text, embedder.encode(text=TEXTS[:1]))
+    assert_matches(served, embedder.encode(images=large))
+
+
 def test_a_bad_request_to_an_encoder_fails_alone(clip_served):
     """Requests straight to the text encoder, merged by its dynamic batcher: other sequence lengths run
     in their own call, and token ids out of the vocabulary fail only their own request."""
