@@ -236,12 +236,18 @@ def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *
             f"{manifest.directory} has no TensorRT engines; build them on a machine with TensorRT and a GPU "
             f"(`bgevl-export build-engines {manifest.directory}`), or package with --triton-backend onnxruntime or python")
     if backend in ("openvino", "python-openvino"):
-        from bgevl.runtime.openvino import open_openvino
+        from bgevl.runtime.openvino import cpu_has_bf16, open_openvino
 
         if backend == "openvino" and openvino_precision != "bf16":
             raise BgevlError("--triton-backend openvino: Triton's OpenVINO backend has no switch to force f32 (on a bf16 "
                              "CPU OpenVINO computes in bf16 anyway); use --triton-backend python-openvino for f32")
-        open_openvino(manifest, precision=openvino_precision)  # compiles and checks parity; raises when it misses
+        checked = openvino_precision
+        if backend == "openvino" and not cpu_has_bf16():
+            # Triton's OpenVINO backend computes in bf16 where the serving CPU has it and in f32 elsewhere; this CPU
+            # has no bf16, so the graphs are checked as they will run here (the serving CPU may differ)
+            checked = "f32"
+            sink("this CPU has no bf16 (AVX512-BF16 or AMX): the OpenVINO encoders are checked in f32, as they run here")
+        open_openvino(manifest, precision=checked)  # compiles and checks parity; raises when it misses
     if not name.replace("_", "").replace("-", "").isalnum():
         raise BgevlError(f"--triton-name {name!r}: use letters, digits, '_' and '-' (it names the model directories)")
     out = Path(output).expanduser().resolve()
