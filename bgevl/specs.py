@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
+
 
 #: ONNX opset of every exported graph. >= 17 so LayerNorm is exported as the
 #: LayerNormalization op, which TensorRT maps to its normalization layer (FP16-safe).
@@ -57,6 +59,9 @@ class TensorSpec:
     dtype: str  # numpy dtype name: "float32", "int64"
     shape: tuple[int | Dim, ...]
     description: str = ""
+    #: Inclusive range of the values an integer input may hold (token ids within the vocabulary, a
+    #: mask's 0 and 1); ``None``: not declared. Checked by :meth:`GraphSpec.check_feed`.
+    values: tuple[int, int] | None = None
 
     def symbolic_shape(self) -> list[int | str]:
         """Shape with dynamic axes written as their names (the manifest's form)."""
@@ -78,13 +83,15 @@ class TensorSpec:
             "shape": self.symbolic_shape(),
             "dynamic_axes": {str(i): asdict(d) for i, d in self.dynamic_axes().items()},
             "description": self.description,
+            **({"values": list(self.values)} if self.values is not None else {}),
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TensorSpec":
         dyn = {int(i): Dim(**d) for i, d in data.get("dynamic_axes", {}).items()}
         shape = tuple(dyn[i] if i in dyn else int(s) for i, s in enumerate(data["shape"]))
-        return cls(data["name"], data["dtype"], shape, data.get("description", ""))
+        values = tuple(int(v) for v in data["values"]) if data.get("values") is not None else None
+        return cls(data["name"], data["dtype"], shape, data.get("description", ""), values)
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,54 @@ class GraphSpec:
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
+
+    def check_feed(self, feed: Mapping[str, Any], *, batch_limit: bool = True) -> None:
+        """Refuse, with one line naming the tensor (:class:`~bgevl.errors.InputError`), a feed this graph
+        was not declared for: a missing or unknown input, another dtype or rank, a fixed axis of another
+        size, a dynamic axis outside its range or of two sizes in one feed, integer values outside their
+        declared range (token ids past the vocabulary, negative ids, a mask that is not 0/1).
+
+        Every backend runs a graph through this one check (``bgevl.runtime.runners.Runner.run``, the
+        Triton python-backend encoders), because the backends differ in what they catch themselves:
+        ONNX Runtime's Gather takes negative ids as Python-style indices and OpenVINO's reads past the
+        table, both answering a wrong embedding; an overlong sequence costs seconds of CPU before it
+        fails, or does not fail at all. ``batch_limit=False`` skips the batch axis's maximum (callers
+        that split a feed into chunks of it)."""
+        from bgevl.errors import InputError
+
+        unknown = sorted(set(feed) - set(self.input_names))
+        missing = [name for name in self.input_names if name not in feed]
+        if missing or unknown:
+            raise InputError(f"graph {self.name!r}: " + "; ".join(
+                ([f"missing input(s) {', '.join(missing)}"] if missing else [])
+                + ([f"unknown input(s) {', '.join(unknown)}"] if unknown else []))
+                + f" (it takes {', '.join(self.input_names)})")
+        sizes: dict[str, tuple[int, str]] = {}
+        batch = self.batch.name
+        for tensor in self.inputs:
+            value = feed[tensor.name]
+            where = f"graph {self.name!r} input {tensor.name!r}"
+            dtype = getattr(value, "dtype", None)
+            if dtype is None or np.dtype(dtype) != np.dtype(tensor.dtype):
+                raise InputError(f"{where}: dtype {dtype}, expected {tensor.dtype}")
+            if value.ndim != len(tensor.shape):
+                raise InputError(f"{where}: shape {list(value.shape)}, expected {tensor.symbolic_shape()}")
+            for axis, (size, dim) in enumerate(zip(value.shape, tensor.shape)):
+                if not isinstance(dim, Dim):
+                    if size != dim:
+                        raise InputError(f"{where}: axis {axis} is {size}, expected {dim}")
+                    continue
+                top = dim.max if batch_limit or dim.name != batch else size
+                if not dim.min <= size <= top:
+                    raise InputError(f"{where}: {dim.name} {size} is outside the served range {dim.min}..{dim.max}")
+                seen = sizes.setdefault(dim.name, (size, tensor.name))
+                if seen[0] != size:
+                    raise InputError(f"{where}: {dim.name} {size} differs from {seen[1]!r}'s {seen[0]}")
+            if tensor.values is not None and value.size:
+                low, high = int(value.min()), int(value.max())
+                if low < tensor.values[0] or high > tensor.values[1]:
+                    bad = low if low < tensor.values[0] else high
+                    raise InputError(f"{where}: value {bad} is outside {tensor.values[0]}..{tensor.values[1]}")
 
     @property
     def batch(self) -> Dim:
@@ -157,6 +212,13 @@ DEFAULT_MAX_SEQUENCE = 4096
 
 #: Input names every family's text and image graphs use (the tokenizer's and image processor's own names).
 PIXEL_VALUES, INPUT_IDS, ATTENTION_MASK = "pixel_values", "input_ids", "attention_mask"
+#: The values an attention mask holds.
+MASK_VALUES = (0, 1)
+
+
+def token_ids(vocab_size: int | None) -> tuple[int, int] | None:
+    """The values a token-id input may hold: ids of the model's embedding table (``None``: not declared)."""
+    return (0, int(vocab_size) - 1) if vocab_size else None
 
 
 def batch_dim(opt: int = DEFAULT_OPT_BATCH, max_batch: int = DEFAULT_MAX_BATCH) -> Dim:

@@ -57,3 +57,36 @@ def test_bench_runs_every_backend_and_writes_json_markdown_and_plots(tmp_path, c
 def test_bench_rejects_unknown_backends(tmp_path, capsys):
     assert main(["--models", "tiny", "--backends", "pytorch,onnxruntime-fp64", "--output", str(tmp_path)]) == 2
     assert "unknown ['onnxruntime-fp64']" in capsys.readouterr().err
+
+
+def test_an_interrupted_bench_leaves_nothing_half_written_and_prints_one_line(tmp_path, signum="SIGTERM"):
+    """SIGTERM (docker stop, a CI cancel) or Ctrl-C while an export is under way: the staging directory and
+    the exporter's temporary folder go, and the tool says so in one line (exit 130), with no traceback.
+    (SIGINT goes through the same handler: ``bgevl.interrupts``.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp, out = tmp_path / "tmp", tmp_path / "bench"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "bgevl.benchmarks.cli", "--models", "tiny", "--backends",
+                             "pytorch,onnxruntime-fp32", "--output", str(out)], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp)})
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if "exporting tiny fp32" in line:
+            break
+    deadline = time.monotonic() + 120
+    while not list((out / "exports").glob(".*.partial-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((out / "exports").glob(".*.partial-*")) and list(tmp.iterdir()), "".join(log)
+    proc.send_signal(getattr(signal, signum))
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, rest
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest and "BrokenPipe" not in rest, rest
+    assert rest.strip().splitlines()[-1].startswith("bgevl-bench: interrupted; nothing half-written was left")
+    assert not list((out / "exports").glob(".*"))
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith(("bgevl", "tmp"))]  # OpenVINO's .ses may stay

@@ -79,6 +79,23 @@ def test_python_openvino_encoders_serve_on_the_bundled_triton(export_dir, tmp_pa
         tensor.set_data_from_numpy(np.array(images, dtype=object).reshape(-1, 1))
         served = client.infer("bgevl", [tensor]).as_numpy("EMBEDDING")
         assert _cosines(served, Embedder.load(export, provider="cpu").encode(images=images)).min() >= 0.9999
+        # straight to the OpenVINO text encoder: ids past the vocabulary, negative ids and overlong
+        # sequences are 400s naming the problem (OpenVINO itself answered them with wrong embeddings)
+        from tritonclient.utils import InferenceServerException
+
+        for ids, message in (([[49406, 99999, 49407]], "value 99999 is outside 0.."),
+                             ([[49406, 10**12, 49407]], f"value {10**12} is outside 0.."),
+                             ([[49406, -5, 49407]], "value -5 is outside 0.."),
+                             ([[1] * 600], "sequence 600 is outside the served range 1..77")):
+            ids = np.array(ids, dtype=np.int64)
+            inputs = []
+            for name, value in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
+                tensor = httpclient.InferInput(name, list(value.shape), "INT64")
+                tensor.set_data_from_numpy(value)
+                inputs.append(tensor)
+            with pytest.raises(InferenceServerException, match=message) as info:
+                client.infer("bgevl_text", inputs)
+            assert info.value.status() == "400" and "bgevl_text:" in str(info.value)
     finally:
         server.stop()
 

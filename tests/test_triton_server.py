@@ -315,6 +315,33 @@ def test_a_thin_png_of_a_few_hundred_bytes_is_refused_fast_with_bounded_memory(c
     assert _group_peak_rss_mb(server) - before < 200  # peaks: a decode spike would show
 
 
+def test_a_large_request_does_not_hold_a_small_one(clip_served):
+    """Eight 6300x6300 images (each just under the pixel limit, seconds of decoding in all) in one request to
+    the entry model, then a one-text request: the text is answered while the large request is still being
+    worked on (before, the entry model's single instance held it until the large one was done: 11 s for 16
+    such images), and the large request's answer is still right."""
+    server, embedder = clip_served
+    large = [_png_of(Image.new("1", (6300, 6300), color=i % 2)) for i in range(8)]
+    finished: dict[str, float] = {}
+
+    def send_large():
+        served = client(server, "grpc").infer("bgevl", request(grpcclient, images=large), client_timeout=300)
+        finished["large"] = time.monotonic()
+        return served.as_numpy("EMBEDDING")
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(send_large)
+        time.sleep(1.0)  # the large request is being preprocessed (its decoding alone takes several seconds)
+        sent = time.monotonic()
+        text = embed(server, "http", texts=TEXTS[:1])
+        finished["text"] = time.monotonic()
+        assert "large" not in finished, "the one-text request waited for the large request to finish"
+        served = pending.result(timeout=300)
+    print(f"one-text request beside a large one: {1e3 * (finished['text'] - sent):.0f} ms")
+    assert_matches(text, embedder.encode(text=TEXTS[:1]))
+    assert_matches(served, embedder.encode(images=large))
+
+
 def test_a_bad_request_to_an_encoder_fails_alone(clip_served):
     """Requests straight to the text encoder, merged by its dynamic batcher: other sequence lengths run
     in their own call, and token ids out of the vocabulary fail only their own request."""
@@ -707,9 +734,24 @@ def test_bgevl_serve_reports_and_recovers_a_dead_stub(clip_export, tmp_path):
         served = httpclient.InferenceServerClient(f"localhost:{ports[0]}").infer(
             "bgevl", request(httpclient, texts=TEXTS[:1], images=IMAGES[:1]))
         assert served.as_numpy("EMBEDDING").shape == (1, 16)
+
+        # a model that cannot come back (here: its code no longer loads) is retried with backoff, then the
+        # server is stopped and bgevl-serve exits non-zero, so that a supervisor restarts it
+        (repo / "bgevl_fusion" / "1" / "model.py").write_text("raise RuntimeError('broken on purpose')\n")
+        stub = next(p for p in psutil.Process(server_pid_of(out)).children(recursive=True)
+                    if "bgevl_fusion/1/model.py" in " ".join(p.cmdline()))
+        stub.kill()
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 3, rest
+        assert "reloading model 'bgevl_fusion' failed (HTTP 400" in rest and "retrying in 1 s" in rest, rest
+        assert "retrying in 2 s" in rest and "reloading model 'bgevl_fusion' failed 3 times" in rest, rest
+        assert ("bgevl-serve: error: model(s) bgevl_fusion cannot serve after 3 reloads; stopping the server so that "
+                "a supervisor restarts it") in rest and "Traceback" not in rest.split("failed 3 times")[1], rest
+        assert group_gone(server_pid_of(out))
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
 
 
 def test_a_failed_start_names_the_model_its_cause_and_the_log(clip_export, tmp_path):

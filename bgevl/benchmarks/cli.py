@@ -385,8 +385,17 @@ def _sweep(server, model, key: str, args, log, sweep: list, notes: list) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bgevl.interrupts import run_cli
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # Ctrl-C, SIGTERM: exports in progress, temporary folders, servers and the baseline process are cleaned up
+    # by the context managers and finally blocks on the way out; what was measured is already written
+    return run_cli("bgevl-bench", lambda: _run(args, argv),
+                   f"interrupted; nothing half-written was left, and the models finished so far are in {args.output}")
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from bgevl.benchmarks.measure import MemorySampler
     from bgevl.benchmarks.report import write_reports
 

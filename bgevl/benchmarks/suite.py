@@ -145,10 +145,14 @@ class PlainPytorch:
 
 
 def _plain_worker(connection: Any, family_name: str, checkpoint: str, threads: int) -> None:
+    import signal
     import time
 
     from bgevl.families import get_family
 
+    # Ctrl-C reaches the whole process group: the parent handles it and stops this process (close(), or the
+    # pipe's end), so it prints nothing of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         model = BenchModel(get_family(family_name), Path(checkpoint), threads)
         connection.send(("ok", None))
@@ -164,5 +168,7 @@ def _plain_worker(connection: Any, family_name: str, checkpoint: str, threads: i
                 t0 = time.perf_counter()
                 value = call()
                 connection.send(("ok", (time.perf_counter() - t0, np.asarray(value, np.float32))))
+    except (EOFError, BrokenPipeError):  # the parent went away (interrupted): end quietly
+        return
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         connection.send(("error", f"{type(exc).__name__}: {exc}"))

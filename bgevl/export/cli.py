@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from bgevl.errors import BgevlError
+from bgevl.interrupts import interrupt_on_signals
 from bgevl.families import all_models, families
 from bgevl.export.driver import INT8_MODES
 from bgevl.specs import DEFAULT_MAX_SEQUENCE, PRECISIONS
@@ -271,25 +272,16 @@ SUBCOMMANDS = {"triton-repo": triton_main, "build-engines": build_engines_main, 
                "deploy": deploy_main}
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a CI cancel, ``docker stop``) cleans up like Ctrl-C: staging and temporary directories go."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``bgevl-export [options]`` exports; ``bgevl-export triton-repo EXPORT_DIR ...`` packages an export."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        _interrupt_on_sigterm()
+        interrupt_on_signals()  # SIGTERM cleans up like Ctrl-C: staging and temporary directories go
         return SUBCOMMANDS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _interrupt_on_sigterm()
+    interrupt_on_signals()
     from bgevl.export.driver import ExportOptions, build_artifacts
 
     output = args.output or Path("out") / f"{args.model}-{args.precision}"

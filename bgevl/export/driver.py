@@ -15,6 +15,7 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from bgevl.errors import BgevlError
 from bgevl.families import family_of, get_model_spec
 from bgevl.families.base import KINDS, Feeds, Request
 from bgevl.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, Validation, write_manifest
-from bgevl.staging import check_replaceable, staged_directory
+from bgevl.staging import check_replaceable, output_lock, staged_directory
 from bgevl.probes import builtin_calibration_set, probe_set
 from bgevl.runtime.preprocessing import load_image
 from bgevl.specs import DEFAULT_MAX_SEQUENCE, ONNX_OPSET, PRECISIONS, GraphSpec
@@ -83,8 +84,7 @@ def _check_options(opts: ExportOptions) -> None:
         raise BgevlError(f"need 1 <= --opt-batch <= --max-batch, got {opts.opt_batch} and {opts.max_batch}")
     if opts.max_sequence_length < 16:
         raise BgevlError(f"--max-sequence-length {opts.max_sequence_length}: need at least 16 tokens")
-    check_replaceable(Path(opts.output), opts.overwrite, lambda d: (d / MANIFEST_NAME).is_file(),
-                      "a bgevl export (manifest.json)", "--output")
+    check_replaceable(Path(opts.output), opts.overwrite, is_export, EXPORT_WHAT, "--output")
     if opts.calibration_data is not None and opts.precision != "int8":
         raise BgevlError("--calibration-data only applies to --precision int8")
     family.check_export_options(spec, opts)
@@ -145,6 +145,14 @@ def _kind_counts(requests: list[Request]) -> str:
     return ", ".join(f"{kinds.count(k)} {k}" for k in KINDS if k in kinds)
 
 
+#: What ``--overwrite`` may replace at ``--output``: a previous export.
+EXPORT_WHAT = "a bgevl export (manifest.json)"
+
+
+def is_export(directory: Path) -> bool:
+    return (directory / MANIFEST_NAME).is_file()
+
+
 def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -> Path:
     """Run the whole export; returns the output directory."""
     from bgevl.export import onnx_tools
@@ -158,7 +166,8 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
     family = family_of(spec)
     out = Path(opts.output).expanduser().resolve()
     progress = Progress(total=6, sink=sink)
-    with staged_directory(out) as staging, tempfile.TemporaryDirectory(prefix="bgevl-export-") as work_dir:
+    with staged_directory(out, option="--output", overwrite=opts.overwrite, is_ours=is_export, what=EXPORT_WHAT) as staging, \
+            tempfile.TemporaryDirectory(prefix="bgevl-export-") as work_dir:
         work = Path(work_dir)
         source = "--model-path" if opts.model_path else ("generated" if spec.generated or opts.random_weights else "hub")
         progress(f"loading {spec.key} ({source})")
@@ -257,6 +266,16 @@ def build_artifacts(export: ExportOptions, *, format: str = "auto", engines: Any
     ``bgevl.triton_repo.repository.RepositoryOptions``). What would be refused after minutes of
     exporting (a repository directory that may not be replaced, TensorRT required but absent) is
     refused first."""
+    with ExitStack() as locks:
+        # both outputs locked from the start: a second pair of the same paths is refused before it exports
+        locks.enter_context(output_lock(export.output, "--output"))
+        if repository is not None:
+            locks.enter_context(output_lock(repository.output, "--triton-repo"))
+        return _build_artifacts(export, format, engines, repository, sink, quiet)
+
+
+def _build_artifacts(export: ExportOptions, format: str, engines: Any, repository: Any,
+                     sink: Callable[[str], None] | None, quiet: bool) -> Path:
     if repository is not None:
         from bgevl.triton_repo.repository import is_repository
 
@@ -279,5 +298,5 @@ def build_artifacts(export: ExportOptions, *, format: str = "auto", engines: Any
         print(f"TensorRT engines not built ({engines_why}); build them on a GPU machine with: "
               f"bgevl-export build-engines {out}", file=sys.stderr)
     if repository is not None:
-        repository.write(out, sink=None if quiet else print)
+        repository.write(out, sink=None if quiet else print, option="--triton-repo")
     return out

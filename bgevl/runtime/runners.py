@@ -42,8 +42,10 @@ class Runner(ABC):
         """One backend call on the whole feed."""
 
     def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """``outputs`` by name; batch-aligned graphs in chunks of their max batch."""
+        """``outputs`` by name; batch-aligned graphs in chunks of their max batch. The feed is checked
+        against the graph's declaration first (``GraphSpec.check_feed``), whatever the backend."""
         outputs = list(outputs)
+        self.spec.check_feed(feed, batch_limit=not self.spec.batch_aligned)
         n = len(next(iter(feed.values())))
         if not self.spec.batch_aligned or n <= self.max_batch:
             return dict(zip(outputs, self.run_once(feed, outputs)))

@@ -318,8 +318,9 @@ def write_deployment(output: Path, opts: DeployOptions, wheel: Path | None = Non
 
     check_options(opts)
     output = Path(output).expanduser().resolve()
-    check_replaceable(output, overwrite, _is_deployment, "bgevl deployment files (deploy.json)", "--output")
-    with staged_directory(output) as staging:
+    what = "bgevl deployment files (deploy.json)"
+    check_replaceable(output, overwrite, _is_deployment, what, "--output")
+    with staged_directory(output, overwrite=overwrite, is_ours=_is_deployment, what=what) as staging:
         wheel = wheel or build_wheel(staging)
         if wheel.parent != staging:
             (staging / wheel.name).write_bytes(wheel.read_bytes())

@@ -16,6 +16,7 @@ The repository is written to a staging directory and moved into place only when 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -74,6 +75,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 #: large image within the limits decodes in about a second) does not hold every other request.
 #: Each instance is a python-backend stub process with its own copy of the processor (~300 MB).
 DEFAULT_PREPROCESS_INSTANCES = 2
+#: Items of one request the entry model preprocesses and embeds at a time, one part after the other: a
+#: large request then holds one preprocess instance for a part's time, not for its whole length.
+ENTRY_CHUNK_ITEMS = 8
 
 
 class RepositoryWriter:
@@ -137,7 +141,8 @@ class RepositoryWriter:
             config = encoder_config(name, graph, "openvino", batching, model_file=files[0].name, parameters=parameters)
             version = self.write(config)
         else:
-            parameters = {"onnx_file": files[0].name}
+            # the graph's declaration: the encoder checks each request's feed against it (GraphSpec.check_feed)
+            parameters = {"onnx_file": files[0].name, "graph": json.dumps(graph.to_json())}
             if self.backend == "python-openvino":
                 parameters.update(engine="openvino", openvino_precision=self.openvino_precision)
             if trim_right_padding:
@@ -166,13 +171,19 @@ class RepositoryWriter:
 
     def entry(self, batching: Batching, graph_models: dict[str, str], preprocess: str) -> str:
         """The entry model ``<name>``: the family's serving inputs -> EMBEDDING, running the family's recipe
-        over the encoders with BLS (``bgevl.triton_repo.models.entry``)."""
+        over the encoders with BLS (``bgevl.triton_repo.models.entry``). It has as many instances as the
+        preprocess model (at least): Triton 2.51 runs one ``execute`` per python instance at a time, so with
+        one instance a request of many large images held every other request for its whole duration (11 s
+        for sixteen 6300x6300 PNGs, measured), while the second preprocess instance stood idle."""
+        if batching.instances < self.preprocess_instances:
+            batching = dataclasses.replace(batching, instances=self.preprocess_instances)
         inputs = [TensorSpec(n, "bytes", (1,)) for n in self.family.serving_inputs]
         graphs = {name: self.manifest.graph_spec(name).to_json() for name in graph_models}
         config = python_config(
             self.name, inputs, [TensorSpec(SERVING_EMBEDDING, "float32", (self.manifest.embedding_dim,))], batching,
             optional=[t.name for t in inputs],
             parameters={"family": self.manifest.family, "preprocess_model": preprocess,
+                        "chunk_items": str(ENTRY_CHUNK_ITEMS),
                         "graph_models": json.dumps(graph_models), "graphs": json.dumps(graphs)})
         self.write(config, "bgevl.triton_repo.models.entry")
         return config.name
@@ -193,21 +204,29 @@ class RepositoryOptions:
     preferred_batch: tuple[int, ...] | None = None
     openvino_precision: str = "bf16"
 
-    def write(self, export_dir: str | os.PathLike, sink: Callable[[str], None] | None = print) -> Path:
-        return write_repository(export_dir, self.output, backend=self.backend, name=self.name, instances=self.instances,
+    def write(self, export_dir: str | os.PathLike, sink: Callable[[str], None] | None = print,
+              option: str = "--output") -> Path:
+        return write_repository(export_dir, self.output, option=option, backend=self.backend, name=self.name,
+                                instances=self.instances,
                                 queue_delay_us=self.queue_delay_us, overwrite=self.overwrite, sink=sink,
                                 limits=self.limits, preprocess_instances=self.preprocess_instances,
                                 preferred_batch=self.preferred_batch, openvino_precision=self.openvino_precision)
 
 
-def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *, backend: str = "python",
+#: What ``--overwrite`` may replace: a previous repository.
+REPOSITORY_WHAT = "a Triton model repository"
+
+
+def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *, option: str = "--output",
+                     backend: str = "python",
                      name: str = DEFAULT_SERVING_NAME, instances: int = 1, queue_delay_us: int = 2000,
                      overwrite: bool = False, sink: Callable[[str], None] | None = print,
                      limits: InputLimits = DEFAULT_LIMITS, preprocess_instances: int = DEFAULT_PREPROCESS_INSTANCES,
                      preferred_batch: tuple[int, ...] | None = None, openvino_precision: str = "bf16") -> Path:
     """Package the export in ``export_dir`` as a Triton model repository at ``output``. OpenVINO encoders
     (``openvino``, ``python-openvino``) are compiled here first and must pass the parity gate of
-    ``bgevl.runtime.openvino`` on the export's probe set (at ``openvino_precision``), or nothing is written."""
+    ``bgevl.runtime.openvino`` on the export's probe set (at ``openvino_precision``), or nothing is written.
+    ``option``: the flag that named ``output``, for the messages."""
     sink = sink or (lambda msg: None)
     manifest = read_manifest(export_dir)
     if backend not in ENCODER_BACKENDS:
@@ -217,17 +236,23 @@ def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *
             f"{manifest.directory} has no TensorRT engines; build them on a machine with TensorRT and a GPU "
             f"(`bgevl-export build-engines {manifest.directory}`), or package with --triton-backend onnxruntime or python")
     if backend in ("openvino", "python-openvino"):
-        from bgevl.runtime.openvino import open_openvino
+        from bgevl.runtime.openvino import cpu_has_bf16, open_openvino
 
         if backend == "openvino" and openvino_precision != "bf16":
             raise BgevlError("--triton-backend openvino: Triton's OpenVINO backend has no switch to force f32 (on a bf16 "
                              "CPU OpenVINO computes in bf16 anyway); use --triton-backend python-openvino for f32")
-        open_openvino(manifest, precision=openvino_precision)  # compiles and checks parity; raises when it misses
+        checked = openvino_precision
+        if backend == "openvino" and not cpu_has_bf16():
+            # Triton's OpenVINO backend computes in bf16 where the serving CPU has it and in f32 elsewhere; this CPU
+            # has no bf16, so the graphs are checked as they will run here (the serving CPU may differ)
+            checked = "f32"
+            sink("this CPU has no bf16 (AVX512-BF16 or AMX): the OpenVINO encoders are checked in f32, as they run here")
+        open_openvino(manifest, precision=checked)  # compiles and checks parity; raises when it misses
     if not name.replace("_", "").replace("-", "").isalnum():
         raise BgevlError(f"--triton-name {name!r}: use letters, digits, '_' and '-' (it names the model directories)")
     out = Path(output).expanduser().resolve()
-    check_replaceable(out, overwrite, is_repository, "a Triton model repository", "--output")
-    with staged_directory(out) as staging:
+    check_replaceable(out, overwrite, is_repository, REPOSITORY_WHAT, option)
+    with staged_directory(out, option=option, overwrite=overwrite, is_ours=is_repository, what=REPOSITORY_WHAT) as staging:
         writer = RepositoryWriter(manifest, staging, backend, name, instances, queue_delay_us, limits, preprocess_instances,
                                   preferred_batch, openvino_precision)
         sink(f"writing Triton repository ({manifest.family}, {backend} encoders) to {out}")

@@ -216,6 +216,8 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
         self._stubs: dict[int, str] = {}
+        #: models whose stub died and that did not come back after RELOAD_ATTEMPTS reloads
+        self.unrecoverable: list[str] = []
 
     @property
     def _client_host(self) -> str:
@@ -319,9 +321,15 @@ class TritonServer:
         except (urllib.error.URLError, OSError) as exc:
             return 0, str(exc)
 
+    #: Reload attempts for a model whose stub died, and the pause before the first retry (doubled each time).
+    RELOAD_ATTEMPTS, RELOAD_BACKOFF_S = 3, 1.0
+
     def recover_dead_stubs(self, report=print, timeout: float = 60.0) -> list[str]:
         """One check: reload every model one of whose stubs has died since the last check; returns
-        the models reloaded."""
+        the models reloaded. A reload that fails (its new stub died too, or the model no longer loads) is
+        retried with backoff, :attr:`RELOAD_ATTEMPTS` times in all; a model that still cannot serve is added
+        to :attr:`unrecoverable`, on which ``bgevl-serve`` stops the server and exits non-zero, so that a
+        supervisor (systemd, Kubernetes) restarts it rather than leaving a server up that fails requests."""
         if not self.alive():
             return []
         current = self.stub_processes()
@@ -335,23 +343,35 @@ class TritonServer:
         for model, pid in dead.items():
             start = time.monotonic()
             report(f"bgevl-serve: the python-backend stub of model {model!r} (pid {pid}) died; reloading {model}")
-            # unload first: a load of a loaded model whose files did not change is a no-op in Triton 2.51
-            status, body = self._post(f"/v2/repository/models/{model}/unload", timeout)
-            deadline = time.monotonic() + timeout
-            while status == 200 and self._get(f"/v2/models/{model}/ready") == 200 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if status == 200:
-                status, body = self._post(f"/v2/repository/models/{model}/load", timeout)
-            if status == 200 and self._get(f"/v2/models/{model}/ready") == 200:
-                report(f"bgevl-serve: model {model!r} is serving again ({time.monotonic() - start:.1f} s)")
-                reloaded.append(model)
-            else:
-                report(f"bgevl-serve: reloading model {model!r} failed (HTTP {status}: {body.strip()[:300]}); "
-                       f"its requests fail until the server is restarted")
+            for attempt in range(1, self.RELOAD_ATTEMPTS + 1):
+                status, body = self._reload(model, timeout)
+                if status == 200 and self._get(f"/v2/models/{model}/ready") == 200:
+                    report(f"bgevl-serve: model {model!r} is serving again ({time.monotonic() - start:.1f} s)")
+                    reloaded.append(model)
+                    break
+                why = f"HTTP {status}: {' '.join(body.split())[:300]}"
+                if attempt == self.RELOAD_ATTEMPTS:
+                    self.unrecoverable.append(model)
+                    report(f"bgevl-serve: reloading model {model!r} failed {attempt} times ({why})")
+                else:
+                    pause = self.RELOAD_BACKOFF_S * 2 ** (attempt - 1)
+                    report(f"bgevl-serve: reloading model {model!r} failed ({why}); retrying in {pause:.0f} s")
+                    time.sleep(pause)
         if dead:
             current = self.stub_processes()
         self._stubs = current
         return reloaded
+
+    def _reload(self, model: str, timeout: float) -> tuple[int, str]:
+        """Unload, then load ``model`` through the repository API (a load of a loaded model whose files did
+        not change is a no-op in Triton 2.51, so the unload comes first)."""
+        status, body = self._post(f"/v2/repository/models/{model}/unload", timeout)
+        deadline = time.monotonic() + timeout
+        while status == 200 and self._get(f"/v2/models/{model}/ready") == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if status == 200:
+            status, body = self._post(f"/v2/repository/models/{model}/load", timeout)
+        return status, body
 
     def _get(self, path: str) -> int:
         try:
@@ -496,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
         while server.alive():
             time.sleep(0.5)
             server.recover_dead_stubs(report=lambda msg: print(msg, flush=True))
+            if server.unrecoverable:
+                print(f"bgevl-serve: error: model(s) {', '.join(server.unrecoverable)} cannot serve after "
+                      f"{server.RELOAD_ATTEMPTS} reloads; stopping the server so that a supervisor restarts it",
+                      file=sys.stderr, flush=True)
+                server.stop()
+                return 3
         print(f"bgevl-serve: tritonserver exited unexpectedly (code {server.process.returncode}):\n{server.log_tail()}",
               file=sys.stderr)
         return 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from bgevl.specs import (
-    ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, INPUT_IDS, PIXEL_VALUES, Dim, GraphSpec, TensorSpec, batch_dim,
+    ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, INPUT_IDS, MASK_VALUES, PIXEL_VALUES, Dim, GraphSpec, TensorSpec, batch_dim,
+    token_ids,
 )
 
 
@@ -17,7 +18,7 @@ VISION_GRAPH, TEXT_GRAPH = "vision", "text"
 
 
 def clip_graph_specs(
-    *, image_size: int, max_text_length: int, embed_dim: int,
+    *, image_size: int, max_text_length: int, embed_dim: int, vocab_size: int | None = None,
     opt_batch: int = DEFAULT_OPT_BATCH, max_batch: int = DEFAULT_MAX_BATCH,
 ) -> dict[str, GraphSpec]:
     """The two graphs of a CLIP dual encoder, with projection and L2 norm inside the graph."""
@@ -38,8 +39,9 @@ def clip_graph_specs(
     text = GraphSpec(
         TEXT_GRAPH,
         inputs=(
-            TensorSpec(INPUT_IDS, "int64", (batch, seq), "CLIP BPE token ids, <|startoftext|> ... <|endoftext|>"),
-            TensorSpec(ATTENTION_MASK, "int64", (batch, seq), "1 for tokens, 0 for padding"),
+            TensorSpec(INPUT_IDS, "int64", (batch, seq), "CLIP BPE token ids, <|startoftext|> ... <|endoftext|>",
+                       token_ids(vocab_size)),
+            TensorSpec(ATTENTION_MASK, "int64", (batch, seq), "1 for tokens, 0 for padding", MASK_VALUES),
         ),
         outputs=(
             TensorSpec(TEXT_EMBEDS, "float32", (batch, embed_dim), "L2-normalized text embedding"),
@@ -58,5 +60,6 @@ def clip_graph_specs_from_config(config: Any, **batch: int) -> dict[str, GraphSp
         image_size=config.vision_config.image_size,
         max_text_length=config.text_config.max_position_embeddings,
         embed_dim=config.projection_dim,
+        vocab_size=config.text_config.vocab_size,
         **batch,
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from bgevl.specs import (
-    ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, DEFAULT_OPT_BATCH, INPUT_IDS, Dim, GraphSpec, TensorSpec, batch_dim,
+    ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, DEFAULT_OPT_BATCH, INPUT_IDS, MASK_VALUES, Dim, GraphSpec, TensorSpec, batch_dim,
+    token_ids,
 )
 
 
@@ -24,7 +25,7 @@ MLLM_OPT_BATCH, MLLM_MAX_BATCH = 2, 8
 
 
 def mllm_graph_specs(
-    *, tile_size: int, tile_tokens: int, hidden_size: int, max_sequence: int = DEFAULT_MAX_SEQUENCE,
+    *, tile_size: int, tile_tokens: int, hidden_size: int, vocab_size: int | None = None, max_sequence: int = DEFAULT_MAX_SEQUENCE,
     max_tiles_per_image: int = 5, opt_batch: int = DEFAULT_OPT_BATCH, max_batch: int = DEFAULT_MAX_BATCH,
 ) -> dict[str, GraphSpec]:
     """The two graphs of a LLaVA-NeXT embedder (see ``bgevl.families.mllm.modules``)."""
@@ -44,8 +45,9 @@ def mllm_graph_specs(
     language = GraphSpec(
         MLLM_LANGUAGE_GRAPH,
         inputs=(
-            TensorSpec(INPUT_IDS, "int64", (batch, seq), "prompt token ids with <image> placeholders expanded"),
-            TensorSpec(ATTENTION_MASK, "int64", (batch, seq), "1 for tokens, 0 for padding (left or right)"),
+            TensorSpec(INPUT_IDS, "int64", (batch, seq), "prompt token ids with <image> placeholders expanded",
+                       token_ids(vocab_size)),
+            TensorSpec(ATTENTION_MASK, "int64", (batch, seq), "1 for tokens, 0 for padding (left or right)", MASK_VALUES),
             TensorSpec(TILE_FEATURES, "float32", (tiles, tile_tokens, hidden_size),
                        "mllm_vision output; one all-zero tile when the batch has no image"),
             TensorSpec(IMAGE_FEATURE_INDEX, "int64", (batch, seq),
@@ -72,4 +74,5 @@ def mllm_graph_specs_from_config(config: Any, **kw: int) -> dict[str, GraphSpec]
     pinpoints = config.image_grid_pinpoints
     max_tiles = 1 + max((h // vc.image_size) * (w // vc.image_size) for h, w in pinpoints)
     return mllm_graph_specs(tile_size=vc.image_size, tile_tokens=tile_tokens, hidden_size=config.text_config.hidden_size,
+                            vocab_size=config.text_config.vocab_size,
                             max_tiles_per_image=max_tiles, **kw)

@@ -161,7 +161,8 @@ class VisualizedFamily(Family):
     def graph_specs(model: Any, layout: Any, opt_batch: int, max_batch: int) -> dict[str, GraphSpec]:
         """The graphs of a loaded model (``modeling.VisualizedBGE``) with its text layout."""
         return visualized_graph_specs(image_size=layout.image_size, image_tokens=layout.image_tokens,
-                                      hidden=int(model.text_config.hidden_size), max_text_length=layout.max_text_length,
+                                      hidden=int(model.text_config.hidden_size),
+                                      vocab_size=int(model.text_config.vocab_size), max_text_length=layout.max_text_length,
                                       opt_batch=opt_batch, max_batch=max_batch)
 
     def prepare_export(self, path: Path, spec: ModelSpec, options: Any) -> ExportedModel:

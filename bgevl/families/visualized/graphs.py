@@ -8,7 +8,9 @@ image tokens of its items, or none (``image_tokens`` with 0 tokens: the plain te
 
 from __future__ import annotations
 
-from bgevl.specs import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES, Dim, GraphSpec, TensorSpec, batch_dim
+from bgevl.specs import (
+    ATTENTION_MASK, INPUT_IDS, MASK_VALUES, PIXEL_VALUES, Dim, GraphSpec, TensorSpec, batch_dim, token_ids,
+)
 
 VISION_GRAPH, TEXT_GRAPH = "vision", "text"
 #: vision graph output / text graph input: EVA tokens after ``visual_proj`` (the EVA CLS dropped)
@@ -19,7 +21,7 @@ EMBEDDING = "embeds"
 CLS_HIDDEN = "cls_hidden"
 
 
-def visualized_graph_specs(*, image_size: int, image_tokens: int, hidden: int, max_text_length: int,
+def visualized_graph_specs(*, image_size: int, image_tokens: int, hidden: int, vocab_size: int | None = None, max_text_length: int,
                            opt_batch: int, max_batch: int) -> dict[str, GraphSpec]:
     batch = batch_dim(opt_batch, max_batch)
     seq = Dim("sequence", 1, min(16, max_text_length), max_text_length)
@@ -36,8 +38,9 @@ def visualized_graph_specs(*, image_size: int, image_tokens: int, hidden: int, m
     text = GraphSpec(
         TEXT_GRAPH,
         inputs=(
-            TensorSpec(INPUT_IDS, "int64", (batch, seq), "BGE token ids, [CLS] ... [SEP] (the empty prompt for images)"),
-            TensorSpec(ATTENTION_MASK, "int64", (batch, seq), "1 for tokens, 0 for padding (right padding)"),
+            TensorSpec(INPUT_IDS, "int64", (batch, seq), "BGE token ids, [CLS] ... [SEP] (the empty prompt for images)",
+                       token_ids(vocab_size)),
+            TensorSpec(ATTENTION_MASK, "int64", (batch, seq), "1 for tokens, 0 for padding (right padding)", MASK_VALUES),
             TensorSpec(IMAGE_TOKENS, "float32", (batch, tokens, hidden),
                        "the vision graph's image tokens, or 0 tokens for text-only items"),
         ),

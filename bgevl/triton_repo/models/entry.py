@@ -7,13 +7,17 @@ text *or* image *or* both. Here each request runs the preprocess model, then the
 recipe (``Family.steps``, the same one ``bgevl.runtime`` runs), whose graph calls become BLS
 requests to the encoder models; the calls of one recipe step run concurrently. The requests of
 one ``execute`` are processed concurrently (``async_exec``), so the encoders' dynamic batchers
-see them together and merge them.
+see them together and merge them. A request of more than ``chunk_items`` items is preprocessed and
+embedded in parts, one after the other, so that it holds one preprocess instance at a time for one
+part's time: a concurrent small request finds an instance free (the repository gives the entry model
+as many instances as the preprocess model).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import numpy as np
 import triton_python_backend_utils as pb
@@ -21,7 +25,9 @@ import triton_python_backend_utils as pb
 from bgevl.families import get_family
 from bgevl.families.base import run_steps_async
 from bgevl.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_TEXT, GraphSpec
-from bgevl.triton_repo.models.backend_utils import answer_async, call, error_response, model_config, optional_input, parameter
+from bgevl.triton_repo.models.backend_utils import (
+    ModelError, answer_async, call, error_response, model_config, optional_input, parameter,
+)
 
 
 class TritonPythonModel:
@@ -32,6 +38,7 @@ class TritonPythonModel:
         self.preprocess = parameter(config, "preprocess_model")
         self.graph_models = json.loads(parameter(config, "graph_models"))
         self.graphs = {name: GraphSpec.from_json(g) for name, g in json.loads(parameter(config, "graphs")).items()}
+        self.chunk = int(parameter(config, "chunk_items", "0")) or None
 
     async def execute(self, requests):
         return await asyncio.gather(*(answer_async(self.name, self._one, r) for r in requests))
@@ -47,7 +54,25 @@ class TritonPythonModel:
                 inputs[name] = values
         if SERVING_IMAGE not in inputs and SERVING_TEXT not in inputs:
             return error_response(f"send {SERVING_TEXT}, {SERVING_IMAGE} or both (BYTES tensors of shape [batch, 1])")
-        feeds = await call(self.preprocess, self.family.serving_preprocess_inputs(inputs),
-                           self.family.preprocess_outputs(set(inputs)), input_errors=True)
-        out = await run_steps_async(self.family.steps(feeds, self.graphs), self._run)
+        items = max(len(inputs[name]) for name in (SERVING_IMAGE, SERVING_TEXT) if name in inputs)
+        step = self.chunk or items
+        parts = []
+        for start in range(0, items, step):  # one part after the other: see the module docstring
+            part = {name: values[start:start + step] if name in (SERVING_IMAGE, SERVING_TEXT) else values
+                    for name, values in inputs.items()}
+            try:
+                feeds = await call(self.preprocess, self.family.serving_preprocess_inputs(part),
+                                   self.family.preprocess_outputs(set(part)), input_errors=True)
+            except ModelError as exc:
+                raise ModelError(_renumbered(str(exc), start), exc.code) from None
+            parts.append(await run_steps_async(self.family.steps(feeds, self.graphs), self._run))
+        out = np.concatenate([np.asarray(p, np.float32) for p in parts])
         return pb.InferenceResponse(output_tensors=[pb.Tensor(SERVING_EMBEDDING, np.ascontiguousarray(out, np.float32))])
+
+
+def _renumbered(message: str, offset: int) -> str:
+    """A preprocess message about item ``k`` of a part (``images[k]``, ``texts[k]``...) names it by its index
+    in the whole request."""
+    if not offset:
+        return message
+    return re.sub(r"(\w+)\[(\d+)\]", lambda m: f"{m.group(1)}[{int(m.group(2)) + offset}]", message)

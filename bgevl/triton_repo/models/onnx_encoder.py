@@ -9,6 +9,7 @@ per call.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import triton_python_backend_utils as pb
 
 from bgevl.errors import InputError
 from bgevl.runtime.providers import create_session
-from bgevl.triton_repo.models.backend_utils import answer, model_config, parameter
+from bgevl.specs import GraphSpec
+from bgevl.triton_repo.models.backend_utils import answer, error_response, model_config, parameter
 
 
 class OpenVinoSession:
@@ -52,24 +54,38 @@ class TritonPythonModel:
         # right padding and a causal, mask-pooled graph (CLIP text) the columns after the longest
         # text in the merged batch change nothing, so they are cut before running.
         self.trim_by = parameter(self.config, "trim_right_padding")
+        # the graph's declaration (repositories written before it was recorded: no check beyond ONNX Runtime's own)
+        graph = parameter(self.config, "graph")
+        self.graph = GraphSpec.from_json(json.loads(graph)) if graph else None
 
     def _requested(self, request) -> list[str]:
         names = list(request.requested_output_names())
         return names or self.outputs
 
     def _inputs(self, request) -> dict[str, np.ndarray]:
-        return {name: pb.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
+        """The request's feed, checked against the graph's declaration (ids within the vocabulary, the
+        sequence within its served range, dtypes): the same check every runtime backend runs, so that no
+        engine (OpenVINO reads past its tables) answers a wrong embedding or burns CPU on an overlong input."""
+        feed = {name: pb.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
+        if self.graph is not None:
+            self.graph.check_feed(feed)
+        return feed
 
     def execute(self, requests):
         """Requests whose inputs have the same shapes past the batch axis run as one ONNX Runtime call;
         when that call fails, each of its requests runs alone, so a bad request fails by itself."""
         if not self.batched:
             return [answer(self.name, self._run_alone, r) for r in requests]
-        feeds = [self._inputs(r) for r in requests]
-        groups: dict[tuple, list[int]] = {}
-        for i, feed in enumerate(feeds):
-            groups.setdefault(tuple((k, v.shape[1:], v.dtype.str) for k, v in feed.items()), []).append(i)
         responses = [None] * len(requests)
+        feeds = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            try:
+                feeds[i] = self._inputs(request)
+            except InputError as exc:  # this request alone is refused; the others run
+                responses[i] = error_response(f"{self.name}: {exc}")
+                continue
+            groups.setdefault(tuple((k, v.shape[1:], v.dtype.str) for k, v in feeds[i].items()), []).append(i)
         for members in groups.values():
             try:
                 for i, response in zip(members, self._run_merged([requests[i] for i in members], [feeds[i] for i in members])):
