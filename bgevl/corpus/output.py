@@ -101,6 +101,8 @@ class CorpusOutput:
         else:
             self.created = None
         self.info = info
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.save(complete=False)  # first: a folder with our manifest is ours to resume, whenever the job stops
         for folder in [FOLDERS[k][0] for k in kinds] + ["metadata", "embeddings", "failures"]:
             self.fs.makedirs(self._path(folder), exist_ok=True)
             for leftover in self.fs.glob(self._path(folder, f".*{PARTIAL}")):  # a killed run's temporary files
