@@ -266,3 +266,23 @@ def test_sigterm_stops_cleanly_and_the_cli_refuses_bad_options(export, corpus, t
     help_text = subprocess.run([sys.executable, "-m", "bgevl.corpus.cli", "--help"], env=env, capture_output=True, text=True).stdout
     for group in ("input and output", "embedding", "runtime (one machine)", "many machines", "--ray-address", "--instruction"):
         assert group in help_text
+
+
+def test_ray_data_on_a_local_ray_instance_gives_the_local_vectors(export, corpus, tmp_path):
+    """Ray Data with 2 actors (a local Ray instance, 2 CPUs) on WebDataset shards: the same files as the local
+    engine, row for row (both run the same BatchEmbedder on the same export)."""
+    ray = pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
+    items = corpus["items"][:120]
+    shards = write_shards(tmp_path / "shards", items, per_shard=64)[0].parent
+    common = dict(export=export, input=str(shards), batch_size=16, progress=False)
+    local = embed_corpus(CorpusOptions(output=str(tmp_path / "local"), **common))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = embed_corpus(CorpusOptions(output=str(tmp_path / "ray"), ray_address="local", ray_workers=2, **common))
+    finally:
+        ray.shutdown()
+    assert remote["engine"] == "ray" and (remote["embedded"], remote["failed"]) == (local["embedded"], local["failed"]) == (117, 3)
+    a, b = read_output(tmp_path / "local"), read_output(tmp_path / "ray")
+    assert a["metadata"].equals(b["metadata"]) and a["failures"].equals(b["failures"])
+    for kind in ("image", "text"):
+        assert cosines(a[kind], b[kind]).min() >= 0.99999

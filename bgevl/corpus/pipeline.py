@@ -272,7 +272,9 @@ class PartitionBuffer:
         part.failures.extend((item.id, item.source, reason) for item, reason in result.failed)
 
     def end(self, number: int, items: int) -> dict[str, Any]:
-        part = self.parts.pop(number, None) or Partition(number, vectors={k: [] for k in self.kinds})
+        part = self.parts.pop(number, None)  # (a Partition with no embedded row is falsy: compare with None)
+        if part is None:
+            part = Partition(number, vectors={k: [] for k in self.kinds})
         return self.output.write(part, items)
 
 
