@@ -25,6 +25,7 @@ from bgevl.runtime import Embedder
 N_ITEMS = 600  # the slow variant runs 3000
 BAD_EVERY = 40  # 15 bad images: corrupt, empty and bomb in turn
 REPO = Path(__file__).resolve().parents[1]
+KILLED_ITEMS = 240  # 10 partitions of 24 in the SIGKILL test
 
 
 def read_output(out: Path) -> dict:
@@ -149,14 +150,16 @@ def test_clip_retrieval_layout_builds_a_faiss_index_that_finds_each_items_own_ca
 
 def test_text_file_and_float16_output(export, tmp_path):
     texts = tmp_path / "lines.txt"
-    texts.write_text("a red square\n\nthe second text\n" + "x" * 40000 + "\nlast line\n")
+    texts.write_text("a red square\nthe second text\n\n" + "x" * 40000 + "\nlast line\n")
     summary = embed_corpus(CorpusOptions(export=export, input=str(texts), output=str(tmp_path / "out"), dtype="float16",
-                                         progress=False))
+                                         partition_size=2, progress=False))
     data = read_output(tmp_path / "out")
-    assert summary["kinds"] == ["text"] and list(data["metadata"]["id"]) == ["1", "3", "5"]
-    assert sorted(data["failures"]["id"]) == ["2", "4"]
+    assert summary["kinds"] == ["text"] and list(data["metadata"]["id"]) == ["1", "2", "5"]
+    # partition 1 (lines 3 and 4) has failures only: its failures are written, and no .npy
+    assert sorted(data["failures"]["id"]) == ["3", "4"] and summary["partitions"] == 3
+    assert sorted(p.name for p in (tmp_path / "out" / "text_emb").iterdir()) == ["text_emb_00000.npy", "text_emb_00002.npy"]
     reasons = dict(zip(data["failures"]["id"], data["failures"]["reason"]))
-    assert "empty text" in reasons["2"] and "over the limit of 32768 bytes" in reasons["4"]
+    assert "empty text" in reasons["3"] and "over the limit of 32768 bytes" in reasons["4"]
     want = Embedder.load(export).encode(text=["a red square", "the second text", "last line"])
     assert data["text"].dtype == np.float16 and cosines(data["text"].astype(np.float32), want).min() >= 0.9999
     assert not (tmp_path / "out" / "img_emb").exists()
@@ -210,14 +213,14 @@ def test_another_model_or_precision_in_an_existing_output_is_refused(export, out
 
 def _command(export: Path, folder: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "bgevl.corpus.cli", "--export", str(export), "--input", str(folder), "--output",
-            str(out), "--partition-size", "60", "--batch-size", "16", "--workers", "2", "--log-interval", "0"]
+            str(out), "--partition-size", "24", "--batch-size", "8", "--workers", "2", "--log-interval", "0"]
 
 
-def test_sigkill_at_a_random_point_then_the_same_command_gives_every_id_exactly_once(export, corpus, outputs, tmp_path):
+def test_sigkill_at_a_random_point_then_the_same_command_gives_every_id_exactly_once(export, corpus, reference, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(_command(export, corpus["folder"], out), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    folder = write_folder(tmp_path / "folder", corpus["items"][:KILLED_ITEMS])
+    proc = subprocess.Popen(_command(export, folder, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     rng = random.Random(os.getpid())
     target = rng.randint(1, 6)  # killed after a random number of complete partitions (of 10), mid-partition
     deadline = time.monotonic() + 120
@@ -233,18 +236,19 @@ def test_sigkill_at_a_random_point_then_the_same_command_gives_every_id_exactly_
     finally:
         proc.wait(timeout=30)
     killed = json.loads((out / "manifest.json").read_text())
-    assert not killed["complete"] and 0 < len(killed["partitions"]) < 10
-    result = subprocess.run(_command(export, corpus["folder"], out), env=env, capture_output=True, text=True, timeout=300)
+    assert not killed["complete"] and 0 < len(killed["partitions"]) < KILLED_ITEMS // 24
+    result = subprocess.run(_command(export, folder, out), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["skipped"] == sum(p["items"] for p in killed["partitions"]) > 0
     data = read_output(out)
     ids, failed = list(data["metadata"]["id"]), list(data["failures"]["id"])
-    assert len(ids) + len(failed) == N_ITEMS == len(set(ids) | set(failed))
+    assert len(ids) + len(failed) == KILLED_ITEMS == len(set(ids) | set(failed))
+    assert sorted(index_of("folder", f) for f in failed) == [i for i in range(KILLED_ITEMS) if corpus["items"][i].bad]
     assert not list(out.rglob(".*partial"))
-    clean = read_output(outputs["folder"][0])
-    assert ids == list(clean["metadata"]["id"])  # the same rows in the same order as an uninterrupted run
-    assert cosines(data["image"], clean["image"]).min() >= 0.99999
+    order = [index_of("folder", i) for i in ids]
+    assert order == sorted(order, key=lambda i: (i % 4, i))  # input order: d00/..., d01/..., each sorted
+    assert cosines(data["image"], np.stack([reference["image"][i] for i in order])).min() >= 0.9999
 
 
 def test_sigterm_stops_cleanly_and_the_cli_refuses_bad_options(export, corpus, tmp_path):
@@ -286,3 +290,47 @@ def test_ray_data_on_a_local_ray_instance_gives_the_local_vectors(export, corpus
     assert a["metadata"].equals(b["metadata"]) and a["failures"].equals(b["failures"])
     for kind in ("image", "text"):
         assert cosines(a[kind], b[kind]).min() >= 0.99999
+
+
+@pytest.mark.slow  # 40 s: the tiny MLLM embeds slowly on 2 cores; the CLIP tests cover the pass-through of options
+def test_mllm_role_and_instruction_pass_through(export_dir, corpus, tmp_path):
+    """The MLLM's options reach the model: composed queries with an instruction, and candidates' texts, equal
+    Embedder.encode with the same role and instruction (and differ from the defaults)."""
+    mllm = export_dir("fp32", model="tiny-mllm")
+    items = [item for item in corpus["items"][:8] if item.bad is None]
+    table = write_table(tmp_path / "t" / "items.csv", items)
+    instruction = "Retrieve the image that matches the caption."
+    embed_corpus(CorpusOptions(export=mllm, input=str(table), output=str(tmp_path / "q"), kinds=["composed"],
+                               role="query", instruction=instruction, progress=False))
+    embed_corpus(CorpusOptions(export=mllm, input=str(table), output=str(tmp_path / "c"), kinds=["text"], progress=False))
+    embedder = Embedder.load(mllm)
+    images, texts = [item.data for item in items], [item.caption for item in items]
+    queries = embedder.encode(images=images, text=texts, role="query", instruction=instruction)
+    assert cosines(read_output(tmp_path / "q")["composed"], queries).min() >= 0.9999
+    candidates = embedder.encode(text=texts, role="candidate")
+    assert cosines(read_output(tmp_path / "c")["text"], candidates).min() >= 0.9999
+    assert cosines(embedder.encode(text=texts, role="query", instruction=instruction), candidates).max() < 0.9999
+
+
+def test_a_triton_server_as_the_engine_gives_the_local_vectors(export, corpus, outputs, tmp_path):
+    """--triton: a bgevl-serve repository of the same export on a local Triton server (127.0.0.1); the bad images
+    are failures found here, the rest are embedded there, equal to the local engine's rows."""
+    pytest.importorskip("tritonclient.http", reason="needs the serving extra: pip install '.[serving]'")
+    from bgevl.triton_repo.repository import write_repository
+    from bgevl.triton_repo.server import TritonServer
+
+    items = corpus["items"][:80]
+    folder = write_folder(tmp_path / "folder", items)
+    server = TritonServer(write_repository(export, tmp_path / "repo", sink=None), http_port=None, grpc_port=None,
+                          metrics_port=None).start()
+    try:
+        summary = embed_corpus(CorpusOptions(export=export, input=str(folder), output=str(tmp_path / "triton"),
+                                             triton=server.http_url, batch_size=32, progress=False))
+    finally:
+        server.stop()
+    local = embed_corpus(CorpusOptions(export=export, input=str(folder), output=str(tmp_path / "local"), progress=False))
+    assert summary["engine"] == "triton" and (summary["embedded"], summary["failed"]) == (local["embedded"], local["failed"]) == (78, 2)
+    a, b = read_output(tmp_path / "local"), read_output(tmp_path / "triton")
+    assert a["metadata"].equals(b["metadata"]) and list(a["failures"]["id"]) == list(b["failures"]["id"])
+    for kind in ("image", "text"):
+        assert cosines(a[kind], b[kind]).min() >= 0.9999

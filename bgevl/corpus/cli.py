@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ray-workers", type=int, default=1, help="actors, each holding one Embedder")
     d.add_argument("--ray-cpus-per-worker", type=float, default=1.0)
     d.add_argument("--ray-gpus-per-worker", type=float, default=0.0, help="1 for one actor per GPU")
+    t = p.add_argument_group("a Triton server as the engine (the 'serving' extra)")
+    t.add_argument("--triton", default=None, metavar="URL",
+                   help="HTTP endpoint of a bgevl-serve (Triton) repository written from --export, e.g. 127.0.0.1:8000; "
+                        "items are read and checked here, embedded there")
+    t.add_argument("--triton-model", default="bgevl", help="the repository's entry model")
     o = p.add_argument_group("progress")
     o.add_argument("--log-interval", type=float, default=30.0, help="seconds between progress lines when not on a terminal")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress, only the summary and errors")
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         id_column=args.id_column, image_column=args.image_column, text_column=args.text_column, kinds=kinds,
         role=args.role, instruction=args.instruction, dtype=args.dtype, partition_size=args.partition_size,
         batch_size=args.batch_size, workers=args.workers, backend=args.backend, provider=args.provider,
-        threads=args.threads, ray_address=args.ray_address, ray_workers=args.ray_workers,
+        threads=args.threads, triton=args.triton, triton_model=args.triton_model, ray_address=args.ray_address, ray_workers=args.ray_workers,
         ray_cpus_per_worker=args.ray_cpus_per_worker, ray_gpus_per_worker=args.ray_gpus_per_worker,
         log_interval=args.log_interval, progress=not args.quiet)
     previous = signal.signal(signal.SIGTERM, _terminate)

@@ -41,6 +41,8 @@ class CorpusOptions:
     backend: str = "onnxruntime"
     provider: str = "auto"
     threads: int | None = None
+    triton: str | None = None
+    triton_model: str = "bgevl"
     ray_address: str | None = None
     ray_workers: int = 1
     ray_cpus_per_worker: float = 1.0
@@ -87,9 +89,12 @@ def embed_corpus(options: CorpusOptions, say: Any = None) -> dict[str, Any]:
                 "embedding_dim": manifest.embedding_dim, "kinds": kinds, "role": options.role,
                 "instruction": options.instruction, "dtype": options.dtype, "partition_size": options.partition_size,
                 "input": source.describe()}
-    engine = "ray" if options.ray_address else "local"
+    if options.ray_address and options.triton:
+        raise BgevlError("--ray-address and --triton are two engines; choose one")
+    engine = "ray" if options.ray_address else "triton" if options.triton else "local"
     info = {"export": {"directory": str(Path(options.export).resolve()), "model": manifest.model.key,
-                       "family": manifest.family, "precision": manifest.precision, "backend": options.backend,
+                       "family": manifest.family, "precision": manifest.precision,
+                       "backend": f"triton {options.triton} ({options.triton_model})" if options.triton else options.backend,
                        "embedding_dim": manifest.embedding_dim, "created": manifest.created},
             "input": source.describe(), "engine": engine, "partition_size": options.partition_size}
     captions = TEXT in source.available or need_text or bool(getattr(source, "with_captions", 0))
@@ -105,10 +110,18 @@ def embed_corpus(options: CorpusOptions, say: Any = None) -> dict[str, Any]:
             from bgevl.corpus.ray_engine import embed_ray
 
             embed_ray(source, output, options, kinds, progress)
+        elif engine == "triton":
+            from bgevl.corpus.triton_engine import TritonBatchEmbedder, TritonModel
+
+            model = TritonModel(manifest, options.triton, options.triton_model)
+            progress.begin()
+            embed_local(source, output, TritonBatchEmbedder(model, kinds, options.role, options.instruction),
+                        options.partition_size, options.batch_size or model.max_batch, options.workers, progress)
         else:
             embedder = Embedder.load(options.export, provider=options.provider, threads=options.threads,
                                      backend=options.backend)
             batch = options.batch_size or embedder.max_batch
+            progress.begin()
             embed_local(source, output, BatchEmbedder(embedder, kinds, options.role, options.instruction),
                         options.partition_size, batch, options.workers, progress)
     finally:

@@ -155,7 +155,8 @@ class BatchEmbedder:
                 result.failed.append((item, f"cannot read it ({exc.strerror or exc})"))
                 continue
             pending.append((item, image, text))
-            pixels += image.width * image.height if image is not None else 0
+            size = getattr(image, "size", None)  # a PIL image; the Triton engine keeps the encoded bytes
+            pixels += size[0] * size[1] if isinstance(size, tuple) else 0
             if pixels > PIXEL_BUDGET or len(pending) >= self.embedder.max_batch:
                 self._flush(pending, result, pre)
                 pending, pixels = [], 0
@@ -222,6 +223,10 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="item", file=self.stream, dynamic_ncols=True, smoothing=0.1)
+
+    def begin(self) -> None:
+        """Start the clock (items/s and ETA) here: after the model is loaded."""
+        self.start = self.last = time.monotonic()
 
     def skip(self, n: int) -> None:
         self.skipped += n
