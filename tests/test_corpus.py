@@ -241,6 +241,9 @@ def test_sigkill_at_a_random_point_then_the_same_command_gives_every_id_exactly_
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["skipped"] == sum(p["items"] for p in killed["partitions"]) > 0
+    assert (summary["embedded"], summary["failed"], summary["partitions"]) == (KILLED_ITEMS - 6, 6, 10)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["partitions"][:len(killed["partitions"])] == killed["partitions"]
     data = read_output(out)
     ids, failed = list(data["metadata"]["id"]), list(data["failures"]["id"])
     assert len(ids) + len(failed) == KILLED_ITEMS == len(set(ids) | set(failed))
@@ -334,3 +337,29 @@ def test_a_triton_server_as_the_engine_gives_the_local_vectors(export, corpus, o
     assert a["metadata"].equals(b["metadata"]) and list(a["failures"]["id"]) == list(b["failures"]["id"])
     for kind in ("image", "text"):
         assert cosines(a[kind], b[kind]).min() >= 0.9999
+
+
+def test_fsspec_urls_in_and_out_and_a_second_run_keeps_everything(export, corpus, reference):
+    """Input and output through fsspec (its in-memory filesystem standing for object storage); the same job again
+    skips every partition and keeps their records and counts."""
+    fsspec = pytest.importorskip("fsspec")
+    import io
+
+    fs = fsspec.filesystem("memory")
+    items = corpus["items"][:20]
+    for item in items:
+        fs.pipe(f"/corpus-src/{item.key}.jpg", item.data)
+        fs.pipe(f"/corpus-src/{item.key}.txt", item.caption.encode())
+    try:
+        options = dict(export=export, input="memory://corpus-src", output="memory://corpus-dst", partition_size=8,
+                       progress=False)
+        first = embed_corpus(CorpusOptions(**options))
+        again = embed_corpus(CorpusOptions(**options))
+        assert (first["embedded"], first["failed"], first["partitions"]) == (20, 0, 3)
+        assert (again["embedded"], again["failed"], again["skipped"], again["embedded_now"]) == (20, 0, 20, 0)
+        vectors = np.concatenate([np.load(io.BytesIO(fs.cat(f"/corpus-dst/img_emb/img_emb_0000{n}.npy"))) for n in range(3)])
+        assert cosines(vectors, np.stack([reference["image"][i] for i in range(20)])).min() >= 0.9999
+    finally:
+        fs.rm("/corpus-src", recursive=True)
+        if fs.exists("/corpus-dst"):
+            fs.rm("/corpus-dst", recursive=True)

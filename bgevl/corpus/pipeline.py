@@ -189,7 +189,8 @@ def plan(source: Source, partition_size: int, batch_size: int, done: set[int],
         if part != number:
             if batch:
                 yield number, batch, 0
-            yield number, None, count
+            if number not in done:  # a complete partition is kept as it is
+                yield number, None, count
             number, batch, count = part, [], 0
         count += 1
         duplicate = item.id in seen
@@ -207,7 +208,8 @@ def plan(source: Source, partition_size: int, batch_size: int, done: set[int],
     if count:
         if batch:
             yield number, batch, 0
-        yield number, None, count
+        if number not in done:
+            yield number, None, count
 
 
 class Progress:
