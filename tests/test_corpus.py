@@ -22,7 +22,7 @@ from bgevl.corpus.synthetic import make_items, write_folder, write_shards, write
 from bgevl.errors import BgevlError
 from bgevl.runtime import Embedder
 
-N_ITEMS = 600  # the slow variant runs 3000
+N_ITEMS = 600  # test_three_thousand_images_as_shards (slow) runs 3000
 BAD_EVERY = 40  # 15 bad images: corrupt, empty and bomb in turn
 REPO = Path(__file__).resolve().parents[1]
 KILLED_ITEMS = 240  # 10 partitions of 24 in the SIGKILL test
@@ -363,3 +363,29 @@ def test_fsspec_urls_in_and_out_and_a_second_run_keeps_everything(export, corpus
         fs.rm("/corpus-src", recursive=True)
         if fs.exists("/corpus-dst"):
             fs.rm("/corpus-dst", recursive=True)
+
+
+@pytest.mark.slow  # 3000 images: about 2 minutes on 2 cores
+def test_three_thousand_images_as_shards(export, tmp_path):
+    items = make_items(3000, bad_every=BAD_EVERY)
+    shards = write_shards(tmp_path / "shards", items, per_shard=1000)[0].parent
+    summary = embed_corpus(CorpusOptions(export=export, input=str(shards), output=str(tmp_path / "out"), progress=False))
+    data = read_output(tmp_path / "out")
+    bad = sorted(i for i, item in enumerate(items) if item.bad)
+    assert (summary["embedded"], summary["failed"]) == (3000 - len(bad), len(bad))
+    assert sorted(int(f[:5]) * 1000 + int(f[5:]) for f in data["failures"]["id"]) == bad
+    order = [int(i[:5]) * 1000 + int(i[5:]) for i in data["metadata"]["id"]]
+    want = Embedder.load(export).encode(images=[items[i].data for i in order])
+    assert cosines(data["image"], want).min() >= 0.9999
+
+
+def test_bgevl_bench_corpus_measures_and_reports(export, tmp_path):
+    """The corpus workload of bgevl-bench on a small corpus (no Ray): its report and figures are written."""
+    from bgevl.benchmarks.cli import main
+
+    assert main(["corpus", "--export", str(export), "--items", "40", "--image-size", "32", "--ray-workers", "0",
+                 "--workdir", str(tmp_path / "work"), "--output", str(tmp_path / "res")]) == 0
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert results["items"] == 40 and results["results"]["local"]["embedded"] == 40
+    assert results["results"]["encode"]["items_per_s"] > 0 and results["results"]["local"]["peak_rss_mb"] > 50
+    assert "local / encode" in (tmp_path / "res" / "report.md").read_text()
