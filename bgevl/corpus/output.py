@@ -71,6 +71,25 @@ def _describe_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} now" for k in keys)
 
 
+def _metadata_table(rows: list[dict[str, Any]], schema: Any) -> Any:
+    """The metadata columns of a partition: the input's types (a table), else inferred over the rows (a shard's
+    .json, whose keys and types may vary from sample to sample: values of mixed types are stored as text)."""
+    import pyarrow as pa
+
+    if schema is not None:
+        return pa.Table.from_pylist(rows, schema=schema)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    arrays = {}
+    for column in columns:
+        values = [row.get(column) for row in rows]
+        try:
+            arrays[column] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            arrays[column] = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values],
+                                      pa.string())
+    return pa.table(arrays)
+
+
 class CorpusOutput:
     """One output folder (a local path or an fsspec URL). ``identity``: what must match to resume into it
     (model, precision, kinds, role, instruction, dtype, partition size, the input); anything else is refused."""
@@ -148,7 +167,7 @@ class CorpusOutput:
                 columns["image_path"] = pa.array(part.sources, pa.string())
             if self.captions:
                 columns["caption"] = pa.array(part.captions, pa.string())
-            meta = pa.Table.from_pylist(part.metadata, schema=self.metadata_schema) if part.metadata and \
+            meta = _metadata_table(part.metadata, self.metadata_schema) if part.metadata and \
                 (self.metadata_schema is not None or any(part.metadata)) else None
             if meta is not None:
                 for column in meta.column_names:
