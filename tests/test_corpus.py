@@ -379,6 +379,7 @@ def test_three_thousand_images_as_shards(export, tmp_path):
     assert cosines(data["image"], want).min() >= 0.9999
 
 
+@pytest.mark.slow  # 15 s: a smoke test of the benchmark; the engines it runs are tested above
 def test_bgevl_bench_corpus_measures_and_reports(export, tmp_path):
     """The corpus workload of bgevl-bench on a small corpus (no Ray): its report and figures are written."""
     from bgevl.benchmarks.cli import main

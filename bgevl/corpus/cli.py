@@ -23,7 +23,9 @@ from bgevl.runtime.runners import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bgevl-embed", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="bgevl-embed", description="Embed a corpus (a folder of images, a text file, a table, "
+                                "WebDataset shards) with an export, into clip-retrieval's layout; on one machine, on Ray "
+                                "Data or through a Triton server.",
                                 epilog="Output: img_emb/, text_emb/, composed_emb/ (.npy per partition), metadata/ "
                                        "(Parquet, same rows), embeddings/ (Parquet id, embedding), failures/ (id, source, "
                                        "reason), manifest.json. Running the same command again resumes; see docs/corpus.md.",
