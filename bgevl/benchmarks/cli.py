@@ -2,6 +2,7 @@
 
     bgevl-bench --models tiny                                   # seconds: the suite on the tiny model
     bgevl-bench --models base,large --random-weights --batch-sizes 1,8 --output benchmarks/results/cpu
+    bgevl-bench corpus --items 10000                            # bgevl-embed next to Embedder.encode (see --help)
 
 For each model: the exports it needs (fp32, fp16, int8; cached under ``--exports``), the PyTorch
 baseline, ONNX Runtime per precision (CPU provider; the CUDA/TensorRT providers and TensorRT
@@ -388,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     from bgevl.interrupts import run_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["corpus"]:  # corpus embedding end to end (bgevl.benchmarks.corpus)
+        from bgevl.benchmarks.corpus import main as corpus_main
+
+        return corpus_main(argv[1:])
     args = build_parser().parse_args(argv)
     # Ctrl-C, SIGTERM: exports in progress, temporary folders, servers and the baseline process are cleaned up
     # by the context managers and finally blocks on the way out; what was measured is already written

@@ -120,6 +120,17 @@ class Preprocessor(ABC):
     Shared by the runtime, the export's validation, the benchmarks and the Triton preprocess model."""
 
     limits: "InputLimits"
+    #: what the model resizes an image to (an int: the short side; a pair: width and height; None: the
+    #: image's own size), for the reduced-scale decode of very large JPEGs (``load_image``'s ``model_size``)
+    image_model_size: Any = None
+
+    def decode_image(self, item: Any, index: int = 0) -> Any:
+        """One image decoded as :meth:`prepare` decodes it (limits checked on the header first, RGB
+        conversion left to :meth:`prepare`), so callers can decode ahead, e.g. in a pool of threads
+        (``bgevl.corpus``), and pass the PIL image: the feeds are the same as from the encoded bytes."""
+        from bgevl.runtime.preprocessing import load_image
+
+        return load_image(item, index, convert_rgb=False, limits=self.limits, model_size=self.image_model_size)
 
     @abstractmethod
     def prepare(self, request: Request, start: int = 0, *, serving: bool = False) -> Feeds:

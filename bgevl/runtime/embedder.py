@@ -20,9 +20,10 @@ Preprocessing is the checkpoint's own processor, shipped in the export directory
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -39,7 +40,8 @@ __all__ = ["BACKENDS", "Embedder"]
 class Embedder:
     """Embeds images, texts and composed image+text queries with exported BGE-VL graphs."""
 
-    def __init__(self, manifest: Manifest, runners: dict, preprocessor: Any):
+    def __init__(self, manifest: Manifest, runners: dict, preprocessor: Any,
+                 open_preprocessor: Callable[[], Any] | None = None):
         self.manifest = manifest
         self.family = get_family(manifest.family)
         self.runners = runners
@@ -49,6 +51,9 @@ class Embedder:
         #: items preprocessed and run per step: the smallest batch axis of the graphs (memory stays bounded by
         #: it, whatever the number of inputs: 2000 images decoded at once took 6.8 GB)
         self.max_batch = min(spec.batch.max for spec in self.graphs.values())
+        #: a new preprocessor like ``preprocessor`` (same options), for threads that prepare batches side by side
+        #: (tokenizers are not safe to share between threads); ``None`` where the Embedder was built by hand
+        self.open_preprocessor = open_preprocessor
 
     @classmethod
     def load(cls, directory: str | os.PathLike, provider: str = "auto", text_overflow: str | None = None,
@@ -75,12 +80,13 @@ class Embedder:
         family = get_family(manifest.family)
         if text_overflow is not None:
             options["text_overflow"] = text_overflow
-        preprocessor = family.open_preprocessor(manifest.processor_dir, manifest.recipe, manifest.max_text_length,
-                                                limits, **options)
+        open_preprocessor = functools.partial(family.open_preprocessor, manifest.processor_dir, manifest.recipe,
+                                              manifest.max_text_length, limits, **options)
+        preprocessor = open_preprocessor()
         runners = open_runners(manifest, backend=backend, provider=provider, threads=threads,
                                provider_options=provider_options, engine_cache_dir=engine_cache_dir,
                                openvino_precision=openvino_precision)
-        return cls(manifest, runners, preprocessor)
+        return cls(manifest, runners, preprocessor, open_preprocessor)
 
     @property
     def dim(self) -> int:
@@ -105,12 +111,15 @@ class Embedder:
                 f"{len(text_list)} texts; pass lists of equal length"
             )
         request = self.preprocessor.check(Request(image_list, text_list, role, instruction))
-        run = runner_call(self.runners)
-        out = []
-        for start in range(0, len(request), self.max_batch):  # decoded and preprocessed one batch at a time
-            feeds = self.preprocessor.prepare(request.slice(start, start + self.max_batch), start)
-            out.append(np.asarray(run_steps(self.family.steps(feeds, self.graphs), run), np.float32))
-        return np.concatenate(out)
+        # decoded and preprocessed one batch at a time
+        return np.concatenate([self.run(self.preprocessor.prepare(request.slice(start, start + self.max_batch), start))
+                               for start in range(0, len(request), self.max_batch)])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The family's recipe on prepared feeds (``preprocessor.prepare`` of at most ``max_batch`` items):
+        float32 L2-normalized embeddings. ``encode`` is ``prepare`` then ``run``; callers that prepare in
+        other threads (``bgevl.corpus``) run only this on the runners."""
+        return np.asarray(run_steps(self.family.steps(feeds, self.graphs), runner_call(self.runners)), np.float32)
 
     def encode_images(self, images: Any, **kw: Any) -> np.ndarray:
         return self.encode(images=images, **kw)

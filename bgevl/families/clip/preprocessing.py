@@ -40,6 +40,7 @@ class ClipPreprocessor(Preprocessor):
         self.limits = limits
         size = getattr(self.image_processor, "size", None)
         self.short_side = getattr(size, "shortest_edge", None) or (size.get("shortest_edge") if isinstance(size, dict) else None)
+        self.image_model_size = self.short_side
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, max_text_length: int, text_overflow: str = "truncate",

@@ -207,6 +207,7 @@ class MllmPreprocessor(Preprocessor):
         self.layout = layout
         self.max_sequence = max_sequence
         self.resize = tuple(resize) if resize else None
+        self.image_model_size = self.resize
         self.limits = limits
 
     @classmethod

@@ -105,6 +105,7 @@ class VisualizedPreprocessor(Preprocessor):
         if tokenizer.padding_side != "right":
             raise ValueError("Visualized-BGE needs right padding (FE's mask is cat(ones(N), text_mask))")
         self.tokenizer, self.layout, self.text_overflow, self.limits = tokenizer, layout, text_overflow, limits
+        self.image_model_size = layout.image_size
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, layout: TextLayout, text_overflow: str = "error",
