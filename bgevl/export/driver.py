@@ -270,6 +270,16 @@ def build_artifacts(export: ExportOptions, *, format: str = "auto", engines: Any
         from bgevl.runtime.tensorrt import tensorrt_status
 
         engines_ok, engines_why = tensorrt_status()
+        if engines_ok and export.precision == "fp8":  # a GPU without FP8 is refused before minutes of exporting
+            from bgevl.export.tensorrt import check_device_for, precision_plan
+            from bgevl.runtime.tensorrt import cuda_device
+
+            try:
+                check_device_for(precision_plan("fp8"), cuda_device())
+            except BgevlError as exc:
+                if format == "tensorrt":
+                    raise
+                engines_ok, engines_why = False, str(exc)
         if format == "tensorrt" and not engines_ok:
             raise BgevlError(f"--format tensorrt: {engines_why}. Export with --format onnx here and build the engines "
                              f"on a GPU machine with `bgevl-export build-engines DIR`")
