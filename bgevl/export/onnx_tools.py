@@ -410,21 +410,29 @@ def _strip_value_info(src: Path, dst: Path) -> None:
     save_onnx(model, dst)
 
 
+@contextlib.contextmanager
+def _prepared_for_quantization(src: Path) -> Iterator[tuple[Path, bool]]:
+    """(the prepared graph, whether it has external data) in a temporary directory: the exporter's value_info
+    dropped, then ONNX Runtime's recommended pre-processing (shape inference + graph optimization)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stripped, prepared = Path(tmp) / "stripped.onnx", Path(tmp) / "prepared.onnx"
+        _strip_value_info(src, stripped)
+        large = stripped.with_name(stripped.name + ".data").exists()
+        quant_pre_process(str(stripped), str(prepared), skip_symbolic_shape=True, save_as_external_data=large)
+        yield prepared, large
+
+
 def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: list[Mapping[str, np.ndarray]] | None,
                   normalized_outputs: tuple[str, str] | None = None, family_kept: FamilyKept | None = None) -> dict:
     """INT8 from the fp32 graph ``src``. Returns what was done, for the manifest. ``qdq`` (the TensorRT form)
     is then made float16 outside the Q/DQ pairs (:func:`qdq_to_fp16`, with ``normalized_outputs`` and
     ``family_kept`` as for the fp16 pass)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     nodes = weight_matmul_nodes(onnx.load(str(src), load_external_data=False))
-    with tempfile.TemporaryDirectory() as tmp:
-        stripped, prepared = Path(tmp) / "stripped.onnx", Path(tmp) / "prepared.onnx"
-        _strip_value_info(src, stripped)
-        large = stripped.with_name(stripped.name + ".data").exists()
-        # ONNX Runtime's recommended pre-processing: shape inference + graph optimization.
-        quant_pre_process(str(stripped), str(prepared), skip_symbolic_shape=True, save_as_external_data=large)
+    with _prepared_for_quantization(src) as (prepared, large):
         if mode == "qdq":
             if not calibration_feeds:
                 raise ValueError("static INT8 needs calibration data")
@@ -485,23 +493,17 @@ def quantize_fp8(src: Path, dst: Path, calibration_feeds: list[Mapping[str, np.n
     (``bgevl.runtime.providers.create_session``).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not calibration_feeds:
         raise ValueError("fp8 needs calibration data")
     nodes = weight_matmul_nodes(onnx.load(str(src), load_external_data=False))
-    with tempfile.TemporaryDirectory() as tmp:
-        stripped, prepared = Path(tmp) / "stripped.onnx", Path(tmp) / "prepared.onnx"
-        _strip_value_info(src, stripped)
-        large = stripped.with_name(stripped.name + ".data").exists()
-        quant_pre_process(str(stripped), str(prepared), skip_symbolic_shape=True, save_as_external_data=large)
-        with _quiet_quantizer():
-            quantize_static(
-                str(prepared), str(dst), FeedReader(same_shape_feeds(calibration_feeds)), quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QFLOAT8E4M3FN, weight_type=QuantType.QFLOAT8E4M3FN, per_channel=False,
-                nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.Distribution, use_external_data_format=large,
-            )
-            rescaled = _max_calibrated_activation_scales(prepared, dst, same_shape_feeds(calibration_feeds), large)
+    with _prepared_for_quantization(src) as (prepared, large), _quiet_quantizer():
+        quantize_static(
+            str(prepared), str(dst), FeedReader(same_shape_feeds(calibration_feeds)), quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QFLOAT8E4M3FN, weight_type=QuantType.QFLOAT8E4M3FN, per_channel=False,
+            nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.Distribution, use_external_data_format=large,
+        )
+        rescaled = _max_calibrated_activation_scales(prepared, dst, same_shape_feeds(calibration_feeds), large)
     return {"method": "static QDQ (QuantizeLinear/DequantizeLinear), FP8 E4M3", "activations": "float8e4m3fn per-tensor",
             "weights": "float8e4m3fn per-tensor", "rescaled_activations": rescaled,
             "calibration": "activations: max (amax / 448); weights: ONNX Runtime's Distribution scale",
