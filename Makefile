@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: env demo test test-slow clean
+.PHONY: env demo test test-slow gpu-check clean
 
 env:
 	@bash scripts/setup-env.sh
@@ -18,6 +18,12 @@ test: env
 # Full-size ViT-B/16 and ViT-L/14 and full-width LLaVA-NeXT architectures, random weights (minutes, GBs of RAM).
 test-slow: env
 	$(BIN)/python -m pytest -q -m slow
+
+# On a machine with an NVIDIA GPU (no network needed; WHEELS=DIR holds the TensorRT, cuda-python and onnxruntime-gpu
+# wheels): gpu-marked tests, fp16/int8/fp8 engines of BGE-VL-base's architecture, bgevl-bench on CUDA/TensorRT,
+# all in one results folder (RESULTS=DIR). Without a GPU it stops at once saying so.
+gpu-check:
+	@PYTHON=$(BIN)/python bash scripts/gpu-check.sh
 
 clean:
 	rm -rf out .pytest_cache

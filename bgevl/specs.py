@@ -30,12 +30,14 @@ ONNX_OPSET = 18
 DEFAULT_OPT_BATCH = 8
 DEFAULT_MAX_BATCH = 64
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 
 #: Minimum cosine similarity to the PyTorch reference an export must reach, per precision.
 #: Enforced on pretrained checkpoints; on random weights the figures are reported (see
 #: ``bgevl.export.validate``).
-COSINE_THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+#: fp8 (E4M3, 3 mantissa bits, on the weight GEMMs only) is held to int8's bound: NVIDIA reports CLIP ViT-L/14 FP8
+#: retrieval "comparable" to FP16 with the patch embedding unquantized, as here.
+COSINE_THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99, "fp8": 0.99}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from bgevl.export import ExportOptions, run_export
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,precision,dim", [("base", "fp32", 512), ("base", "int8", 512), ("large", "fp32", 768), ("large", "fp16", 768),
+@pytest.mark.parametrize("model,precision,dim", [("base", "fp32", 512), ("base", "int8", 512), ("base", "fp8", 512), ("large", "fp32", 768), ("large", "fp16", 768),
     ("visualized-base", "fp32", 768), ("visualized-base", "fp16", 768)])
 def test_full_size_architecture_exports_and_validates(model, precision, dim, tmp_path):
     out = run_export(ExportOptions(output=tmp_path / model, model=model, random_weights=True, precision=precision),

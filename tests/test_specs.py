@@ -41,4 +41,4 @@ def test_model_registry_and_unknown_model_message():
     assert get_model_spec("large").architecture["vision_config"]["patch_size"] == 14
     with pytest.raises(BgevlError, match="choose one of: tiny, base, large"):
         get_model_spec("huge")
-    assert COSINE_THRESHOLDS == {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+    assert COSINE_THRESHOLDS == {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99, "fp8": 0.99}

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from bgevl.errors import BgevlError
-from bgevl.export.tensorrt import FP32_LAYERS, axis_ranges, precision_plan, profile_shapes
+from bgevl.export.tensorrt import axis_ranges, check_device_for, precision_plan, profile_shapes
 from bgevl.export.validate import VALIDATION_ARRAYS, load_arrays, parity
 from bgevl.manifest import read_manifest
 from bgevl.runtime import Embedder
 from bgevl.runtime.providers import provider_options_for
-from bgevl.runtime.tensorrt import DeviceInfo, check_compatible, read_sidecar, tensorrt_status
+from bgevl.runtime.tensorrt import DeviceInfo, check_compatible, check_tensorrt_version, read_sidecar, tensorrt_status
 from bgevl.families.clip.graphs import clip_graph_specs
 from bgevl.families.mllm.graphs import mllm_graph_specs
 
@@ -44,17 +44,38 @@ def test_profiles_follow_the_declaration_and_the_command_line():
         axis_ranges(CLIP["vision"], opt_batch=32, max_batch=16)
 
 
-def test_precision_plans():
-    fp16 = precision_plan("fp16")
-    assert fp16.strongly_typed and not fp16.builder_flags  # the fp16 ONNX's own types, fp32 islands included
-    int8 = precision_plan("int8", "static-qdq")
-    assert not int8.strongly_typed and int8.builder_flags == ("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS")
-    assert int8.fp32_layers == FP32_LAYERS and "NORMALIZATION" in FP32_LAYERS and "SOFTMAX" in FP32_LAYERS
-    assert precision_plan("int8", "weight-only-qdq").strongly_typed  # weight-only Q/DQ
-    assert precision_plan("fp32").cleared_flags == ("TF32",)
+def test_precision_plans_are_strongly_typed_with_no_precision_flags():
+    for precision, form in [("fp32", None), ("fp16", None), ("fp8", None), ("int8", "static-qdq"),
+                            ("int8", "weight-only-qdq")]:
+        plan = precision_plan(precision, form)
+        assert plan.strongly_typed and plan.precision == precision and "strongly typed" in plan.reason
+        assert set(plan.cleared_flags) <= {"TF32"}  # the only flag touched, and only cleared
+    assert precision_plan("fp32").cleared_flags == ("TF32",) and precision_plan("fp32").describe() == "strongly typed, TF32 off"
+    assert "fp16 around them" in precision_plan("int8", "static-qdq").reason
     for cpu_form in ("dynamic", "weight-only-dynamic", "static-qdq-u8"):
         with pytest.raises(BgevlError, match=f"int8 form is '{cpu_form}' \\(a CPU form.*TensorRT does not build.*--int8-mode qdq"):
             precision_plan("int8", cpu_form)
+
+
+def test_fp8_engines_refuse_gpus_below_compute_capability_8_9():
+    fp8 = precision_plan("fp8")
+    for cc in ("8.9", "9.0", "10.0", "12.0"):
+        check_device_for(fp8, DeviceInfo("gpu", cc))
+    with pytest.raises(BgevlError, match=r"^fp8 engines need a GPU of compute capability 8.9 or newer .*; NVIDIA A100-SXM4-80GB "
+                                         r"is 8.0: export with --precision int8 or fp16 for it$"):
+        check_device_for(fp8, DeviceInfo("NVIDIA A100-SXM4-80GB", "8.0"))
+    check_device_for(precision_plan("fp16"), DeviceInfo("Tesla T4", "7.5"))  # only fp8 asks for more
+
+
+def test_tensorrt_outside_the_supported_range_is_refused_in_one_line():
+    for ok in ("10.12.0.36", "10.16.1.11", "11.0.0.114", "11.4.0.106"):
+        check_tensorrt_version(ok)
+    for old in ("10.11.0.33", "10.7.0", "12.0.0", "8.6.1", "not-a-version"):
+        with pytest.raises(BgevlError) as info:
+            check_tensorrt_version(old)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"TensorRT {old} is installed; ")
+        assert "strongly typed engines with TensorRT >=10.12,<12: pip install 'tensorrt>=10.12,<12'" in message
 
 
 def test_engines_built_elsewhere_are_refused_with_a_rebuild_message(tmp_path):

@@ -40,6 +40,7 @@ GRAPH_BACKENDS = {
     "onnxruntime-tensorrt-fp16": ("onnxruntime", "tensorrt", "fp16", None),
     "tensorrt-fp16": ("tensorrt", None, "fp16", None),
     "tensorrt-int8": ("tensorrt", None, "int8", "qdq"),
+    "tensorrt-fp8": ("tensorrt", None, "fp8", None),  # compute capability 8.9+
     # CPU: uint8-activation static QDQ on ONNX Runtime; OpenVINO (provider slot: its inference precision)
     "onnxruntime-int8-u8": ("onnxruntime", "cpu", "int8", "qdq-u8"),
     "openvino-bf16": ("openvino", "bf16", "fp32", None),
@@ -53,7 +54,7 @@ ALL_BACKENDS = ("pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-
 OPTIONAL_BACKENDS = ("pytorch-plain", "onnxruntime-int8-u8", "openvino-bf16", "openvino-f32", "openvino-int8-u8")
 #: Backends every other one is compared with round by round, where they ran (``paired`` in the results).
 PAIRED_REFERENCES = ("pytorch", "pytorch-plain", "onnxruntime-fp32", "onnxruntime-int8-dynamic")
-GPU_BACKENDS = ("onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16", "tensorrt-fp16", "tensorrt-int8")
+GPU_BACKENDS = ("onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16", "tensorrt-fp16", "tensorrt-int8", "tensorrt-fp8")
 
 
 def _ints(text: str) -> list[int]:
@@ -179,6 +180,10 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
             family.int8_form(GRAPH_BACKENDS[backend][3])
         except BgevlError as exc:
             notes.append(f"{key}: {backend} skipped ({exc})")
+            backends.remove(backend)
+    for backend in [b for b in backends if b in GRAPH_BACKENDS and GRAPH_BACKENDS[b][2] == "fp8"]:
+        if not family.supports_fp8:
+            notes.append(f"{key}: {backend} skipped (the {family.name} family has no fp8 form)")
             backends.remove(backend)
     if any(GRAPH_BACKENDS.get(b, ("",))[0] == "openvino" for b in backends):
         from bgevl.runtime.openvino import cpu_has_bf16, openvino_status

@@ -36,14 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("export")
     e.add_argument("--output", "-o", type=Path, default=None, help="output directory (default: out/<model>-<precision>)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    e.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    e.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp16: float16 with LayerNorm/Softmax/final norm in float32; int8: see --int8-mode; fp8 (CLIP, "
+                        "TensorRT on compute capability 8.9+): FP8 E4M3 Q/DQ on the weight GEMMs, float16 elsewhere")
     e.add_argument("--int8-mode", default="qdq", choices=INT8_MODES,
                    help="qdq: QuantizeLinear/DequantizeLinear graph (TensorRT INT8, ORT; static for CLIP, weight-only for "
                         "the MLLM and Visualized-BGE); qdq-u8 (CLIP): static QDQ with uint8 activations, the CPU form "
                         "(ONNX Runtime CPU and OpenVINO run every quantized MatMul in int8); dynamic: ORT dynamic "
                         "quantization (CPU only)")
     e.add_argument("--calibration-data", type=Path, default=None,
-                   help="directory of images plus a .txt file of captions (one per line) for int8 calibration; default: the built-in synthetic set")
+                   help="directory of images plus a .txt file of captions (one per line) for int8/fp8 calibration; default: the built-in synthetic set")
     e.add_argument("--calibration-size", type=int, default=32, help="images and captions in the built-in calibration set")
     e.add_argument("--no-validate", dest="validate", action="store_false", help="skip the parity check against the original")
     e.add_argument("--min-cosine", type=float, default=None,

@@ -85,8 +85,10 @@ def _check_options(opts: ExportOptions) -> None:
     if opts.max_sequence_length < 16:
         raise BgevlError(f"--max-sequence-length {opts.max_sequence_length}: need at least 16 tokens")
     check_replaceable(Path(opts.output), opts.overwrite, is_export, EXPORT_WHAT, "--output")
-    if opts.calibration_data is not None and opts.precision != "int8":
-        raise BgevlError("--calibration-data only applies to --precision int8")
+    if opts.calibration_data is not None and opts.precision not in ("int8", "fp8"):
+        raise BgevlError("--calibration-data only applies to --precision int8 and fp8")
+    if opts.precision == "fp8" and not family.supports_fp8:
+        raise BgevlError(f"--precision fp8: the {family.name} family has no fp8 form; use --precision fp16 or int8")
     family.check_export_options(spec, opts)
     if opts.precision == "int8":
         family.int8_form(opts.int8_mode)  # a mode the family does not have is refused before loading
@@ -120,11 +122,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def convert_graph(graph: GraphSpec, src: Path, dst: Path, precision: str, int8: Callable[[], dict],
+def convert_graph(graph: GraphSpec, src: Path, dst: Path, precision: str, quantize: Callable[[], dict],
                   fp16_kept: Callable[[Any], dict[str, list[str]]] | None = None) -> dict:
     """Write the exported fp32 graph ``src`` at ``precision`` to ``dst`` and check it; returns what was
-    done, for the manifest. ``int8`` is the family's int8 pass, ``fp16_kept`` what its fp16 pass keeps
-    in float32 (``Family.fp16_keep_float32``)."""
+    done, for the manifest. ``quantize`` is the family's int8 or fp8 pass, ``fp16_kept`` what its fp16 pass
+    keeps in float32 (``Family.fp16_keep_float32``)."""
     import onnx
 
     from bgevl.export import onnx_tools
@@ -135,7 +137,7 @@ def convert_graph(graph: GraphSpec, src: Path, dst: Path, precision: str, int8: 
     elif precision == "fp16":
         details = onnx_tools.fp16_graph(src, dst, graph.normalized_output, fp16_kept)
     else:
-        details = int8()
+        details = quantize()
     onnx_tools.check_onnx(dst)
     return details
 
@@ -193,7 +195,7 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
         progress(f"converting to {opts.precision}" + (f" ({int8_form.name})" if int8_form else ""))
         calibration_info: dict | None = None
         calibration: tuple[list, list] | None = None
-        if int8_form is not None and int8_form.calibrated:
+        if (int8_form is not None and int8_form.calibrated) or opts.precision == "fp8":
             if opts.calibration_data:
                 calibration = load_calibration_dir(opts.calibration_data)
                 calibration_info = {"source": str(Path(opts.calibration_data).resolve())}
@@ -210,7 +212,8 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
                 if calibration is not None else None
             precision_details[name] = convert_graph(
                 graph, src, dst, opts.precision,
-                int8=lambda g=graph, s=src, d=dst, f=feeds: {
+                quantize=(lambda g=graph, s=src, d=dst, f=feeds: family.quantize_fp8(g, s, d, f)) if opts.precision == "fp8"
+                else lambda g=graph, s=src, d=dst, f=feeds: {
                     **family.quantize_int8(g, s, d, opts.int8_mode, f), "int8_form": int8_form.name,
                     "int8_form_description": int8_form.description},
                 fp16_kept=lambda model, g=graph: family.fp16_keep_float32(g, model))
@@ -286,6 +289,16 @@ def _build_artifacts(export: ExportOptions, format: str, engines: Any, repositor
         from bgevl.runtime.tensorrt import tensorrt_status
 
         engines_ok, engines_why = tensorrt_status()
+        if engines_ok and export.precision == "fp8":  # a GPU without FP8 is refused before minutes of exporting
+            from bgevl.export.tensorrt import check_device_for, precision_plan
+            from bgevl.runtime.tensorrt import cuda_device
+
+            try:
+                check_device_for(precision_plan("fp8"), cuda_device())
+            except BgevlError as exc:
+                if format == "tensorrt":
+                    raise
+                engines_ok, engines_why = False, str(exc)
         if format == "tensorrt" and not engines_ok:
             raise BgevlError(f"--format tensorrt: {engines_why}. Export with --format onnx here and build the engines "
                              f"on a GPU machine with `bgevl-export build-engines DIR`")

@@ -144,7 +144,9 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32_nodes: Iterable[str]) -> o
             onnx.shape_inference.infer_shapes_path(str(path), str(path))
             model = onnx.load(str(path))
     keep_fp32_nodes = set(keep_fp32_nodes)
-    kept_constants = _float32_constants_of(model, lambda n: n.op_type in FP16_BLOCKED_OPS or n.name in keep_fp32_nodes)
+    kept = lambda n: n.op_type in FP16_BLOCKED_OPS or n.name in keep_fp32_nodes  # noqa: E731
+    _unshare_float_initializers(model, kept)
+    kept_constants = _float32_constants_of(model, kept)
     with warnings.catch_warnings():
         # "the float32 number X will be truncated": tiny constants (epsilons) clamp to fp16's range.
         warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
@@ -155,6 +157,30 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32_nodes: Iterable[str]) -> o
     _keep_float32_regions_exact(converted, kept_constants)
     _restore_float32_outputs(converted)
     return converted
+
+
+def _unshare_float_initializers(model: onnx.ModelProto, kept) -> None:
+    """Give the converted nodes their own copy of a float32 initializer that a kept (float32) node reads too.
+
+    ONNX Runtime's graph optimizer (``quant_pre_process``, before quantization) shares equal constants
+    (``ConstantSharing``: the zero biases of a LayerNorm and of a Linear become one tensor); the converter
+    then keeps that tensor float32 for the LayerNorm and feeds it, uncast, to the float16 Add, an invalid graph.
+    """
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    for init in list(model.graph.initializer):
+        nodes = readers.get(init.name, [])
+        if init.data_type != onnx.TensorProto.FLOAT or not any(map(kept, nodes)) or all(map(kept, nodes)):
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        copy.name = f"{init.name}_unshared"
+        model.graph.initializer.append(copy)
+        for node in nodes:
+            if not kept(node):
+                node.input[:] = [copy.name if i == init.name else i for i in node.input]
 
 
 def _float32_constants_of(model: onnx.ModelProto, kept) -> dict[str, np.ndarray]:
@@ -252,13 +278,14 @@ def _prune_dead_casts_and_initializers(model: onnx.ModelProto) -> None:
         del graph.value_info[i]
 
 
-def fp16_graph(src: Path, dst: Path, normalized_outputs: tuple[str, str] | None = None,
-               family_kept: Callable[[onnx.ModelProto], dict[str, list[str]]] | None = None) -> dict:
-    """The fp16 pass of every graph: float16 with LayerNorm and Softmax (by op type) and, found by
-    structure, RMSNorms, rotary positions/angles and the final L2 normalization kept in float32, plus
-    what the model family keeps (``family_kept``: ``Family.fp16_keep_float32``). Returns what was done,
-    for the manifest."""
-    model = onnx.load(str(src))
+FamilyKept = Callable[[onnx.ModelProto], dict[str, list[str]]]
+
+
+def fp16_model(model: onnx.ModelProto, normalized_outputs: tuple[str, str] | None = None,
+               family_kept: FamilyKept | None = None) -> tuple[onnx.ModelProto, dict]:
+    """``model`` in float16 with LayerNorm and Softmax (by op type) and, found by structure, RMSNorms, rotary
+    positions/angles and the final L2 normalization kept in float32, plus what the model family keeps
+    (``family_kept``: ``Family.fp16_keep_float32``). Returns the converted model and what was done."""
     kept = {
         "RMSNorm": rms_norm_nodes(model),
         "rotary positions and angles": rotary_nodes(model),
@@ -266,12 +293,47 @@ def fp16_graph(src: Path, dst: Path, normalized_outputs: tuple[str, str] | None 
         **(family_kept(model) if family_kept else {}),
     }
     keep = [node for nodes in kept.values() for node in nodes]
-    save_onnx(convert_to_fp16(model, keep), dst)
-    return {
+    return convert_to_fp16(model, keep), {
         "method": "onnxconverter_common float16, float32 inputs/outputs",
         "kept_float32": list(FP16_BLOCKED_OPS) + [what for what, nodes in kept.items() if nodes],
         "kept_float32_nodes": len(keep),
     }
+
+
+def fp16_graph(src: Path, dst: Path, normalized_outputs: tuple[str, str] | None = None,
+               family_kept: FamilyKept | None = None) -> dict:
+    """The fp16 pass of every graph (:func:`fp16_model`). Returns what was done, for the manifest."""
+    converted, details = fp16_model(onnx.load(str(src)), normalized_outputs, family_kept)
+    save_onnx(converted, dst)
+    return details
+
+
+#: Q/DQ with float16 scales (DequantizeLinear writing float16) and float8 types need opset 19.
+QDQ_FP16_OPSET = 19
+
+
+def qdq_to_fp16(path: Path, normalized_outputs: tuple[str, str] | None = None,
+                family_kept: FamilyKept | None = None) -> dict:
+    """Rewrite the QDQ graph at ``path`` (ONNX Runtime's quantizer output: float32 around the Q/DQ pairs) so
+    its unquantized regions are float16 with the fp16 export's float32 islands (:func:`fp16_model`), and its
+    Q/DQ scales float16 so each DequantizeLinear writes float16 straight into the GEMM.
+
+    Why: TensorRT 11 builds every network strongly typed, with the types of the graph: a float32 QDQ graph
+    gives int8 GEMMs with float32 everywhere else. ModelOpt's ONNX quantizer (``high_precision_dtype="fp16"``)
+    writes this form, but its ``onnx`` extra does not install beside this project's pins (it requires
+    onnxruntime-gpu~=1.22, a second distribution of the ``onnxruntime`` module beside onnxruntime 1.31, and
+    cupy-cuda12x), so this pass does the same on ONNX Runtime's QDQ output with this project's fp16 pass.
+    The default-domain opset becomes 19 (float16 Q/DQ scales); opset 18 -> 19 changed no op these graphs use
+    in a way that alters results (Cast gained ``saturate``, for float8 only; Q/DQ gained types).
+    """
+    model = onnx.load(str(path))
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < QDQ_FP16_OPSET:
+            opset.version = QDQ_FP16_OPSET
+    converted, details = fp16_model(model, normalized_outputs, family_kept)
+    save_onnx(converted, path)
+    return {"float_regions": "float16 (Q/DQ scales float16)", "opset": QDQ_FP16_OPSET,
+            "kept_float32": details["kept_float32"], "kept_float32_nodes": details["kept_float32_nodes"]}
 
 
 def _restore_float32_outputs(model: onnx.ModelProto) -> None:
@@ -348,18 +410,29 @@ def _strip_value_info(src: Path, dst: Path) -> None:
     save_onnx(model, dst)
 
 
-def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: list[Mapping[str, np.ndarray]] | None) -> dict:
-    """INT8 from the fp32 graph ``src``. Returns what was done, for the manifest."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+@contextlib.contextmanager
+def _prepared_for_quantization(src: Path) -> Iterator[tuple[Path, bool]]:
+    """(the prepared graph, whether it has external data) in a temporary directory: the exporter's value_info
+    dropped, then ONNX Runtime's recommended pre-processing (shape inference + graph optimization)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    nodes = weight_matmul_nodes(onnx.load(str(src), load_external_data=False))
     with tempfile.TemporaryDirectory() as tmp:
         stripped, prepared = Path(tmp) / "stripped.onnx", Path(tmp) / "prepared.onnx"
         _strip_value_info(src, stripped)
         large = stripped.with_name(stripped.name + ".data").exists()
-        # ONNX Runtime's recommended pre-processing: shape inference + graph optimization.
         quant_pre_process(str(stripped), str(prepared), skip_symbolic_shape=True, save_as_external_data=large)
+        yield prepared, large
+
+
+def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: list[Mapping[str, np.ndarray]] | None,
+                  normalized_outputs: tuple[str, str] | None = None, family_kept: FamilyKept | None = None) -> dict:
+    """INT8 from the fp32 graph ``src``. Returns what was done, for the manifest. ``qdq`` (the TensorRT form)
+    is then made float16 outside the Q/DQ pairs (:func:`qdq_to_fp16`, with ``normalized_outputs`` and
+    ``family_kept`` as for the fp16 pass)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    nodes = weight_matmul_nodes(onnx.load(str(src), load_external_data=False))
+    with _prepared_for_quantization(src) as (prepared, large):
         if mode == "qdq":
             if not calibration_feeds:
                 raise ValueError("static INT8 needs calibration data")
@@ -371,7 +444,8 @@ def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: list[Mappi
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
             )
             return {"method": "static QDQ (QuantizeLinear/DequantizeLinear)", "activations": "int8 symmetric per-tensor",
-                    "weights": "int8 symmetric per-channel", "calibration": "MinMax", "quantized_nodes": len(nodes)}
+                    "weights": "int8 symmetric per-channel", "calibration": "MinMax", "quantized_nodes": len(nodes),
+                    **qdq_to_fp16(dst, normalized_outputs, family_kept)}
         if mode == "qdq-u8":
             if not calibration_feeds:
                 raise ValueError("static INT8 needs calibration data")
@@ -405,6 +479,105 @@ def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: list[Mappi
                     "weights": "int8 per-channel, 7-bit range (reduce_range: exact on CPUs without VNNI)",
                     "activations": "uint8, quantized at run time", "quantized_nodes": len(nodes)}
     raise ValueError(f"unknown int8 mode {mode!r}")
+
+
+def quantize_fp8(src: Path, dst: Path, calibration_feeds: list[Mapping[str, np.ndarray]],
+                 normalized_outputs: tuple[str, str] | None = None, family_kept: FamilyKept | None = None) -> dict:
+    """FP8 (E4M3) from the fp32 graph ``src``: ONNX Runtime's static QDQ quantizer with float8 activations and
+    weights on the MatMul/Gemm nodes with a constant weight (:func:`weight_matmul_nodes`: the patch-embedding
+    convolution and the attention matmuls stay unquantized, as NVIDIA advises for ViT FP8), then float16
+    around the Q/DQ pairs with the fp16 export's float32 islands (:func:`qdq_to_fp16`).
+
+    Per-tensor scales for both (TensorRT's FP8 form, as ModelOpt writes it). ONNX Runtime calibrates float8
+    only with its ``Distribution`` method, whose scale comes from each tensor's spread (about 4.5 standard
+    deviations reach E4M3's 448), which saturates the outliers of post-LayerNorm activations; the activation
+    scales are then replaced by max calibration (amax / 448, ModelOpt's default) from ONNX Runtime's MinMax
+    calibrator (:func:`_max_calibrated_activation_scales`). Measured on the tiny CLIP (random weights), min
+    cosine of the text tower to the fp32 reference: 0.9886 with the spread scales, 0.9933 with max ones.
+    Opset 19 (float8 types). ONNX Runtime CPU runs the result with its Q/DQ fusion off
+    (``bgevl.runtime.providers.create_session``).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not calibration_feeds:
+        raise ValueError("fp8 needs calibration data")
+    nodes = weight_matmul_nodes(onnx.load(str(src), load_external_data=False))
+    with _prepared_for_quantization(src) as (prepared, large), _quiet_quantizer():
+        quantize_static(
+            str(prepared), str(dst), FeedReader(same_shape_feeds(calibration_feeds)), quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QFLOAT8E4M3FN, weight_type=QuantType.QFLOAT8E4M3FN, per_channel=False,
+            nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.Distribution, use_external_data_format=large,
+        )
+        rescaled = _max_calibrated_activation_scales(prepared, dst, same_shape_feeds(calibration_feeds), large)
+    return {"method": "static QDQ (QuantizeLinear/DequantizeLinear), FP8 E4M3", "activations": "float8e4m3fn per-tensor",
+            "weights": "float8e4m3fn per-tensor", "rescaled_activations": rescaled,
+            "calibration": "activations: max (amax / 448); weights: ONNX Runtime's Distribution scale",
+            "quantized_nodes": len(nodes), "unquantized": "patch-embedding convolution, attention matmuls",
+            **qdq_to_fp16(dst, normalized_outputs, family_kept)}
+
+
+#: The largest finite FP8 E4M3 value.
+E4M3_MAX = 448.0
+
+
+def _max_calibrated_activation_scales(prepared: Path, quantized: Path, feeds: list[Mapping[str, np.ndarray]],
+                                      large: bool) -> int:
+    """Set the scale of every activation QuantizeLinear of ``quantized`` to amax / 448 of its input over
+    ``feeds`` (ONNX Runtime's MinMax calibrator on the ``prepared`` float graph); returns how many."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+    model = onnx.load(str(quantized))
+    initializers = {init.name: init for init in model.graph.initializer}
+    activations = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[1] in initializers
+                   and n.input[0] not in initializers]
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(str(prepared), calibrate_method=CalibrationMethod.MinMax,
+                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       use_external_data_format=large)
+        calibrator.collect_data(FeedReader(feeds))
+        ranges = calibrator.compute_data()
+    count = 0
+    for node in activations:
+        if node.input[0] not in ranges:
+            continue
+        low, high = ranges[node.input[0]].range_value
+        scale = initializers[node.input[1]]
+        amax = max(abs(float(low)), abs(float(high)), 1e-12)
+        dtype = numpy_helper.to_array(scale).dtype
+        scale.CopyFrom(numpy_helper.from_array(np.asarray(amax / E4M3_MAX, dtype=dtype), scale.name))
+        count += 1
+    save_onnx(model, quantized)
+    return count
+
+
+def same_shape_feeds(feeds: list[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Calibration batches zero-padded to one shape per input. ONNX Runtime's histogram calibrator (the
+    ``Distribution`` method) stacks every batch's activations into one array, which fails on text batches
+    padded to different lengths; the zero padding is masked out (attention mask 0, token id 0)."""
+    names = list(feeds[0]) if feeds else []
+    shapes = {n: np.max([f[n].shape[1:] for f in feeds], axis=0) for n in names if np.ndim(feeds[0][n]) > 1}
+    return [{n: np.pad(a, [(0, 0)] + [(0, int(m) - d) for m, d in zip(shapes[n], a.shape[1:])]) if n in shapes else a
+             for n, a in feed.items()} for feed in feeds]
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """The float8 quantizer prints its calibration steps to stdout and warns that it raises the opset to 19
+    (which :func:`qdq_to_fp16` does anyway); its histograms of tensors it does not quantize (the attention
+    mask's float32 minimum) overflow with RuntimeWarnings, harmless since only the quantized tensors' scales
+    are used, and those are checked finite by the tests. Keep stdout for the command's result."""
+    buffer = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(buffer), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=RuntimeWarning)
+            yield
+    finally:
+        root.setLevel(level)
+    logging.getLogger("bgevl").debug("onnxruntime.quantization output:\n%s", buffer.getvalue())
 
 
 def file_size(path: Path) -> int:

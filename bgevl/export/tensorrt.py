@@ -9,23 +9,27 @@ the export's reference set (``validation.npz``: the probe feeds and the PyTorch 
 thresholds of the ONNX path. The manifest gains an ``engines`` section only when every engine
 passed; on failure nothing is left behind.
 
-Precision plans (:func:`precision_plan`), and why:
+Precision plans (:func:`precision_plan`), and why. **Every network is strongly typed**: the types
+come from the ONNX graph, never from builder flags or per-layer precisions. TensorRT 11 removed the
+weak-typing API (``BuilderFlag.FP16/INT8/FP8/BF16``, ``OBEY/PREFER_PRECISION_CONSTRAINTS``,
+``int8_calibrator``, ``ILayer.precision``, ``set_output_type``) and 10.12 deprecated it, so the
+supported range is TensorRT 10.12 to 11.x (``bgevl.runtime.tensorrt.TENSORRT_REQUIREMENT``);
+tests/test_tensorrt_api.py checks every TensorRT name used here against those versions' bindings.
 
-* fp32: weakly typed, TF32 *cleared* (TensorRT enables TF32 by default; its 10-bit mantissa
+* fp32: from the fp32 ONNX, TF32 *cleared* (TensorRT enables TF32 by default; its 10-bit mantissa
   would not meet the fp32 threshold of 0.99999).
-* fp16: **strongly typed from the fp16 ONNX.** The fp16 graph already keeps LayerNorm, Softmax,
-  RMSNorm, the rotary angles and the final L2 norm in fp32 (``onnx_tools.fp16_graph``, found by
-  structure and validated with ONNX Runtime); a strongly typed network makes TensorRT keep
-  exactly those types. The alternative, the FP16 builder flag on the fp32 graph with per-layer
-  constraints, lets TensorRT re-decide precisions per layer, and weakly typed networks are
-  deprecated since TensorRT 10.12.
-* int8 (static QDQ, CLIP): explicit quantization from the QDQ ONNX (no implicit calibrator), weakly
-  typed with the INT8 and FP16 flags so the layers between Q/DQ pairs may run in fp16, and
-  normalization, softmax, reductions, unary ops and Pow held at fp32
-  (``OBEY_PRECISION_CONSTRAINTS``): LayerNorm/RMSNorm statistics overflow in fp16.
-* int8 (weight-only QDQ, MLLM): strongly typed: int8 weights dequantized into the MatMuls, the
+* fp16: from the fp16 ONNX. The fp16 graph keeps LayerNorm, Softmax, RMSNorm, the rotary angles
+  and the final L2 norm in fp32 (``onnx_tools.fp16_graph``, found by structure and validated with
+  ONNX Runtime); a strongly typed network keeps exactly those types.
+* int8 (static QDQ, CLIP): explicit quantization from the QDQ ONNX whose unquantized regions are
+  fp16 with the fp16 export's fp32 islands (``onnx_tools.quantize_int8``): int8 GEMMs between the
+  Q/DQ pairs, fp16 around them, LayerNorm/Softmax/final norm in fp32.
+* int8 (weight-only QDQ, MLLM, Visualized-BGE): int8 weights dequantized into the MatMuls, the
   graph's float types elsewhere.
-* int8 dynamic: refused (ONNX Runtime's dynamic/MatMulNBits ops have no TensorRT equivalent).
+* fp8: FP8 E4M3 Q/DQ on the weight GEMMs, fp16 elsewhere (``onnx_tools.quantize_fp8``); GPUs below
+  compute capability 8.9 have no FP8 and are refused before building.
+* int8 dynamic / qdq-u8: refused (ONNX Runtime's dynamic/MatMulNBits ops have no TensorRT equivalent;
+  uint8 activations are the CPU form).
 
 The plan follows the int8 form the export recorded per graph (``precision_details.int8_form``,
 declared by the family), not the family itself.
@@ -47,7 +51,7 @@ from bgevl.manifest import EngineEntry, Manifest, Validation, read_manifest, wri
 from bgevl.staging import staged_directory
 from bgevl.runtime.runners import runner_call
 from bgevl.runtime.tensorrt import (
-    TensorRTRunner, cuda_device, import_tensorrt, sidecar_path, write_sidecar,
+    DeviceInfo, TensorRTRunner, cuda_device, import_tensorrt, sidecar_path, write_sidecar,
 )
 from bgevl.specs import Dim, GraphSpec
 
@@ -59,45 +63,57 @@ TIMING_CACHE = "timing.cache"
 @dataclass(frozen=True)
 class PrecisionPlan:
     precision: str
-    strongly_typed: bool
-    builder_flags: tuple[str, ...] = ()
+    #: always True: kept in the sidecar so engines built before weak typing was dropped are told apart
+    strongly_typed: bool = True
+    #: builder flags cleared (fp32: ``TF32``); no precision flag is ever set
     cleared_flags: tuple[str, ...] = ()
-    #: TensorRT layer types held at fp32 (``ELEMENTWISE.POW``: elementwise layers doing Pow).
-    fp32_layers: tuple[str, ...] = ()
     reason: str = ""
 
     def describe(self) -> str:
-        if self.strongly_typed:
-            return "strongly typed"
-        return "flags " + "+".join(self.builder_flags) if self.builder_flags else "fp32, TF32 off"
+        return "strongly typed" + (", TF32 off" if "TF32" in self.cleared_flags else "")
 
 
-FP32_LAYERS = ("NORMALIZATION", "SOFTMAX", "REDUCE", "UNARY", "ELEMENTWISE.POW")
+#: FP8 tensor cores: Ada (8.9), Hopper (9.0) and later.
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 
 
 def precision_plan(precision: str, int8_form: str | None = None) -> PrecisionPlan:
     """``int8_form``: ``static-qdq``, ``weight-only-qdq``, or a CPU form (``dynamic``, ``weight-only-dynamic``,
     ``static-qdq-u8``), refused."""
     if precision == "fp32":
-        return PrecisionPlan("fp32", False, cleared_flags=("TF32",),
-                             reason="fp32 kernels; TF32 cleared to meet the fp32 threshold")
+        return PrecisionPlan("fp32", cleared_flags=("TF32",),
+                             reason="strongly typed from the fp32 ONNX; TF32 cleared to meet the fp32 threshold")
     if precision == "fp16":
-        return PrecisionPlan("fp16", True, reason=(
+        return PrecisionPlan("fp16", reason=(
             "strongly typed from the fp16 ONNX: TensorRT keeps the graph's types, including the fp32 "
             "LayerNorm/Softmax/RMSNorm/rotary/L2-norm parts validated with ONNX Runtime"))
+    if precision == "fp8":
+        return PrecisionPlan("fp8", reason=(
+            "strongly typed from the FP8 QDQ ONNX: FP8 E4M3 Q/DQ on the weight GEMMs, fp16 elsewhere with the fp16 "
+            "export's fp32 islands; patch embedding and attention matmuls unquantized"))
     if precision == "int8":
         if int8_form == "weight-only-qdq":
-            return PrecisionPlan("int8", True, reason=(
+            return PrecisionPlan("int8", reason=(
                 "strongly typed from the weight-only QDQ ONNX: int8 weights dequantized into the MatMuls"))
         if int8_form == "static-qdq":
-            return PrecisionPlan("int8", False, builder_flags=("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"),
-                                 fp32_layers=FP32_LAYERS, reason=(
-                                     "explicit quantization from the QDQ ONNX; fp16 between Q/DQ pairs; normalization, "
-                                     "softmax, reductions, unary ops and Pow held at fp32"))
+            return PrecisionPlan("int8", reason=(
+                "strongly typed from the QDQ ONNX: int8 GEMMs between the Q/DQ pairs, the graph's fp16 around them "
+                "and its fp32 LayerNorm/Softmax/L2-norm islands"))
         raise BgevlError(f"this export's int8 form is {int8_form!r} (a CPU form: ONNX Runtime dynamic quantization, "
                          f"MatMulNBits or uint8-activation QDQ), which TensorRT does not build; export with --precision "
                          f"int8 --int8-mode qdq (explicit Q/DQ) or --precision fp16 for TensorRT")
     raise BgevlError(f"unknown precision {precision!r}")
+
+
+def check_device_for(plan: PrecisionPlan, device: DeviceInfo) -> None:
+    """Refuse, in one line, a GPU that lacks the plan's reduced precision (FP8 below compute capability 8.9)."""
+    if plan.precision != "fp8":
+        return
+    major, minor = (int(x) for x in device.compute_capability.split("."))
+    if (major, minor) < FP8_MIN_COMPUTE_CAPABILITY:
+        need = ".".join(map(str, FP8_MIN_COMPUTE_CAPABILITY))
+        raise BgevlError(f"fp8 engines need a GPU of compute capability {need} or newer (Ada, Hopper, Blackwell); "
+                         f"{device.name} is {device.compute_capability}: export with --precision int8 or fp16 for it")
 
 
 def axis_ranges(graph: GraphSpec, *, max_batch: int | None = None, opt_batch: int | None = None,
@@ -146,45 +162,24 @@ class EngineOptions:
     extra: dict = field(default_factory=dict)
 
 
-def _hold_fp32(trt, network, layer_types: tuple[str, ...]) -> int:
-    wanted = {t for t in layer_types if "." not in t}
-    ops = {t.split(".")[1] for t in layer_types if t.startswith("ELEMENTWISE.")}
-    floats = {trt.float32, trt.float16}
-    held = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        kind = layer.type.name
-        match = kind in wanted
-        if not match and kind == "ELEMENTWISE" and ops:
-            layer.__class__ = trt.IElementWiseLayer  # the TensorRT samples' way to reach .op
-            match = layer.op.name in ops
-        if match and layer.num_outputs and layer.get_output(0).dtype in floats:
-            layer.precision = trt.float32
-            for k in range(layer.num_outputs):
-                layer.set_output_type(k, trt.float32)
-            held += 1
-    return held
-
-
 def build_engine(onnx_path: Path, engine_path: Path, graph: GraphSpec, plan: PrecisionPlan, ranges: Mapping[str, Dim],
                  workspace_bytes: int, timing_cache: Path) -> dict:
-    """Build one engine with the TensorRT 10 Python API; returns what the sidecar records of the build."""
+    """Build one strongly typed engine (TensorRT 10.12+ / 11.x); returns what the sidecar records of the build."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
-    network = builder.create_network(flags)
+    creation = trt.NetworkDefinitionCreationFlag
+    # 10.x: weakly typed unless created STRONGLY_TYPED; 11.x: always strongly typed, the flag accepted and
+    # ignored (used only where it exists, should a later version drop it)
+    network = builder.create_network(1 << int(creation.STRONGLY_TYPED) if hasattr(creation, "STRONGLY_TYPED") else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # path-based: external data (> 2 GB graphs) is found beside it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BgevlError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    for flag in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    for flag in plan.cleared_flags:
-        config.clear_flag(getattr(trt.BuilderFlag, flag))
-    held = _hold_fp32(trt, network, plan.fp32_layers) if plan.fp32_layers else 0
+    if "TF32" in plan.cleared_flags:
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     shapes = profile_shapes(graph, ranges)
     for name, s in shapes.items():
@@ -199,7 +194,7 @@ def build_engine(onnx_path: Path, engine_path: Path, graph: GraphSpec, plan: Pre
                          f"--workspace-gb or a smaller --max-batch")
     engine_path.write_bytes(memoryview(serialized))
     timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    return {"profiles": shapes, "fp32_layers_held": held, "build_seconds": round(time.perf_counter() - start, 1),
+    return {"profiles": shapes, "build_seconds": round(time.perf_counter() - start, 1),
             "layers": network.num_layers}
 
 
@@ -216,6 +211,7 @@ def build_engines(export_dir: str | os.PathLike, options: EngineOptions | None =
     if len(forms) != 1:
         raise BgevlError(f"{manifest.directory}: the graphs' int8 forms differ ({sorted(map(str, forms))}); re-run the export")
     plan = precision_plan(manifest.precision, forms.pop())
+    check_device_for(plan, device)
     final = manifest.directory / ENGINE_DIR
     timing_cache = options.timing_cache or final / TIMING_CACHE
     with staged_directory(final) as staging:

@@ -216,6 +216,9 @@ class Family(ABC):
     #: or keeps the family default and skips larger batches (7B prefills)
     bench_grows_max_batch: ClassVar[bool] = True
     checkpoint_kind: ClassVar[CheckpointKind]
+    #: whether ``--precision fp8`` applies: FP8 E4M3 Q/DQ on the weight GEMMs from a calibration set
+    #: (``quantize_fp8`` and ``calibration_feeds``), for TensorRT on GPUs of compute capability 8.9+
+    supports_fp8: ClassVar[bool] = False
     #: the entry model's inputs (of SERVING_IMAGE, SERVING_TEXT, SERVING_INSTRUCTION, SERVING_ROLE)
     serving_inputs: ClassVar[tuple[str, ...]]
 
@@ -290,6 +293,10 @@ class Family(ABC):
     def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
                       calibration: Callable[[], list[Feeds]] | None) -> dict:
         """Write the int8 graph; returns what was done, for the manifest."""
+
+    def quantize_fp8(self, graph: GraphSpec, src: Path, dst: Path, calibration: Callable[[], list[Feeds]]) -> dict:
+        """Write the fp8 graph (families with ``supports_fp8``); returns what was done, for the manifest."""
+        raise NotImplementedError(f"the {self.name} family has no fp8 form")
 
     def calibration_feeds(self, preprocessor: Preprocessor, graph: GraphSpec, images: list, texts: list,
                           batch: int) -> list[Feeds]:

@@ -71,6 +71,16 @@ def cpu_has_exact_int8() -> bool:
     return not flags or any(f in flags for f in INT8_DOT_FLAGS)
 
 
+def holds_float8(path: str | Path) -> bool:
+    """Whether a graph stores float8 tensors (the FP8 Q/DQ form: ``--precision fp8``)."""
+    import onnx
+
+    float8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+              onnx.TensorProto.FLOAT8E5M2FNUZ}
+    model = onnx.load(str(path), load_external_data=False)
+    return any(init.data_type in float8 for init in model.graph.initializer)
+
+
 def create_session(path: str | Path, providers: Sequence | None = None, threads: int | None = None):
     """An ONNX Runtime session with quiet logging (``providers``: names or (name, options) pairs).
 
@@ -82,10 +92,13 @@ def create_session(path: str | Path, providers: Sequence | None = None, threads:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if not cpu_has_exact_int8():
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         options.intra_op_num_threads = threads
+    # ONNX Runtime's CPU optimizer fuses DequantizeLinear -> MatMul into QLinearMatMul, which has no float8
+    # kernel ("Type 'tensor(float8e4m3fn)' ... of operator (QLinearMatMul) is invalid", onnxruntime 1.31):
+    # float8 graphs keep their Q/DQ nodes as they are, which ONNX Runtime runs in float8 (opset 19)
+    if not cpu_has_exact_int8() or holds_float8(path):
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or [PROVIDERS["cpu"]]))
 
 
@@ -109,7 +122,7 @@ def provider_options_for(providers: Sequence[str], artifact_dir: Path, *, precis
             cache = Path(engine_cache_dir) if engine_cache_dir else Path(artifact_dir) / "trt-cache"
             options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
-                       "trt_fp16_enable": precision in ("fp16", "int8"), "trt_int8_enable": precision == "int8"}
+                       "trt_fp16_enable": precision in ("fp16", "int8", "fp8"), "trt_int8_enable": precision == "int8"}
         options.update(overrides.get(short.get(name, name), {}))
         out.append((name, options) if options else name)
     unknown = set(overrides) - set(PROVIDERS)

@@ -6,8 +6,8 @@ optimization profile and the precision plan; :func:`check_compatible` compares t
 this machine before deserializing, so a mismatch is a clear "rebuild" error rather than a failed
 deserialization deep inside TensorRT.
 
-:class:`TensorRTRunner` runs one engine with the TensorRT 10 API: one execution context and one
-CUDA stream, input shapes set per call (``set_input_shape``), device buffers bound by address
+:class:`TensorRTRunner` runs one engine with the TensorRT 10.12+/11.x API (:data:`TENSORRT_REQUIREMENT`):
+one execution context and one CUDA stream, input shapes set per call (``set_input_shape``), device buffers bound by address
 (``set_tensor_address``) and ``execute_async_v3``. Buffers grow to the largest shape seen and are
 reused, so repeated shapes never reallocate. Device memory is handled with ``cuda-python``
 (the ``tensorrt`` extra), not torch.
@@ -26,7 +26,26 @@ from bgevl.errors import BgevlError
 from bgevl.runtime.runners import Runner
 
 SIDECAR_SUFFIX = ".json"
-INSTALL_HINT = "pip install 'bgevl-export[tensorrt]' on a machine with an NVIDIA GPU and CUDA 12"
+#: The TensorRT versions this project builds and runs engines with: every network strongly typed (the
+#: types come from the ONNX graph), which TensorRT supports without deprecation from 10.12 and is the
+#: only mode of 11.x (which removed the weak-typing API). The same specifier is the ``tensorrt`` extra
+#: of pyproject.toml (tests/test_tensorrt_api.py checks they agree).
+TENSORRT_REQUIREMENT = ">=10.12,<12"
+INSTALL_HINT = "pip install 'bgevl-export[tensorrt]' on a machine with an NVIDIA GPU and CUDA"
+
+
+def check_tensorrt_version(version: str) -> None:
+    """Refuse, in one line naming it, a TensorRT outside :data:`TENSORRT_REQUIREMENT`."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        supported = Version(version) in SpecifierSet(TENSORRT_REQUIREMENT)
+    except InvalidVersion:
+        supported = False
+    if not supported:
+        raise BgevlError(f"TensorRT {version} is installed; bgevl-export builds strongly typed engines with TensorRT "
+                         f"{TENSORRT_REQUIREMENT}: pip install 'tensorrt{TENSORRT_REQUIREMENT}' (or {INSTALL_HINT})")
 
 
 def import_tensorrt():
@@ -34,6 +53,7 @@ def import_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise BgevlError(f"TensorRT is not installed ({exc}); {INSTALL_HINT}") from exc
+    check_tensorrt_version(trt.__version__)
     return trt
 
 

@@ -74,6 +74,7 @@ class ClipFamily(Family):
     description = "CLIP dual encoders (BGE-VL-base, BGE-VL-large); composed queries by score fusion"
     models = MODELS
     default_batch = (DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH)
+    supports_fp8 = True  # static FP8 Q/DQ on the towers' weight GEMMs, calibrated like the static int8 form
     checkpoint_kind = CheckpointKind(
         "clip", "CLIP dual encoder (CLIPModel)", "CLIPConfig",
         (("tokenizer.json",), ("vocab.json", "merges.txt")),
@@ -147,7 +148,14 @@ class ClipFamily(Family):
         from bgevl.export import onnx_tools
 
         feeds = calibration() if calibration is not None and self.int8_form(mode).calibrated else None
-        return onnx_tools.quantize_int8(src, dst, mode, feeds)
+        return onnx_tools.quantize_int8(src, dst, mode, feeds, graph.normalized_output,
+                                        lambda model: self.fp16_keep_float32(graph, model))
+
+    def quantize_fp8(self, graph: GraphSpec, src: Path, dst: Path, calibration: Callable[[], list[Feeds]]) -> dict:
+        from bgevl.export import onnx_tools
+
+        return onnx_tools.quantize_fp8(src, dst, calibration(), graph.normalized_output,
+                                       lambda model: self.fp16_keep_float32(graph, model))
 
     def calibration_feeds(self, preprocessor: Any, graph: GraphSpec, images: list, texts: list,
                           batch: int) -> list[Feeds]:
