@@ -192,3 +192,24 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     rest = proc.stderr.read()
     assert proc.wait(timeout=60) == 130 and "interrupted; nothing was written" in rest
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*")) and not list(tmp.iterdir())
+
+
+def test_help_shows_the_whole_tool_and_each_command_its_example(capsys, tmp_path):
+    from bgevl.export.cli import COMMANDS
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    commands = out[out.index("commands:"):out.index("options:")]
+    for name, (summary, example, _) in COMMANDS.items():
+        assert f"    {name} " in commands and example in out  # every subcommand, with an example
+    assert "--model-path" in out and "--triton-repo" in out  # and the export options of the bare form
+    for name, (_, example, _) in COMMANDS.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: bgevl-export {name} ") and f"example:\n  {example}" in out
+    # `export` is the bare form spelled out: the same options, the same one-line refusals
+    assert main(["export", "--model", "tiny", "--max-sequence-length", "8", "--output", str(tmp_path / "o")]) == 2
+    assert "--max-sequence-length 8: need at least 16 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -274,9 +274,63 @@ SUBCOMMANDS = {"triton-repo": triton_main, "build-engines": build_engines_main, 
                "deploy": deploy_main}
 
 
+#: The subcommands: what each does and one example (``bgevl-export --help`` and ``bgevl-export COMMAND --help``).
+COMMANDS = {
+    "export": ("export a model to validated ONNX graphs (the default command: `bgevl-export OPTIONS` is "
+               "`bgevl-export export OPTIONS`), optionally with TensorRT engines and a Triton repository",
+               "bgevl-export export --model large --precision fp16 --output out/large-fp16 --triton-repo out/repo",
+               build_parser),
+    "check": ("check a checkpoint the way the exporter does, without exporting",
+              "bgevl-export check --model base --model-path ./BGE-VL-base", build_check_parser),
+    "triton-repo": ("package an export as a Triton model repository",
+                    "bgevl-export triton-repo out/large-fp16 --output out/repo --triton-backend python",
+                    build_triton_parser),
+    "build-engines": ("build, validate and register TensorRT engines of an export (on a GPU machine)",
+                      "bgevl-export build-engines out/large-fp16 --workspace-gb 8", build_engines_parser),
+    "deploy": ("write a serving image, Kubernetes and KServe manifests for a repository in object storage",
+               "bgevl-export deploy --repository-uri s3://bucket/bgevl/repo --output deploy/", build_deploy_parser),
+}
+
+
+def build_tool_parser() -> argparse.ArgumentParser:
+    """The whole tool for ``--help``: the export options of the bare form, and every subcommand with its
+    options (the parsers each subcommand runs), what it does and an example."""
+    p = build_parser()
+    p.description = ("Export BGE-VL models to validated ONNX graphs and TensorRT engines, package them for Triton, "
+                     "and deploy them. `bgevl-export COMMAND --help` shows a command's options.")
+    p.epilog = "examples:\n" + "\n".join(f"  {example}" for _, example, _ in COMMANDS.values())
+    p.formatter_class = _HelpFormatter
+    commands = p.add_subparsers(title="commands", metavar="COMMAND", dest="command", prog="bgevl-export")
+    for name, (summary, example, builder) in COMMANDS.items():
+        parent = builder()
+        commands.add_parser(name, parents=[parent], conflict_handler="resolve", help=summary,
+                            description=parent.description or summary,
+                            epilog=f"example:\n  {example}", formatter_class=_HelpFormatter)
+    # the commands first, then the export options (argparse lists groups in the order they were made)
+    p._action_groups.insert(1, p._action_groups.pop())
+    p.usage = "bgevl-export [COMMAND] [OPTIONS]   (no COMMAND: export)"
+    return p
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, examples kept on their own lines."""
+
+
+def _asks_for_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``bgevl-export [options]`` exports; ``bgevl-export triton-repo EXPORT_DIR ...`` packages an export."""
+    """``bgevl-export [export] [options]`` exports; ``bgevl-export COMMAND ...`` runs a subcommand
+    (:data:`COMMANDS`); ``--help`` shows the whole tool, ``COMMAND --help`` one command."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        build_tool_parser().print_help()
+        return 0
+    if argv and argv[0] in COMMANDS and _asks_for_help(argv[1:]):
+        build_tool_parser().parse_args([argv[0], "--help"])  # the command's options, what it does, an example
+    if argv and argv[0] == "export":
+        argv = argv[1:]
     if argv and argv[0] in SUBCOMMANDS:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         interrupt_on_signals()  # SIGTERM cleans up like Ctrl-C: staging and temporary directories go
