@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from bgevl.errors import InputError
 from bgevl.families import get_family
-from bgevl.families.base import Request, run_steps
+from bgevl.families.base import Feeds, Request, run_steps
 from bgevl.manifest import Manifest, read_manifest
 from bgevl.runtime.preprocessing import DEFAULT_LIMITS, InputLimits, as_list
 from bgevl.runtime.runners import BACKENDS, open_runners, runner_call
@@ -91,11 +91,12 @@ class Embedder:
         return next(iter(self.runners.values())).providers
 
     def encode(self, images: Any = None, text: Any = None, *, role: str | None = None,
-               instruction: str | None = None) -> np.ndarray:
+               instruction: str | None = None, on_feeds: Callable[[Feeds], None] | None = None) -> np.ndarray:
         """Embed ``images`` (paths, bytes or PIL images), ``text`` (strings), or both paired up.
 
         ``role``: ``"query"`` or ``"candidate"`` (MLLM: default ``"query"`` when an ``instruction`` is
-        given, else ``"candidate"``; CLIP: no effect)."""
+        given, else ``"candidate"``; CLIP: no effect). ``on_feeds``: called with each batch's
+        preprocessed feeds (the embeddings API counts prompt tokens with it)."""
         image_list, text_list = as_list(images, "images"), as_list(text, "text")
         if image_list is None and text_list is None:
             raise InputError("encode() needs images, text or both")
@@ -109,6 +110,8 @@ class Embedder:
         out = []
         for start in range(0, len(request), self.max_batch):  # decoded and preprocessed one batch at a time
             feeds = self.preprocessor.prepare(request.slice(start, start + self.max_batch), start)
+            if on_feeds is not None:
+                on_feeds(feeds)
             out.append(np.asarray(run_steps(self.family.steps(feeds, self.graphs), run), np.float32))
         return np.concatenate(out)
 
