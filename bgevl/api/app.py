@@ -87,7 +87,9 @@ def validation_error(exc: ValidationError) -> ApiError:
     best = max(errors, key=lambda e: (e["type"] in ("extra_forbidden", "missing"), len(e["loc"])))
     param = _param(best["loc"])
     if best["type"] == "extra_forbidden":
-        message = f"unknown field {best['loc'][-1]!r}"
+        param = _param(best["loc"][:-1]) or str(best["loc"][-1])
+        known = ", ".join(EmbeddingRequest.model_fields) if len(best["loc"]) == 1 else "text, image"
+        message = f"unknown field {best['loc'][-1]!r} (the fields are: {known})"
     elif best["type"] == "json_invalid":
         message = f"the body is not valid JSON ({best.get('ctx', {}).get('error', best['msg'])})"
     else:
@@ -173,10 +175,8 @@ def renamed(exc: InputError, items: list[ParsedItem]) -> ApiError:
 
     message = _ITEM_REF.sub(rename, message)
     if param is None:
-        head = message.split(":", 1)[0].strip()
-        param = head if head in ("instruction", "role", "input_type") else None
-        if head == "role":
-            param = "input_type"
+        head = re.match(r"\s*(\w+)", message)
+        param = {"instruction": "instruction", "role": "input_type"}.get(head.group(1) if head else "")
     return ApiError(400, message, param=param)
 
 

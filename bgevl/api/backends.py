@@ -70,12 +70,13 @@ class EmbedderBackend(EmbeddingBackend):
     only parses, decodes base64 and answers."""
 
     def __init__(self, export_dir: str | os.PathLike, *, name: str | None = None, workers: int = 2,
-                 load_options: dict[str, Any] | None = None):
+                 load_options: dict[str, Any] | None = None, embedder: Any = None):
+        """``embedder``: an already loaded ``Embedder`` of ``export_dir`` (else ``start`` loads one)."""
         self.export_dir = Path(export_dir)
         self.name = name or self.export_dir.resolve().name
         self.load_options = dict(load_options or {})
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bgevl-api-encode")
-        self.embedder = None
+        self.embedder = embedder
         self.error: str | None = None
         self._loading: asyncio.Future | None = None
 
