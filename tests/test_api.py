@@ -514,3 +514,85 @@ def test_bgevl_api_refuses_bad_arguments_in_one_line(tmp_path):
     for option in ("--triton-url", "--api-key-file", "--max-in-flight", "--queue", "--timeout", "--max-body-bytes",
                    "--allow-image-host", "--model-name", "--host", "--port"):
         assert option in help_text
+
+
+# --- the Triton backend ----------------------------------------------------------------------
+
+def _triton(export, tmp_path):
+    pytest.importorskip("tritonclient.grpc.aio", reason="needs the serving extra: pip install '.[serving]'")
+    from bgevl.triton_repo.repository import write_repository
+    from bgevl.triton_repo.server import TritonServer
+
+    repo = write_repository(export, tmp_path / "repo", sink=None)
+    return repo, TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None).start()
+
+
+@pytest.mark.parametrize("model", ["tiny-mllm", pytest.param("tiny-visualized", marks=pytest.mark.slow)])
+def test_the_triton_backend_gives_the_runtimes_embeddings(export_dir, embedders, tmp_path, model):
+    embedder = embedders(model)
+    repo, triton = _triton(export_dir("fp32", model=model), tmp_path)
+    try:
+        backend = TritonBackend(triton.grpc_url, name=model, tokenizer_dir=repo / "bgevl_preprocess" / "1" / "processor")
+        with serving(backend) as server:
+            api = client(server)
+            texts = api.embeddings.create(model=model, input=TEXTS)
+            assert_matches(vectors(texts), embedder.encode(text=TEXTS))
+            assert texts.usage.prompt_tokens > len(TEXTS)
+            floats = api.embeddings.create(model=model, input=[], encoding_format="float", extra_body={"input": _items()})
+            assert_matches(vectors(floats), _direct(embedder))
+            queries = api.embeddings.create(model=model, input=[], extra_body={"input": _items(), "input_type": "query"})
+            assert_matches(vectors(queries), _direct(embedder, role="query"))
+            body = {"input": [TEXTS[0], {"image": base64.b64encode(b"no image").decode()}], "input_type": "query"}
+            assert_error(post(f"{server.url}/v1/embeddings", body), 400, "input[1].image", "input[1].image", "not a readable image")
+            if embedder.default_instruction is not None:
+                out = api.embeddings.create(model=model, input=[], extra_body={
+                    "input": _items(), "input_type": "query", "instruction": INSTRUCTION})
+                assert_matches(vectors(out), _direct(embedder, role="query", instruction=INSTRUCTION))
+            else:
+                assert_error(post(f"{server.url}/v1/embeddings", {"input": TEXTS, "instruction": INSTRUCTION}), 400,
+                             "instruction", "takes no task instruction")
+    finally:
+        triton.stop()
+
+
+def test_bgevl_serve_starts_the_api_in_front_of_its_triton(export_dir, embedders, tmp_path):
+    from test_triton_server import launch_serve
+
+    from bgevl.triton_repo.repository import write_repository
+
+    embedder = embedders("tiny")
+    repo = write_repository(export_dir("fp32", model="tiny"), tmp_path / "repo", sink=None)
+    proc, out, ports = launch_serve(repo)
+    try:
+        assert f"API      http://localhost:{ports[3]}/v1/embeddings" in out, out
+        api = openai.OpenAI(base_url=f"http://localhost:{ports[3]}/v1", api_key="unused", max_retries=0)
+        assert_matches(vectors(api.embeddings.create(model="bgevl", input=TEXTS)), embedder.encode(text=TEXTS))
+        mixed = api.embeddings.create(model="bgevl", input=[], encoding_format="float", extra_body={"input": _items()})
+        assert_matches(vectors(mixed), _direct(embedder))
+        with ThreadPoolExecutor(8) as pool:  # concurrent requests through the asyncio client
+            outs = list(pool.map(lambda i: api.embeddings.create(model="bgevl", input=[TEXTS[i % 3]]), range(24)))
+        for i, response in enumerate(outs):
+            assert_matches(vectors(response), embedder.encode(text=[TEXTS[i % 3]]))
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0 and "stopped (exit code 0)" in rest, out + rest
+    assert "stopping the embeddings API" in rest
+
+
+@pytest.mark.slow
+def test_bgevl_serve_no_api_serves_triton_alone(export_dir, tmp_path):
+    from test_triton_server import launch_serve
+
+    from bgevl.triton_repo.repository import write_repository
+
+    repo = write_repository(export_dir("fp32", model="tiny"), tmp_path / "repo", sink=None)
+    no_api, out, _ = launch_serve(repo, "--no-api")
+    try:
+        assert "ready:" in out and "API " not in out, out
+    finally:
+        no_api.send_signal(signal.SIGINT)
+        no_api.communicate(timeout=60)

@@ -552,9 +552,9 @@ def test_mllm_bad_requests_name_the_problem(mllm_served, extra, message):
 
 def launch_serve(repo, *extra: str, preexec_fn=None):
     """``bgevl-serve REPO`` as a subprocess, read until it says it is ready: (process, its output, ports)."""
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
     cmd = [sys.executable, "-m", "bgevl.triton_repo.server", str(repo), "--http-port", str(ports[0]),
-           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra]
+           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--api-port", str(ports[3]), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=preexec_fn or os.setsid)
     lines = []
