@@ -596,3 +596,104 @@ def test_bgevl_serve_no_api_serves_triton_alone(export_dir, tmp_path):
     finally:
         no_api.send_signal(signal.SIGINT)
         no_api.communicate(timeout=60)
+
+
+# --- load: 64 clients, mixed items, bounded in time and count --------------------------------
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@contextmanager
+def api_process(export, *extra: str):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bgevl.api.cli", str(export), "--port", str(port), "--provider", "cpu",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://localhost:{port}"
+        deadline = time.monotonic() + 120
+        while get_or_none(f"{url}/health/ready") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, "bgevl-api did not start"
+            time.sleep(0.1)
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_load(url: str, embedder, seconds: float, clients: int = 64, max_requests: int = 200_000) -> dict:
+    """``clients`` threads posting mixed requests (texts, images, composed) until ``seconds`` pass; every 200
+    is checked against the runtime's embeddings. Returns counts by status and the failures seen."""
+    jobs = [({"input": [TEXTS[i]]}, embedder.encode(text=[TEXTS[i]])) for i in range(3)]
+    jobs += [({"input": [{"image": data_url(IMAGES[i])}]}, embedder.encode(images=[IMAGES[i]])) for i in range(3)]
+    jobs += [({"input": [{"text": TEXTS[i], "image": data_url(IMAGES[i])}, TEXTS[(i + 1) % 3]]},
+              np.concatenate([embedder.encode(images=[IMAGES[i]], text=[TEXTS[i]]), embedder.encode(text=[TEXTS[(i + 1) % 3]])]))
+             for i in range(3)]
+    counts: dict = {}
+    failures: list = []
+    lock = threading.Lock()
+    sent = iter(range(max_requests))
+    deadline = time.monotonic() + seconds
+
+    def client_loop(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while time.monotonic() < deadline:
+            with lock:
+                if next(sent, None) is None:
+                    return
+            body, want = jobs[int(rng.integers(len(jobs)))]
+            try:
+                status, headers, answer = post(url + "/v1/embeddings", {**body, "encoding_format": "float"})
+            except OSError as exc:  # a lost request: connection refused, reset, timed out
+                status, headers, answer = "lost", {}, repr(exc)
+            ok = status == 200 and np.allclose([d["embedding"] for d in answer["data"]], want, atol=1e-4)
+            with lock:
+                counts[status] = counts.get(status, 0) + 1
+                if status == 429 and headers.get("retry-after") != "1":
+                    failures.append(("429 without Retry-After", headers))
+                elif status not in (200, 429) or (status == 200 and not ok):
+                    failures.append((status, str(answer)[:300]))
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 120)
+    return {"counts": counts, "failures": failures}
+
+
+def _load_test(export_dir, embedders, seconds: float) -> None:
+    export, embedder = export_dir("fp32", model="tiny"), embedders("tiny")
+    with api_process(export, "--max-in-flight", "8", "--queue", "128") as (proc, url):
+        run_load(url, embedder, min(3.0, seconds / 5))  # warm-up: allocator pools, thread stacks
+        start_mb = _rss_mb(proc.pid)
+        result = run_load(url, embedder, seconds)
+        end_mb = _rss_mb(proc.pid)
+    total = sum(result["counts"].values())
+    print(f"\nload {seconds:g} s, 64 clients: {result['counts']} ({total / seconds:.0f} req/s); server RSS "
+          f"{start_mb:.0f} -> {end_mb:.0f} MB")
+    assert not result["failures"], result["failures"][:5]
+    assert set(result["counts"]) == {200} and total > 64
+    assert end_mb - start_mb < 100, (start_mb, end_mb)
+    with api_process(export, "--max-in-flight", "2", "--queue", "4") as (proc, url):  # a queue far below 64 clients
+        result = run_load(url, embedder, min(5.0, seconds))
+    print(f"queue 4 below the load: {result['counts']}")
+    assert not result["failures"], result["failures"][:5]
+    assert result["counts"].get(429, 0) > 0 and result["counts"].get(200, 0) > 0
+    assert set(result["counts"]) <= {200, 429}
+
+
+def test_64_clients_of_mixed_items_for_10_s_lose_nothing(export_dir, embedders):
+    _load_test(export_dir, embedders, 10)
+
+
+@pytest.mark.slow
+def test_64_clients_of_mixed_items_for_60_s_lose_nothing_and_memory_stays_flat(export_dir, embedders):
+    _load_test(export_dir, embedders, 60)
