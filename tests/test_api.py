@@ -29,6 +29,9 @@ from PIL import Image
 openai = pytest.importorskip("openai", reason="needs the test extra: pip install '.[test]'")
 pytest.importorskip("fastapi", reason="needs the api extra: pip install '.[api]'")
 
+import samples  # noqa: E402
+from samples import IMAGES, TEXTS, jobs_with_bad_ones, png, png_of  # noqa: E402
+
 from bgevl.api.app import ApiOptions  # noqa: E402
 from bgevl.api.backends import EmbedderBackend, TritonBackend  # noqa: E402
 from bgevl.api.cli import ApiServer  # noqa: E402
@@ -36,19 +39,7 @@ from bgevl.api.images import FetchPolicy  # noqa: E402
 from bgevl.runtime import Embedder  # noqa: E402
 from bgevl.triton_repo.server import free_port  # noqa: E402
 
-MIN_COSINE = 0.9999
-TEXTS = ["a red car parked by the sea", "two dogs", "a photo of a cat sleeping on a keyboard at night"]
 INSTRUCTION = "Retrieve the target image that best meets the combined criteria"
-
-
-def png(seed: int, size=(48, 64)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
-
-
-IMAGES = [png(1), png(2, (80, 40)), png(3, (64, 64))]
 
 
 def data_url(data: bytes) -> str:
@@ -56,10 +47,7 @@ def data_url(data: bytes) -> str:
 
 
 def assert_matches(served, direct: np.ndarray) -> None:
-    served = np.asarray(served, np.float32)
-    assert served.shape == direct.shape, (served.shape, direct.shape)
-    cosine = (served * direct).sum(axis=1) / np.linalg.norm(served, axis=1) / np.linalg.norm(direct, axis=1)
-    assert cosine.min() >= MIN_COSINE, cosine
+    samples.assert_matches(np.asarray(served, np.float32), direct)
 
 
 def vectors(response) -> np.ndarray:
@@ -182,16 +170,22 @@ def test_openai_client_gets_the_runtimes_embeddings(embedders, model):
         chat = api.post("/embeddings", cast_to=openai.types.CreateEmbeddingResponse, body=message)
         assert_matches(vectors(chat), embedder.encode(images=[IMAGES[2]], text=[TEXTS[2]]))
 
-        with_instruction = {"input": _items(), "input_type": "query", "instruction": INSTRUCTION}
-        if embedder.default_instruction is not None:  # the families with task instructions
-            out = api.embeddings.create(model=model, input=[], extra_body=with_instruction)
-            assert_matches(vectors(out), _direct(embedder, role="query", instruction=INSTRUCTION))
-            differs = (vectors(out) * vectors(documents)).sum(axis=1)
+        queries = _check_instruction(api, server, embedder, model)
+        if queries is not None:
+            differs = (queries * vectors(documents)).sum(axis=1)
             assert differs.max() < 0.9999, "query and candidate prompts gave the same embeddings"
-        else:
-            with pytest.raises(openai.BadRequestError) as info:
-                api.embeddings.create(model=model, input=[], extra_body=with_instruction)
-            assert info.value.body["param"] == "instruction" and "instruction" in info.value.body["message"]
+
+
+def _check_instruction(api, server, embedder, model: str) -> np.ndarray | None:
+    """Queries with an instruction: the runtime's embeddings where the family takes one (returned), else a
+    400 naming ``instruction``."""
+    with_instruction = {"input": _items(), "input_type": "query", "instruction": INSTRUCTION}
+    if embedder.default_instruction is None:  # the families without task instructions
+        assert_error(post(f"{server.url}/v1/embeddings", with_instruction), 400, "instruction", "instruction")
+        return None
+    out = vectors(api.embeddings.create(model=model, input=[], extra_body=with_instruction))
+    assert_matches(out, _direct(embedder, role="query", instruction=INSTRUCTION))
+    return out
 
 
 def test_mllm_refuses_an_instruction_on_documents(embedders):
@@ -321,6 +315,22 @@ def test_a_full_queue_is_429_with_retry_after_and_the_admitted_requests_finish(e
         assert post(url, {"input": TEXTS[2:3]})[0] == 200
 
 
+def test_a_request_over_the_timeout_is_504_and_keeps_its_slot_until_its_work_ends(embedders):
+    embedder = embedders("tiny")
+    backend = backend_of(embedder, cls=GatedBackend)
+    with serving(backend, max_in_flight=1, queue=0, timeout_s=0.5) as server:
+        url = f"{server.url}/v1/embeddings"
+        assert_error(post(url, {"input": TEXTS[:1]}), 504, None, "longer than the server's timeout of 0.5 s",
+                     code="timeout")
+        assert_error(post(url, {"input": TEXTS[:1]}), 429, None, code="queue_full")  # still computing
+        backend.gate.set()
+        deadline = time.monotonic() + 30
+        while "bgevl_api_in_flight 0.0" not in get(f"{server.url}/metrics")[1]:
+            assert time.monotonic() < deadline, "the timed-out work never released its slot"
+            time.sleep(0.02)
+        assert post(url, {"input": TEXTS[:1]})[0] == 200
+
+
 class FailingBackend(EmbedderBackend):
     def _encode(self, *args):
         raise RuntimeError("the runner broke\n  File \"/secret/path.py\", line 1")
@@ -376,20 +386,12 @@ def test_health_models_metrics_and_openapi(clip):
 
 # --- one bad item fails its request alone ---------------------------------------------------
 
-def _png_of(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG", optimize=True)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("bad", ["bomb", "undecodable"])
 def test_a_bad_image_among_30_concurrent_valid_requests_fails_alone(clip, bad):
     server, embedder = clip
-    payload = _png_of(Image.new("1", (13000, 13000))) if bad == "bomb" else IMAGES[0][:200]
+    payload = png_of(Image.new("1", (13000, 13000))) if bad == "bomb" else IMAGES[0][:200]
     want = embedder.encode(images=IMAGES)
-    jobs = [("valid", i % 3) for i in range(30)]
-    jobs.insert(7, ("bad", None))
-    jobs.insert(21, ("bad", None))
+    jobs = jobs_with_bad_ones("bad")
 
     def send(job):
         kind, i = job
@@ -544,13 +546,7 @@ def test_the_triton_backend_gives_the_runtimes_embeddings(export_dir, embedders,
             assert_matches(vectors(queries), _direct(embedder, role="query"))
             body = {"input": [TEXTS[0], {"image": base64.b64encode(b"no image").decode()}], "input_type": "query"}
             assert_error(post(f"{server.url}/v1/embeddings", body), 400, "input[1].image", "input[1].image", "not a readable image")
-            if embedder.default_instruction is not None:
-                out = api.embeddings.create(model=model, input=[], extra_body={
-                    "input": _items(), "input_type": "query", "instruction": INSTRUCTION})
-                assert_matches(vectors(out), _direct(embedder, role="query", instruction=INSTRUCTION))
-            else:
-                assert_error(post(f"{server.url}/v1/embeddings", {"input": TEXTS, "instruction": INSTRUCTION}), 400,
-                             "instruction", "takes no task instruction")
+            _check_instruction(api, server, embedder, model)
     finally:
         triton.stop()
 
