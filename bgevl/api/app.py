@@ -197,6 +197,35 @@ class Metrics:
         self.queued = Gauge("bgevl_api_queued", "Embedding requests waiting for a slot", registry=self.registry)
 
 
+ROUTES = {"/v1/embeddings", "/v1/models", "/health/live", "/health/ready", "/metrics"}
+
+
+class CountRequests:
+    """Requests by route and status, and their latency: a plain ASGI middleware (Starlette's
+    ``BaseHTTPMiddleware`` runs every request through an extra task and memory stream)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
 class Admission:
     """``max_in_flight`` slots and a queue of ``queue`` waiting requests; beyond it: 429."""
 
@@ -259,14 +288,7 @@ def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) ->
         "`{\"text\", \"image\"}` (image: data URL or base64), or vLLM's `messages` form. See docs/api.md."))
     app.state.backend, app.state.metrics, app.state.options = backend, metrics, options
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        route = request.url.path if request.url.path in ROUTES else "other"
-        response = await call_next(request)
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -426,7 +448,6 @@ def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) ->
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    ROUTES = {"/v1/embeddings", "/v1/models", "/health/live", "/health/ready", "/metrics"}
     app.state.started = time.time()
 
     def openapi() -> dict:
