@@ -100,14 +100,14 @@ def add_api_options(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT
     g = p.add_argument_group("embeddings API")
     g.add_argument(f"--{prefix}port", dest="api_port", type=int, default=port_default, help="port of the API")
     if prefix:
-        g.add_argument(f"--{prefix}host", dest="api_host", default=None, help="address the API listens on (default: --host)")
+        g.add_argument(f"--{prefix}host", dest="api_host", default=None, help="address the API listens on (None: --host)")
     else:
         g.add_argument("--host", dest="api_host", default=DEFAULT_HOST,
                        help="address to listen on; 0.0.0.0 exposes the API to every network the machine is on")
     g.add_argument(f"--{prefix}key-file" if prefix else "--api-key-file", dest="api_key_file", type=Path, default=None,
                    help=f"file whose first line is the API key clients must send (Authorization: Bearer KEY); "
-                        f"default: ${API_KEY_ENV}, else no key")
-    g.add_argument("--model-name", default=None, help="model id clients send and /v1/models lists (default: the "
+                        f"None: ${API_KEY_ENV}, else no key")
+    g.add_argument("--model-name", default=None, help="model id clients send and /v1/models lists (None: the "
                                                       "export directory's name, or the Triton model's)")
     g.add_argument("--max-in-flight", type=int, default=8, help="requests embedding at once")
     g.add_argument("--queue", type=int, default=64, help="requests waiting for a slot; more are answered 429")
@@ -115,7 +115,7 @@ def add_api_options(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT
                    help="seconds to answer one request (then 504)")
     g.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="largest request body (then 413)")
     g.add_argument("--allow-image-host", action="append", default=[], metavar="HOST",
-                   help="fetch http(s) image URLs from this host (repeatable); default: URLs are refused")
+                   help="fetch http(s) image URLs from this host (repeatable; none: URLs are refused)")
     g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest fetched image")
 
 

@@ -462,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not restrict those APIs (any client that reaches the port may use them)")
     p.add_argument("--no-api", action="store_true",
                    help="do not start the embeddings API (OpenAI's /v1/embeddings, bgevl-api) in front of the server")
-    p.add_argument("--api-model", default=None, help="the entry model the API forwards to (default: the repository's "
-                                                     "'bgevl', else its only entry model)")
+    p.add_argument("--api-model", default=None, help="the entry model the API forwards to (the repository's --triton-name; "
+                                                     "None: bgevl)")
     try:
         from bgevl.api.cli import add_api_options
     except ImportError:  # the api extra is not installed: bgevl-serve serves Triton alone
