@@ -11,7 +11,6 @@ import base64
 import http.server
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -552,7 +551,7 @@ def test_the_triton_backend_gives_the_runtimes_embeddings(export_dir, embedders,
 
 
 def test_bgevl_serve_starts_the_api_in_front_of_its_triton(export_dir, embedders, tmp_path):
-    from test_triton_server import launch_serve
+    from test_triton_server import ctrl_c, kill_group, launch_serve
 
     from bgevl.triton_repo.repository import write_repository
 
@@ -569,29 +568,28 @@ def test_bgevl_serve_starts_the_api_in_front_of_its_triton(export_dir, embedders
             outs = list(pool.map(lambda i: api.embeddings.create(model="bgevl", input=[TEXTS[i % 3]]), range(24)))
         for i, response in enumerate(outs):
             assert_matches(vectors(response), embedder.encode(text=[TEXTS[i % 3]]))
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        rest = ctrl_c(proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(proc)
     assert proc.returncode == 0 and "stopped (exit code 0)" in rest, out + rest
     assert "stopping the embeddings API" in rest
 
 
 @pytest.mark.slow
 def test_bgevl_serve_no_api_serves_triton_alone(export_dir, tmp_path):
-    from test_triton_server import launch_serve
+    from test_triton_server import ctrl_c, kill_group, launch_serve
 
     from bgevl.triton_repo.repository import write_repository
 
     repo = write_repository(export_dir("fp32", model="tiny"), tmp_path / "repo", sink=None)
-    no_api, out, _ = launch_serve(repo, "--no-api")
+    no_api, out, ports = launch_serve(repo, "--no-api")
     try:
         assert "ready:" in out and "API " not in out, out
+        assert get_or_none(f"http://localhost:{ports[3]}/health/live") is None  # nothing listens on the API port
+        rest = ctrl_c(no_api)
     finally:
-        no_api.send_signal(signal.SIGINT)
-        no_api.communicate(timeout=60)
+        kill_group(no_api)
+    assert no_api.returncode == 0 and "embeddings API" not in rest, rest
 
 
 # --- load: 64 clients, mixed items, bounded in time and count --------------------------------

@@ -545,6 +545,19 @@ def launch_serve(repo, *extra: str, preexec_fn=None):
     return proc, "".join(lines), ports
 
 
+def ctrl_c(proc) -> str:
+    """SIGINT to bgevl-serve: the rest of its output once it has exited."""
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=60)[0]
+
+
+def kill_group(proc) -> None:
+    """Whatever a failed test left of bgevl-serve's process group."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def server_pid_of(out: str) -> int:
     return int(out.split("tritonserver pid ")[1].split(",")[0])
 
@@ -571,12 +584,9 @@ def test_bgevl_serve_starts_prints_endpoints_and_stops_on_ctrl_c(clip_export, tm
         assert served.as_numpy("EMBEDDING").shape == (1, 16)
         server_pid = server_pid_of(out)
         workdir = out.split(", log ")[1].split()[0].rsplit("/", 1)[0]
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        rest = ctrl_c(proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(proc)
     assert proc.returncode == 0, out + rest
     assert "stopped (exit code 0)" in rest
     for group in (proc.pid, server_pid):  # bgevl-serve's group and the server's (server and stubs)
