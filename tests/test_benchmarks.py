@@ -14,14 +14,14 @@ pytest.importorskip("matplotlib", reason="needs the bench extra: pip install '.[
 
 def test_bench_runs_every_backend_and_writes_json_markdown_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
-    rc = main(["--models", "tiny", "--batch-sizes", "1,2", "--concurrency", "1,2", "--warmup", "1", "--min-repeats", "2",
-               "--min-seconds", "0", "--sweep-seconds", "0.5", "--output", str(out)])
+    backends = {"pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-int8-dynamic",
+                "runtime", "triton", "api", "api-triton"}
+    rc = main(["--models", "tiny", "--backends", ",".join(sorted(backends)), "--batch-sizes", "1,2", "--concurrency", "1,2",
+               "--warmup", "1", "--min-repeats", "2", "--min-seconds", "0", "--sweep-seconds", "0.5", "--output", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     assert data["command"].startswith("bgevl-bench --models tiny") and data["hardware"]["matmul_peak_gflops"] > 0
     assert {"torch", "onnxruntime", "transformers"} <= set(data["software"])
-    backends = {"pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-int8-dynamic",
-                "runtime", "triton"}
     rows = data["results"]
     assert len(rows) == 3 * 2 * len(backends)  # workloads x batch sizes x backends
     for row in rows:
@@ -42,7 +42,11 @@ def test_bench_runs_every_backend_and_writes_json_markdown_and_plots(tmp_path, c
         assert all(s["items_per_s"] > 0 and 0 < s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] for s in data["triton_sweep"])
     else:
         assert clients == {"bgevl-bench threads (HTTP)"} and any(why in n for n in data["notes"])
+    cases = [(w, b) for w in ("image", "text", "composed") for b in (1, 2)]
+    _check_api_rows(rows, "api", "runtime", cases)
+    _check_api_rows(rows, "api-triton", "triton", cases)
     report = (out / "report.md").read_text()
+    assert "the embeddings API (api) " in report and "over runtime at p50" in report and "over triton at p50" in report
     assert "## Findings" in report and "x PyTorch eager" in report and "Triton p50" in report
     for backend in backends:
         # one row in the main table (the paired-ratio and Pareto tables list model-level backends again)
@@ -90,3 +94,31 @@ def test_an_interrupted_bench_leaves_nothing_half_written_and_prints_one_line(tm
     assert rest.strip().splitlines()[-1].startswith("bgevl-bench: interrupted; nothing half-written was left")
     assert not list((out / "exports").glob(".*"))
     assert not [p.name for p in tmp.iterdir() if p.name.startswith(("bgevl", "tmp"))]  # OpenVINO's .ses may stay
+
+
+def _bench_api(tmp_path, backends: str, workloads: str = "image,text", batches: str = "1,8") -> list[dict]:
+    out = tmp_path / "bench"
+    assert main(["--models", "tiny", "--backends", backends, "--batch-sizes", batches, "--workloads", workloads,
+                 "--warmup", "1", "--min-repeats", "3", "--min-seconds", "0", "--output", str(out)]) == 0
+    return json.loads((out / "results.json").read_text())["results"]
+
+
+def _check_api_rows(rows: list[dict], api: str, reference: str, cases) -> None:
+    mine = [r for r in rows if r["backend"] == api]
+    assert {(r["workload"], r["batch"]) for r in mine} == set(cases)
+    for row in mine:
+        ref = next(r for r in rows if r["backend"] == reference and (r["workload"], r["batch"]) == (row["workload"], row["batch"]))
+        paired = row["paired"][reference]
+        assert paired["rounds"] == row["repetitions"] and 0 < paired["p10"] <= paired["median"] <= paired["p90"]
+        assert row[f"overhead_vs_{reference}_ms"] == pytest.approx(row["p50_ms"] - ref["p50_ms"])
+        assert row["level"] == "end-to-end"
+        if "min_cosine_vs_pytorch" in row:
+            assert row["min_cosine_vs_pytorch"] > 0.99
+
+
+@pytest.mark.slow
+def test_bench_measures_the_api_in_front_of_triton_against_triton_direct(tmp_path):
+    rows = _bench_api(tmp_path, "pytorch,runtime,triton,api,api-triton")
+    cases = [(w, b) for w in ("image", "text") for b in (1, 8)]
+    _check_api_rows(rows, "api", "runtime", cases)
+    _check_api_rows(rows, "api-triton", "triton", cases)

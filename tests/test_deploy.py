@@ -191,3 +191,39 @@ def test_image_dependencies_resolve_for_the_base_images_python_and_not_for_24_10
     assert {"bgevl-export", "onnxruntime", "transformers", "pillow", "numpy"} <= installed
     old = _resolve(deployed, "3.10", tmp_path / "old")
     assert old.returncode != 0 and "No matching distribution" in old.stderr
+
+
+def test_the_pod_runs_the_embeddings_api_beside_triton_and_the_service_exposes_it(deployed, tmp_path, capsys):
+    [dep] = documents(deployed / "k8s" / "deployment.yaml")
+    triton, api = dep["spec"]["template"]["spec"]["containers"]
+    assert api["name"] == "embeddings-api" and api["image"] == triton["image"] and api["command"] == ["bgevl-api"]
+    assert "--triton-url=localhost:8001" in api["args"] and "--triton-model=bgevl" in api["args"]
+    assert "--host=0.0.0.0" in api["args"] and "--port=8080" in api["args"]
+    assert api["ports"] == [{"name": "api", "containerPort": 8080}]
+    assert api["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "api"}
+    assert api["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "api"}
+    [key] = api["env"]
+    assert key["name"] == "BGEVL_API_KEY" and key["valueFrom"]["secretKeyRef"]["optional"] is True
+    [svc] = documents(deployed / "k8s" / "service.yaml")
+    assert {"name": "api", "port": 8080, "targetPort": "api"} in svc["spec"]["ports"]
+    assert "EXPOSE 8000 8001 8002 8080" in (deployed / "Dockerfile").read_text()
+    requirements = (deployed / "requirements.txt").read_text()
+    assert all(f"\n{name}==" in requirements for name in ("fastapi", "uvicorn", "prometheus-client"))
+
+    out = tmp_path / "no-api"
+    assert main(["deploy", "--repository-uri", "s3://b/repo", "--output", str(out), "--no-api",
+                 "--wheel", str(next(deployed.glob("*.whl")))]) == 0
+    assert "no embeddings API" in capsys.readouterr().out
+    [dep] = documents(out / "k8s" / "deployment.yaml")
+    assert [c["name"] for c in dep["spec"]["template"]["spec"]["containers"]] == ["tritonserver"]
+    [svc] = documents(out / "k8s" / "service.yaml")
+    assert "api" not in {p["name"] for p in svc["spec"]["ports"]}
+    assert "fastapi" not in (out / "requirements.txt").read_text()
+    assert main(["deploy", "--repository-uri", "s3://b/repo", "--output", str(tmp_path / "x"), "--api-port", "8001"]) == 2
+    assert "--api-port 8001" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_deploy_says_which_port_clients_use(tmp_path, capsys, deployed):
+    assert main(["deploy", "--repository-uri", "s3://b/repo", "--output", str(tmp_path / "d"), "--name", "emb",
+                 "--namespace", "search", "--api-port", "9090", "--wheel", str(next(deployed.glob("*.whl")))]) == 0
+    assert "http://emb.search.svc:9090/v1/embeddings" in capsys.readouterr().out

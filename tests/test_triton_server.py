@@ -26,6 +26,8 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from samples import IMAGES, TEXTS, assert_matches, jobs_with_bad_ones, png_of  # noqa: E402
+
 from bgevl.errors import BgevlError  # noqa: E402
 from bgevl.families.base import Request  # noqa: E402
 from bgevl.runtime import Embedder  # noqa: E402
@@ -34,19 +36,7 @@ from bgevl.triton_repo.configs import check_ensemble_wiring, parse_pbtxt  # noqa
 from bgevl.triton_repo.repository import write_repository  # noqa: E402
 from bgevl.triton_repo.server import TritonServer, free_port  # noqa: E402
 
-MIN_COSINE = 0.9999
-TEXTS = ["a red car parked by the sea", "two dogs", "a photo of a cat sleeping on a keyboard at night"]
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
-
-
-def png(seed: int, size=(48, 64)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
-
-
-IMAGES = [png(1), png(2, (80, 40)), png(3, (64, 64))]
 
 
 def bytes_input(module, name: str, values: list[bytes]):
@@ -73,12 +63,6 @@ def client(server, protocol: str):
 
 def embed(server, protocol: str, model: str = "bgevl", **kw) -> np.ndarray:
     return client(server, protocol).infer(model, request(CLIENTS[protocol], **kw)).as_numpy("EMBEDDING")
-
-
-def assert_matches(served: np.ndarray, direct: np.ndarray) -> None:
-    assert served.shape == direct.shape and served.dtype == np.float32
-    cosine = (served * direct).sum(axis=1) / np.linalg.norm(served, axis=1) / np.linalg.norm(direct, axis=1)
-    assert cosine.min() >= MIN_COSINE, cosine
 
 
 def started(repository) -> TritonServer:
@@ -247,12 +231,6 @@ def test_bad_requests_fail_cleanly_and_the_server_keeps_serving(clip_served, pro
 
 # --- hostile traffic: one request's failure is that request's alone ------------------------
 
-def _png_of(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG", optimize=True)
-    return buf.getvalue()
-
-
 def _status(exc: InferenceServerException) -> str:
     return str(exc.status())
 
@@ -276,11 +254,9 @@ def test_a_bomb_among_concurrent_valid_requests_fails_alone(clip_served, bomb):
     with a 400 naming the item and no traceback or server path."""
     server, embedder = clip_served
     size = (13000, 13000) if bomb.startswith("13000") else (20000, 10000)
-    payload = _png_of(Image.new("1", size))
+    payload = png_of(Image.new("1", size))
     want = embedder.encode(images=IMAGES)
-    jobs = [("valid", i % 3) for i in range(30)]
-    jobs.insert(7, ("bomb", None))
-    jobs.insert(21, ("bomb", None))
+    jobs = jobs_with_bad_ones("bomb")
 
     def send(job):
         kind, i = job
@@ -303,7 +279,7 @@ def test_a_bomb_among_concurrent_valid_requests_fails_alone(clip_served, bomb):
 
 def test_a_thin_png_of_a_few_hundred_bytes_is_refused_fast_with_bounded_memory(clip_served):
     server, _ = clip_served
-    thin = _png_of(Image.new("L", (40000, 2)))
+    thin = png_of(Image.new("L", (40000, 2)))
     assert len(thin) < 1000
     before = _group_peak_rss_mb(server)
     start = time.perf_counter()
@@ -579,9 +555,9 @@ def test_mllm_bad_requests_name_the_problem(mllm_served, extra, message):
 
 def launch_serve(repo, *extra: str, preexec_fn=None):
     """``bgevl-serve REPO`` as a subprocess, read until it says it is ready: (process, its output, ports)."""
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
     cmd = [sys.executable, "-m", "bgevl.triton_repo.server", str(repo), "--http-port", str(ports[0]),
-           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra]
+           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--api-port", str(ports[3]), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=preexec_fn or os.setsid)
     lines = []
@@ -594,6 +570,19 @@ def launch_serve(repo, *extra: str, preexec_fn=None):
         if line.startswith("Ctrl-C"):
             break
     return proc, "".join(lines), ports
+
+
+def ctrl_c(proc) -> str:
+    """SIGINT to bgevl-serve: the rest of its output once it has exited."""
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=60)[0]
+
+
+def kill_group(proc) -> None:
+    """Whatever a failed test left of bgevl-serve's process group."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def server_pid_of(out: str) -> int:
@@ -622,12 +611,9 @@ def test_bgevl_serve_starts_prints_endpoints_and_stops_on_ctrl_c(clip_export, tm
         assert served.as_numpy("EMBEDDING").shape == (1, 16)
         server_pid = server_pid_of(out)
         workdir = out.split(", log ")[1].split()[0].rsplit("/", 1)[0]
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        rest = ctrl_c(proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(proc)
     assert proc.returncode == 0, out + rest
     assert "stopped (exit code 0)" in rest
     for group in (proc.pid, server_pid):  # bgevl-serve's group and the server's (server and stubs)

@@ -51,7 +51,7 @@ ALL_BACKENDS = ("pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-
                 "runtime", "triton")
 #: Not run unless asked for: the PyTorch baseline with glibc malloc untouched (a child process), the CPU
 #: int8 form and OpenVINO (the optional extra).
-OPTIONAL_BACKENDS = ("pytorch-plain", "onnxruntime-int8-u8", "openvino-bf16", "openvino-f32", "openvino-int8-u8")
+OPTIONAL_BACKENDS = ("api", "api-triton", "pytorch-plain", "onnxruntime-int8-u8", "openvino-bf16", "openvino-f32", "openvino-int8-u8")
 #: Backends every other one is compared with round by round, where they ran (``paired`` in the results).
 PAIRED_REFERENCES = ("pytorch", "pytorch-plain", "onnxruntime-fp32", "onnxruntime-int8-dynamic")
 GPU_BACKENDS = ("onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16", "tensorrt-fp16", "tensorrt-int8", "tensorrt-fp8")
@@ -233,11 +233,14 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
             graphs[backend] = open_runners(manifest, provider=provider, threads=args.threads)
 
     runtime = server = None
-    if "runtime" in backends:
+    apis: dict[str, Any] = {}
+    if {"runtime", "api"} & set(backends):
         runtime = Embedder.load(float_export, provider="cpu", threads=args.threads)
-    if "triton" in backends:
+    if {"triton", "api-triton"} & set(backends):
         server = _start_triton(float_export, workdir, log)
         sampler.add_process_tree("triton", server.process.pid)
+    if {"api", "api-triton"} & set(backends):
+        apis = _start_apis(backends, float_export, runtime, server, log)
     max_batch = min((g.max_batch for gs in graphs.values() for g in gs.values()), default=None)
     try:
         for workload in [w for w in args.workloads.split(",") if w]:
@@ -256,11 +259,13 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                     calls["pytorch-plain"], levels["pytorch-plain"] = plain.call(key, workload, batch), "model"
                 for backend, g in graphs.items():
                     calls[backend], levels[backend] = model.graphs_call(g, case), "model"
-                if runtime is not None:
+                for name, api in apis.items():
+                    calls[name], levels[name] = _api_call(api, case), "end-to-end"
+                if runtime is not None and "runtime" in backends:
                     calls["runtime"] = (lambda r=case.request: runtime.encode(images=r.images, text=r.texts, role=r.role,
                                                                              instruction=r.instruction))
                     levels["runtime"] = "end-to-end"
-                if server is not None:
+                if server is not None and "triton" in backends:
                     calls["triton"], levels["triton"] = _triton_call(server, case), "end-to-end"
                 outputs = {}
                 for name, call in calls.items():
@@ -284,6 +289,14 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                             row["speedup_vs_pytorch"] = base / stats["p50_ms"]
                     elif direct and name == "triton":
                         row["overhead_vs_runtime_ms"] = stats["p50_ms"] - direct
+                    if name in API_REFERENCES:  # the API's cost over what it fronts, paired round by round
+                        row["paired"] = {ref: paired_ratios(timings[ref], timing) for ref in API_REFERENCES[name]
+                                         if ref in timings}
+                        for ref in API_REFERENCES[name]:
+                            if ref in timings:
+                                ref_ms = timings[ref].stats()["p50_ms"]
+                                row[f"overhead_vs_{ref}_ms"] = stats["p50_ms"] - ref_ms
+                                row[f"overhead_vs_{ref}_pct"] = 100 * (stats["p50_ms"] / ref_ms - 1)
                     reference = outputs.get("pytorch")
                     if reference is not None:
                         row["min_cosine_vs_pytorch"] = min_cosine(outputs[name], reference)
@@ -292,13 +305,73 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                                          if ref in timings and ref != name}
                     results.append(row)
                 sampler.peaks.clear()
-        if server is not None:
+        if server is not None and "triton" in backends:
             _sweep(server, model, key, args, log, sweep, notes)
     finally:
+        for api in apis.values():
+            api.stop()
         if server is not None:
             server.stop()
         if plain is not None:
             plain.close()
+
+
+#: the embeddings API backends and what each is measured against (its paired ratios, its overhead)
+API_REFERENCES = {"api": ("runtime",), "api-triton": ("triton",)}
+
+
+def _start_apis(backends: list[str], export: Path, runtime, server, log) -> dict[str, Any]:
+    """The embeddings API (bgevl.api) in threads of this process: ``api`` on the runtime's Embedder, ``api-triton``
+    in front of the Triton server; each answers on a loopback port."""
+    from bgevl.api.backends import EmbedderBackend, TritonBackend
+    from bgevl.api.cli import ApiServer
+
+    apis = {}
+    if "api" in backends:
+        apis["api"] = ApiServer(EmbedderBackend(export, name="bgevl", embedder=runtime)).start()
+    if "api-triton" in backends:
+        apis["api-triton"] = ApiServer(TritonBackend(server.grpc_url, name="bgevl")).start()
+    for name, api in apis.items():
+        api.wait_ready(120)
+        log(f"{name}: the embeddings API at {api.url}")
+    return apis
+
+
+def _api_call(api, case):
+    """One POST /v1/embeddings of the case's items on a kept-alive connection, answered in base64 (the openai
+    client's default) and decoded as the client does."""
+    import base64
+    import http.client
+    import urllib.parse
+
+    request = case.request
+    n = len(request)
+    items = []
+    for i in range(n):
+        item = {}
+        if request.images is not None:
+            item["image"] = base64.b64encode(bytes(request.images[i])).decode()  # the workloads' PNG files
+        if request.texts is not None:
+            item["text"] = request.texts[i]
+        items.append(item)
+    body: dict[str, Any] = {"model": "bgevl", "input": items, "encoding_format": "base64"}
+    if request.role is not None:
+        body["input_type"] = "query" if request.role in ("q", "query") else "document"
+    if request.instruction is not None:
+        body["instruction"] = request.instruction
+    payload = json.dumps(body).encode()
+    where = urllib.parse.urlsplit(api.url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=600)
+
+    def call() -> np.ndarray:
+        connection.request("POST", "/v1/embeddings", payload, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:
+            raise BgevlError(f"the embeddings API answered {response.status}: {answer['error']['message']}")
+        return np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in answer["data"]])
+
+    return call
 
 
 def _start_triton(export: Path, workdir: Path, log):

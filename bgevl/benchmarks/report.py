@@ -56,6 +56,11 @@ def findings(data: dict[str, Any]) -> list[str]:
                     out.append(f"{model}, {r['workload']} at batch {at}: Triton p50 {r['p50_ms']:.1f} ms vs bgevl.runtime "
                                f"{direct['p50_ms']:.1f} ms, overhead {r['p50_ms'] - direct['p50_ms']:+.1f} ms "
                                f"({r['p50_ms'] / direct['p50_ms']:.2f}x), both including preprocessing")
+        for r in by.get("api", []) + by.get("api-triton", []):  # the embeddings API over what it fronts
+            for ref, paired in r.get("paired", {}).items():
+                out.append(f"{model}, {r['workload']} at batch {r['batch']}: the embeddings API ({r['backend']}) "
+                           f"{r[f'overhead_vs_{ref}_ms']:+.2f} ms ({r[f'overhead_vs_{ref}_pct']:+.1f} %) over {ref} at p50; "
+                           f"paired {ref}/API time {_ratio(paired)}")
     return out
 
 

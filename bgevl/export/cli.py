@@ -251,19 +251,24 @@ def build_deploy_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-target-factor", type=float, default=d.queue_target_factor,
                    help="HPA target: queue time per request as a multiple of what batching alone costs (3 models x delay)")
     p.add_argument("--wheel", type=Path, default=None, help="bgevl-export wheel for the image (default: built from this checkout)")
+    p.add_argument("--api-port", type=int, default=d.api_port,
+                   help="port of the embeddings API (bgevl-api, OpenAI's /v1/embeddings) the pod runs beside Triton; the "
+                        "Service exposes it as 'api'; an optional key comes from the Secret <name>-api-key (key 'key')")
+    p.add_argument("--no-api", action="store_true", help="no embeddings API container: clients speak Triton's protocol")
     return p
 
 
 def deploy_main(argv: list[str]) -> int:
-    from bgevl.triton_repo.deploy import DeployOptions, write_deployment
+    from bgevl.triton_repo.deploy import DeployOptions, client_endpoint, write_deployment
 
     args = build_deploy_parser().parse_args(argv)
     opts = DeployOptions(args.repository_uri, name=args.name, model_name=args.model_name, image=args.image, triton_tag=args.triton_tag,
                          namespace=args.namespace, replicas=args.replicas, max_replicas=args.max_replicas, gpus=args.gpus,
                          cpu=args.cpu, memory=args.memory, shm_size=args.shm_size, queue_delay_us=args.queue_delay_us,
-                         queue_target_factor=args.queue_target_factor)
+                         queue_target_factor=args.queue_target_factor, api=not args.no_api, api_port=args.api_port)
     try:
         print(write_deployment(args.output, opts, wheel=args.wheel, overwrite=args.overwrite, sink=lambda m: None))
+        print(client_endpoint(opts))
     except BgevlError as exc:
         print(f"bgevl-export deploy: error: {exc}", file=sys.stderr)
         return 2

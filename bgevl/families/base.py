@@ -314,6 +314,13 @@ class Family(ABC):
         """The runtime's preprocessor from an export's processor files and manifest ``recipe`` section.
         Unknown ``options`` are a TypeError naming them."""
 
+    def prompt_tokens(self, feeds: Feeds) -> int:
+        """The tokens one batch's feeds hold, for the embeddings API's ``usage``: the ones of the attention
+        mask (the text tokens, and the image tokens of families that put images into the sequence).
+        Families whose images go to a separate vision tower add nothing for them by default."""
+        mask = feeds.get("attention_mask")
+        return int(np.asarray(mask).sum()) if mask is not None else 0
+
     def default_instruction(self, recipe: Mapping[str, Any]) -> str | None:
         """The task instruction a query takes when none is given (families with instructions)."""
         return None

@@ -29,7 +29,7 @@ import numpy as np
 
 from bgevl.errors import InputError
 from bgevl.families import get_family
-from bgevl.families.base import Request, run_steps
+from bgevl.families.base import Feeds, Request, run_steps
 from bgevl.manifest import Manifest, read_manifest
 from bgevl.runtime.preprocessing import DEFAULT_LIMITS, InputLimits, as_list
 from bgevl.runtime.runners import BACKENDS, open_runners, runner_call
@@ -97,11 +97,12 @@ class Embedder:
         return next(iter(self.runners.values())).providers
 
     def encode(self, images: Any = None, text: Any = None, *, role: str | None = None,
-               instruction: str | None = None) -> np.ndarray:
+               instruction: str | None = None, on_feeds: Callable[[Feeds], None] | None = None) -> np.ndarray:
         """Embed ``images`` (paths, bytes or PIL images), ``text`` (strings), or both paired up.
 
         ``role``: ``"query"`` or ``"candidate"`` (MLLM: default ``"query"`` when an ``instruction`` is
-        given, else ``"candidate"``; CLIP: no effect)."""
+        given, else ``"candidate"``; CLIP: no effect). ``on_feeds``: called with each batch's
+        preprocessed feeds (the embeddings API counts prompt tokens with it)."""
         image_list, text_list = as_list(images, "images"), as_list(text, "text")
         if image_list is None and text_list is None:
             raise InputError("encode() needs images, text or both")
@@ -112,8 +113,13 @@ class Embedder:
             )
         request = self.preprocessor.check(Request(image_list, text_list, role, instruction))
         # decoded and preprocessed one batch at a time
-        return np.concatenate([self.run(self.preprocessor.prepare(request.slice(start, start + self.max_batch), start))
-                               for start in range(0, len(request), self.max_batch)])
+        out = []
+        for start in range(0, len(request), self.max_batch):
+            feeds = self.preprocessor.prepare(request.slice(start, start + self.max_batch), start)
+            if on_feeds is not None:
+                on_feeds(feeds)
+            out.append(self.run(feeds))
+        return np.concatenate(out)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The family's recipe on prepared feeds (``preprocessor.prepare`` of at most ``max_batch`` items):

@@ -59,6 +59,10 @@ class DeployOptions:
     #: HPA target: average queue time per request, as a multiple of what batching alone costs at low
     #: load (CHAIN_MODELS x queue_delay_us)
     queue_target_factor: float = 4.0
+    #: the embeddings API (bgevl-api, OpenAI's /v1/embeddings) in a second container of the pod, forwarding
+    #: to Triton over gRPC on localhost; clients use its Service port
+    api: bool = True
+    api_port: int = 8080
 
     @property
     def queue_target_us(self) -> int:
@@ -76,6 +80,8 @@ def check_options(opts: DeployOptions) -> None:
         raise BgevlError(f"need 1 <= --replicas <= --max-replicas, got {opts.replicas} and {opts.max_replicas}")
     if opts.gpus < 0:
         raise BgevlError("--gpus must be 0 or more")
+    if opts.api and (not 1 <= opts.api_port <= 65535 or opts.api_port in (8000, 8001, 8002)):
+        raise BgevlError(f"--api-port {opts.api_port}: use a free port from 1 to 65535 other than Triton's 8000-8002")
 
 
 # --- the image ---------------------------------------------------------------------------------
@@ -130,7 +136,7 @@ RUN python3 -m pip install --no-cache-dir --requirement /opt/bgevl/requirements.
     && python3 -m pip install --no-cache-dir --no-deps /opt/bgevl/{wheel_name}
 
 USER {IMAGE_UID}
-EXPOSE 8000 8001 8002
+EXPOSE 8000 8001 8002{f" {opts.api_port}" if opts.api else ""}
 ENTRYPOINT ["tritonserver"]
 CMD ["--model-repository=/models"]
 """
@@ -195,6 +201,8 @@ def deployment(opts: DeployOptions) -> dict:
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}}, *volumes],
         "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "fsGroup": IMAGE_UID},
     }
+    if opts.api:
+        pod["containers"].append(api_container(opts))
     if opts.gpus:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     labels = _labels(opts)
@@ -213,14 +221,50 @@ def deployment(opts: DeployOptions) -> dict:
     }
 
 
+API_KEY_ENV = "BGEVL_API_KEY"
+
+
+def api_container(opts: DeployOptions) -> dict:
+    """``bgevl-api`` beside Triton in the pod: forwards to ``localhost:8001`` (gRPC), probes on its own health
+    routes (ready only when Triton's entry model is), an optional key from the Secret ``<name>-api-key``."""
+    probe = lambda path, period, failures: {  # noqa: E731
+        "httpGet": {"path": path, "port": "api"}, "periodSeconds": period, "failureThreshold": failures, "timeoutSeconds": 5}
+    return {
+        "name": "embeddings-api",
+        "image": opts.image,
+        "command": ["bgevl-api"],
+        "args": ["--triton-url=localhost:8001", f"--triton-model={opts.model_name}", "--host=0.0.0.0",
+                 f"--port={opts.api_port}"],
+        "ports": [{"name": "api", "containerPort": opts.api_port}],
+        "env": [{"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": f"{opts.name}-api-key", "key": "key",
+                                                                     "optional": True}}}],
+        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+        "startupProbe": probe("/health/ready", 10, 60),
+        "readinessProbe": probe("/health/ready", 5, 3),
+        "livenessProbe": probe("/health/live", 10, 3),
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "runAsUser": IMAGE_UID},
+    }
+
+
 def service(opts: DeployOptions) -> dict:
+    ports = [{"name": "http", "port": 8000, "targetPort": "http"}, {"name": "grpc", "port": 8001, "targetPort": "grpc"},
+             {"name": "metrics", "port": 8002, "targetPort": "metrics"}]
+    if opts.api:
+        ports.append({"name": "api", "port": opts.api_port, "targetPort": "api"})
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": opts.name, "namespace": opts.namespace, "labels": _labels(opts)},
-        "spec": {"selector": {"app.kubernetes.io/name": opts.name}, "ports": [
-            {"name": "http", "port": 8000, "targetPort": "http"}, {"name": "grpc", "port": 8001, "targetPort": "grpc"},
-            {"name": "metrics", "port": 8002, "targetPort": "metrics"}]},
+        "spec": {"selector": {"app.kubernetes.io/name": opts.name}, "ports": ports},
     }
+
+
+def client_endpoint(opts: DeployOptions) -> str:
+    """What clients use, in one line."""
+    host = f"{opts.name}.{opts.namespace}.svc"
+    if opts.api:
+        return (f"clients: OpenAI's embeddings API at http://{host}:{opts.api_port}/v1/embeddings (Service port "
+                f"{opts.api_port}, 'api'); Triton's own HTTP/gRPC at {host}:8000 / {host}:8001")
+    return f"clients: Triton HTTP/gRPC at {host}:8000 / {host}:8001 (no embeddings API: --no-api)"
 
 
 def queue_metric(opts: DeployOptions) -> str:
@@ -324,9 +368,10 @@ def write_deployment(output: Path, opts: DeployOptions, wheel: Path | None = Non
         wheel = wheel or build_wheel(staging)
         if wheel.parent != staging:
             (staging / wheel.name).write_bytes(wheel.read_bytes())
+        extras = ("cpu", "api") if opts.api else ("cpu",)
         (staging / "requirements.txt").write_text(
-            f"# runtime dependencies of bgevl-export[cpu] {__version__}, pinned (constraints.txt), for Python {IMAGE_PYTHON}\n"
-            + "\n".join(pinned_requirements()) + "\n")
+            f"# runtime dependencies of bgevl-export[{','.join(extras)}] {__version__}, pinned (constraints.txt), for "
+            f"Python {IMAGE_PYTHON}\n" + "\n".join(pinned_requirements(extras)) + "\n")
         (staging / "Dockerfile").write_text(dockerfile(opts, wheel.name))
         (staging / "k8s").mkdir()
         (staging / "k8s" / "deployment.yaml").write_text(_yaml(deployment(opts)))

@@ -480,7 +480,39 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default: a random key printed at start")
     p.add_argument("--unrestricted-apis", action="store_true",
                    help="do not restrict those APIs (any client that reaches the port may use them)")
+    p.add_argument("--no-api", action="store_true",
+                   help="do not start the embeddings API (OpenAI's /v1/embeddings, bgevl-api) in front of the server")
+    p.add_argument("--api-model", default=None, help="the entry model the API forwards to (the repository's --triton-name; "
+                                                     "None: bgevl)")
+    try:
+        from bgevl.api.cli import add_api_options
+    except ImportError:  # the api extra is not installed: bgevl-serve serves Triton alone
+        return p
+    add_api_options(p, prefix="api-")
     return p
+
+
+def start_api(server: TritonServer, args: argparse.Namespace):
+    """The embeddings API in a thread of this process, forwarding to ``server`` over gRPC (asyncio client)."""
+    try:
+        from bgevl.api.backends import TritonBackend
+        from bgevl.api.cli import ApiServer, api_options
+    except ImportError as exc:
+        raise BgevlError(f"the embeddings API needs the api extra ({exc.name} is missing): pip install "
+                         f"'bgevl-export[api]', or pass --no-api") from None
+    from bgevl.specs import DEFAULT_SERVING_NAME
+
+    model = args.api_model or DEFAULT_SERVING_NAME
+    if model not in server.models:
+        raise BgevlError(f"--api-model {model!r}: the repository has no such model ({', '.join(server.models)}); pass "
+                         f"the entry model's name (bgevl-export --triton-name) or --no-api")
+    processor = server.repository / f"{model}_preprocess" / "1" / "processor"
+    backend = TritonBackend(server.grpc_url, model=model, name=args.model_name, timeout_s=args.api_timeout,
+                            tokenizer_dir=processor if processor.is_dir() else None)
+    api = ApiServer(backend, api_options(args), host=args.api_host or args.host, port=args.api_port)
+    api.start()
+    api.wait_ready(60)
+    return api
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,8 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`cmd &`)
-    server = None
+    server = api = None
     try:
+        if not args.no_api and hasattr(args, "api_port") and _port_in_use(args.api_port):
+            raise BgevlError(f"port {args.api_port} is in use; pass another --api-port, or --no-api")
         server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, log_file=args.log_file, verbose=args.verbose,
                               host=args.host, admin_key=args.admin_key, restrict_apis=not args.unrestricted_apis)
@@ -512,6 +546,11 @@ def main(argv: list[str] | None = None) -> int:
                 where = f"the key in {key_file}"
             print(f"restricted APIs ({', '.join(RESTRICTED_APIS)}) need the header '{ADMIN_HEADER}: <key>' with {where}",
                   flush=True)
+        if not args.no_api:
+            api = start_api(server, args)
+            print(f"  API      {api.url}/v1/embeddings  (OpenAI's embeddings API: what clients use; model "
+                  f"{api.backend.name!r}, OpenAPI page {api.url}/docs{', API key required' if api.app.state.options.api_key else ''})",
+                  flush=True)
         print("Ctrl-C to stop", flush=True)
         while server.alive():
             time.sleep(0.5)
@@ -526,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if api is not None:
+            print("stopping the embeddings API (finishing requests in flight) ...", flush=True)
+            api.stop()
+            api = None
         if server is not None and server.process is not None:
             print("stopping tritonserver ...", flush=True)
             code = server.stop()
@@ -535,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bgevl-serve: error: {exc}", file=sys.stderr)
         return 2
     finally:
+        if api is not None:
+            api.stop()
         if server is not None and server.process is not None:
             server.stop()  # also after an unexpected exit: its stubs and temporary directory
 

@@ -1,0 +1,466 @@
+"""The FastAPI application: ``POST /v1/embeddings`` in OpenAI's shape, ``/v1/models``, health and metrics.
+
+A request is parsed (pydantic), its items resolved (images: base64 / data URLs decoded, allowed URLs
+fetched), grouped by kind (image-only, text-only, composed; one backend call each, since the
+families' encoders pair images and texts item by item), embedded by the backend, and answered in
+item order. Errors are OpenAI's error object; an input error names the request's own item
+(``input[3].image``) and fails only its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bgevl.api.backends import BackendUnavailable, EmbeddingBackend
+from bgevl.api.images import FetchPolicy, decode_reference, fetch, is_image_data_url, is_url
+from bgevl.api.schemas import INPUT_TYPES, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Item, ModelCard, ModelList
+from bgevl.errors import InputError
+
+log = logging.getLogger("bgevl.api")
+
+#: OpenAI's limit on the items of one request
+MAX_ITEMS = 2048
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    """What the server admits: ``max_in_flight`` requests embedding at once, ``queue`` more waiting (then
+    429), each answered within ``timeout_s`` (then 504), bodies up to ``max_body_bytes`` (then 413)."""
+
+    api_key: str | None = None
+    max_in_flight: int = 8
+    queue: int = 64
+    timeout_s: float = 60.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_items: int = MAX_ITEMS
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)
+    retry_after_s: int = 1
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+_LOC_FIELDS = {"input", "messages", "content", "text", "image", "image_url", "url", "type", "model", "encoding_format",
+               "dimensions", "input_type", "instruction", "user", "role"}
+
+
+def _param(loc: tuple) -> str | None:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _LOC_FIELDS:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    """pydantic's errors -> one 400 naming the most specific field (union branches give one error each)."""
+    errors = exc.errors(include_url=False)
+    best = max(errors, key=lambda e: (e["type"] in ("extra_forbidden", "missing"), len(e["loc"])))
+    param = _param(best["loc"])
+    if best["type"] == "extra_forbidden":
+        param = _param(best["loc"][:-1]) or str(best["loc"][-1])
+        known = ", ".join(EmbeddingRequest.model_fields) if len(best["loc"]) == 1 else "text, image"
+        message = f"unknown field {best['loc'][-1]!r} (the fields are: {known})"
+    elif best["type"] == "json_invalid":
+        message = f"the body is not valid JSON ({best.get('ctx', {}).get('error', best['msg'])})"
+    else:
+        message = best["msg"]
+    return ApiError(400, f"{param}: {message}" if param else message, param=param)
+
+
+@dataclass
+class ParsedItem:
+    label: str  # how errors name it: input[3], messages
+    text: str | None
+    image: str | None  # the reference as sent; bytes after resolve
+    image_bytes: bytes | None = None
+
+    @property
+    def kind(self) -> tuple[bool, bool]:
+        return self.image is not None, self.text is not None
+
+
+def parse_items(body: EmbeddingRequest, max_items: int) -> list[ParsedItem]:
+    if (body.input is None) == (body.messages is None):
+        raise ApiError(400, "send either 'input' (texts, {text, image} items) or 'messages' (one item of text and "
+                            "image_url parts)", param="input")
+    if body.messages is not None:
+        return [_message_item(body.messages)]
+    values = [body.input] if isinstance(body.input, str) else body.input
+    if not values:
+        raise ApiError(400, "input: empty list; send at least one text or item", param="input")
+    if len(values) > max_items:
+        raise ApiError(400, f"input: {len(values)} items, over the limit of {max_items} per request; split the request",
+                       param="input")
+    items = []
+    for i, value in enumerate(values):
+        label = f"input[{i}]"
+        if isinstance(value, (int, list)):
+            raise ApiError(400, "input: token-id arrays are not accepted; BGE-VL tokenizes with its own tokenizer, so send "
+                                "the text (LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False))",
+                           param="input")
+        if isinstance(value, str):
+            items.append(ParsedItem(label, None, value) if is_image_data_url(value) else ParsedItem(label, value, None))
+        else:
+            assert isinstance(value, Item)
+            if value.text is None and value.image is None:
+                raise ApiError(400, f"{label}: an item needs 'text', 'image' or both", param=label)
+            items.append(ParsedItem(label, value.text, value.image))
+    return items
+
+
+def _message_item(messages) -> ParsedItem:
+    texts, images = [], []
+    for m, message in enumerate(messages):
+        if isinstance(message.content, str):
+            texts.append(message.content)
+            continue
+        for part in message.content:
+            if part.type == "text":
+                texts.append(part.text)
+            else:
+                images.append(part.image_url.url)
+    if len(images) > 1:
+        raise ApiError(400, f"messages: {len(images)} images; one item takes at most one image (send one request per item)",
+                       param="messages")
+    if not texts and not images:
+        raise ApiError(400, "messages: no text or image_url part", param="messages")
+    return ParsedItem("messages", "\n".join(texts) if texts else None, images[0] if images else None)
+
+
+_ITEM_REF = re.compile(r"\b(images|text)\[(\d+)\](?: (?:<\d+ bytes>|'[^']*'))?")
+
+
+def renamed(exc: InputError, items: list[ParsedItem]) -> ApiError:
+    """A backend's input error naming ``images[j]`` / ``text[j]`` of a group -> the request's item."""
+    message, param = str(exc), None
+
+    def rename(match: re.Match) -> str:
+        nonlocal param
+        index = int(match.group(2))
+        if index >= len(items):
+            return match.group(0)
+        name = f"{items[index].label}.{'image' if match.group(1) == 'images' else 'text'}"
+        param = param or name
+        return name
+
+    message = _ITEM_REF.sub(rename, message)
+    if param is None:
+        head = re.match(r"\s*(\w+)", message)
+        param = {"instruction": "instruction", "role": "input_type"}.get(head.group(1) if head else "")
+    return ApiError(400, message, param=param)
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("bgevl_api_requests", "HTTP requests by route and status code", ["route", "code"],
+                                registry=self.registry)
+        self.latency = Histogram("bgevl_api_request_seconds", "Time to answer, by route", ["route"], registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.items = Counter("bgevl_api_items", "Items embedded, by kind", ["kind"], registry=self.registry)
+        self.tokens = Counter("bgevl_api_prompt_tokens", "Prompt tokens counted in usage", registry=self.registry)
+        self.in_flight = Gauge("bgevl_api_in_flight", "Embedding requests being computed", registry=self.registry)
+        self.queued = Gauge("bgevl_api_queued", "Embedding requests waiting for a slot", registry=self.registry)
+
+
+ROUTES = {"/v1/embeddings", "/v1/models", "/health/live", "/health/ready", "/metrics"}
+
+
+class CountRequests:
+    """Requests by route and status, and their latency: a plain ASGI middleware (Starlette's
+    ``BaseHTTPMiddleware`` runs every request through an extra task and memory stream)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+class Admission:
+    """``max_in_flight`` slots and a queue of ``queue`` waiting requests; beyond it: 429."""
+
+    def __init__(self, options: ApiOptions, metrics: Metrics):
+        self.options, self.metrics = options, metrics
+        self.free = options.max_in_flight
+        self.waiters: list[asyncio.Future] = []
+
+    async def acquire(self) -> None:
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            self.metrics.in_flight.inc()
+            return
+        if len(self.waiters) >= self.options.queue:
+            raise ApiError(429, f"the server is at its limit ({self.options.max_in_flight} requests in flight, "
+                                f"{self.options.queue} queued); retry after {self.options.retry_after_s} s",
+                           type_="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(self.options.retry_after_s)})
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        self.metrics.queued.set(len(self.waiters))
+        try:
+            await waiter  # the slot is handed over by release()
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot while being cancelled: pass it on
+            raise
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+            self.metrics.queued.set(len(self.waiters))
+        self.metrics.in_flight.inc()
+
+    def release(self) -> None:
+        self.metrics.in_flight.dec()
+        while self.waiters:
+            waiter = self.waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+
+def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) -> FastAPI:
+    """The API in front of ``backend``; ``uvicorn.run(create_app(...))`` serves it."""
+    metrics = Metrics()
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["admission"] = Admission(options, metrics)
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(title="bgevl embeddings API", version="1", lifespan=lifespan, description=(
+        "OpenAI's `/v1/embeddings` for the BGE-VL models, with images: `input` holds texts or items "
+        "`{\"text\", \"image\"}` (image: data URL or base64), or vLLM's `messages` form. See docs/api.md."))
+    app.state.backend, app.state.metrics, app.state.options = backend, metrics, options
+
+    app.add_middleware(CountRequests, metrics=metrics)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", param=None,
+                        code=code).response()
+
+    def check_key(request: Request) -> None:
+        if options.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), options.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        too_big = ApiError(413, f"the request body is over the limit of {options.max_body_bytes} bytes; send fewer or "
+                                f"smaller images per request", code="body_too_large")
+        if declared and declared.isdigit() and int(declared) > options.max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > options.max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def resolve_images(items: list[ParsedItem]) -> None:
+        for item in items:
+            if item.image is None:
+                continue
+            label = f"{item.label}.image"
+            try:
+                if is_url(item.image):
+                    item.image_bytes = await asyncio.to_thread(fetch, item.image, label, options.fetch)
+                else:
+                    item.image_bytes = decode_reference(item.image, label)
+            except InputError as exc:
+                raise ApiError(400, str(exc), param=label) from None
+
+    async def embed(body: EmbeddingRequest, items: list[ParsedItem]) -> tuple[np.ndarray, int]:
+        await resolve_images(items)
+        role = INPUT_TYPES[body.input_type] if body.input_type else None
+        groups: dict[tuple[bool, bool], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(item.kind, []).append(i)
+
+        async def one(kind: tuple[bool, bool], indices: list[int]):
+            has_image, has_text = kind
+            images = [items[i].image_bytes for i in indices] if has_image else None
+            texts = [items[i].text for i in indices] if has_text else None
+            try:
+                return indices, await backend.embed(images, texts, role, body.instruction)
+            except InputError as exc:
+                raise renamed(exc, [items[i] for i in indices]) from None
+
+        results = await asyncio.gather(*(one(k, v) for k, v in groups.items()))
+        out = np.empty((len(items), backend.dim), np.float32)
+        tokens = 0
+        for indices, done in results:
+            out[indices] = done.vectors
+            tokens += done.tokens
+        for (has_image, has_text), indices in groups.items():
+            metrics.items.labels("composed" if has_image and has_text else "image" if has_image else "text").inc(len(indices))
+        return out, tokens
+
+    async def embeddings_answer(request: Request) -> JSONResponse:
+        check_key(request)
+        raw = await read_body(request)
+        try:
+            body = EmbeddingRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        if body.model not in (None, "", backend.name):
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {backend.name!r} "
+                                f"(GET /v1/models)", param="model", code="model_not_found")
+        if backend.dim is None and not await backend.ready():
+            raise ApiError(503, f"the model is not ready ({backend.state}); retry shortly", type_="server_error",
+                           code="not_ready", headers={"Retry-After": "5"})
+        if body.dimensions is not None and body.dimensions != backend.dim:
+            raise ApiError(400, f"dimensions: {body.dimensions} requested, but {backend.name!r} has {backend.dim} and "
+                                f"BGE-VL is not trained for truncated (Matryoshka) embeddings; leave 'dimensions' out",
+                           param="dimensions")
+        items = parse_items(body, options.max_items)
+        admission: Admission = state["admission"]
+        await admission.acquire()
+        task = asyncio.ensure_future(embed(body, items))
+
+        def done(t: asyncio.Future) -> None:  # the slot is held until the work ends, also past a timeout
+            admission.release()
+            if not t.cancelled():
+                t.exception()
+
+        task.add_done_callback(done)
+        try:
+            vectors, tokens = await asyncio.wait_for(asyncio.shield(task), options.timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the embeddings took longer than the server's timeout of {options.timeout_s:g} s; send "
+                                f"fewer items per request", type_="server_error", code="timeout") from None
+        metrics.tokens.inc(tokens)
+        if body.encoding_format == "base64":
+            data = [{"object": "embedding", "index": i,
+                     "embedding": base64.b64encode(np.ascontiguousarray(v, "<f4").tobytes()).decode("ascii")}
+                    for i, v in enumerate(vectors)]
+        else:
+            data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors.tolist())]
+        return JSONResponse({"object": "list", "data": data, "model": backend.name,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    errors = {400: {"model": ErrorResponse, "description": "bad input; `param` names the item (`input[3].image`)"},
+              401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+              429: {"model": ErrorResponse, "description": "queue full; see Retry-After"},
+              503: {"model": ErrorResponse, "description": "backend not ready"}, 504: {"model": ErrorResponse},
+              500: {"model": ErrorResponse}}
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=errors, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}}})
+    async def embeddings(request: Request):
+        """Embeddings of texts, images and composed image+text items (OpenAI's shape)."""
+        try:
+            return await embeddings_answer(request)
+        except ApiError as exc:
+            return exc.response()
+        except BackendUnavailable as exc:
+            return ApiError(503, f"the model is not ready: {exc}", type_="server_error", code="not_ready",
+                            headers={"Retry-After": "5"}).response()
+        except Exception as exc:  # one line to the client, the traceback to the log
+            log.exception("bgevl-api: internal error on /v1/embeddings")
+            line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return ApiError(500, f"internal error: {type(exc).__name__}{': ' + line if line else ''}",
+                            type_="server_error", code="internal_error").response()
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
+    async def models(request: Request):
+        try:
+            check_key(request)
+        except ApiError as exc:
+            return exc.response()
+        return ModelList(data=[ModelCard(id=backend.name, created=int(app.state.started))])
+
+    @app.get("/health/live")
+    async def live():
+        return {"status": "live"}
+
+    @app.get("/health/ready")
+    async def ready():
+        if await backend.ready():
+            return {"status": "ready", "model": backend.name}
+        return JSONResponse({"status": "not ready", "reason": backend.state}, status_code=503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.started = time.time()
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            request_schema = EmbeddingRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request_schema.pop("$defs", {}))
+            components["EmbeddingRequest"] = request_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app

@@ -1,0 +1,693 @@
+"""The embeddings API (``bgevl.api``) over real HTTP: uvicorn on 127.0.0.1 and the real ``openai`` client.
+
+Every embedding is compared with ``Embedder.encode`` on the same inputs (cosine >= 0.9999) for the
+tiny CLIP, MLLM and Visualized-BGE exports; each error path is a real request whose status and
+OpenAI error object are checked; a bad image among concurrent valid requests fails alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from PIL import Image
+
+openai = pytest.importorskip("openai", reason="needs the test extra: pip install '.[test]'")
+pytest.importorskip("fastapi", reason="needs the api extra: pip install '.[api]'")
+
+import samples  # noqa: E402
+from samples import IMAGES, TEXTS, jobs_with_bad_ones, png, png_of  # noqa: E402
+
+from bgevl.api.app import ApiOptions  # noqa: E402
+from bgevl.api.backends import EmbedderBackend, TritonBackend  # noqa: E402
+from bgevl.api.cli import ApiServer  # noqa: E402
+from bgevl.api.images import FetchPolicy  # noqa: E402
+from bgevl.runtime import Embedder  # noqa: E402
+from bgevl.triton_repo.server import free_port  # noqa: E402
+
+INSTRUCTION = "Retrieve the target image that best meets the combined criteria"
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def assert_matches(served, direct: np.ndarray) -> None:
+    samples.assert_matches(np.asarray(served, np.float32), direct)
+
+
+def vectors(response) -> np.ndarray:
+    assert [d.index for d in response.data] == list(range(len(response.data)))
+    return np.array([d.embedding for d in response.data], np.float32)
+
+
+def post(url: str, body, headers: dict | None = None) -> tuple[int, dict, dict]:
+    """A raw POST: (status, headers, JSON body)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, json.loads(exc.read())
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def assert_error(result, status: int, param, *fragments: str, code=None) -> dict:
+    got_status, _, body = result
+    assert got_status == status, (got_status, body)
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    for fragment in fragments:
+        assert fragment in error["message"], error
+    assert "Traceback" not in error["message"] and "\n" not in error["message"]
+    return error
+
+
+@contextmanager
+def serving(backend, **options):
+    server = ApiServer(backend, ApiOptions(**options)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert not server.thread.is_alive(), "the API server thread did not stop"
+
+
+@pytest.fixture(scope="module")
+def embedders(export_dir):
+    out = {}
+
+    def get(model: str) -> Embedder:
+        if model not in out:
+            out[model] = Embedder.load(export_dir("fp32", model=model), provider="cpu")
+        return out[model]
+
+    return get
+
+
+def backend_of(embedder: Embedder, name: str = "bgevl", cls=EmbedderBackend, **kw):
+    return cls(embedder.manifest.directory, name=name, embedder=embedder, **kw)
+
+
+@pytest.fixture(scope="module")
+def clip(embedders):
+    embedder = embedders("tiny")
+    with serving(backend_of(embedder)) as server:
+        yield server, embedder
+
+
+def client(server, key: str = "unused") -> "openai.OpenAI":
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+# --- embeddings equal the runtime's ------------------------------------------------------
+
+def _items():
+    return [{"image": data_url(IMAGES[0])}, {"text": TEXTS[1]}, {"text": TEXTS[2], "image": base64.b64encode(IMAGES[2]).decode()},
+            data_url(IMAGES[1]), TEXTS[0]]
+
+
+def _direct(embedder, role=None, instruction=None) -> np.ndarray:
+    """The runtime's embeddings of _items(), one call per kind as a user of Embedder would make them."""
+    kw = {"role": role, "instruction": instruction}
+    return np.concatenate([embedder.encode(images=[IMAGES[0]], **kw), embedder.encode(text=[TEXTS[1]], **kw),
+                           embedder.encode(images=[IMAGES[2]], text=[TEXTS[2]], **kw),
+                           embedder.encode(images=[IMAGES[1]], **kw), embedder.encode(text=[TEXTS[0]], **kw)])
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-mllm", "tiny-visualized"])
+def test_openai_client_gets_the_runtimes_embeddings(embedders, model):
+    embedder = embedders(model)
+    with serving(backend_of(embedder, name=model)) as server:
+        api = client(server)
+        texts = embedder.encode(text=TEXTS)
+        default = api.embeddings.create(model=model, input=TEXTS)  # the client asks for base64 and decodes it
+        assert_matches(vectors(default), texts)
+        assert default.model == model and default.usage.prompt_tokens > len(TEXTS)
+        assert default.usage.total_tokens == default.usage.prompt_tokens
+        assert_matches(vectors(api.embeddings.create(model=model, input=TEXTS, encoding_format="float")), texts)
+        one = api.embeddings.create(model=model, input=TEXTS[0], encoding_format="float")
+        assert_matches(vectors(one), texts[:1])
+        raw = api.embeddings.create(model=model, input=TEXTS[:1], encoding_format="base64")
+        decoded = np.frombuffer(base64.b64decode(raw.data[0].embedding), "<f4")
+        assert_matches(decoded[None], texts[:1])
+
+        mixed = api.embeddings.create(model=model, input=[], encoding_format="float", extra_body={"input": _items()})
+        assert_matches(vectors(mixed), _direct(embedder))
+        queries = api.embeddings.create(model=model, input=[], extra_body={"input": _items(), "input_type": "query"})
+        assert_matches(vectors(queries), _direct(embedder, role="query"))
+        documents = api.embeddings.create(model=model, input=[], extra_body={"input": _items(), "input_type": "passage"})
+        assert_matches(vectors(documents), _direct(embedder, role="candidate"))
+
+        message = {"model": model, "encoding_format": "float", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(IMAGES[2])}}, {"type": "text", "text": TEXTS[2]}]}]}
+        chat = api.post("/embeddings", cast_to=openai.types.CreateEmbeddingResponse, body=message)
+        assert_matches(vectors(chat), embedder.encode(images=[IMAGES[2]], text=[TEXTS[2]]))
+
+        queries = _check_instruction(api, server, embedder, model)
+        if queries is not None:
+            differs = (queries * vectors(documents)).sum(axis=1)
+            assert differs.max() < 0.9999, "query and candidate prompts gave the same embeddings"
+
+
+def _check_instruction(api, server, embedder, model: str) -> np.ndarray | None:
+    """Queries with an instruction: the runtime's embeddings where the family takes one (returned), else a
+    400 naming ``instruction``."""
+    with_instruction = {"input": _items(), "input_type": "query", "instruction": INSTRUCTION}
+    if embedder.default_instruction is None:  # the families without task instructions
+        assert_error(post(f"{server.url}/v1/embeddings", with_instruction), 400, "instruction", "instruction")
+        return None
+    out = vectors(api.embeddings.create(model=model, input=[], extra_body=with_instruction))
+    assert_matches(out, _direct(embedder, role="query", instruction=INSTRUCTION))
+    return out
+
+
+def test_mllm_refuses_an_instruction_on_documents(embedders):
+    embedder = embedders("tiny-mllm")
+    with serving(backend_of(embedder)) as server:
+        result = post(f"{server.url}/v1/embeddings", {"input": TEXTS, "input_type": "document", "instruction": INSTRUCTION})
+        assert_error(result, 400, "instruction", "instruction applies to queries only")
+
+
+# --- every error path over HTTP ------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("undecodable image", {"input": [TEXTS[0], {"image": base64.b64encode(b"not an image at all").decode()}]},
+     "input[1].image", "input[1].image: not a readable image"),
+    ("bad base64", {"input": [{"image": "data:image/png;base64,@@@"}]}, "input[0].image", "not valid base64"),
+    ("http url refused", {"input": [{"text": "x", "image": "http://169.254.169.254/latest/meta-data"}]},
+     "input[0].image", "SSRF"),
+    ("file url", {"input": [{"image": "file:///etc/passwd"}]}, "input[0].image", "local files are not read"),
+    ("local path", {"input": [TEXTS[0], TEXTS[1], {"image": "/etc/passwd"}]}, "input[2].image", "local files are not read"),
+    ("token ids", {"input": [[1212, 318, 257]]}, "input", "token-id arrays", "check_embedding_ctx_length=False"),
+    ("flat token ids", {"input": [1212, 318]}, "input", "token-id arrays"),
+    ("dimensions", {"input": TEXTS, "dimensions": 8}, "dimensions", "not trained for truncated"),
+    ("empty text", {"input": [TEXTS[0], "   "]}, "input[1].text", "empty text"),
+    ("empty item", {"input": [{}]}, "input[0]", "needs 'text', 'image' or both"),
+    ("unknown field", {"input": TEXTS, "modality": "text"}, "modality", "unknown field 'modality'"),
+    ("unknown item field", {"input": [{"txt": "a"}]}, "input[0]", "unknown field 'txt'"),
+    ("bad input_type", {"input": TEXTS, "input_type": "judge"}, "input_type", "'query', 'document' or 'passage'"),
+    ("bad encoding", {"input": TEXTS, "encoding_format": "int8"}, "encoding_format", "'float' or 'base64'"),
+    ("both forms", {"input": TEXTS, "messages": [{"role": "user", "content": "x"}]}, "input", "either 'input'"),
+    ("neither form", {"model": "bgevl"}, "input", "either 'input'"),
+    ("two images in messages", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(IMAGES[0])}},
+        {"type": "image_url", "image_url": {"url": data_url(IMAGES[1])}}]}]}, "messages", "at most one image"),
+]
+
+
+@pytest.mark.parametrize("body,param,fragments", [pytest.param(c[1], c[2], c[3:], id=c[0]) for c in BAD_REQUESTS])
+def test_bad_requests_are_400_naming_the_item(clip, body, param, fragments):
+    server, embedder = clip
+    assert_error(post(f"{server.url}/v1/embeddings", body), 400, param, *fragments)
+    ok = post(f"{server.url}/v1/embeddings", {"input": TEXTS[:1], "encoding_format": "float"})
+    assert ok[0] == 200 and ok[2]["data"][0]["index"] == 0
+
+
+def test_invalid_json_is_400(clip):
+    server, _ = clip
+    assert_error(post(f"{server.url}/v1/embeddings", b"{not json"), 400, None, "not valid JSON")
+
+
+def test_images_over_the_input_limits_are_400(clip):
+    server, _ = clip
+    buf = io.BytesIO()
+    Image.new("L", (40000, 2)).save(buf, "PNG", optimize=True)
+    assert len(buf.getvalue()) < 1000
+    result = post(f"{server.url}/v1/embeddings", {"input": [TEXTS[0], {"image": data_url(buf.getvalue())}]})
+    assert_error(result, 400, "input[1].image", "input[1].image: 40000x2 has an aspect ratio of 20000:1")
+
+
+def test_unknown_model_is_404_and_models_lists_the_served_one(clip):
+    server, _ = clip
+    assert_error(post(f"{server.url}/v1/embeddings", {"model": "text-embedding-3-small", "input": TEXTS}), 404,
+                 "model", "'text-embedding-3-small' is not served here", "'bgevl'", code="model_not_found")
+    with pytest.raises(openai.NotFoundError):
+        client(server).embeddings.create(model="other", input=TEXTS)
+    assert [m.id for m in client(server).models.list()] == ["bgevl"]
+    status, body = get(f"{server.url}/v1/nothing")
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+
+
+def test_api_key_is_required_where_set_and_never_echoed(embedders):
+    embedder = embedders("tiny")
+    key = "s3cret-key-value"
+    with serving(backend_of(embedder), api_key=key) as server:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+            error = assert_error(post(f"{server.url}/v1/embeddings", {"input": TEXTS}, headers), 401, None,
+                                 "Authorization: Bearer", code="invalid_api_key")
+            assert key not in error["message"]
+        with pytest.raises(openai.AuthenticationError):
+            client(server, "wrong").embeddings.create(model="bgevl", input=TEXTS)
+        with pytest.raises(openai.AuthenticationError):
+            client(server, "wrong").models.list()
+        assert_matches(vectors(client(server, key).embeddings.create(model="bgevl", input=TEXTS)), embedder.encode(text=TEXTS))
+        assert get(f"{server.url}/health/ready")[0] == 200  # probes need no key
+
+
+def test_a_body_over_the_limit_is_413(embedders):
+    embedder = embedders("tiny")
+    with serving(backend_of(embedder), max_body_bytes=4096) as server:
+        result = post(f"{server.url}/v1/embeddings", {"input": [{"image": data_url(png(9, (64, 64)))}]})
+        assert_error(result, 413, None, "over the limit of 4096 bytes", code="body_too_large")
+        assert post(f"{server.url}/v1/embeddings", {"input": TEXTS})[0] == 200
+
+
+class GatedBackend(EmbedderBackend):
+    """Holds each encode call until ``gate`` opens (bounded), so that requests stay in flight."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.gate, self.entered = threading.Event(), threading.Semaphore(0)
+
+    def _encode(self, *args):
+        self.entered.release()
+        assert self.gate.wait(60), "the test never opened the gate"
+        return super()._encode(*args)
+
+
+def test_a_full_queue_is_429_with_retry_after_and_the_admitted_requests_finish(embedders):
+    embedder = embedders("tiny")
+    backend = backend_of(embedder, cls=GatedBackend)
+    with serving(backend, max_in_flight=1, queue=1) as server, ThreadPoolExecutor(2) as pool:
+        url = f"{server.url}/v1/embeddings"
+        first = pool.submit(post, url, {"input": TEXTS[:1], "encoding_format": "float"})
+        assert backend.entered.acquire(timeout=30)  # the first one is computing
+        second = pool.submit(post, url, {"input": TEXTS[1:2], "encoding_format": "float"})
+        deadline = time.monotonic() + 30
+        while "bgevl_api_queued 1.0" not in get(f"{server.url}/metrics")[1]:  # the second one is queued
+            assert time.monotonic() < deadline, "the second request was never queued"
+            time.sleep(0.02)
+        status, headers, body = post(url, {"input": TEXTS[2:3]})
+        assert_error((status, headers, body), 429, None, "1 requests in flight, 1 queued", code="queue_full")
+        assert body["error"]["type"] == "rate_limit_error" and headers["retry-after"] == "1"
+        backend.gate.set()
+        for job, i in ((first, 0), (second, 1)):
+            status, _, body = job.result(60)
+            assert status == 200
+            assert_matches([body["data"][0]["embedding"]], embedder.encode(text=TEXTS[i:i + 1]))
+        assert post(url, {"input": TEXTS[2:3]})[0] == 200
+
+
+def test_a_request_over_the_timeout_is_504_and_keeps_its_slot_until_its_work_ends(embedders):
+    embedder = embedders("tiny")
+    backend = backend_of(embedder, cls=GatedBackend)
+    with serving(backend, max_in_flight=1, queue=0, timeout_s=0.5) as server:
+        url = f"{server.url}/v1/embeddings"
+        assert_error(post(url, {"input": TEXTS[:1]}), 504, None, "longer than the server's timeout of 0.5 s",
+                     code="timeout")
+        assert_error(post(url, {"input": TEXTS[:1]}), 429, None, code="queue_full")  # still computing
+        backend.gate.set()
+        deadline = time.monotonic() + 30
+        while "bgevl_api_in_flight 0.0" not in get(f"{server.url}/metrics")[1]:
+            assert time.monotonic() < deadline, "the timed-out work never released its slot"
+            time.sleep(0.02)
+        assert post(url, {"input": TEXTS[:1]})[0] == 200
+
+
+class FailingBackend(EmbedderBackend):
+    def _encode(self, *args):
+        raise RuntimeError("the runner broke\n  File \"/secret/path.py\", line 1")
+
+
+def test_an_internal_error_is_500_in_one_line_with_the_traceback_in_the_log(embedders, caplog):
+    with serving(backend_of(embedders("tiny"), cls=FailingBackend)) as server:
+        error = assert_error(post(f"{server.url}/v1/embeddings", {"input": TEXTS}), 500, None,
+                             "internal error: RuntimeError: the runner broke", code="internal_error")
+        assert "/secret/path.py" not in error["message"]
+    assert any(r.exc_info and "Traceback" not in r.getMessage() for r in caplog.records if r.name == "bgevl.api")
+
+
+def test_a_backend_that_is_not_ready_is_503_and_health_says_so():
+    backend = TritonBackend(f"127.0.0.1:{free_port()}", name="bgevl")  # nothing listens there
+    with serving(backend) as server:
+        assert get(f"{server.url}/health/live")[0] == 200
+        status, body = get(f"{server.url}/health/ready")
+        assert status == 503 and "does not answer" in json.loads(body)["reason"]
+        status, headers, body = post(f"{server.url}/v1/embeddings", {"input": TEXTS})
+        assert_error((status, headers, body), 503, None, "not ready", code="not_ready")
+        assert headers["retry-after"] == "5"
+
+
+def test_health_models_metrics_and_openapi(clip):
+    server, _ = clip
+    assert get(f"{server.url}/health/live") == (200, '{"status":"live"}')
+    status, body = get(f"{server.url}/health/ready")
+    assert status == 200 and json.loads(body) == {"status": "ready", "model": "bgevl"}
+    before = get(f"{server.url}/metrics")[1]
+    post(f"{server.url}/v1/embeddings", {"input": [TEXTS[0], {"image": data_url(IMAGES[0])}]})
+    post(f"{server.url}/v1/embeddings", {"input": [[1, 2]]})
+    after = get(f"{server.url}/metrics")[1]
+
+    def sample(text: str, name: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{")]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    ok, bad = ('bgevl_api_requests_total{code="200",route="/v1/embeddings"}',
+               'bgevl_api_requests_total{code="400",route="/v1/embeddings"}')
+    assert sample(after, ok) - sample(before, ok) == 1 and sample(after, bad) - sample(before, bad) == 1
+    for kind in ("text", "image"):
+        name = f'bgevl_api_items_total{{kind="{kind}"}}'
+        assert sample(after, name) - sample(before, name) == 1
+    assert 'bgevl_api_request_seconds_bucket{le="+Inf",route="/v1/embeddings"}' in after
+    assert sample(after, "bgevl_api_in_flight") == 0
+    status, body = get(f"{server.url}/openapi.json")
+    schema = json.loads(body)
+    assert status == 200 and "/v1/embeddings" in schema["paths"] and "input_type" in \
+        schema["components"]["schemas"]["EmbeddingRequest"]["properties"]
+    assert get(f"{server.url}/docs")[0] == 200
+
+
+# --- one bad item fails its request alone ---------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["bomb", "undecodable"])
+def test_a_bad_image_among_30_concurrent_valid_requests_fails_alone(clip, bad):
+    server, embedder = clip
+    payload = png_of(Image.new("1", (13000, 13000))) if bad == "bomb" else IMAGES[0][:200]
+    want = embedder.encode(images=IMAGES)
+    jobs = jobs_with_bad_ones("bad")
+
+    def send(job):
+        kind, i = job
+        item = {"text": TEXTS[i], "image": data_url(IMAGES[i])} if kind == "valid" and i == 2 else \
+            {"image": data_url(payload if kind == "bad" else IMAGES[i])}
+        return kind, i, post(f"{server.url}/v1/embeddings", {"input": [TEXTS[0], item], "encoding_format": "float"})
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, jobs))
+    for kind, i, (status, headers, body) in results:
+        if kind == "valid":
+            assert status == 200, body
+            direct = embedder.encode(images=IMAGES[2:], text=TEXTS[2:]) if i == 2 else want[i:i + 1]
+            assert_matches([body["data"][1]["embedding"]], direct)
+        else:
+            reason = "169.0 M pixels, over the limit" if bad == "bomb" else "corrupt or truncated"
+            assert_error((status, headers, body), 400, "input[1].image", "input[1].image:", reason)
+
+
+# --- image URLs from allowed hosts ----------------------------------------------------------
+
+@contextmanager
+def image_host(routes: dict[str, tuple[int, dict, bytes]]):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status, headers, body = routes.get(self.path, (404, {}, b""))
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_image_urls_are_fetched_only_from_allowed_hosts_within_limits(embedders):
+    embedder = embedders("tiny")
+    big = png(5, (400, 400))
+    with image_host({"/a.png": (200, {"Content-Type": "image/png"}, IMAGES[1]), "/big.png": (200, {}, big),
+                     "/away": (302, {"Location": "http://example.invalid/x.png"}, b""),
+                     "/back": (302, {"Location": "/a.png"}, b"")}) as host:
+        policy = FetchPolicy(hosts=frozenset({host}), max_bytes=len(big) - 1)
+        with serving(backend_of(embedder), fetch=policy) as server:
+            url = f"{server.url}/v1/embeddings"
+            for path in ("/a.png", "/back"):
+                status, _, body = post(url, {"input": [{"image": f"http://{host}{path}"}], "encoding_format": "float"})
+                assert status == 200, body
+                assert_matches([body["data"][0]["embedding"]], embedder.encode(images=IMAGES[1:2]))
+            assert_error(post(url, {"input": [{"image": f"http://{host}/big.png"}]}), 400, "input[0].image",
+                         f"over the server's limit of {len(big) - 1}")
+            assert_error(post(url, {"input": [{"image": f"http://{host}/away"}]}), 400, "input[0].image",
+                         "redirects to 'example.invalid'")
+            assert_error(post(url, {"input": [{"image": "http://localhost:1/a.png"}]}), 400, "input[0].image",
+                         "not in the server's --allow-image-host list")
+            assert_error(post(url, {"input": [{"image": f"http://{host}/missing.png"}]}), 400, "input[0].image", "HTTP 404")
+
+
+# --- the command ----------------------------------------------------------------------------
+
+def test_bgevl_api_serves_an_export_and_finishes_in_flight_requests_on_sigterm(export_dir, embedders, tmp_path):
+    export = export_dir("fp32", model="tiny")
+    port = free_port()
+    key_file = tmp_path / "key"
+    key_file.write_text("k3y-from-a-file\n")
+    proc = subprocess.Popen([sys.executable, "-m", "bgevl.api.cli", str(export), "--port", str(port), "--provider", "cpu",
+                             "--api-key-file", str(key_file), "--model-name", "bge-vl-tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://localhost:{port}"
+        deadline = time.monotonic() + 120
+        while get_or_none(f"{url}/health/ready") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.1)
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y-from-a-file", max_retries=0)
+        many = [{"image": data_url(png(i, (200, 200)))} for i in range(64)]
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(api.embeddings.create, model="bge-vl-tiny", input=[], extra_body={"input": many})
+            deadline = time.monotonic() + 60
+            while "bgevl_api_in_flight 1.0" not in get(f"{url}/metrics")[1]:
+                assert time.monotonic() < deadline and not job.done(), "the request was never seen in flight"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            response = job.result(120)
+        assert len(response.data) == 64
+        assert_matches(vectors(response)[:2], embedders("tiny").encode(images=[png(0, (200, 200)), png(1, (200, 200))]))
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGTERM, out  # uvicorn re-raises the signal once it has shut down
+    assert "Finished server process" in out
+    assert f"http://localhost:{port}/v1/embeddings" in out and "API key required" in out
+    assert "k3y-from-a-file" not in out
+
+
+def get_or_none(url: str) -> int | None:
+    try:
+        return get(url)[0]
+    except OSError:
+        return None
+
+
+def test_bgevl_api_refuses_bad_arguments_in_one_line(tmp_path):
+    for args, message in (([str(tmp_path)], "no manifest.json"), ([], "give an export directory or --triton-url"),
+                          ([str(tmp_path), "--api-key-file", str(tmp_path / "none")], "cannot read it")):
+        result = subprocess.run([sys.executable, "-m", "bgevl.api.cli", *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    help_text = subprocess.run([sys.executable, "-m", "bgevl.api.cli", "--help"], capture_output=True, text=True).stdout
+    for option in ("--triton-url", "--api-key-file", "--max-in-flight", "--queue", "--timeout", "--max-body-bytes",
+                   "--allow-image-host", "--model-name", "--host", "--port"):
+        assert option in help_text
+
+
+# --- the Triton backend ----------------------------------------------------------------------
+
+def _triton(export, tmp_path):
+    pytest.importorskip("tritonclient.grpc.aio", reason="needs the serving extra: pip install '.[serving]'")
+    from bgevl.triton_repo.repository import write_repository
+    from bgevl.triton_repo.server import TritonServer
+
+    repo = write_repository(export, tmp_path / "repo", sink=None)
+    return repo, TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None).start()
+
+
+@pytest.mark.parametrize("model", ["tiny-mllm", pytest.param("tiny-visualized", marks=pytest.mark.slow)])
+def test_the_triton_backend_gives_the_runtimes_embeddings(export_dir, embedders, tmp_path, model):
+    embedder = embedders(model)
+    repo, triton = _triton(export_dir("fp32", model=model), tmp_path)
+    try:
+        backend = TritonBackend(triton.grpc_url, name=model, tokenizer_dir=repo / "bgevl_preprocess" / "1" / "processor")
+        with serving(backend) as server:
+            api = client(server)
+            texts = api.embeddings.create(model=model, input=TEXTS)
+            assert_matches(vectors(texts), embedder.encode(text=TEXTS))
+            assert texts.usage.prompt_tokens > len(TEXTS)
+            floats = api.embeddings.create(model=model, input=[], encoding_format="float", extra_body={"input": _items()})
+            assert_matches(vectors(floats), _direct(embedder))
+            queries = api.embeddings.create(model=model, input=[], extra_body={"input": _items(), "input_type": "query"})
+            assert_matches(vectors(queries), _direct(embedder, role="query"))
+            body = {"input": [TEXTS[0], {"image": base64.b64encode(b"no image").decode()}], "input_type": "query"}
+            assert_error(post(f"{server.url}/v1/embeddings", body), 400, "input[1].image", "input[1].image", "not a readable image")
+            _check_instruction(api, server, embedder, model)
+    finally:
+        triton.stop()
+
+
+def test_bgevl_serve_starts_the_api_in_front_of_its_triton(export_dir, embedders, tmp_path):
+    from test_triton_server import ctrl_c, kill_group, launch_serve
+
+    from bgevl.triton_repo.repository import write_repository
+
+    embedder = embedders("tiny")
+    repo = write_repository(export_dir("fp32", model="tiny"), tmp_path / "repo", sink=None)
+    proc, out, ports = launch_serve(repo)
+    try:
+        assert f"API      http://localhost:{ports[3]}/v1/embeddings" in out, out
+        api = openai.OpenAI(base_url=f"http://localhost:{ports[3]}/v1", api_key="unused", max_retries=0)
+        assert_matches(vectors(api.embeddings.create(model="bgevl", input=TEXTS)), embedder.encode(text=TEXTS))
+        mixed = api.embeddings.create(model="bgevl", input=[], encoding_format="float", extra_body={"input": _items()})
+        assert_matches(vectors(mixed), _direct(embedder))
+        with ThreadPoolExecutor(8) as pool:  # concurrent requests through the asyncio client
+            outs = list(pool.map(lambda i: api.embeddings.create(model="bgevl", input=[TEXTS[i % 3]]), range(24)))
+        for i, response in enumerate(outs):
+            assert_matches(vectors(response), embedder.encode(text=[TEXTS[i % 3]]))
+        rest = ctrl_c(proc)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0 and "stopped (exit code 0)" in rest, out + rest
+    assert "stopping the embeddings API" in rest
+
+
+@pytest.mark.slow
+def test_bgevl_serve_no_api_serves_triton_alone(export_dir, tmp_path):
+    from test_triton_server import ctrl_c, kill_group, launch_serve
+
+    from bgevl.triton_repo.repository import write_repository
+
+    repo = write_repository(export_dir("fp32", model="tiny"), tmp_path / "repo", sink=None)
+    no_api, out, ports = launch_serve(repo, "--no-api")
+    try:
+        assert "ready:" in out and "API " not in out, out
+        assert get_or_none(f"http://localhost:{ports[3]}/health/live") is None  # nothing listens on the API port
+        rest = ctrl_c(no_api)
+    finally:
+        kill_group(no_api)
+    assert no_api.returncode == 0 and "embeddings API" not in rest, rest
+
+
+# --- load: 64 clients, mixed items, bounded in time and count --------------------------------
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@contextmanager
+def api_process(export, *extra: str):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bgevl.api.cli", str(export), "--port", str(port), "--provider", "cpu",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://localhost:{port}"
+        deadline = time.monotonic() + 120
+        while get_or_none(f"{url}/health/ready") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, "bgevl-api did not start"
+            time.sleep(0.1)
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_load(url: str, embedder, seconds: float, clients: int = 64, max_requests: int = 200_000) -> dict:
+    """``clients`` threads posting mixed requests (texts, images, composed) until ``seconds`` pass; every 200
+    is checked against the runtime's embeddings. Returns counts by status and the failures seen."""
+    jobs = [({"input": [TEXTS[i]]}, embedder.encode(text=[TEXTS[i]])) for i in range(3)]
+    jobs += [({"input": [{"image": data_url(IMAGES[i])}]}, embedder.encode(images=[IMAGES[i]])) for i in range(3)]
+    jobs += [({"input": [{"text": TEXTS[i], "image": data_url(IMAGES[i])}, TEXTS[(i + 1) % 3]]},
+              np.concatenate([embedder.encode(images=[IMAGES[i]], text=[TEXTS[i]]), embedder.encode(text=[TEXTS[(i + 1) % 3]])]))
+             for i in range(3)]
+    counts: dict = {}
+    failures: list = []
+    lock = threading.Lock()
+    sent = iter(range(max_requests))
+    deadline = time.monotonic() + seconds
+
+    def client_loop(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while time.monotonic() < deadline:
+            with lock:
+                if next(sent, None) is None:
+                    return
+            body, want = jobs[int(rng.integers(len(jobs)))]
+            try:
+                status, headers, answer = post(url + "/v1/embeddings", {**body, "encoding_format": "float"})
+            except OSError as exc:  # a lost request: connection refused, reset, timed out
+                status, headers, answer = "lost", {}, repr(exc)
+            ok = status == 200 and np.allclose([d["embedding"] for d in answer["data"]], want, atol=1e-4)
+            with lock:
+                counts[status] = counts.get(status, 0) + 1
+                if status == 429 and headers.get("retry-after") != "1":
+                    failures.append(("429 without Retry-After", headers))
+                elif status not in (200, 429) or (status == 200 and not ok):
+                    failures.append((status, str(answer)[:300]))
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 120)
+    return {"counts": counts, "failures": failures}
+
+
+def _load_test(export_dir, embedders, seconds: float) -> None:
+    export, embedder = export_dir("fp32", model="tiny"), embedders("tiny")
+    with api_process(export, "--max-in-flight", "8", "--queue", "128") as (proc, url):
+        run_load(url, embedder, min(3.0, seconds / 5))  # warm-up: allocator pools, thread stacks
+        start_mb = _rss_mb(proc.pid)
+        result = run_load(url, embedder, seconds)
+        end_mb = _rss_mb(proc.pid)
+    total = sum(result["counts"].values())
+    print(f"\nload {seconds:g} s, 64 clients: {result['counts']} ({total / seconds:.0f} req/s); server RSS "
+          f"{start_mb:.0f} -> {end_mb:.0f} MB")
+    assert not result["failures"], result["failures"][:5]
+    assert set(result["counts"]) == {200} and total > 64
+    assert end_mb - start_mb < 100, (start_mb, end_mb)
+    with api_process(export, "--max-in-flight", "2", "--queue", "4") as (proc, url):  # a queue far below 64 clients
+        result = run_load(url, embedder, min(5.0, seconds))
+    print(f"queue 4 below the load: {result['counts']}")
+    assert not result["failures"], result["failures"][:5]
+    assert result["counts"].get(429, 0) > 0 and result["counts"].get(200, 0) > 0
+    assert set(result["counts"]) <= {200, 429}
+
+
+def test_64_clients_of_mixed_items_for_10_s_lose_nothing(export_dir, embedders):
+    _load_test(export_dir, embedders, 10)
+
+
+@pytest.mark.slow
+def test_64_clients_of_mixed_items_for_60_s_lose_nothing_and_memory_stays_flat(export_dir, embedders):
+    _load_test(export_dir, embedders, 60)
