@@ -82,6 +82,11 @@ class DeployOptions:
         return f"{self.image}@{self.image_digest}" if self.image_digest else self.image
 
     @property
+    def pull_policy(self) -> str:
+        """A tag can move, so it is pulled at every start; a digest cannot."""
+        return "IfNotPresent" if self.image_digest else "Always"
+
+    @property
     def base_image(self) -> str:
         base = f"nvcr.io/nvidia/tritonserver:{self.triton_tag}"
         return f"{base}@{self.triton_digest}" if self.triton_digest else base
@@ -240,6 +245,7 @@ def deployment(opts: DeployOptions) -> dict:
     container = {
         "name": "tritonserver",
         "image": opts.image_ref,  # its entrypoint serve.sh runs tritonserver with the admin APIs off
+        "imagePullPolicy": opts.pull_policy,
         "args": [f"--model-repository={repository}", "--model-control-mode=explicit", "--load-model=*",
                  "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--allow-metrics=true",
                  f"--exit-timeout-secs={EXIT_TIMEOUT_S}"],
@@ -296,6 +302,7 @@ def api_container(opts: DeployOptions) -> dict:
     return {
         "name": "embeddings-api",
         "image": opts.image_ref,
+        "imagePullPolicy": opts.pull_policy,
         "command": ["bgevl-api"],
         "args": ["--triton-url=localhost:8001", f"--triton-model={opts.model_name}", "--host=0.0.0.0",
                  f"--port={opts.api_port}"],
