@@ -226,7 +226,8 @@ def build_deploy_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bgevl-export deploy",
         description="Write deployment files for a Triton model repository: a serving-image Dockerfile, Kubernetes "
-                    "manifests (Deployment, Service, autoscaling/v2 HPA, prometheus-adapter rule) and KServe "
+                    "manifests (Deployment, Service, autoscaling/v2 HPA, NetworkPolicy, PodDisruptionBudget, "
+                    "prometheus-adapter rule; pods pass the Pod Security Standards 'restricted' profile) and KServe "
                     "ServingRuntime + InferenceService.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -239,6 +240,10 @@ def build_deploy_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=d.model_name, help="the repository's entry model (its --triton-name)")
     p.add_argument("--image", default=d.image, help="the serving image the manifests run (built from the Dockerfile)")
     p.add_argument("--triton-tag", default=d.triton_tag, help="NGC tritonserver image tag of the base (Python 3.12 from 25.01)")
+    p.add_argument("--image-digest", default=None, metavar="sha256:...",
+                   help="pin the serving image by content digest (the manifests run IMAGE@DIGEST)")
+    p.add_argument("--triton-digest", default=None, metavar="sha256:...",
+                   help="pin the NGC base image by content digest (FROM nvcr.io/nvidia/tritonserver:TAG@DIGEST)")
     p.add_argument("--namespace", default=d.namespace)
     p.add_argument("--replicas", type=int, default=d.replicas, help="replicas (the HPA's minimum)")
     p.add_argument("--max-replicas", type=int, default=d.max_replicas, help="the HPA's maximum")
@@ -265,7 +270,8 @@ def deploy_main(argv: list[str]) -> int:
     opts = DeployOptions(args.repository_uri, name=args.name, model_name=args.model_name, image=args.image, triton_tag=args.triton_tag,
                          namespace=args.namespace, replicas=args.replicas, max_replicas=args.max_replicas, gpus=args.gpus,
                          cpu=args.cpu, memory=args.memory, shm_size=args.shm_size, queue_delay_us=args.queue_delay_us,
-                         queue_target_factor=args.queue_target_factor, api=not args.no_api, api_port=args.api_port)
+                         queue_target_factor=args.queue_target_factor, api=not args.no_api, api_port=args.api_port,
+                         image_digest=args.image_digest, triton_digest=args.triton_digest)
     try:
         print(write_deployment(args.output, opts, wheel=args.wheel, overwrite=args.overwrite, sink=lambda m: None))
         print(client_endpoint(opts))
