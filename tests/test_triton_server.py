@@ -163,9 +163,17 @@ def test_concurrent_requests_are_merged_by_dynamic_batching(clip_served):
     server, embedder = clip_served
     stats_client = client(server, "grpc")
 
-    def executions():
-        stats = stats_client.get_inference_statistics("bgevl_text", as_json=True)["model_stats"][0]
-        return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+    def executions(expected: int | None = None, before=(0, 0)):
+        """(inferences, executions) of the text encoder; with ``expected``, waits (10 s at most) until the
+        inferences since ``before`` reach it: Triton records an execution's statistics after its responses
+        went out, so a client can hold every answer while the last executions are not counted yet."""
+        deadline = time.monotonic() + 10
+        while True:
+            stats = stats_client.get_inference_statistics("bgevl_text", as_json=True)["model_stats"][0]
+            counts = int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+            if expected is None or counts[0] - before[0] >= expected or time.monotonic() > deadline:
+                return counts
+            time.sleep(0.05)
 
     before = executions()
     jobs = [{"texts": [f"{TEXTS[i % 3]} number {i}"]} if i % 2 else {"texts": [TEXTS[i % 3]], "images": [IMAGES[i % 3]]}
@@ -174,7 +182,7 @@ def test_concurrent_requests_are_merged_by_dynamic_batching(clip_served):
         served = list(pool.map(lambda kw: embed(server, "grpc", **kw), jobs))
     for kw, out in zip(jobs, served):
         assert_matches(out, embedder.encode(images=kw.get("images"), text=kw["texts"]))
-    inferences, runs = (a - b for a, b in zip(executions(), before))
+    inferences, runs = (a - b for a, b in zip(executions(32, before), before))
     assert inferences == 32
     # Whether the requests above overlapped at the encoder depends on the machine's load (each waits for its
     # preprocessing first); requests that are queued together must be merged: 32 sent at once, directly
@@ -196,7 +204,7 @@ def test_concurrent_requests_are_merged_by_dynamic_batching(clip_served):
         stats_client.async_infer("bgevl_text", tensors, callback=collect)
     assert all_in.wait(60)
     assert all(getattr(a, "shape", None) == (1, embedder.dim) for a in answers), answers
-    inferences, runs = (a - b for a, b in zip(executions(), before))
+    inferences, runs = (a - b for a, b in zip(executions(32, before), before))
     assert inferences == 32
     assert runs < inferences, f"{inferences} text-encoder inferences took {runs} executions: nothing was batched"
 
@@ -297,7 +305,7 @@ def test_a_large_request_does_not_hold_a_small_one(clip_served):
     worked on (before, the entry model's single instance held it until the large one was done: 11 s for 16
     such images), and the large request's answer is still right."""
     server, embedder = clip_served
-    large = [_png_of(Image.new("1", (6300, 6300), color=i % 2)) for i in range(8)]
+    large = [png_of(Image.new("1", (6300, 6300), color=i % 2)) for i in range(8)]
     finished: dict[str, float] = {}
 
     def send_large():
