@@ -134,6 +134,18 @@ def test_ranking_agrees_with_faiss():
     assert np.array_equal(M.rank(queries, gallery, 10), expected)
 
 
+def test_chance_recall_against_enumerating_every_ranking():
+    import itertools
+
+    n, r = 7, 2
+    relevant = set(range(r))
+    for k in (1, 3, 6, 7, 9):
+        tops = list(itertools.combinations(range(n), min(k, n)))
+        want = sum(bool(relevant & set(top)) for top in tops) / len(tops)
+        assert M.chance_recall_at_k(np.array([r]), np.array([n]), k)[0] == pytest.approx(want, abs=1e-12)
+    assert math.isnan(M.chance_recall_at_k(np.array([0]), np.array([n]), 3)[0])
+
+
 def test_overlap_and_paired_bootstrap():
     a = np.array([[0, 1, 2], [3, 4, 5]])
     b = np.array([[2, 1, 9], [6, 7, 8]])

@@ -248,35 +248,47 @@ def build_tasks(data: QualityData, results: list[RunResult], roles: bool) -> lis
     return tasks
 
 
+def _chance(task: Task, n_relevant: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """A random ranking's mean recall@k on the task's queries, in percent."""
+    candidates = np.full(len(task.query_ids), len(task.gallery_ids))
+    if task.exclude is not None:
+        candidates -= np.asarray(task.exclude) >= 0
+    out = {}
+    for k in ks:
+        per_query = M.chance_recall_at_k(n_relevant, candidates, k)
+        out[f"R@{k}"] = float(per_query[~np.isnan(per_query)].mean()) * 100 if (~np.isnan(per_query)).any() else None
+    return out
+
+
+def _vectors(result: RunResult, name: str, ids: list[str], dim: int) -> np.ndarray:
+    return np.stack([result.vectors[name][i] for i in ids]) if ids else np.zeros((0, dim), np.float32)
+
+
 def task_figures(task: Task, results: list[RunResult], options: EvalOptions) -> list[dict[str, Any]]:
     """Per run: the task's figures (recall@k, mAP@k for composed; each with the delta to run 0) and the
     top-k overlap with run 0's rankings."""
-    ks = list(options.recall_k) + (list(options.map_k) if task.name == "composed" else []) + [options.overlap_k]
-    depth = max(ks)
+    maps = options.map_k if task.name == "composed" else ()
+    depth = max([*options.recall_k, *maps, options.overlap_k])
+    recall_positives = task.recall_positives if task.recall_positives is not None else task.positives
+    chance: dict[str, float] = {}
     per_run = []
     for result in results:
-        queries = np.stack([result.vectors[task.query_set][i] for i in task.query_ids]) if task.query_ids else \
-            np.zeros((0, 1), np.float32)
-        gallery = np.stack([result.vectors[task.gallery_set][i] for i in task.gallery_ids]) if task.gallery_ids else \
-            np.zeros((0, queries.shape[1]), np.float32)
-        ranking = M.rank(queries, gallery, depth, task.exclude)
+        dim = result.info["embedding_dim"]
+        ranking = M.rank(_vectors(result, task.query_set, task.query_ids, dim),
+                         _vectors(result, task.gallery_set, task.gallery_ids, dim), depth, task.exclude)
+        rel, count = M.relevance(ranking, recall_positives)
+        values = {f"R@{k}": M.recall_at_k(rel, count, k) for k in options.recall_k}
+        chance = chance or _chance(task, count, options.recall_k)
         rel, count = M.relevance(ranking, task.positives)
-        values: dict[str, np.ndarray] = {}
-        if task.recall_positives is not None:
-            rel_r, count_r = M.relevance(ranking, task.recall_positives)
-        else:
-            rel_r, count_r = rel, count
-        for k in options.recall_k:
-            values[f"R@{k}"] = M.recall_at_k(rel_r, count_r, k)
-        if task.name == "composed":
-            for k in options.map_k:
-                values[f"mAP@{k}"] = M.average_precision_at_k(rel, count, k)
+        values.update({f"mAP@{k}": M.average_precision_at_k(rel, count, k) for k in maps})
         per_run.append((ranking, values))
     out = []
     reference_ranking, reference_values = per_run[0]
     for n, (ranking, values) in enumerate(per_run):
         figures = [M.figure(name, v, None if n == 0 else reference_values[name], resamples=options.resamples,
                             seed=options.seed) for name, v in values.items()]
+        for fig in figures:
+            fig.chance = chance.get(fig.metric)
         overlap = M.figure(f"top-{options.overlap_k} overlap", M.overlap_at_k(ranking, reference_ranking, options.overlap_k),
                            resamples=options.resamples, seed=options.seed)
         out.append({"figures": [f.to_json() for f in figures], "overlap": overlap.to_json(),
@@ -388,15 +400,16 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         body = runs[0]["tasks"][task]
         lines += [f"## {TASK_TITLES[task]}: {body['queries']} queries, gallery of {body['gallery']}", "",
-                  "| metric | " + " | ".join(r["label"] for r in runs) + " |",
-                  "| --- |" + " --- |" * len(runs)]
+                  "| metric | chance | " + " | ".join(r["label"] for r in runs) + " |",
+                  "| --- | --- |" + " --- |" * len(runs)]
         for i, fig in enumerate(body["figures"]):
-            lines.append(f"| {fig['metric']} | " + " | ".join(_cell(r["tasks"][task]["figures"][i], n == 0)
-                                                             for n, r in enumerate(runs)) + " |")
+            chance = f"{fig['chance']:.1f}" if fig.get("chance") is not None else ""
+            lines.append(f"| {fig['metric']} | {chance} | " + " | ".join(_cell(r["tasks"][task]["figures"][i], n == 0)
+                                                                          for n, r in enumerate(runs)) + " |")
         overlap = [r["tasks"][task]["overlap"] for r in runs]
-        lines.append(f"| {overlap[0]['metric']} | " + " | ".join(_cell(o, True) for o in overlap) + " |")
+        lines.append(f"| {overlap[0]['metric']} | | " + " | ".join(_cell(o, True) for o in overlap) + " |")
         lines.append("")
-    lines.append("Figures in percent over queries; [..]: bootstrap 95 % interval "
+    lines.append("Figures in percent over queries; chance: a random ranking's recall; [..]: bootstrap 95 % interval "
                  f"({report['options']['resamples']} resamples, seed {report['options']['seed']}); Δ: the paired "
                  f"difference to {report['reference']} on the same queries.")
     if report["excluded"]["count"]:

@@ -92,6 +92,19 @@ def overlap_at_k(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     return np.array([len(np.intersect1d(x[:k], y[:k])) / k for x, y in zip(a, b)], np.float64)
 
 
+def chance_recall_at_k(n_relevant: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
+    """Per query: the recall@k of a random ranking, ``1 - C(n - r, k) / C(n, k)`` for ``r`` relevant among ``n``
+    candidates (NaN without relevant items): what a figure must be well above to mean anything."""
+    out = np.full(len(n_relevant), np.nan)
+    for i, (r, n) in enumerate(zip(n_relevant, candidates)):
+        if r > 0:
+            miss = 1.0
+            for j in range(min(k, n)):  # all k picks among the n - r irrelevant ones
+                miss *= max(0, n - r - j) / (n - j)
+            out[i] = 1.0 - miss
+    return out
+
+
 def bootstrap_interval(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                        level: float = 0.95) -> tuple[float, float]:
     """The percentile bootstrap interval of the mean of ``values`` (NaN left out): ``resamples`` draws
@@ -123,10 +136,14 @@ class Figure:
     queries: int
     delta: float | None = None
     delta_interval: tuple[float, float] | None = None
+    #: the value a random ranking gets on average (recall), where known
+    chance: float | None = None
 
     def to_json(self) -> dict:
         out = {"metric": self.metric, "value": _round(self.value), "ci95": [_round(v) for v in self.interval],
                "queries": self.queries}
+        if self.chance is not None:
+            out["chance"] = _round(self.chance)
         if self.delta is not None:
             out.update(delta=_round(self.delta), delta_ci95=[_round(v) for v in self.delta_interval])
         return out
