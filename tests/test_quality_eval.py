@@ -243,6 +243,25 @@ def test_an_item_that_cannot_be_read_is_left_out_of_every_run(fp32, tmp_path):
     assert report["runs"][1]["tasks"]["t2i"]["queries"] == 5 and "2 items could not be evaluated" in markdown
 
 
+def test_bgevl_bench_evaluates_the_exports_of_the_backends_it_ran(export_dir, data_dir, tmp_path):
+    import argparse
+
+    from bgevl.benchmarks.cli import bench_quality
+
+    exports = tmp_path / "exports"  # bgevl-bench's export cache, filled from the fixtures
+    shutil.copytree(export_dir("fp32"), exports / "tiny-fp32")
+    shutil.copytree(export_dir("int8"), exports / "tiny-int8-qdq")
+    args = argparse.Namespace(exports=exports, output=tmp_path, threads=1, random_weights=False)
+    ran = [{"model": "tiny", "backend": b} for b in ("pytorch", "onnxruntime-fp32", "onnxruntime-int8", "runtime")]
+    report = bench_quality("tiny", load_data(data_dir), ran, args, log=lambda msg: None)
+    assert [(r["label"], r["precision"], r["int8_mode"]) for r in report["runs"]] == [
+        ("onnxruntime-fp32", "fp32", None), ("onnxruntime-int8", "int8", "qdq")]
+    again = evaluate(load_data(data_dir), [RunSpec(exports / "tiny-fp32", provider="cpu"),
+                                           RunSpec(exports / "tiny-int8-qdq", provider="cpu")],
+                     EvalOptions(progress=False), say=lambda msg: None)
+    assert report["runs"][1]["tasks"] == again["runs"][1]["tasks"]
+
+
 # --- refusals: one line, nothing written ---------------------------------------------------------------------
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
