@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bgevl.errors import BgevlError
-from bgevl.corpus.readers import INPUT_FORMATS
+from bgevl.corpus.cli import reader_options
 from bgevl.quality.data import QualityData, load_data, read_pairs, read_triplets
 from bgevl.quality.evaluate import I2T_INSTRUCTION, T2I_INSTRUCTION, EvalOptions, RunSpec, evaluate, markdown, worst_drop
 from bgevl.quality.gate import DEFAULT_MAX_RECALL_DROP, gate_message
@@ -71,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gallery", default=None, metavar="INPUT",
                    help="the images the triplets' ids name (folder, table or shards); ids match item ids, file names "
                         "without extension, or the same number (CIRCO's COCO ids)")
-    d.add_argument("--input-format", default="auto", choices=INPUT_FORMATS, help="of --pairs")
-    d.add_argument("--id-column", default="id", help="tables: the unique id of each row")
-    d.add_argument("--image-column", default="image", help="tables: image path (relative to the table), URI or bytes")
-    d.add_argument("--text-column", default="text", help="tables: the caption")
+    reader_options(d, "of --pairs (auto: from the path)")
     q = p.add_argument_group("queries (families whose queries take a role and instruction, e.g. BGE-VL-MLLM)")
     q.add_argument("--instruction", default=None,
                    help="composed queries' task instruction (default: the export's, BGE-VL's composed-retrieval one)")

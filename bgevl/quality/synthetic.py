@@ -18,6 +18,7 @@ near-duplicates:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,26 @@ def write_quality_data(root: Path, bases: int = 40, variants: int = 3, pairs: in
         rendered_caption(text).save(folder / f"pair{i:04d}.png")
         (folder / f"pair{i:04d}.txt").write_text(text + (f"\n{caption(i + pairs)}" if i % 5 == 4 else "") + "\n")
     return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bgevl.quality.synthetic DIR``: write the generated set, e.g. for ``bgevl-eval --data DIR``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bgevl.quality.synthetic", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("output", type=Path, help="directory to write (gallery/, triplets.json, pairs/)")
+    p.add_argument("--bases", type=int, default=100, help="scenes: composed queries")
+    p.add_argument("--variants", type=int, default=3, help="near-duplicates per scene (the reference and its targets)")
+    p.add_argument("--pairs", type=int, default=100, help="images of rendered captions")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.output.exists() and any(args.output.iterdir()):
+        print(f"{p.prog}: error: {args.output} exists and is not empty; choose another directory", file=sys.stderr)
+        return 2
+    print(write_quality_data(args.output, args.bases, args.variants, args.pairs, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
