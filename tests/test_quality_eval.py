@@ -262,6 +262,35 @@ def test_bgevl_bench_evaluates_the_exports_of_the_backends_it_ran(export_dir, da
     assert report["runs"][1]["tasks"] == again["runs"][1]["tasks"]
 
 
+def test_pairs_from_a_table_and_from_shards_with_several_captions_per_image(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bgevl.corpus.synthetic import make_items, write_shards
+    from bgevl.quality import read_pairs
+
+    items = make_items(5)
+    (tmp_path / "img").mkdir()
+    for item in items:
+        (tmp_path / "img" / f"{item.key}.jpg").write_bytes(item.data)
+    # COCO's layout as a table: one row per caption, rows of one image share its path; a row without text is a
+    # distractor image
+    rows = [(f"r{n}", f"img/{items[i].key}.jpg", text) for n, (i, text) in enumerate(
+        [(0, "a"), (0, "b"), (1, "c"), (2, "d"), (2, "e"), (2, "f"), (3, None)])]
+    pq.write_table(pa.table({"id": [r[0] for r in rows], "image": [r[1] for r in rows], "caption": [r[2] for r in rows]}),
+                   tmp_path / "coco.parquet")
+    pairs = read_pairs(str(tmp_path / "coco.parquet"), text_column="caption")
+    assert [i.id for i in pairs.images] == ["r0", "r2", "r3", "r6"]
+    assert [(c.id, c.text) for c in pairs.captions] == [("r0", "a"), ("r1", "b"), ("r2", "c"), ("r3", "d"), ("r4", "e"),
+                                                        ("r5", "f")]
+    assert pairs.caption_image == [0, 0, 1, 2, 2, 2] and pairs.describe()["images_without_caption"] == 1
+    items[1].caption = "first line\nsecond line"
+    write_shards(tmp_path / "shards", items, per_shard=3)
+    pairs = read_pairs(str(tmp_path / "shards"))
+    assert len(pairs.images) == 5 and [c.text for c in pairs.captions][1:3] == ["first line", "second line"]
+    assert [c.id for c in pairs.captions][1:3] == ["000000001#0", "000000001#1"] and pairs.caption_image[:4] == [0, 1, 1, 2]
+
+
 # --- refusals: one line, nothing written ---------------------------------------------------------------------
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

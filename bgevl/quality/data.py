@@ -115,6 +115,7 @@ def read_pairs(url: str, input_format: str = "auto", id_column: str = "id", imag
     caption_image: list[int] = []
     failures: dict[str, str] = {}
     by_image: dict[str, int] = {}
+    seen: set[str] = set()
     grouped = source.format == "table"  # table rows naming the same image are one image with several captions
     for number, item in enumerate(source):
         if item.error:
@@ -136,6 +137,10 @@ def read_pairs(url: str, input_format: str = "auto", id_column: str = "id", imag
                 continue
         key = _image_key(item) if grouped else item.id
         index = by_image.get(key)
+        if index is None and item.id in seen:  # possible across WebDataset shards: the first one is kept
+            failures[f"{item.id} ({item.source})"] = f"id {item.id!r} occurs earlier in the input; this one is left out"
+            continue
+        seen.add(item.id)
         if index is None:
             index = by_image[key] = len(images)
             images.append(Item(id=item.id, source=item.source, image=item.image, image_uri=item.image_uri))
@@ -228,11 +233,14 @@ def read_triplets(path: str, gallery_url: str, gallery_format: str = "auto", id_
     if isinstance(source, TextSource) or IMAGE not in source.available:
         raise BgevlError(f"gallery {gallery_url}: holds no images; give a folder of images, a table with an image "
                          f"column or WebDataset shards")
-    gallery, failures = [], {}
+    gallery, failures, seen = [], {}, set()
     for item in source:
         if item.error or not item.has_image:
             failures[item.id] = item.error or "no image"
+        elif item.id in seen:
+            failures[f"{item.id} ({item.source})"] = f"id {item.id!r} occurs earlier in the gallery; this one is left out"
         else:
+            seen.add(item.id)
             gallery.append(Item(id=item.id, source=item.source, image=item.image, image_uri=item.image_uri))
     if not gallery:
         raise BgevlError(f"gallery {gallery_url}: no readable images")

@@ -150,7 +150,7 @@ class Figure:
 
 
 def _round(value: float) -> float | None:
-    return None if value is None or np.isnan(value) else round(float(value), 4)
+    return None if value is None or np.isnan(value) else round(float(value), 4) + 0.0  # + 0.0: no -0.0
 
 
 def figure(metric: str, values: np.ndarray, reference: np.ndarray | None = None, scale: float = 100.0,
