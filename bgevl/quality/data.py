@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bgevl.corpus.readers import Item, Source, TextSource, open_source, read_bytes, url_to_fs
+from bgevl.corpus.readers import Item, TextSource, open_source, read_bytes, url_to_fs
 from bgevl.errors import BgevlError
 from bgevl.families.base import IMAGE
 
