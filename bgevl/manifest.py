@@ -114,6 +114,8 @@ class Manifest:
     command: str | None = None
     engines: dict[str, EngineEntry] = field(default_factory=dict)
     engine_validation: Validation = field(default_factory=Validation)
+    #: retrieval quality against the fp32 graphs on the user's data (``bgevl-export --quality-data``)
+    quality: dict[str, Any] | None = None
 
     # --- reading --------------------------------------------------------------------------
     @property
@@ -178,6 +180,7 @@ class Manifest:
             "engine_validation": self.engine_validation.to_json(),
             "versions": self.versions,
             "command": self.command,
+            **({"quality": self.quality} if self.quality is not None else {}),
         }
 
     @classmethod
@@ -191,6 +194,7 @@ class Manifest:
             versions=data.get("versions") or {}, command=data.get("command"),
             engines={name: EngineEntry(**e) for name, e in (data.get("engines") or {}).items()},
             engine_validation=Validation.from_json(data.get("engine_validation")),
+            quality=data.get("quality"),
         )
 
 

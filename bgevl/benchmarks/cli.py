@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=Path("out/bench"), help="report directory")
     p.add_argument("--exports", type=Path, default=None, help="export cache (default: <output>/exports)")
     p.add_argument("--label", default=None, help="report title (default: 'CPU' or the GPU name, with the date)")
+    p.add_argument("--quality-data", type=Path, default=None, metavar="DIR",
+                   help="also evaluate every graph backend's export on this retrieval data (bgevl-eval --data: pairs/ "
+                        "and/or triplets.json with gallery/) against the fp32 export: recall@k and mAP@k with their "
+                        "differences, in the report beside the timings")
     return p
 
 
@@ -374,6 +378,27 @@ def _api_call(api, case):
     return call
 
 
+def bench_quality(key: str, data: Any, results: list, args, log) -> dict[str, Any]:
+    """bgevl-eval's report for the graph backends that ran for ``key``: each one's export on its engine
+    against the fp32 export on ONNX Runtime's CPU provider (the fp16 export for models fp32 is not exported of)."""
+    from bgevl.families import get_model_spec
+    from bgevl.quality.evaluate import EvalOptions, RunSpec, evaluate
+
+    float_precision = "fp16" if get_model_spec(key).billions > 2 else "fp32"
+    runs = [RunSpec(_export(key, float_precision, args, log), "onnxruntime", provider="cpu", threads=args.threads,
+                    label=f"onnxruntime-{float_precision}")]
+    ran = dict.fromkeys(r["backend"] for r in results if r["model"] == key and r["backend"] in GRAPH_BACKENDS)
+    for backend in ran:
+        engine, provider, precision, int8_mode = GRAPH_BACKENDS[backend]
+        if backend == runs[0].label:
+            continue
+        export = _export(key, precision, args, log, int8_mode)
+        options = {"openvino_precision": provider} if engine == "openvino" else {"provider": provider or "auto"}
+        runs.append(RunSpec(export, engine, threads=args.threads, label=backend, **options))
+    log(f"{key}: retrieval quality of {', '.join(r.label for r in runs)} on {data.location}")
+    return evaluate(data, runs, EvalOptions(progress=False), say=log)
+
+
 def _start_triton(export: Path, workdir: Path, log):
     from bgevl.triton_repo.repository import write_repository
     from bgevl.triton_repo.server import TritonServer
@@ -487,6 +512,15 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.model_path and len(models) != 1:
         print("bgevl-bench: error: --model-path needs exactly one --models entry", file=sys.stderr)
         return 2
+    quality_data = None
+    if args.quality_data is not None:  # malformed data is refused before anything is measured
+        from bgevl.quality.data import load_data
+
+        try:
+            quality_data = load_data(args.quality_data, "--quality-data")
+        except BgevlError as exc:
+            print(f"bgevl-bench: error: {exc}", file=sys.stderr)
+            return 2
     args.output.mkdir(parents=True, exist_ok=True)
     from bgevl.benchmarks.measure import tune_allocator
 
@@ -506,6 +540,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         with MemorySampler() as sampler:
             for key in models:
                 bench_model(key, args, log, sampler, data["results"], data["triton_sweep"], data["notes"])
+                if quality_data is not None:
+                    data.setdefault("quality", {})[key] = bench_quality(key, quality_data, data["results"], args, log)
                 write_reports(data, args.output)  # after each model: a crash keeps what was measured
     except BgevlError as exc:
         print(f"bgevl-bench: error: {exc}", file=sys.stderr)

@@ -116,6 +116,12 @@ def markdown(data: dict[str, Any]) -> str:
             lines += [f"| {s['workload']} | {s['concurrency']} | {_fmt(s.get('requests'), 'd')} | {s['items_per_s']:.1f} | "
                       f"{s['p50_ms']:.1f} | {_fmt(s.get('p90_ms'), '.1f')} | {s['p99_ms']:.1f} |" for s in sweep]
         lines.append("")
+        if model in data.get("quality", {}):
+            from bgevl.quality.evaluate import markdown as quality_markdown
+
+            # the same tables as bgevl-eval's report, one heading level down
+            lines += ["#" + line if line.startswith("#") else line
+                      for line in quality_markdown(data["quality"][model]).splitlines()] + [""]
     plots = data.get("plots", [])
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]

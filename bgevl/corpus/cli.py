@@ -14,12 +14,22 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from bgevl.errors import BgevlError
 from bgevl.corpus.job import DEFAULT_PARTITION_SIZE, DTYPES, CorpusOptions, embed_corpus
 from bgevl.corpus.readers import INPUT_FORMATS
 from bgevl.families.base import KINDS
 from bgevl.runtime.runners import BACKENDS
+
+
+def reader_options(group: Any, format_help: str) -> None:
+    """The readers' options (``bgevl.corpus.readers.open_source``), shared by the commands that read inputs."""
+    group.add_argument("--input-format", default="auto", choices=INPUT_FORMATS, help=format_help)
+    group.add_argument("--id-column", default="id", help="table: the unique id of each row")
+    group.add_argument("--image-column", default="image",
+                       help="table: image path (relative to the table's folder), URI or bytes")
+    group.add_argument("--text-column", default="text", help="table: caption or text")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "a file, a glob or {00000..00099}.tar); local or an fsspec URL (s3://, gs://, ...)")
     io_.add_argument("--output", "-o", required=True, help="output folder, local or an fsspec URL; an existing output of the "
                                                           "same job is resumed, one of another model/precision refused")
-    io_.add_argument("--input-format", default="auto", choices=INPUT_FORMATS, help="auto: from the path")
-    io_.add_argument("--id-column", default="id", help="table: the unique id of each row")
-    io_.add_argument("--image-column", default="image", help="table: image path (relative to the table's folder), URI or bytes")
-    io_.add_argument("--text-column", default="text", help="table: caption or text")
+    reader_options(io_, "auto: from the path")
     e = p.add_argument_group("embedding")
     e.add_argument("--kinds", default="auto",
                    help=f"comma-separated of {', '.join(KINDS)} (composed: the image and text of an item as one query); "

@@ -12,6 +12,7 @@ from bgevl.errors import BgevlError
 from bgevl.interrupts import interrupt_on_signals
 from bgevl.families import all_models, families
 from bgevl.export.driver import INT8_MODES
+from bgevl.quality.gate import DEFAULT_MAX_RECALL_DROP
 from bgevl.specs import DEFAULT_MAX_SEQUENCE, PRECISIONS
 
 
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-cosine", type=float, default=None,
                    help="override the validation threshold (default: fp32 0.99999, fp16 0.999, int8 0.99)")
     defaults = ", ".join(f"{f.default_batch[0]}/{f.default_batch[1]} for {name}" for name, f in known.items())
+    e.add_argument("--quality-data", type=Path, default=None, metavar="DIR",
+                   help="retrieval data (pairs/ and/or triplets.json with gallery/, as bgevl-eval --data reads it): the "
+                        "export is evaluated on it against the fp32 graphs of the same checkpoint before anything is "
+                        "written, refused over --max-recall-drop, its figures recorded in the manifest")
+    e.add_argument("--max-recall-drop", type=float, default=None, metavar="POINTS",
+                   help="with --quality-data: the most percentage points any recall@k or mAP@k may fall against the "
+                        f"fp32 graphs (default {DEFAULT_MAX_RECALL_DROP:g})")
     e.add_argument("--opt-batch", type=int, default=None,
                    help=f"batch size to optimize for (TensorRT profile, Triton); default opt/max: {defaults}")
     e.add_argument("--max-batch", type=int, default=None, help="largest batch the artifacts serve (default: the family's)")
@@ -358,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         calibration_size=args.calibration_size, validate=args.validate, min_cosine=args.min_cosine,
         opt_batch=args.opt_batch, max_batch=args.max_batch, overwrite=args.overwrite,
         max_sequence_length=args.max_sequence_length, force_fp32=args.force_fp32,
-        command=shlex.join(["bgevl-export", *argv]),
+        command=shlex.join(["bgevl-export", *argv]), quality_data=args.quality_data,
+        max_recall_drop=args.max_recall_drop,
     )
     repository = _repository_options(args, args.triton_repo, args.overwrite) if args.triton_repo is not None else None
     try:

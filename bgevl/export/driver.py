@@ -55,6 +55,8 @@ class ExportOptions:
     overwrite: bool = False
     probe_count: int = 8
     command: str | None = None  # the command line, recorded in the manifest
+    quality_data: Path | None = None  # retrieval data the export is checked on against the fp32 graphs
+    max_recall_drop: float | None = None  # points; None: bgevl.quality.gate.DEFAULT_MAX_RECALL_DROP
 
 
 class Progress:
@@ -89,6 +91,9 @@ def _check_options(opts: ExportOptions) -> None:
         raise BgevlError("--calibration-data only applies to --precision int8 and fp8")
     if opts.precision == "fp8" and not family.supports_fp8:
         raise BgevlError(f"--precision fp8: the {family.name} family has no fp8 form; use --precision fp16 or int8")
+    if opts.max_recall_drop is not None and (opts.quality_data is None or opts.max_recall_drop < 0):
+        raise BgevlError(f"--max-recall-drop {opts.max_recall_drop:g}: give it with --quality-data DIR, as a drop in "
+                         f"points of 0 or more")
     family.check_export_options(spec, opts)
     if opts.precision == "int8":
         family.int8_form(opts.int8_mode)  # a mode the family does not have is refused before loading
@@ -167,7 +172,12 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
     spec = get_model_spec(opts.model)
     family = family_of(spec)
     out = Path(opts.output).expanduser().resolve()
-    progress = Progress(total=6, sink=sink)
+    quality_data = None
+    if opts.quality_data is not None:  # malformed data is refused before minutes of exporting
+        from bgevl.quality.data import load_data
+
+        quality_data = load_data(opts.quality_data, "--quality-data")
+    progress = Progress(total=6 + (quality_data is not None), sink=sink)
     with staged_directory(out, option="--output", overwrite=opts.overwrite, is_ours=is_export, what=EXPORT_WHAT) as staging, \
             tempfile.TemporaryDirectory(prefix="bgevl-export-") as work_dir:
         work = Path(work_dir)
@@ -257,8 +267,33 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
                                      precision_details[name]) for name, g in graphs.items()},
             recipe=recipe, validation=validation, versions=_versions(), command=opts.command)
         write_manifest(manifest)
+        if quality_data is not None:
+            manifest.quality = _quality_gate(opts, quality_data, manifest, fp32_dir, processor, progress)
+            write_manifest(manifest)
     progress(f"wrote {out}")
     return out
+
+
+def _quality_gate(opts: ExportOptions, data: Any, manifest: Manifest, fp32_dir: Path, processor: Any,
+                  progress: Progress) -> dict:
+    """Retrieval quality of the staged export against the fp32 graphs exported on the way (an export of
+    their own in ``fp32_dir``); refused over ``--max-recall-drop`` (``bgevl.quality.gate``)."""
+    import dataclasses
+
+    from bgevl.export import onnx_tools
+    from bgevl.quality.gate import DEFAULT_MAX_RECALL_DROP, quality_gate
+
+    max_drop = DEFAULT_MAX_RECALL_DROP if opts.max_recall_drop is None else opts.max_recall_drop
+    progress(f"checking retrieval quality on {opts.quality_data} against the fp32 graphs (max drop {max_drop:g} points)")
+    reference = None
+    if opts.precision != "fp32":
+        reference = fp32_dir
+        processor.save_pretrained(fp32_dir / "processor")
+        write_manifest(dataclasses.replace(
+            manifest, directory=fp32_dir, precision="fp32", int8_mode=None, calibration=None, validation=Validation(),
+            graphs={name: GraphEntry(entry.spec, "fp32", entry.opset, onnx_tools.file_size(fp32_dir / entry.file),
+                                     {"method": "float32 as exported"}) for name, entry in manifest.graphs.items()}))
+    return quality_gate(data, manifest.directory, reference, opts.precision, max_drop, progress.info)
 
 
 def build_artifacts(export: ExportOptions, *, format: str = "auto", engines: Any = None, repository: Any = None,

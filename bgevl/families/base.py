@@ -221,6 +221,10 @@ class Family(ABC):
     supports_fp8: ClassVar[bool] = False
     #: the entry model's inputs (of SERVING_IMAGE, SERVING_TEXT, SERVING_INSTRUCTION, SERVING_ROLE)
     serving_inputs: ClassVar[tuple[str, ...]]
+    #: whether a query embeds differently from a candidate (a role and a task instruction change the
+    #: embedding); where not, a role is accepted and ignored, an instruction refused, and a retrieval
+    #: evaluation embeds each item once for both sides (``bgevl.quality``)
+    roles_matter: ClassVar[bool] = False
 
     # --- checkpoints -------------------------------------------------------------------
     @abstractmethod

@@ -121,6 +121,7 @@ class MllmFamily(Family):
          "text_config.num_key_value_heads", "text_config.intermediate_size"),
     )
     serving_inputs = (SERVING_IMAGE, SERVING_TEXT, SERVING_INSTRUCTION, SERVING_ROLE)
+    roles_matter = True  # q_or_c: the query prompt holds the instruction, the candidate prompt does not
 
     # --- checkpoints -------------------------------------------------------------------
     def generate_checkpoint(self, spec: ModelSpec, directory: Path) -> Path:
