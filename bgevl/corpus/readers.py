@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import tarfile
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -65,7 +66,7 @@ def read_bytes(fs: Any, path: str) -> bytes:
         return fh.read()
 
 
-class Source:
+class Source(ABC):
     """An input: ``kinds`` it can provide, ``count`` (None when unknown before reading), ``describe()``
     for the output's manifest, iteration over :class:`Item`."""
 
@@ -76,11 +77,13 @@ class Source:
     #: metadata columns in output order, with their Arrow types where the input has them (None: inferred)
     metadata_schema: Any = None
 
+    @abstractmethod
     def describe(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """What the input is, for the output's manifest (a resumed job must name the same input)."""
 
+    @abstractmethod
     def __iter__(self) -> Iterator[Item]:
-        raise NotImplementedError
+        """The input's items, in a stable order (partitions are resumed by position)."""
 
 
 class FolderSource(Source):
