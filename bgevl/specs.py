@@ -253,6 +253,12 @@ class ModelSpec:
     billions: float = 0.0
 
     @property
+    def fp32_too_large(self) -> bool:
+        """Whether fp32 of this model is refused unless forced (over :data:`FP32_LIMIT_BILLIONS` parameters):
+        the exporter's guard, and the benchmark's cue to measure fp16 as the float export instead."""
+        return self.billions > FP32_LIMIT_BILLIONS
+
+    @property
     def generated(self) -> bool:
         """True for the embedded tiny models generated offline (no hub id)."""
         return self.hub_id is None

@@ -202,10 +202,10 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
     # Every export first, before any model is loaded: an export (int8 calibration above all) needs
     # the memory the loaded backends would hold (ViT-L int8 qdq next to them ran out of 24 GB).
     for backend in backends:
-        if backend in GRAPH_BACKENDS and not (GRAPH_BACKENDS[backend][2] == "fp32" and spec.billions > 2):
+        if backend in GRAPH_BACKENDS and not (GRAPH_BACKENDS[backend][2] == "fp32" and spec.fp32_too_large):
             _export(key, GRAPH_BACKENDS[backend][2], args, log, GRAPH_BACKENDS[backend][3])
     # the float export: FLOPs are counted on its graphs, and the runtime and Triton serve it
-    float_export = _export(key, "fp16" if spec.billions > 2 else "fp32", args, log)
+    float_export = _export(key, "fp16" if spec.fp32_too_large else "fp32", args, log)
     log(f"{key}: loading the PyTorch model")
     checkpoint = resolve_checkpoint(spec, model_path=args.model_path, random_weights=args.random_weights, workdir=workdir)
     model = BenchModel(family, checkpoint.path, args.threads, float_export)
@@ -217,7 +217,7 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
         if backend not in GRAPH_BACKENDS:
             continue
         engine, provider, precision, int8_mode = GRAPH_BACKENDS[backend]
-        if precision == "fp32" and spec.billions > 2:
+        if precision == "fp32" and spec.fp32_too_large:
             notes.append(f"{key}: {backend} skipped (fp32 of a {spec.billions:.1f}B model)")
             continue
         if provider == "cuda" and "CUDAExecutionProvider" not in providers or \
@@ -384,7 +384,7 @@ def bench_quality(key: str, data: Any, results: list, args, log) -> dict[str, An
     from bgevl.families import get_model_spec
     from bgevl.quality.evaluate import EvalOptions, RunSpec, evaluate
 
-    float_precision = "fp16" if get_model_spec(key).billions > 2 else "fp32"
+    float_precision = "fp16" if get_model_spec(key).fp32_too_large else "fp32"
     runs = [RunSpec(_export(key, float_precision, args, log), "onnxruntime", provider="cpu", threads=args.threads,
                     label=f"onnxruntime-{float_precision}")]
     ran = dict.fromkeys(r["backend"] for r in results if r["model"] == key and r["backend"] in GRAPH_BACKENDS)

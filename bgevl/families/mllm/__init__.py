@@ -30,7 +30,7 @@ from bgevl.families.mllm.graphs import (
     TILE_FEATURES, mllm_graph_specs_from_config,
 )
 from bgevl.specs import (
-    ATTENTION_MASK, FP32_LIMIT_BILLIONS, INPUT_IDS, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT,
+    ATTENTION_MASK, INPUT_IDS, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT,
     GraphSpec, ModelSpec,
 )
 
@@ -141,7 +141,7 @@ class MllmFamily(Family):
 
     # --- export ------------------------------------------------------------------------
     def check_export_options(self, spec: ModelSpec, options: Any) -> None:
-        if options.precision == "fp32" and spec.billions > FP32_LIMIT_BILLIONS and not options.force_fp32:
+        if options.precision == "fp32" and spec.fp32_too_large and not options.force_fp32:
             raise BgevlError(
                 f"--precision fp32 for {spec.key} ({spec.billions:.2f}B parameters) needs about "
                 f"{spec.billions * 4:.0f} GB for the weights alone and about twice that while exporting; "
