@@ -9,7 +9,7 @@
   (``Family.generate_checkpoint``) and loaded back through the same path as a real checkpoint.
 
 The checks below are the same for every family; what a family's checkpoint holds is its
-``CheckpointKind`` (``bgevl.families.base``).
+``CheckpointKind`` (``bgevl.core.family``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bgevl.errors import CheckpointError
-from bgevl.families import family_of
-from bgevl.families.base import CheckpointKind
-from bgevl.specs import ModelSpec
+from bgevl.core.errors import CheckpointError
+from bgevl.core.registry import family_of
+from bgevl.core.family import CheckpointKind
+from bgevl.core.specs import ModelSpec
 
 #: Seed of every generated random-weight model.
 GENERATED_SEED = 0
@@ -320,8 +320,8 @@ def check_checkpoint(spec: ModelSpec, path: Path, report: Any = print) -> None:
     missing, unexpected or mismatched tensor, the tokenizer and processor, then the original's fp32
     embeddings of the probe set (``bgevl.reference``) through the sanity gate: finite, and distinct
     for distinct inputs. Raises ``CheckpointError`` / ``ValidationFailed`` on the first problem."""
-    from bgevl.export.validate import check_reference, max_cosine_between_rows
-    from bgevl.probes import probe_set
+    from bgevl.core.parity import check_reference, max_cosine_between_rows
+    from bgevl.core.probes import probe_set
 
     path = Path(path)
     family = family_of(spec)

@@ -17,9 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bgevl.triton_repo import perf_analyzer
-from bgevl.triton_repo.repository import write_repository
-from bgevl.triton_repo.server import TritonServer
+from bgevl.serving import perf_analyzer
+from bgevl.serving.repository import write_repository
+from bgevl.serving.server import TritonServer
 
 
 def ints(text: str) -> list[int]:

@@ -18,7 +18,7 @@ $PIP install "torch==2.13.0"
 $PIP install -c constraints.txt -e ".[cpu,export,serving,bench,openvino,api,corpus,ray,test]"
 # perf_analyzer (from the tritonclient 2.51.0 wheel, the last whose binary runs on this OS) into
 # $VENV/tools; optional: the tests and bgevl-bench say why they do without it when it is missing.
-"$VENV/bin/python" -m bgevl.triton_repo.perf_analyzer --install || echo "perf_analyzer not installed (see above); continuing" >&2
+"$VENV/bin/python" -m bgevl.serving.perf_analyzer --install || echo "perf_analyzer not installed (see above); continuing" >&2
 # checkov (a Kubernetes security scanner) in its own environment, so its dependencies leave the pins alone;
 # optional: tests/test_deploy.py says why it does without it when missing.
 if [ ! -x "$VENV/tools/checkov/bin/checkov" ]; then

@@ -10,7 +10,7 @@ import pytest
 from bgevl.families.clip.checkpoint import generate_clip_checkpoint, load_clip
 from bgevl.families.mllm.checkpoint import generate_mllm_checkpoint, load_mllm
 from bgevl.export import ExportOptions, run_export
-from bgevl.families import get_model_spec
+from bgevl.core.registry import get_model_spec
 
 
 def _has_cuda() -> bool:

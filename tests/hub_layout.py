@@ -36,11 +36,11 @@ import torch
 from safetensors.torch import save_file
 
 from bgevl.checkpoints import GENERATED_SEED, architecture_for
-from bgevl.families import get_model_spec
+from bgevl.core.registry import get_model_spec
 from bgevl.families.clip import _clip_arch
 from bgevl.families.clip.checkpoint import _TINY_MERGES, generated_tokenizer
 from bgevl.families.mllm.checkpoint import generated_llama_tokenizer, generated_mllm_config
-from bgevl.specs import ModelSpec
+from bgevl.core.specs import ModelSpec
 
 #: OpenAI's legacy CLIP preprocessor file, as BGE-VL-base/-large ship it (316 bytes).
 LEGACY_CLIP_PREPROCESSOR = {

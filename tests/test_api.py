@@ -36,7 +36,7 @@ from bgevl.api.backends import EmbedderBackend, TritonBackend  # noqa: E402
 from bgevl.api.cli import ApiServer  # noqa: E402
 from bgevl.api.images import FetchPolicy  # noqa: E402
 from bgevl.runtime import Embedder  # noqa: E402
-from bgevl.triton_repo.server import free_port  # noqa: E402
+from bgevl.serving.server import free_port  # noqa: E402
 
 INSTRUCTION = "Retrieve the target image that best meets the combined criteria"
 
@@ -521,8 +521,8 @@ def test_bgevl_api_refuses_bad_arguments_in_one_line(tmp_path):
 
 def _triton(export, tmp_path):
     pytest.importorskip("tritonclient.grpc.aio", reason="needs the serving extra: pip install '.[serving]'")
-    from bgevl.triton_repo.repository import write_repository
-    from bgevl.triton_repo.server import TritonServer
+    from bgevl.serving.repository import write_repository
+    from bgevl.serving.server import TritonServer
 
     repo = write_repository(export, tmp_path / "repo", sink=None)
     return repo, TritonServer(repo, http_port=None, grpc_port=None, metrics_port=None).start()
@@ -553,7 +553,7 @@ def test_the_triton_backend_gives_the_runtimes_embeddings(export_dir, embedders,
 def test_bgevl_serve_starts_the_api_in_front_of_its_triton(export_dir, embedders, tmp_path):
     from test_triton_server import ctrl_c, kill_group, launch_serve
 
-    from bgevl.triton_repo.repository import write_repository
+    from bgevl.serving.repository import write_repository
 
     embedder = embedders("tiny")
     repo = write_repository(export_dir("fp32", model="tiny"), tmp_path / "repo", sink=None)
@@ -579,7 +579,7 @@ def test_bgevl_serve_starts_the_api_in_front_of_its_triton(export_dir, embedders
 def test_bgevl_serve_no_api_serves_triton_alone(export_dir, tmp_path):
     from test_triton_server import ctrl_c, kill_group, launch_serve
 
-    from bgevl.triton_repo.repository import write_repository
+    from bgevl.serving.repository import write_repository
 
     repo = write_repository(export_dir("fp32", model="tiny"), tmp_path / "repo", sink=None)
     no_api, out, ports = launch_serve(repo, "--no-api")

@@ -33,7 +33,7 @@ def test_bench_runs_every_backend_and_writes_json_markdown_and_plots(tmp_path, c
     assert {(s["workload"], s["concurrency"]) for s in data["triton_sweep"]} == {
         (w, c) for w in ("image", "text", "composed") for c in (1, 2)}
     # Triton's own load generator measures the sweep where it runs; otherwise the report says why not
-    from bgevl.triton_repo import perf_analyzer
+    from bgevl.serving import perf_analyzer
 
     binary, why = perf_analyzer.find()
     clients = {s["client"] for s in data["triton_sweep"]}
@@ -66,7 +66,7 @@ def test_bench_rejects_unknown_backends(tmp_path, capsys):
 def test_an_interrupted_bench_leaves_nothing_half_written_and_prints_one_line(tmp_path, signum="SIGTERM"):
     """SIGTERM (docker stop, a CI cancel) or Ctrl-C while an export is under way: the staging directory and
     the exporter's temporary folder go, and the tool says so in one line (exit 130), with no traceback.
-    (SIGINT goes through the same handler: ``bgevl.interrupts``.)"""
+    (SIGINT goes through the same handler: ``bgevl.core.interrupts``.)"""
     import os
     import signal
     import subprocess

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bgevl.export.cli import main
-from bgevl.probes import synthetic_images
+from bgevl.core.probes import synthetic_images
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -129,7 +129,7 @@ def test_mllm_fp32_refused_without_force_and_flags_parse(tmp_path, capsys):
 
 
 def test_export_with_triton_repo_and_the_packaging_subcommand(tmp_path, capsys, export_dir):
-    from bgevl.triton_repo.configs import parse_pbtxt
+    from bgevl.serving.configs import parse_pbtxt
 
     repo = tmp_path / "repo"
     assert main(["--model", "tiny", "--output", str(tmp_path / "export"), "--triton-repo", str(repo), "--quiet"]) == 0

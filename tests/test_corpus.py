@@ -19,7 +19,7 @@ import pytest
 
 from bgevl.corpus import CorpusOptions, embed_corpus
 from bgevl.corpus.synthetic import make_items, write_folder, write_shards, write_table
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 from bgevl.runtime import Embedder
 
 N_ITEMS = 600  # test_three_thousand_images_as_shards (slow) runs 3000
@@ -323,8 +323,8 @@ def test_a_triton_server_as_the_engine_gives_the_local_vectors(export, corpus, o
     """--triton: a bgevl-serve repository of the same export on a local Triton server (127.0.0.1); the bad images
     are failures found here, the rest are embedded there, equal to the local engine's rows."""
     pytest.importorskip("tritonclient.http", reason="needs the serving extra: pip install '.[serving]'")
-    from bgevl.triton_repo.repository import write_repository
-    from bgevl.triton_repo.server import TritonServer
+    from bgevl.serving.repository import write_repository
+    from bgevl.serving.server import TritonServer
 
     items = corpus["items"][:80]
     folder = write_folder(tmp_path / "folder", items)

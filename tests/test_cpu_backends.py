@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from bgevl.errors import BgevlError, ValidationFailed
-from bgevl.manifest import read_manifest
-from bgevl.probes import probe_set
+from bgevl.core.errors import BgevlError, ValidationFailed
+from bgevl.core.manifest import read_manifest
+from bgevl.core.probes import probe_set
 from bgevl.runtime import Embedder
 
 openvino = pytest.importorskip("openvino", reason="needs the openvino extra: pip install '.[openvino]'")
@@ -53,9 +53,9 @@ def test_python_openvino_encoders_serve_on_the_bundled_triton(export_dir, tmp_pa
 
     import tritonclient.http as httpclient
 
-    from bgevl.triton_repo.configs import parse_pbtxt
-    from bgevl.triton_repo.repository import write_repository
-    from bgevl.triton_repo.server import TritonServer
+    from bgevl.serving.configs import parse_pbtxt
+    from bgevl.serving.repository import write_repository
+    from bgevl.serving.server import TritonServer
 
     export = export_dir("fp32")
     full = write_repository(export, tmp_path / "full", backend="openvino", sink=None)
@@ -102,7 +102,7 @@ def test_python_openvino_encoders_serve_on_the_bundled_triton(export_dir, tmp_pa
 
 def test_the_uint8_int8_form_validates_and_is_recorded(export_dir, tmp_path):
     from bgevl.export import ExportOptions, run_export
-    from bgevl.export.tensorrt import precision_plan
+    from bgevl.graphs.engines import precision_plan
 
     out = export_dir("int8", int8_mode="qdq-u8")
     manifest = json.loads((out / "manifest.json").read_text())

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 from bgevl.export.cli import main
-from bgevl.triton_repo.deploy import DeployOptions, write_deployment
+from bgevl.serving.deploy import DeployOptions, write_deployment
 
 BIN = Path(sys.executable).parent
 KSERVE_SCHEMAS = Path(__file__).parent / "data" / "kserve"

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from bgevl.probes import PROBE_TEXTS, synthetic_images
+from bgevl.core.probes import PROBE_TEXTS, synthetic_images
 from bgevl.runtime import Embedder
 
 # (min cosine, max abs diff of normalized embeddings, min cross-modal top-1 retrieval agreement).

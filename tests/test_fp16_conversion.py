@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bgevl.export import onnx_tools
+from bgevl.graphs import onnx_passes
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
@@ -73,7 +73,7 @@ def test_kept_regions_compute_in_float32(tmp_path):
     src, dst = tmp_path / "fp32.onnx", tmp_path / "fp16.onnx"
     onnx.save(_rotary_and_rms_norm_graph(inv_freq, weight, norm_weight), str(src))
 
-    details = onnx_tools.fp16_graph(src, dst)
+    details = onnx_passes.fp16_graph(src, dst)
     assert "RMSNorm" in details["kept_float32"] and "rotary positions and angles" in details["kept_float32"]
     converted = onnx.load(str(dst))
     onnx.checker.check_model(converted, full_check=True)

@@ -38,7 +38,7 @@ def test_full_width_llava_next_mistral_exports_with_external_data(tmp_path, monk
     import copy
     import dataclasses
 
-    from bgevl.families import family_of, get_model_spec
+    from bgevl.core.registry import family_of, get_model_spec
 
     full = get_model_spec("mllm-s1")
     arch = copy.deepcopy(dict(full.architecture))
@@ -63,7 +63,7 @@ def test_full_size_base_in_the_hub_layout_exports_float32(tmp_path):
     import onnx
     import torch
 
-    from bgevl.families import get_model_spec
+    from bgevl.core.registry import get_model_spec
     from hub_layout import clip_hub_checkpoint
 
     checkpoint = clip_hub_checkpoint(tmp_path / "hub-base", "base", torch.float16, get_model_spec("base").architecture)

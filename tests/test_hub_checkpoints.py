@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from bgevl.export import ExportOptions, run_export
 from bgevl.export.cli import main
-from bgevl.probes import PROBE_MODES, in_mode, synthetic_images
+from bgevl.core.probes import PROBE_MODES, in_mode, synthetic_images
 from bgevl.families.clip.reference import OriginalClip
 from bgevl.families.mllm.reference import OriginalLlavaEmbedder
 from bgevl.runtime import Embedder
@@ -143,7 +143,7 @@ def test_image_processor_backend_is_pil_even_where_torchvision_is_installed(hub,
     from transformers import AutoProcessor
     from transformers.models.auto import image_processing_auto
 
-    from bgevl.runtime.preprocessing import load_processor
+    from bgevl.core.preprocessing import load_processor
 
     asked = []
     real = image_processing_auto._load_class_with_fallback
@@ -312,7 +312,7 @@ def test_bert_checkpoint_is_refused(tmp_path, capsys):
 def test_a_checkpoint_of_another_size_is_refused_naming_the_right_model(tmp_path, capsys):
     from transformers import CLIPConfig
 
-    from bgevl.families import get_model_spec
+    from bgevl.core.registry import get_model_spec
 
     path = tmp_path / "large"
     path.mkdir()

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bgevl.errors import InputError
-from bgevl.manifest import read_manifest
+from bgevl.core.errors import InputError
+from bgevl.core.manifest import read_manifest
 from bgevl.runtime.runners import open_runners
-from bgevl.specs import INPUT_IDS, Dim, GraphSpec
+from bgevl.core.specs import INPUT_IDS, Dim, GraphSpec
 
 BACKENDS = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
     pytest.importorskip("importlib").util.find_spec("openvino") is None,

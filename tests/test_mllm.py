@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bgevl.errors import InputError
+from bgevl.core.errors import InputError
 from bgevl.export import ExportOptions, run_export
 from bgevl.runtime import Embedder
 from bgevl.families.mllm.preprocessing import ImageLayout, build_prompt
@@ -227,11 +227,11 @@ def test_full_depth_7b_graphs_trace_on_meta_weights(tmp_path):
     from transformers import LlavaNextForConditionalGeneration
 
     from bgevl.families.mllm.checkpoint import generated_llama_tokenizer, generated_mllm_config
-    from bgevl.export import onnx_tools
+    from bgevl.graphs import onnx_passes
     from bgevl.families.mllm.modules import graph_modules
-    from bgevl.families import get_model_spec
+    from bgevl.core.registry import get_model_spec
     from bgevl.families.mllm.graphs import MLLM_LANGUAGE_GRAPH, mllm_graph_specs_from_config
-    from bgevl.specs import ONNX_OPSET
+    from bgevl.core.specs import ONNX_OPSET
 
     config = generated_mllm_config(get_model_spec("mllm-s1"), generated_llama_tokenizer())
     text = config.text_config
@@ -243,11 +243,11 @@ def test_full_depth_7b_graphs_trace_on_meta_weights(tmp_path):
     for name, spec in graphs.items():
         args = tuple(torch.zeros(t.concrete_shape("opt"), dtype=getattr(torch, t.dtype), device="meta") for t in spec.inputs)
         program = torch.onnx.export(modules[name], args, input_names=spec.input_names, output_names=spec.output_names,
-                                    dynamic_shapes=onnx_tools.torch_dynamic_shapes(spec), opset_version=ONNX_OPSET,
+                                    dynamic_shapes=onnx_passes.torch_dynamic_shapes(spec), opset_version=ONNX_OPSET,
                                     dynamo=True, optimize=False)
         path = tmp_path / spec.filename
         program.save(str(path), include_initializers=False, keep_initializers_as_inputs=True)
-        onnx_tools.check_onnx(path)  # onnx.checker, full check (strict shape inference)
+        onnx_passes.check_onnx(path)  # onnx.checker, full check (strict shape inference)
         exported[name] = onnx.load(str(path))
         graph = exported[name].graph
         assert [i.name for i in graph.input[:len(spec.inputs)]] == spec.input_names
@@ -256,8 +256,8 @@ def test_full_depth_7b_graphs_trace_on_meta_weights(tmp_path):
     language = exported[MLLM_LANGUAGE_GRAPH]
     # what the fp16 pass keeps in float32 is found at full depth: every RMSNorm (2 per layer + the
     # final norm) and the rotary angles
-    assert len(onnx_tools.rms_norm_nodes(language)) == 6 * (2 * text.num_hidden_layers + 1)
-    assert onnx_tools.rotary_nodes(language)
+    assert len(onnx_passes.rms_norm_nodes(language)) == 6 * (2 * text.num_hidden_layers + 1)
+    assert onnx_passes.rotary_nodes(language)
     # the decoder's parameters, its rotary frequencies and the image_newline, nothing else: no LM
     # head (a second 32005 x 4096)
     shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim]
@@ -280,7 +280,7 @@ def test_loads_the_transformers_4_45_weight_layout(tmp_path, tiny_mllm_reference
     from safetensors.torch import load_file, save_file
 
     from bgevl.families.mllm.checkpoint import generate_mllm_checkpoint, load_mllm
-    from bgevl.families import get_model_spec
+    from bgevl.core.registry import get_model_spec
 
     source = generate_mllm_checkpoint(get_model_spec("tiny-mllm"), tmp_path / "current")
     tensors = load_file(str(source / "model.safetensors"))

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 from bgevl.export import ExportOptions, run_export
-from bgevl.triton_repo.repository import write_repository
+from bgevl.serving.repository import write_repository
 
-HOLDER = ("import sys\nfrom bgevl.staging import output_lock\n"
+HOLDER = ("import sys\nfrom bgevl.core.staging import output_lock\n"
           "with output_lock(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    sys.stdin.read()\n")
 
 

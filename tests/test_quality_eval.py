@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 from bgevl.export import ExportOptions, run_export
 from bgevl.quality import EvalOptions, RunSpec, evaluate, load_data
 from bgevl.quality.cli import main as eval_main

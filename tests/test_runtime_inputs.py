@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bgevl.errors import BgevlError, InputError
-from bgevl.manifest import read_manifest
-from bgevl.probes import synthetic_images
+from bgevl.core.errors import BgevlError, InputError
+from bgevl.core.manifest import read_manifest
+from bgevl.core.probes import synthetic_images
 from bgevl.runtime import Embedder, select_providers
 
 
@@ -138,7 +138,7 @@ def test_extreme_aspect_ratio_and_pixel_count_are_refused_from_the_header(embedd
     (tmp_path / "huge.png").write_bytes(huge)
     script = f"""
 import resource, sys
-from bgevl.errors import InputError
+from bgevl.core.errors import InputError
 from bgevl.runtime import Embedder
 emb = Embedder.load({str(export_dir("fp32"))!r}, provider="cpu")
 emb.encode(text="warm up")
@@ -165,7 +165,7 @@ def test_pillow_decompression_bomb_is_an_input_error(embedder):
 
 
 def test_limits_are_configurable(export_dir):
-    from bgevl.runtime.preprocessing import InputLimits
+    from bgevl.core.preprocessing import InputLimits
 
     strict = Embedder.load(export_dir("fp32"), provider="cpu", limits=InputLimits(max_image_pixels=10_000, max_text_bytes=10))
     with pytest.raises(InputError, match=r"images\[0\] <\d+ bytes>: 224x224 is 0.1 M pixels, over the limit of 0.0 M"):
@@ -175,7 +175,7 @@ def test_limits_are_configurable(export_dir):
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale(embedder):
-    from bgevl.runtime.preprocessing import InputLimits, load_image
+    from bgevl.core.preprocessing import InputLimits, load_image
 
     big = synthetic_images(1, seed=3)[0].resize((6000, 4000))
     buf = io.BytesIO()

@@ -1,9 +1,9 @@
 import pytest
 
-from bgevl.errors import BgevlError
-from bgevl.families import all_models, get_model_spec
+from bgevl.core.errors import BgevlError
+from bgevl.core.registry import all_models, get_model_spec
 from bgevl.families.clip.graphs import clip_graph_specs
-from bgevl.specs import COSINE_THRESHOLDS, Dim, GraphSpec
+from bgevl.core.specs import COSINE_THRESHOLDS, Dim, GraphSpec
 
 MODELS = all_models()
 

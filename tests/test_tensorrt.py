@@ -15,10 +15,10 @@ import sys
 import numpy as np
 import pytest
 
-from bgevl.errors import BgevlError
-from bgevl.export.tensorrt import axis_ranges, check_device_for, precision_plan, profile_shapes
-from bgevl.export.validate import VALIDATION_ARRAYS, load_arrays, parity
-from bgevl.manifest import read_manifest
+from bgevl.core.errors import BgevlError
+from bgevl.graphs.engines import axis_ranges, check_device_for, precision_plan, profile_shapes
+from bgevl.core.parity import VALIDATION_ARRAYS, load_arrays, parity
+from bgevl.core.manifest import read_manifest
 from bgevl.runtime import Embedder
 from bgevl.runtime.providers import provider_options_for
 from bgevl.runtime.tensorrt import DeviceInfo, check_compatible, check_tensorrt_version, read_sidecar, tensorrt_status
@@ -145,7 +145,7 @@ def test_cli_format_auto_falls_back_to_onnx_with_one_line_and_tensorrt_fails_ear
 def test_the_reference_set_reproduces_the_export_figures(export_dir, model, precision):
     """The engines are validated by the same code on the same arrays: with ONNX Runtime as the runner it must
     give the very figures the export recorded."""
-    from bgevl.families import get_family
+    from bgevl.core.registry import get_family
     from bgevl.runtime.runners import open_runners, runner_call
 
     directory = export_dir(precision, model=model)
@@ -162,8 +162,8 @@ def test_the_reference_set_reproduces_the_export_figures(export_dir, model, prec
 
 def test_triton_tensorrt_configs_take_the_engine_profile(export_dir, tmp_path):
     """The repository writer's tensorrt_plan configs, from an export with a (placeholder) engines section."""
-    from bgevl.triton_repo.configs import parse_pbtxt
-    from bgevl.triton_repo.repository import write_repository
+    from bgevl.serving.configs import parse_pbtxt
+    from bgevl.serving.repository import write_repository
 
     directory = tmp_path / "export"
     shutil.copytree(export_dir("fp16"), directory)

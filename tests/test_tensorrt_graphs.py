@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 from bgevl.export import ExportOptions, run_export
 from bgevl.runtime import Embedder
 from test_export_parity import IMAGES, TEXTS, normalize, reference_features

@@ -9,8 +9,8 @@ import pytest
 
 from bgevl.families.clip.graphs import clip_graph_specs
 from bgevl.families.mllm.graphs import mllm_graph_specs
-from bgevl.specs import TensorSpec
-from bgevl.triton_repo.configs import (
+from bgevl.core.specs import TensorSpec
+from bgevl.serving.configs import (
     Batching, Step, check_ensemble_wiring, encoder_config, ensemble_config, parse_pbtxt, python_config, to_pbtxt,
 )
 

@@ -28,13 +28,13 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from samples import IMAGES, TEXTS, assert_matches, jobs_with_bad_ones, png_of  # noqa: E402
 
-from bgevl.errors import BgevlError  # noqa: E402
-from bgevl.families.base import Request  # noqa: E402
+from bgevl.core.errors import BgevlError  # noqa: E402
+from bgevl.core.family import Request  # noqa: E402
 from bgevl.runtime import Embedder  # noqa: E402
 from bgevl.families.clip.preprocessing import ClipPreprocessor  # noqa: E402
-from bgevl.triton_repo.configs import check_ensemble_wiring, parse_pbtxt  # noqa: E402
-from bgevl.triton_repo.repository import write_repository  # noqa: E402
-from bgevl.triton_repo.server import TritonServer, free_port  # noqa: E402
+from bgevl.serving.configs import check_ensemble_wiring, parse_pbtxt  # noqa: E402
+from bgevl.serving.repository import write_repository  # noqa: E402
+from bgevl.serving.server import TritonServer, free_port  # noqa: E402
 
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
 
@@ -453,7 +453,7 @@ def test_repositories_ship_perf_analyzer_input_data(clip_export, export_dir, tmp
 
 @pytest.fixture(scope="module")
 def perf_analyzer_binary():
-    from bgevl.triton_repo import perf_analyzer
+    from bgevl.serving import perf_analyzer
 
     binary, why = perf_analyzer.find()
     if binary is None:
@@ -464,7 +464,7 @@ def perf_analyzer_binary():
 @pytest.mark.parametrize("model,workload", [("bgevl", "text"), ("bgevl", "image"), ("bgevl", "composed"),
                                             ("bgevl_composed", "composed")])
 def test_perf_analyzer_runs_with_the_shipped_input_data(clip_served, perf_analyzer_binary, model, workload):
-    from bgevl.triton_repo import perf_analyzer
+    from bgevl.serving import perf_analyzer
 
     server, _ = clip_served
     rows = perf_analyzer.run(model, server.grpc_url, server.repository / f"perf_analyzer_{workload}.json", [1, 2],
@@ -474,7 +474,7 @@ def test_perf_analyzer_runs_with_the_shipped_input_data(clip_served, perf_analyz
 
 
 def test_perf_analyzer_runs_on_the_mllm_entry(mllm_served, perf_analyzer_binary):
-    from bgevl.triton_repo import perf_analyzer
+    from bgevl.serving import perf_analyzer
 
     server, _ = mllm_served
     for workload in ("candidate_image", "candidate_text", "query"):
@@ -564,7 +564,7 @@ def test_mllm_bad_requests_name_the_problem(mllm_served, extra, message):
 def launch_serve(repo, *extra: str, preexec_fn=None):
     """``bgevl-serve REPO`` as a subprocess, read until it says it is ready: (process, its output, ports)."""
     ports = [free_port() for _ in range(4)]
-    cmd = [sys.executable, "-m", "bgevl.triton_repo.server", str(repo), "--http-port", str(ports[0]),
+    cmd = [sys.executable, "-m", "bgevl.serving.cli", str(repo), "--http-port", str(ports[0]),
            "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--api-port", str(ports[3]), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=preexec_fn or os.setsid)
@@ -678,7 +678,7 @@ def test_no_server_outlives_its_launcher(clip_export, tmp_path, how):
     if how == "SIGHUP":
         assert proc.returncode == 0
     else:  # SIGKILL ran no clean-up: the next start removes the orphaned temporary directory
-        from bgevl.triton_repo.server import remove_stale_workdirs
+        from bgevl.serving.server import remove_stale_workdirs
 
         workdir = Path(out.split(", log ")[1].split()[0]).parent
         assert workdir.is_dir()
@@ -751,7 +751,7 @@ def test_bgevl_serve_reports_and_recovers_a_dead_stub(clip_export, tmp_path):
 def test_a_failed_start_names_the_model_its_cause_and_the_log(clip_export, tmp_path):
     repo = write_repository(clip_export, tmp_path / "repo", sink=None)
     (repo / "bgevl_fusion" / "1" / "model.py").write_text("import bgevl_no_such_module  # broken on purpose\n")
-    result = subprocess.run([sys.executable, "-m", "bgevl.triton_repo.server", str(repo), "--http-port", str(free_port()),
+    result = subprocess.run([sys.executable, "-m", "bgevl.serving.cli", str(repo), "--http-port", str(free_port()),
                              "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--timeout", "90"],
                             capture_output=True, text=True, timeout=150)
     assert result.returncode == 2, result.stdout + result.stderr
@@ -763,7 +763,7 @@ def test_a_failed_start_names_the_model_its_cause_and_the_log(clip_export, tmp_p
 
 
 def test_interpreter_check_names_the_python_to_use(tmp_path):
-    from bgevl.triton_repo.server import check_interpreter
+    from bgevl.serving.server import check_interpreter
 
     libpython = Path("/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0")
     check_interpreter(libpython, base_prefix="/usr")

@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from bgevl.errors import CheckpointError, InputError
-from bgevl.families import get_family, get_model_spec
+from bgevl.core.errors import CheckpointError, InputError
+from bgevl.core.registry import get_family, get_model_spec
 from bgevl.families.visualized.checkpoint import expected_keys, generate_visualized_checkpoint, load_visualized
 from bgevl.families.visualized.modeling import EvaVisionConfig
 from bgevl.families.visualized.reference import OriginalVisualized
 from bgevl.runtime import Embedder
-from bgevl.specs import COSINE_THRESHOLDS
+from bgevl.core.specs import COSINE_THRESHOLDS
 
 VARIANTS = ("tiny-visualized", "tiny-visualized-m3")
 TEXTS = ["a red car parked by the sea", "two dogs on a beach", "make the background dark and the car blue"]
@@ -288,8 +288,8 @@ def test_a_triton_server_serves_what_the_runtime_computes(export_dir, tmp_path):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    from bgevl.triton_repo.repository import write_repository
-    from bgevl.triton_repo.server import TritonServer
+    from bgevl.serving.repository import write_repository
+    from bgevl.serving.server import TritonServer
 
     def png(image: Image.Image) -> bytes:
         buf = io.BytesIO()

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bgevl.api.backends import BackendUnavailable, EmbeddingBackend
 from bgevl.api.images import FetchPolicy, decode_reference, fetch, is_image_data_url, is_url
 from bgevl.api.schemas import INPUT_TYPES, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Item, ModelCard, ModelList
-from bgevl.errors import InputError
+from bgevl.core.errors import InputError
 
 log = logging.getLogger("bgevl.api")
 

@@ -2,7 +2,7 @@
 
 A backend embeds one *group* of items of the same kind (images, texts, or composed pairs) with one
 role and instruction, and says how many prompt tokens the group cost. Input errors are
-:class:`bgevl.errors.InputError` naming the item by its index in the group (``images[2]``,
+:class:`bgevl.core.errors.InputError` naming the item by its index in the group (``images[2]``,
 ``text[0]``) as the runtime does; the app renames them after the request's own items.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bgevl.errors import BgevlError, InputError
+from bgevl.core.errors import BgevlError, InputError
 
 log = logging.getLogger("bgevl.api")
 
@@ -195,7 +195,7 @@ class TritonBackend(EmbeddingBackend):
         import tritonclient.grpc.aio as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        from bgevl.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
+        from bgevl.core.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
 
         if self._dim is None and not await self.ready():
             raise BackendUnavailable(self.state)

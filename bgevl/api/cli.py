@@ -14,7 +14,7 @@ from pathlib import Path
 from bgevl.api.app import ApiOptions, create_app
 from bgevl.api.backends import EmbedderBackend, EmbeddingBackend, TritonBackend
 from bgevl.api.images import FetchPolicy
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -29,7 +29,7 @@ class ApiServer:
                  port: int = 0, grace_s: int = 30, log_level: str = "warning"):
         import uvicorn
 
-        from bgevl.triton_repo.server import free_port
+        from bgevl.serving.server import free_port
 
         self.backend, self.host = backend, host
         self.port = port or free_port()

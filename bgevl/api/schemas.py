@@ -21,7 +21,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-#: input_type -> the role of ``bgevl.families.base.Request``
+#: input_type -> the role of ``bgevl.core.family.Request``
 INPUT_TYPES = {"query": "query", "document": "candidate", "passage": "candidate"}
 
 

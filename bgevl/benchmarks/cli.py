@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from bgevl.errors import BgevlError
-from bgevl.families import all_models
+from bgevl.core.errors import BgevlError
+from bgevl.core.registry import all_models
 
 #: Graph backends: name -> (engine, ONNX Runtime provider, export precision, int8 mode).
 GRAPH_BACKENDS = {
@@ -125,8 +125,8 @@ def _hardware(threads: int) -> dict[str, Any]:
 
 def _export(key: str, precision: str, args, log, int8_mode: str | None = None) -> Path:
     from bgevl.export import ExportOptions, run_export
-    from bgevl.families import family_of, get_model_spec
-    from bgevl.manifest import MANIFEST_NAME
+    from bgevl.core.registry import family_of, get_model_spec
+    from bgevl.core.manifest import MANIFEST_NAME
 
     root = args.exports or args.output / "exports"
     int8_mode = int8_mode or "qdq"
@@ -152,7 +152,7 @@ class Progress:
 
 
 def _triton_request(client_module, case):
-    from bgevl.triton_repo.perf_analyzer import request_values
+    from bgevl.serving.perf_analyzer import request_values
 
     inputs = []
     for name, values in request_values(case.request).items():
@@ -166,8 +166,8 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
     from bgevl.benchmarks.measure import SelfTimed, interleaved, paired_ratios
     from bgevl.benchmarks.suite import WORKLOADS, BenchModel, PlainPytorch, min_cosine
     from bgevl.checkpoints import resolve_checkpoint
-    from bgevl.families import family_of, get_model_spec
-    from bgevl.manifest import read_manifest
+    from bgevl.core.registry import family_of, get_model_spec
+    from bgevl.core.manifest import read_manifest
     from bgevl.runtime.embedder import Embedder
     from bgevl.runtime.providers import available_providers
     from bgevl.runtime.runners import open_runners
@@ -381,7 +381,7 @@ def _api_call(api, case):
 def bench_quality(key: str, data: Any, results: list, args, log) -> dict[str, Any]:
     """bgevl-eval's report for the graph backends that ran for ``key``: each one's export on its engine
     against the fp32 export on ONNX Runtime's CPU provider (the fp16 export for models fp32 is not exported of)."""
-    from bgevl.families import get_model_spec
+    from bgevl.core.registry import get_model_spec
     from bgevl.quality.evaluate import EvalOptions, RunSpec, evaluate
 
     float_precision = "fp16" if get_model_spec(key).fp32_too_large else "fp32"
@@ -400,8 +400,8 @@ def bench_quality(key: str, data: Any, results: list, args, log) -> dict[str, An
 
 
 def _start_triton(export: Path, workdir: Path, log):
-    from bgevl.triton_repo.repository import write_repository
-    from bgevl.triton_repo.server import TritonServer
+    from bgevl.serving.repository import write_repository
+    from bgevl.serving.server import TritonServer
 
     repo = write_repository(export, workdir / "triton", overwrite=True, sink=None)
     log(f"starting Triton on {repo}")
@@ -418,7 +418,7 @@ def _triton_call(server, case):
 
 def _sweep_client(args) -> tuple[Any, str]:
     """(perf_analyzer binary or None, why the threaded client measures instead)."""
-    from bgevl.triton_repo import perf_analyzer
+    from bgevl.serving import perf_analyzer
 
     if args.sweep_client == "threads":
         return None, "--sweep-client threads"
@@ -436,7 +436,7 @@ def _sweep_client(args) -> tuple[Any, str]:
 def _perf_analyzer_sweep(binary, server, model, key: str, args, log, sweep: list) -> None:
     import tempfile
 
-    from bgevl.triton_repo import perf_analyzer
+    from bgevl.serving import perf_analyzer
 
     with tempfile.TemporaryDirectory(prefix="bgevl-bench-perf-") as work:
         for workload in [w for w in args.workloads.split(",") if w]:
@@ -489,7 +489,7 @@ def _sweep(server, model, key: str, args, log, sweep: list, notes: list) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bgevl.interrupts import run_cli
+    from bgevl.core.interrupts import run_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["corpus"]:  # corpus embedding end to end (bgevl.benchmarks.corpus)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 
 
 def build_parser() -> argparse.ArgumentParser:

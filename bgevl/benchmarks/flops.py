@@ -54,8 +54,8 @@ def recipe_gflop(family: Any, graphs: Mapping[str, Any], paths: Mapping[str, Pat
                  items: int) -> float:
     """GFLOP of the family's recipe for ``items`` items whose first one is ``feeds`` (a one-item request), on
     the graphs ``paths`` (the float export); NaN where a graph is too large to count in memory."""
-    from bgevl.export.onnx_tools import file_size
-    from bgevl.families.base import run_steps
+    from bgevl.graphs.onnx_passes import file_size
+    from bgevl.core.family import run_steps
 
     if any(file_size(p) > _MAX_COUNTED_BYTES for p in paths.values()):
         return float("nan")

@@ -10,7 +10,7 @@ Two levels, never mixed in one ratio:
   included: ``bgevl.runtime`` (fp32 export) against the Triton server of the Triton issue
   (python-backend ONNX Runtime encoders on CPU). Triton's overhead is measured here.
 
-Inputs are synthetic (``bgevl.probes``: varied sizes and aspect ratios, captions of varied
+Inputs are synthetic (``bgevl.core.probes``: varied sizes and aspect ratios, captions of varied
 length); with random-weight checkpoints the speed of the architectures is what is measured.
 """
 
@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bgevl.families.base import Request, run_steps
-from bgevl.probes import PROBE_TEXTS, synthetic_images
-from bgevl.vectors import l2_normalize
+from bgevl.core.family import Request, run_steps
+from bgevl.core.probes import PROBE_TEXTS, synthetic_images
+from bgevl.core.vectors import l2_normalize
 
 WORKLOADS = ("image", "text", "composed")
 BENCH_SEED = 424242
@@ -62,7 +62,7 @@ class BenchModel:
     graphs the FLOPs are counted on (``bgevl.benchmarks.flops``); without one, torch's counter on the baseline."""
 
     def __init__(self, family: Any, checkpoint: Path, threads: int, float_export: Path | None = None):
-        from bgevl.manifest import read_manifest
+        from bgevl.core.manifest import read_manifest
 
         self.family = family
         self.baseline = family.torch_baseline(checkpoint, threads)
@@ -116,7 +116,7 @@ class PlainPytorch:
         self._answer()
 
     def _answer(self) -> Any:
-        from bgevl.errors import BgevlError
+        from bgevl.core.errors import BgevlError
 
         status, value = self.connection.recv()
         if status != "ok":
@@ -148,7 +148,7 @@ def _plain_worker(connection: Any, family_name: str, checkpoint: str, threads: i
     import signal
     import time
 
-    from bgevl.families import get_family
+    from bgevl.core.registry import get_family
 
     # Ctrl-C reaches the whole process group: the parent handles it and stops this process (close(), or the
     # pipe's end), so it prints nothing of its own

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 from bgevl.corpus.job import DEFAULT_PARTITION_SIZE, DTYPES, CorpusOptions, embed_corpus
 from bgevl.corpus.readers import INPUT_FORMATS
-from bgevl.families.base import KINDS
+from bgevl.core.family import KINDS
 from bgevl.runtime.runners import BACKENDS
 
 

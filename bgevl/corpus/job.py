@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bgevl.errors import BgevlError
-from bgevl.families.base import IMAGE, KINDS, TEXT
+from bgevl.core.errors import BgevlError
+from bgevl.core.family import IMAGE, KINDS, TEXT
 from bgevl.corpus.output import CorpusOutput
 from bgevl.corpus.pipeline import BatchEmbedder, Progress, embed_local, needs
 from bgevl.corpus.readers import FolderSource, Source, open_source
@@ -72,7 +72,7 @@ def embed_corpus(options: CorpusOptions, say: Any = None) -> dict[str, Any]:
         raise BgevlError(f"--dtype {options.dtype}: choose float32 or float16")
     if options.partition_size < 1 or (options.batch_size is not None and options.batch_size < 1) or options.workers < 1:
         raise BgevlError("--partition-size, --batch-size and --workers must be at least 1")
-    from bgevl.manifest import read_manifest
+    from bgevl.core.manifest import read_manifest
 
     if "://" not in options.output:
         options.output = os.path.abspath(os.path.expanduser(options.output))

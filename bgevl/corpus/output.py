@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from bgevl.errors import BgevlError
-from bgevl.families.base import COMPOSED, IMAGE, TEXT
+from bgevl.core.errors import BgevlError
+from bgevl.core.family import COMPOSED, IMAGE, TEXT
 from bgevl.corpus.readers import url_to_fs
 
 FORMAT = "bgevl-corpus/1"

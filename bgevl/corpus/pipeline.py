@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from bgevl.errors import BgevlError, InputError
-from bgevl.families.base import COMPOSED, IMAGE, KINDS, TEXT, Request
+from bgevl.core.errors import BgevlError, InputError
+from bgevl.core.family import COMPOSED, IMAGE, KINDS, TEXT, Request
 from bgevl.corpus.output import CorpusOutput, Partition
 from bgevl.corpus.readers import Item, Source, read_bytes, url_to_fs
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 from bgevl.corpus.pipeline import BatchResult, PartitionBuffer, Progress, plan
 from bgevl.corpus.readers import Item
 

@@ -18,8 +18,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from bgevl.errors import BgevlError
-from bgevl.families.base import IMAGE, TEXT
+from bgevl.core.errors import BgevlError
+from bgevl.core.family import IMAGE, TEXT
 
 #: image file extensions of a folder input and of WebDataset samples (img2dataset writes jpg, png or webp)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")

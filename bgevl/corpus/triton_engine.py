@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from bgevl.errors import BgevlError, InputError
-from bgevl.families import get_family
-from bgevl.families.base import COMPOSED, IMAGE, TEXT, Request
+from bgevl.core.errors import BgevlError, InputError
+from bgevl.core.registry import get_family
+from bgevl.core.family import COMPOSED, IMAGE, TEXT, Request
 from bgevl.corpus.pipeline import BatchEmbedder, BatchResult, reason_of
-from bgevl.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
+from bgevl.core.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
 
 
 class TritonModel:
@@ -31,7 +31,7 @@ class TritonModel:
             import tritonclient.http as httpclient
         except ImportError:
             raise BgevlError("--triton needs tritonclient: pip install 'bgevl-export[serving]'") from None
-        from bgevl.runtime.preprocessing import DEFAULT_LIMITS
+        from bgevl.core.preprocessing import DEFAULT_LIMITS
 
         family = get_family(manifest.family)
         self.family, self.model, self.url = family, model, url

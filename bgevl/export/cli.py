@@ -8,12 +8,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from bgevl.errors import BgevlError
-from bgevl.interrupts import interrupt_on_signals
-from bgevl.families import all_models, families
+from bgevl.core.errors import BgevlError
+from bgevl.core.interrupts import interrupt_on_signals
+from bgevl.core.registry import all_models, families
 from bgevl.export.driver import INT8_MODES
 from bgevl.quality.gate import DEFAULT_MAX_RECALL_DROP
-from bgevl.specs import DEFAULT_MAX_SEQUENCE, PRECISIONS
+from bgevl.core.specs import DEFAULT_MAX_SEQUENCE, PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine_options(p: argparse.ArgumentParser, standalone: bool = False) -> None:
-    from bgevl.export.tensorrt import DEFAULT_WORKSPACE_GB
+    from bgevl.graphs.engines import DEFAULT_WORKSPACE_GB
 
     g = p.add_argument_group("TensorRT engines")
     if standalone:  # the export's own --max-batch/--opt-batch/--max-sequence-length apply otherwise
@@ -103,7 +103,7 @@ def build_engines_parser() -> argparse.ArgumentParser:
 
 
 def _engine_options_from(args, standalone: bool):
-    from bgevl.export.tensorrt import EngineOptions
+    from bgevl.graphs.engines import EngineOptions
 
     return EngineOptions(max_batch=args.max_batch, opt_batch=args.opt_batch,
                          max_sequence=args.max_sequence_length if standalone else None, max_tiles=args.max_tiles,
@@ -112,7 +112,7 @@ def _engine_options_from(args, standalone: bool):
 
 
 def build_engines_main(argv: list[str]) -> int:
-    from bgevl.export.tensorrt import build_engines
+    from bgevl.graphs.engines import build_engines
 
     args = build_engines_parser().parse_args(argv)
     try:
@@ -124,10 +124,10 @@ def build_engines_main(argv: list[str]) -> int:
 
 
 def _triton_options(p: argparse.ArgumentParser, standalone: bool) -> None:
-    from bgevl.runtime.preprocessing import InputLimits
-    from bgevl.specs import DEFAULT_SERVING_NAME
-    from bgevl.triton_repo.configs import ENCODER_BACKENDS
-    from bgevl.triton_repo.repository import DEFAULT_PREPROCESS_INSTANCES
+    from bgevl.core.preprocessing import InputLimits
+    from bgevl.core.specs import DEFAULT_SERVING_NAME
+    from bgevl.serving.configs import ENCODER_BACKENDS
+    from bgevl.serving.repository import DEFAULT_PREPROCESS_INSTANCES
 
     g = p.add_argument_group("Triton model repository")
     if not standalone:
@@ -171,8 +171,8 @@ def build_triton_parser() -> argparse.ArgumentParser:
 
 def _repository_options(args, output: Path, overwrite: bool):
     """The "Triton model repository" argument group as ``RepositoryOptions``."""
-    from bgevl.runtime.preprocessing import InputLimits
-    from bgevl.triton_repo.repository import RepositoryOptions
+    from bgevl.core.preprocessing import InputLimits
+    from bgevl.serving.repository import RepositoryOptions
 
     limits = InputLimits(max_image_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio,
                          max_text_bytes=args.max_text_bytes)
@@ -209,7 +209,7 @@ def check_main(argv: list[str]) -> int:
     import tempfile
 
     from bgevl.checkpoints import check_checkpoint, resolve_checkpoint
-    from bgevl.families import get_model_spec
+    from bgevl.core.registry import get_model_spec
 
     args = build_check_parser().parse_args(argv)
     try:
@@ -228,7 +228,7 @@ def check_main(argv: list[str]) -> int:
 
 
 def build_deploy_parser() -> argparse.ArgumentParser:
-    from bgevl.triton_repo.deploy import DeployOptions
+    from bgevl.serving.deploy import DeployOptions
 
     d = DeployOptions("s3://bucket/path")
     p = argparse.ArgumentParser(
@@ -272,7 +272,7 @@ def build_deploy_parser() -> argparse.ArgumentParser:
 
 
 def deploy_main(argv: list[str]) -> int:
-    from bgevl.triton_repo.deploy import DeployOptions, client_endpoint, write_deployment
+    from bgevl.serving.deploy import DeployOptions, client_endpoint, write_deployment
 
     args = build_deploy_parser().parse_args(argv)
     opts = DeployOptions(args.repository_uri, name=args.name, model_name=args.model_name, image=args.image, triton_tag=args.triton_tag,

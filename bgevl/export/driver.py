@@ -22,14 +22,14 @@ from typing import Any, Callable
 
 from bgevl import __version__
 from bgevl.checkpoints import resolve_checkpoint
-from bgevl.errors import BgevlError
-from bgevl.families import family_of, get_model_spec
-from bgevl.families.base import KINDS, Feeds, Request
-from bgevl.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, Validation, write_manifest
-from bgevl.staging import check_replaceable, output_lock, staged_directory
-from bgevl.probes import builtin_calibration_set, probe_set
-from bgevl.runtime.preprocessing import load_image
-from bgevl.specs import DEFAULT_MAX_SEQUENCE, ONNX_OPSET, PRECISIONS, GraphSpec
+from bgevl.core.errors import BgevlError
+from bgevl.core.registry import family_of, get_model_spec
+from bgevl.core.family import KINDS, Feeds, Request
+from bgevl.core.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, Validation, write_manifest
+from bgevl.core.staging import check_replaceable, output_lock, staged_directory
+from bgevl.core.probes import builtin_calibration_set, probe_set
+from bgevl.core.preprocessing import load_image
+from bgevl.core.specs import DEFAULT_MAX_SEQUENCE, ONNX_OPSET, PRECISIONS, GraphSpec
 
 INT8_MODES = ("qdq", "qdq-u8", "dynamic")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -51,7 +51,7 @@ class ExportOptions:
     opt_batch: int | None = None  # None: the model family's default (Family.default_batch)
     max_batch: int | None = None
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE  # MLLM language graph: prompt + image tokens
-    force_fp32: bool = False  # allow fp32 for models over FP32_LIMIT_BILLIONS
+    force_fp32: bool = False  # allow fp32 for models that declare fp32_too_large
     overwrite: bool = False
     probe_count: int = 8
     command: str | None = None  # the command line, recorded in the manifest
@@ -134,16 +134,16 @@ def convert_graph(graph: GraphSpec, src: Path, dst: Path, precision: str, quanti
     keeps in float32 (``Family.fp16_keep_float32``)."""
     import onnx
 
-    from bgevl.export import onnx_tools
+    from bgevl.graphs import onnx_passes
 
     if precision == "fp32":
-        onnx_tools.save_onnx(onnx.load(str(src)), dst)
+        onnx_passes.save_onnx(onnx.load(str(src)), dst)
         details = {"method": "float32 as exported"}
     elif precision == "fp16":
-        details = onnx_tools.fp16_graph(src, dst, graph.normalized_output, fp16_kept)
+        details = onnx_passes.fp16_graph(src, dst, graph.normalized_output, fp16_kept)
     else:
         details = quantize()
-    onnx_tools.check_onnx(dst)
+    onnx_passes.check_onnx(dst)
     return details
 
 
@@ -162,8 +162,8 @@ def is_export(directory: Path) -> bool:
 
 def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -> Path:
     """Run the whole export; returns the output directory."""
-    from bgevl.export import onnx_tools
-    from bgevl.export.validate import (
+    from bgevl.graphs import onnx_passes
+    from bgevl.core.parity import (
         VALIDATION_ARRAYS, check_thresholds, format_figures, parity, reference_arrays, save_arrays, threshold_for,
     )
     from bgevl.runtime.runners import OnnxRunner, runner_call
@@ -198,8 +198,8 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
         fp32_dir.mkdir()
         examples = family.example_feeds(modules, prepared)
         for name, graph in graphs.items():
-            onnx_tools.export_torch_graph(modules[name], graph, examples[name], fp32_dir / graph.filename)
-            progress.info(f"{graph.filename}: {onnx_tools.file_size(fp32_dir / graph.filename) / 1e6:.1f} MB")
+            onnx_passes.export_torch_graph(modules[name], graph, examples[name], fp32_dir / graph.filename)
+            progress.info(f"{graph.filename}: {onnx_passes.file_size(fp32_dir / graph.filename) / 1e6:.1f} MB")
 
         int8_form = family.int8_form(opts.int8_mode) if opts.precision == "int8" else None
         progress(f"converting to {opts.precision}" + (f" ({int8_form.name})" if int8_form else ""))
@@ -211,7 +211,7 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
                 calibration_info = {"source": str(Path(opts.calibration_data).resolve())}
             else:
                 calibration = builtin_calibration_set(opts.calibration_size)
-                calibration_info = {"source": "built-in synthetic set (bgevl.probes.builtin_calibration_set)"}
+                calibration_info = {"source": "built-in synthetic set (bgevl.core.probes.builtin_calibration_set)"}
             calibration_info.update(images=len(calibration[0]), texts=len(calibration[1]))
             progress.info(f"calibration: {calibration_info['source']} ({calibration_info['images']} images, "
                           f"{calibration_info['texts']} texts)")
@@ -263,7 +263,7 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
             model=model_info, precision=opts.precision,
             int8_mode=opts.int8_mode if opts.precision == "int8" else None, calibration=calibration_info,
             opset=ONNX_OPSET, processor="processor",
-            graphs={name: GraphEntry(g, opts.precision, ONNX_OPSET, onnx_tools.file_size(staging / g.filename),
+            graphs={name: GraphEntry(g, opts.precision, ONNX_OPSET, onnx_passes.file_size(staging / g.filename),
                                      precision_details[name]) for name, g in graphs.items()},
             recipe=recipe, validation=validation, versions=_versions(), command=opts.command)
         write_manifest(manifest)
@@ -280,7 +280,7 @@ def _quality_gate(opts: ExportOptions, data: Any, manifest: Manifest, fp32_dir: 
     their own in ``fp32_dir``); refused over ``--max-recall-drop`` (``bgevl.quality.gate``)."""
     import dataclasses
 
-    from bgevl.export import onnx_tools
+    from bgevl.graphs import onnx_passes
     from bgevl.quality.gate import DEFAULT_MAX_RECALL_DROP, quality_gate
 
     max_drop = DEFAULT_MAX_RECALL_DROP if opts.max_recall_drop is None else opts.max_recall_drop
@@ -291,7 +291,7 @@ def _quality_gate(opts: ExportOptions, data: Any, manifest: Manifest, fp32_dir: 
         processor.save_pretrained(fp32_dir / "processor")
         write_manifest(dataclasses.replace(
             manifest, directory=fp32_dir, precision="fp32", int8_mode=None, calibration=None, validation=Validation(),
-            graphs={name: GraphEntry(entry.spec, "fp32", entry.opset, onnx_tools.file_size(fp32_dir / entry.file),
+            graphs={name: GraphEntry(entry.spec, "fp32", entry.opset, onnx_passes.file_size(fp32_dir / entry.file),
                                      {"method": "float32 as exported"}) for name, entry in manifest.graphs.items()}))
     return quality_gate(data, manifest.directory, reference, opts.precision, max_drop, progress.info)
 
@@ -300,8 +300,8 @@ def build_artifacts(export: ExportOptions, *, format: str = "auto", engines: Any
                     sink: Callable[[str], None] | None = None, quiet: bool = False) -> Path:
     """The whole ``bgevl-export`` command: the export, then TensorRT engines (``format``: ``auto`` where
     TensorRT and a GPU are present, ``tensorrt`` required, ``onnx`` never; ``engines``:
-    ``bgevl.export.tensorrt.EngineOptions``), then a Triton repository (``repository``:
-    ``bgevl.triton_repo.repository.RepositoryOptions``). What would be refused after minutes of
+    ``bgevl.graphs.engines.EngineOptions``), then a Triton repository (``repository``:
+    ``bgevl.serving.repository.RepositoryOptions``). What would be refused after minutes of
     exporting (a repository directory that may not be replaced, TensorRT required but absent) is
     refused first."""
     with ExitStack() as locks:
@@ -315,7 +315,7 @@ def build_artifacts(export: ExportOptions, *, format: str = "auto", engines: Any
 def _build_artifacts(export: ExportOptions, format: str, engines: Any, repository: Any,
                      sink: Callable[[str], None] | None, quiet: bool) -> Path:
     if repository is not None:
-        from bgevl.triton_repo.repository import is_repository
+        from bgevl.serving.repository import is_repository
 
         check_replaceable(Path(repository.output), repository.overwrite, is_repository, "a Triton model repository",
                           "--triton-repo")
@@ -325,7 +325,7 @@ def _build_artifacts(export: ExportOptions, format: str, engines: Any, repositor
 
         engines_ok, engines_why = tensorrt_status()
         if engines_ok and export.precision == "fp8":  # a GPU without FP8 is refused before minutes of exporting
-            from bgevl.export.tensorrt import check_device_for, precision_plan
+            from bgevl.graphs.engines import check_device_for, precision_plan
             from bgevl.runtime.tensorrt import cuda_device
 
             try:
@@ -339,7 +339,7 @@ def _build_artifacts(export: ExportOptions, format: str, engines: Any, repositor
                              f"on a GPU machine with `bgevl-export build-engines DIR`")
     out = run_export(export, sink=(lambda msg: None) if quiet else sink)
     if engines_ok:
-        from bgevl.export.tensorrt import EngineOptions, build_engines
+        from bgevl.graphs.engines import EngineOptions, build_engines
 
         build_engines(out, engines or EngineOptions(), progress=(lambda msg: None) if quiet else print)
     elif format == "auto":

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 from bgevl.corpus.cli import reader_options
 from bgevl.quality.data import QualityData, load_data, read_pairs, read_triplets
 from bgevl.quality.evaluate import I2T_INSTRUCTION, T2I_INSTRUCTION, EvalOptions, RunSpec, evaluate, markdown, worst_drop
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         options.check()
         if args.max_recall_drop is not None and args.max_recall_drop < 0:
             raise BgevlError(f"--max-recall-drop {args.max_recall_drop:g}: give a drop in points, 0 or more")
-        from bgevl.manifest import read_manifest
+        from bgevl.core.manifest import read_manifest
 
         for run in {r.export for r in runs_of(args)}:  # every export readable before the data is read
             read_manifest(run)

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from bgevl.corpus.readers import Item, TextSource, open_source, read_bytes, url_to_fs
-from bgevl.errors import BgevlError
-from bgevl.families.base import IMAGE
+from bgevl.core.errors import BgevlError
+from bgevl.core.family import IMAGE
 
 #: keys of a triplet, in order of preference: CIRR's, CIRCO's, then plain names
 QUERY_ID_KEYS = ("pairid", "id", "query_id")

@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from bgevl.errors import BgevlError
-from bgevl.families.base import CANDIDATE, COMPOSED, IMAGE, QUERY, TEXT
+from bgevl.core.errors import BgevlError
+from bgevl.core.family import CANDIDATE, COMPOSED, IMAGE, QUERY, TEXT
 from bgevl.quality import metrics as M
 from bgevl.quality.data import QualityData
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 from bgevl.quality.data import QualityData
 from bgevl.quality.evaluate import EvalOptions, RunSpec, evaluate, worst_drop
 

@@ -5,7 +5,7 @@ text->image and image->text retrieval sit at chance whatever the data. What a ra
 keep is that nearly identical inputs give nearly identical outputs, so the composed set is built on
 near-duplicates:
 
-* ``gallery/``: ``bases`` synthetic scenes (``bgevl.probes.synthetic_image``), each in ``variants``
+* ``gallery/``: ``bases`` synthetic scenes (``bgevl.core.probes.synthetic_image``), each in ``variants``
   near-duplicate versions (the scene plus a little seeded pixel noise), PNG (lossless);
 * ``triplets.json`` (CIRCO's form): per scene, the reference is variant 0, the targets the other
   variants (several targets, the first one CIRCO's ``target_img_id``), the modification text one of a
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bgevl.probes import synthetic_image
+from bgevl.core.probes import synthetic_image
 
 SUBJECTS = ("the sky", "the car", "the dog", "the wall", "the table", "the street", "the coat", "the boat")
 EDITS = ("make {s} red", "turn {s} blue at night", "add snow on {s}", "remove {s}", "show {s} from above",

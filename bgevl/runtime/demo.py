@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from bgevl.probes import PROBE_TEXTS, synthetic_images
+from bgevl.core.probes import PROBE_TEXTS, synthetic_images
 from bgevl.runtime import Embedder
 
 

@@ -27,11 +27,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bgevl.errors import InputError
-from bgevl.families import get_family
-from bgevl.families.base import Feeds, Request, run_steps
-from bgevl.manifest import Manifest, read_manifest
-from bgevl.runtime.preprocessing import DEFAULT_LIMITS, InputLimits, as_list
+from bgevl.core.errors import InputError
+from bgevl.core.registry import get_family
+from bgevl.core.family import Feeds, Request, run_steps
+from bgevl.core.manifest import Manifest, read_manifest
+from bgevl.core.preprocessing import DEFAULT_LIMITS, InputLimits, as_list
 from bgevl.runtime.runners import BACKENDS, open_runners, runner_call
 
 __all__ = ["BACKENDS", "Embedder"]
@@ -74,7 +74,7 @@ class Embedder:
         authors' evaluation setting; Visualized-BGE: error; the MLLM always refuses). MLLM options:
         ``image_resize`` (default: BGE-VL's 512x512; ``None`` keeps the images' own sizes).
         ``limits``: what one input may cost (image pixels and aspect ratio read from the header before
-        decoding, text bytes before tokenizing; ``bgevl.runtime.preprocessing.InputLimits``).
+        decoding, text bytes before tokenizing; ``bgevl.core.preprocessing.InputLimits``).
         """
         manifest = read_manifest(Path(directory))
         family = get_family(manifest.family)

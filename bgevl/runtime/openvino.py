@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from bgevl.errors import BgevlError, ValidationFailed
+from bgevl.core.errors import BgevlError, ValidationFailed
 from bgevl.runtime.runners import Runner
-from bgevl.specs import COSINE_THRESHOLDS, GraphSpec
+from bgevl.core.specs import COSINE_THRESHOLDS, GraphSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bgevl.manifest import Manifest
+    from bgevl.core.manifest import Manifest
 
 #: Inference precisions of the OpenVINO backend (OpenVINO's INFERENCE_PRECISION_HINT values).
 OPENVINO_PRECISIONS = ("bf16", "f32")
@@ -106,8 +106,8 @@ def open_openvino(manifest: "Manifest", names: Sequence[str] | None = None, prec
 
 def runners_figures(manifest: "Manifest", runners: Mapping[str, Runner], threshold: float) -> dict[str, dict]:
     """Parity of ``runners`` on the export's stored probe set; raises ``ValidationFailed`` under ``threshold``."""
-    from bgevl.export.validate import VALIDATION_ARRAYS, format_figures, load_arrays, parity
-    from bgevl.families import get_family
+    from bgevl.core.parity import VALIDATION_ARRAYS, format_figures, load_arrays, parity
+    from bgevl.core.registry import get_family
     from bgevl.runtime.runners import runner_call
 
     path = manifest.directory / VALIDATION_ARRAYS

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",

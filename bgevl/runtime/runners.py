@@ -1,13 +1,13 @@
 """One runner interface over the backends that run an exported graph, with batching in one place.
 
-A runner runs one graph (:class:`~bgevl.specs.GraphSpec`): ONNX Runtime sessions
+A runner runs one graph (:class:`~bgevl.core.specs.GraphSpec`): ONNX Runtime sessions
 (:class:`OnnxRunner`), TensorRT engines (``bgevl.runtime.tensorrt.TensorRTRunner``), OpenVINO on the
 CPU (``bgevl.runtime.openvino.OpenVinoRunner``, bf16 where the CPU has it) and, for the
 benchmark baseline, the torch modules the graphs were exported from (:class:`TorchModuleRunner`).
 Each backend implements only :meth:`Runner.run_once`; :meth:`Runner.run` splits a feed into
 chunks of the graph's max batch when its inputs and outputs share the batch axis
 (``GraphSpec.batch_aligned``) and runs it whole otherwise, as Polygraphy's ``BaseRunner`` keeps
-the backend-specific part small. A family's recipe (``bgevl.families.base.run_steps``) runs on a
+the backend-specific part small. A family's recipe (``bgevl.core.family.run_steps``) runs on a
 ``{graph: runner}`` mapping through :func:`runner_call`.
 """
 
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from bgevl.errors import InputError
-from bgevl.specs import GraphSpec
+from bgevl.core.errors import InputError
+from bgevl.core.specs import GraphSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bgevl.families.base import Call
-    from bgevl.manifest import Manifest
+    from bgevl.core.family import Call
+    from bgevl.core.manifest import Manifest
 
 BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 from bgevl.runtime.runners import Runner
 
 SIDECAR_SUFFIX = ".json"

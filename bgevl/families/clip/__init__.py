@@ -11,14 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from bgevl.families import register
-from bgevl.families.base import (
+from bgevl.core.family import (
     Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Request, Steps,
 )
 from bgevl.families.clip.graphs import (
     IMAGE_EMBEDS, IMAGE_FEATURES, TEXT_EMBEDS, TEXT_FEATURES, TEXT_GRAPH, VISION_GRAPH, clip_graph_specs_from_config,
 )
-from bgevl.specs import (
+from bgevl.core.specs import (
     ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, INPUT_IDS, PIXEL_VALUES, SERVING_IMAGE, SERVING_TEXT,
     GraphSpec, ModelSpec,
 )
@@ -145,16 +144,16 @@ class ClipFamily(Family):
 
     def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
                       calibration: Callable[[], list[Feeds]] | None) -> dict:
-        from bgevl.export import onnx_tools
+        from bgevl.graphs import onnx_passes
 
         feeds = calibration() if calibration is not None and self.int8_form(mode).calibrated else None
-        return onnx_tools.quantize_int8(src, dst, mode, feeds, graph.normalized_output,
+        return onnx_passes.quantize_int8(src, dst, mode, feeds, graph.normalized_output,
                                         lambda model: self.fp16_keep_float32(graph, model))
 
     def quantize_fp8(self, graph: GraphSpec, src: Path, dst: Path, calibration: Callable[[], list[Feeds]]) -> dict:
-        from bgevl.export import onnx_tools
+        from bgevl.graphs import onnx_passes
 
-        return onnx_tools.quantize_fp8(src, dst, calibration(), graph.normalized_output,
+        return onnx_passes.quantize_fp8(src, dst, calibration(), graph.normalized_output,
                                        lambda model: self.fp16_keep_float32(graph, model))
 
     def calibration_feeds(self, preprocessor: Any, graph: GraphSpec, images: list, texts: list,
@@ -194,13 +193,13 @@ class ClipFamily(Family):
     def write_triton_models(self, writer: Any) -> None:
         """``<name>_preprocess``, the two encoders, the entry ``<name>`` and, for composed queries in
         Triton's own form, ``<name>_fusion`` and the ensemble ``<name>_composed``."""
-        from bgevl.specs import SERVING_EMBEDDING, TensorSpec
-        from bgevl.triton_repo.configs import Step, check_ensemble_wiring, ensemble_config, python_config
+        from bgevl.core.specs import SERVING_EMBEDDING, TensorSpec
+        from bgevl.serving.configs import Step, check_ensemble_wiring, ensemble_config, python_config
 
         vision = writer.manifest.graph_spec(VISION_GRAPH)
         batch = vision.batch
         dim, length = writer.manifest.model.embedding_dim, writer.manifest.model.max_text_length
-        trim = ATTENTION_MASK if writer.right_padded() else None  # see triton_repo/models/onnx_encoder.py
+        trim = ATTENTION_MASK if writer.right_padded() else None  # see bgevl/serving/models/onnx_encoder.py
         graph_models = {VISION_GRAPH: writer.encoder(VISION_GRAPH), TEXT_GRAPH: writer.encoder(TEXT_GRAPH, trim)}
         raw = [TensorSpec(SERVING_IMAGE, "bytes", (1,)), TensorSpec(SERVING_TEXT, "bytes", (1,))]
         pre = writer.preprocess(
@@ -241,4 +240,3 @@ class ClipFamily(Family):
         return ClipBaseline(self, checkpoint, threads)
 
 
-register(ClipFamily())

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bgevl.families.base import Feeds, Request, run_steps
+from bgevl.core.family import Feeds, Request, run_steps
 
 
 class ClipBaseline:

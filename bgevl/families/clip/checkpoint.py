@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from bgevl.checkpoints import architecture_for, check_tokenizer, inspect_checkpoint, load_weights_checked, save_random_model
-from bgevl.specs import ModelSpec
+from bgevl.core.specs import ModelSpec
 
 
 #: Merges of the generated tokenizer's BPE, written out so that the vocabulary is identical on
@@ -68,8 +68,8 @@ def load_clip(path: Path, attn_implementation: str = "eager", spec: ModelSpec | 
     """
     from transformers import CLIPModel
 
-    from bgevl.families import get_model_spec
-    from bgevl.runtime.preprocessing import load_processor
+    from bgevl.core.registry import get_model_spec
+    from bgevl.core.preprocessing import load_processor
 
     files = inspect_checkpoint(Path(path), spec or get_model_spec("tiny"))
     model = load_weights_checked(CLIPModel, Path(path), files.config, attn_implementation)

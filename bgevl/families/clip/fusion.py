@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bgevl.vectors import l2_normalize
+from bgevl.core.vectors import l2_normalize
 
 
 def score_fusion(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:

@@ -8,12 +8,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from bgevl.errors import InputError
-from bgevl.families.base import Feeds, Preprocessor, Request, normalize_role
-from bgevl.runtime.preprocessing import (
+from bgevl.core.errors import InputError
+from bgevl.core.family import Feeds, Preprocessor, Request, normalize_role
+from bgevl.core.preprocessing import (
     DEFAULT_LIMITS, ImageInput, InputLimits, check_text, check_texts, load_image, load_processor,
 )
-from bgevl.specs import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES
+from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES
 
 log = logging.getLogger("bgevl")
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bgevl.families.base import Original, Request
+from bgevl.core.family import Original, Request
 from bgevl.reference import build_fp32, load_strict, read_weights_fp32, with_pil_images
 
 
@@ -38,7 +38,7 @@ class OriginalClip(Original):
         return self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
 
     def probe_embeddings(self, probes: Any) -> dict[str, np.ndarray]:
-        """The original's embeddings of a ``bgevl.probes.ProbeSet``: images, texts, composed queries."""
+        """The original's embeddings of a ``bgevl.core.probes.ProbeSet``: images, texts, composed queries."""
         return {"images": self.encode(images=probes.images), "texts": self.encode(text=probes.texts),
                 "composed": self.encode(images=probes.composed_images(), text=probes.composed_texts())}
 

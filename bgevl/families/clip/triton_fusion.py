@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb
 
-from bgevl.errors import InputError
+from bgevl.core.errors import InputError
 from bgevl.families.clip.fusion import score_fusion
 from bgevl.families.clip.graphs import IMAGE_FEATURES, TEXT_FEATURES
-from bgevl.specs import SERVING_EMBEDDING
-from bgevl.triton_repo.models.backend_utils import answer, model_config
+from bgevl.core.specs import SERVING_EMBEDDING
+from bgevl.serving.models.backend_utils import answer, model_config
 
 
 class TritonPythonModel:

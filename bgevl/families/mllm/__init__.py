@@ -4,7 +4,7 @@ The embedding is the L2-normalized last-layer hidden state of the last token; qu
 task instruction. Files: ``graphs``, ``checkpoint``, ``modules``, ``reference``,
 ``preprocessing`` (prompts, anyres layout, image-feature index), ``bench``.
 
-Precisions: fp32 as exported (refused above ``FP32_LIMIT_BILLIONS`` parameters unless
+Precisions: fp32 as exported (the 7B models declare ``fp32_too_large``: refused unless
 ``--force-fp32``); fp16 with LayerNorm, Softmax, every RMSNorm, the rotary angles and the final
 L2 normalization kept in float32; int8 **weight-only** (activations stay float): ``qdq`` writes
 int8 weights + DequantizeLinear (TensorRT weight-only INT8, ONNX Runtime), ``dynamic`` ONNX
@@ -20,16 +20,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from bgevl.errors import BgevlError, InputError
-from bgevl.families import register
-from bgevl.families.base import (
+from bgevl.core.errors import BgevlError, InputError
+from bgevl.core.family import (
     CANDIDATE, QUERY, Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Request, Steps,
 )
 from bgevl.families.mllm.graphs import (
     EMBEDDING, IMAGE_FEATURE_INDEX, IMAGE_TILES, MLLM_LANGUAGE_GRAPH, MLLM_MAX_BATCH, MLLM_OPT_BATCH, MLLM_VISION_GRAPH,
     TILE_FEATURES, mllm_graph_specs_from_config,
 )
-from bgevl.specs import (
+from bgevl.core.specs import (
     ATTENTION_MASK, INPUT_IDS, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT,
     GraphSpec, ModelSpec,
 )
@@ -81,20 +80,20 @@ MODELS = (
     ),
     ModelSpec(
         "mllm-s1", "mllm", "BAAI/BGE-VL-MLLM-S1: LLaVA-NeXT (CLIP ViT-L/14-336 + Mistral-7B) embedder (7.57B parameters)",
-        hub_id="BAAI/BGE-VL-MLLM-S1", architecture=_LLAVA_NEXT_MISTRAL_7B, billions=7.57,
+        hub_id="BAAI/BGE-VL-MLLM-S1", architecture=_LLAVA_NEXT_MISTRAL_7B, billions=7.57, fp32_too_large=True,
     ),
     ModelSpec(
         "mllm-s2", "mllm", "BAAI/BGE-VL-MLLM-S2: BGE-VL-MLLM-S1 fine-tuned on MMEB (7.57B parameters)",
-        hub_id="BAAI/BGE-VL-MLLM-S2", architecture=_LLAVA_NEXT_MISTRAL_7B, billions=7.57,
+        hub_id="BAAI/BGE-VL-MLLM-S2", architecture=_LLAVA_NEXT_MISTRAL_7B, billions=7.57, fp32_too_large=True,
     ),
     # BGE-VL-v1.5: the same LLaVA-1.6-Mistral architecture, used "in the exact same way" (model card)
     ModelSpec(
         "mllm-v1.5-zs", "mllm", "BAAI/BGE-VL-v1.5-zs: LLaVA-NeXT (CLIP ViT-L/14-336 + Mistral-7B) embedder, zero-shot",
-        hub_id="BAAI/BGE-VL-v1.5-zs", architecture=_LLAVA_NEXT_MISTRAL_7B, billions=7.57,
+        hub_id="BAAI/BGE-VL-v1.5-zs", architecture=_LLAVA_NEXT_MISTRAL_7B, billions=7.57, fp32_too_large=True,
     ),
     ModelSpec(
         "mllm-v1.5-mmeb", "mllm", "BAAI/BGE-VL-v1.5-mmeb: BGE-VL-v1.5 fine-tuned on MMEB",
-        hub_id="BAAI/BGE-VL-v1.5-mmeb", architecture=_LLAVA_NEXT_MISTRAL_7B, billions=7.57,
+        hub_id="BAAI/BGE-VL-v1.5-mmeb", architecture=_LLAVA_NEXT_MISTRAL_7B, billions=7.57, fp32_too_large=True,
     ),
 )
 
@@ -227,9 +226,9 @@ class MllmFamily(Family):
 
     def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
                       calibration: Callable[[], list[Feeds]] | None) -> dict:
-        from bgevl.export import onnx_tools
+        from bgevl.graphs import onnx_passes
 
-        return onnx_tools.quantize_weights_int8(src, dst, mode)
+        return onnx_passes.quantize_weights_int8(src, dst, mode)
 
     # --- the embedding recipe ----------------------------------------------------------
     def steps(self, feeds: Feeds, graphs: Mapping[str, GraphSpec]) -> Steps:
@@ -267,7 +266,7 @@ class MllmFamily(Family):
         """``<name>_preprocess`` (prompts, anyres tiles, feature index; one request per execution: its
         outputs are not aligned on one batch axis), ``<name>_mllm_vision``, ``<name>_mllm_language`` and
         the entry ``<name>`` with INSTRUCTION and ROLE."""
-        from bgevl.specs import TensorSpec
+        from bgevl.core.specs import TensorSpec
 
         manifest = writer.manifest
         tiles, language = manifest.graph_spec(MLLM_VISION_GRAPH).inputs[0], manifest.graph_spec(MLLM_LANGUAGE_GRAPH)
@@ -313,4 +312,3 @@ class MllmFamily(Family):
         return MllmBaseline(self, checkpoint, threads)
 
 
-register(MllmFamily())

@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bgevl.families.base import Feeds, Request
-from bgevl.specs import DEFAULT_MAX_SEQUENCE
+from bgevl.core.family import Feeds, Request
+from bgevl.core.specs import DEFAULT_MAX_SEQUENCE
 
 
 class MllmBaseline:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from bgevl.checkpoints import architecture_for, check_tokenizer, inspect_checkpoint, load_weights_checked, save_random_model
-from bgevl.specs import ModelSpec
+from bgevl.core.specs import ModelSpec
 
 
 #: Tokens of the generated Llama-style tokenizer beyond bytes and single characters.
@@ -78,9 +78,9 @@ def load_mllm(path: Path, attn_implementation: str = "eager", spec: ModelSpec | 
     """
     from transformers import LlavaNextForConditionalGeneration
 
-    from bgevl.families import get_model_spec
+    from bgevl.core.registry import get_model_spec
     from bgevl.families.mllm.preprocessing import complete_processor
-    from bgevl.runtime.preprocessing import load_processor
+    from bgevl.core.preprocessing import load_processor
 
     files = inspect_checkpoint(Path(path), spec or get_model_spec("tiny-mllm"))
     model = load_weights_checked(LlavaNextForConditionalGeneration, Path(path), files.config, attn_implementation)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bgevl.specs import (
+from bgevl.core.specs import (
     ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, DEFAULT_OPT_BATCH, INPUT_IDS, MASK_VALUES, Dim, GraphSpec, TensorSpec, batch_dim,
     token_ids,
 )

@@ -29,11 +29,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bgevl.errors import CheckpointError, InputError
-from bgevl.families.base import CANDIDATE, QUERY, Feeds, Preprocessor, Request, normalize_role
+from bgevl.core.errors import CheckpointError, InputError
+from bgevl.core.family import CANDIDATE, QUERY, Feeds, Preprocessor, Request, normalize_role
 from bgevl.families.mllm.graphs import IMAGE_FEATURE_INDEX, IMAGE_TILES, NEWLINE_ROW, TEXT_POSITION
-from bgevl.runtime.preprocessing import DEFAULT_LIMITS, ImageInput, InputLimits, check_text, load_image, load_processor
-from bgevl.specs import ATTENTION_MASK, INPUT_IDS
+from bgevl.core.preprocessing import DEFAULT_LIMITS, ImageInput, InputLimits, check_text, load_image, load_processor
+from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS
 
 log = logging.getLogger("bgevl")
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bgevl.families.base import Original, Request
+from bgevl.core.family import Original, Request
 from bgevl.reference import build_fp32, load_strict, read_weights_fp32, with_pil_images
 
 #: BGE-VL-MLLM's ``data_process`` resizes every image to this (width, height) before converting it.
@@ -91,7 +91,7 @@ class OriginalLlavaEmbedder(Original):
             for image, text, role in items])
 
     def probe_embeddings(self, probes: Any, task_instruction: str | None = None) -> dict[str, np.ndarray]:
-        """The original's embeddings of a ``bgevl.probes.ProbeSet``: image-only and text-only candidates,
+        """The original's embeddings of a ``bgevl.core.probes.ProbeSet``: image-only and text-only candidates,
         composed queries with ``task_instruction``."""
         return {"images": self.encode([(im, None, "candidate") for im in probes.images]),
                 "texts": self.encode([(None, t, "candidate") for t in probes.texts]),

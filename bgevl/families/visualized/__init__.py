@@ -18,13 +18,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from bgevl.errors import BgevlError
-from bgevl.families import register
-from bgevl.families.base import (
+from bgevl.core.errors import BgevlError
+from bgevl.core.family import (
     Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Request, Steps,
 )
 from bgevl.families.visualized.graphs import EMBEDDING, IMAGE_TOKENS, TEXT_GRAPH, VISION_GRAPH, visualized_graph_specs
-from bgevl.specs import (
+from bgevl.core.specs import (
     ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, INPUT_IDS, PIXEL_VALUES, SERVING_IMAGE, SERVING_TEXT,
     GraphSpec, ModelSpec,
 )
@@ -227,11 +226,11 @@ class VisualizedFamily(Family):
 
     def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
                       calibration: Callable[[], list[Feeds]] | None) -> dict:
-        from bgevl.export import onnx_tools
+        from bgevl.graphs import onnx_passes
 
         if mode == "dynamic":
-            return onnx_tools.quantize_int8(src, dst, mode, None)
-        return onnx_tools.quantize_weights_int8(src, dst, "qdq")
+            return onnx_passes.quantize_int8(src, dst, mode, None)
+        return onnx_passes.quantize_weights_int8(src, dst, "qdq")
 
     # --- the embedding recipe ----------------------------------------------------------
     def steps(self, feeds: Feeds, graphs: Mapping[str, GraphSpec]) -> Steps:
@@ -262,7 +261,7 @@ class VisualizedFamily(Family):
     def write_triton_models(self, writer: Any) -> None:
         """``<name>_preprocess`` (one request per execution: token lengths differ between requests),
         ``<name>_vision``, ``<name>_text`` and the entry ``<name>``."""
-        from bgevl.specs import TensorSpec
+        from bgevl.core.specs import TensorSpec
 
         vision = writer.manifest.graph_spec(VISION_GRAPH)
         graph_models = {VISION_GRAPH: writer.encoder(VISION_GRAPH), TEXT_GRAPH: writer.encoder(TEXT_GRAPH)}
@@ -291,4 +290,3 @@ class VisualizedFamily(Family):
         return VisualizedBaseline(self, checkpoint, threads)
 
 
-register(VisualizedFamily())

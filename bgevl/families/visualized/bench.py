@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bgevl.families.base import Feeds, Request, run_steps
+from bgevl.core.family import Feeds, Request, run_steps
 
 
 class VisualizedBaseline:
@@ -18,7 +18,7 @@ class VisualizedBaseline:
         from bgevl.families.visualized.modeling import graph_modules
         from bgevl.families.visualized.preprocessing import VisualizedPreprocessor
         from bgevl.runtime.runners import TorchModuleRunner
-        from bgevl.specs import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, DEFAULT_OPT_BATCH
+        from bgevl.core.specs import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE, DEFAULT_OPT_BATCH
 
         torch.set_num_threads(threads)
         model, tokenizer = family.load(checkpoint, attn_implementation="sdpa")

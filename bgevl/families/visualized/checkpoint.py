@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bgevl.checkpoints import listed, read_json
-from bgevl.errors import CheckpointError
-from bgevl.specs import ModelSpec
+from bgevl.core.errors import CheckpointError
+from bgevl.core.specs import ModelSpec
 
 #: Persistent buffers of transformers < 4.31's embeddings that FE's save may hold; accepted and dropped.
 LEGACY_OPTIONAL_KEYS = ("bge_embeddings.position_ids", "bge_embeddings.token_type_ids")

@@ -8,7 +8,7 @@ image tokens of its items, or none (``image_tokens`` with 0 tokens: the plain te
 
 from __future__ import annotations
 
-from bgevl.specs import (
+from bgevl.core.specs import (
     ATTENTION_MASK, INPUT_IDS, MASK_VALUES, PIXEL_VALUES, Dim, GraphSpec, TensorSpec, batch_dim, token_ids,
 )
 

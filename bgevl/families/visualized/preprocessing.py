@@ -27,10 +27,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from bgevl.errors import InputError
-from bgevl.families.base import Feeds, Preprocessor, Request, normalize_role
-from bgevl.runtime.preprocessing import DEFAULT_LIMITS, InputLimits, check_text, check_texts, load_image
-from bgevl.specs import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES
+from bgevl.core.errors import InputError
+from bgevl.core.family import Feeds, Preprocessor, Request, normalize_role
+from bgevl.core.preprocessing import DEFAULT_LIMITS, InputLimits, check_text, check_texts, load_image
+from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES
 
 log = logging.getLogger("bgevl")
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bgevl.families.base import Original, Request
+from bgevl.core.family import Original, Request
 
 FP16_MIN = torch.finfo(torch.float16).min
 

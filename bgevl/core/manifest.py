@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bgevl.errors import BgevlError
-from bgevl.specs import GraphSpec
+from bgevl.core.errors import BgevlError
+from bgevl.core.specs import GraphSpec
 
 MANIFEST_NAME = "manifest.json"
 #: 2: one validation layout for every family (``validation.figures`` by kind), the family settings in ``recipe``.

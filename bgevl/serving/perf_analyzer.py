@@ -4,7 +4,7 @@
   (2.52-2.60 need GLIBC 2.38, 2.61 and later ship none). :func:`install` puts that wheel, without its
   Python dependencies, into ``<venv>/tools/perf_analyzer`` and links the two libraries it needs,
   ``libb64.so.0d`` and ``libcudart.so.12``, to the copies the nvidia-pytriton wheel ships under
-  other names. ``python -m bgevl.triton_repo.perf_analyzer --install`` (``scripts/setup-env.sh``
+  other names. ``python -m bgevl.serving.perf_analyzer --install`` (``scripts/setup-env.sh``
   runs it) does that.
 * **Input data**: every generated repository holds ``perf_analyzer_<workload>.json`` files for its
   entry model (:func:`input_data`): random data does not work here (IMAGE would get 128 random bytes),
@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 
 VERSION = "2.51.0"
 TOOLS_DIR = Path(sys.prefix) / "tools" / "perf_analyzer"
@@ -76,7 +76,7 @@ def find(tools: Path = TOOLS_DIR) -> tuple[Path | None, str]:
     binary = Path(tools) / "bin" / "perf_analyzer"
     if not binary.is_file():
         return None, (f"perf_analyzer is not installed ({binary} missing); run "
-                      f"`{Path(sys.executable).name} -m bgevl.triton_repo.perf_analyzer --install`")
+                      f"`{Path(sys.executable).name} -m bgevl.serving.perf_analyzer --install`")
     try:
         result = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30, env=environment(tools))
     except (OSError, subprocess.SubprocessError) as exc:
@@ -102,7 +102,7 @@ def bytes_tensor(values: list[bytes]) -> dict[str, Any]:
 
 
 def _images() -> list[bytes]:
-    from bgevl.probes import synthetic_images
+    from bgevl.core.probes import synthetic_images
 
     out = []
     for image in synthetic_images(ITEMS, seed=11):
@@ -113,9 +113,9 @@ def _images() -> list[bytes]:
 
 
 def request_values(request) -> dict[str, list[bytes]]:
-    """The entry model's BYTES inputs of a request (``bgevl.families.base.Request``), one value per item:
+    """The entry model's BYTES inputs of a request (``bgevl.core.family.Request``), one value per item:
     IMAGE, TEXT and, where set, INSTRUCTION and ROLE (the same for every item of a request)."""
-    from bgevl.specs import SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
+    from bgevl.core.specs import SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
 
     values: dict[str, list[bytes]] = {}
     if request.images is not None:
@@ -132,7 +132,7 @@ def input_data(family) -> dict[str, dict]:
     """{workload: perf_analyzer input-data document} for the entry model of a repository of ``family``
     (``Family.serving_workloads``). Each request is one item ([1] per input: the batch axis is
     perf_analyzer's ``-b``)."""
-    from bgevl.probes import PROBE_TEXTS
+    from bgevl.core.probes import PROBE_TEXTS
 
     images, texts = _images(), list(PROBE_TEXTS[:ITEMS])
     documents = {}
@@ -201,7 +201,7 @@ def parse_csv(text: str) -> list[dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bgevl.triton_repo.perf_analyzer",
+    p = argparse.ArgumentParser(prog="python -m bgevl.serving.perf_analyzer",
                                 description=f"Install perf_analyzer {VERSION} into {TOOLS_DIR} or say whether it runs.")
     p.add_argument("--install", action="store_true", help="install it (needs the package index)")
     args = p.parse_args(argv)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 
 
 def _umask() -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bgevl import __version__
-from bgevl.errors import BgevlError
+from bgevl.core.errors import BgevlError
 
 #: NGC Triton image tag and the Python it ships (NGC framework support matrix: 25.01 and later
 #: are Ubuntu 24.04 with Python 3.12).
@@ -182,7 +182,7 @@ CMD ["--model-repository=/models"]
 def serve_script() -> str:
     """The image's entrypoint (:data:`ENTRYPOINT`): ``tritonserver "$@"`` with the admin APIs restricted behind
     a key made from ``/dev/urandom`` at each start and never stored or printed."""
-    from bgevl.triton_repo.server import ADMIN_HEADER, RESTRICTED_APIS
+    from bgevl.serving.server import ADMIN_HEADER, RESTRICTED_APIS
 
     apis = ",".join(RESTRICTED_APIS)
     return f"""\
@@ -460,7 +460,7 @@ def write_deployment(output: Path, opts: DeployOptions, wheel: Path | None = Non
                      sink=print) -> Path:
     """Write the deployment files to ``output``; ``wheel``: this package's wheel to copy beside the
     Dockerfile (``pip wheel --no-deps . -w DIR``), else built from the source checkout."""
-    from bgevl.staging import check_replaceable, staged_directory
+    from bgevl.core.staging import check_replaceable, staged_directory
 
     check_options(opts)
     output = Path(output).expanduser().resolve()

@@ -26,10 +26,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from bgevl.errors import ValidationFailed
-from bgevl.families.base import IMAGE, KINDS, TEXT, Family, run_steps
-from bgevl.specs import COSINE_THRESHOLDS, GraphSpec
-from bgevl.vectors import l2_normalize
+from bgevl.core.errors import ValidationFailed
+from bgevl.core.family import IMAGE, KINDS, TEXT, Family, run_steps
+from bgevl.core.specs import COSINE_THRESHOLDS, GraphSpec
+from bgevl.core.vectors import l2_normalize
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb
 
-from bgevl.errors import InputError
+from bgevl.core.errors import InputError
 from bgevl.runtime.providers import create_session
-from bgevl.specs import GraphSpec
-from bgevl.triton_repo.models.backend_utils import answer, error_response, model_config, parameter
+from bgevl.core.specs import GraphSpec
+from bgevl.serving.models.backend_utils import answer, error_response, model_config, parameter
 
 
 class OpenVinoSession:

@@ -16,7 +16,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from bgevl.errors import InputError
+from bgevl.core.errors import InputError
 
 log = logging.getLogger("bgevl")
 
@@ -52,7 +52,7 @@ class InputLimits:
 
     @classmethod
     def from_parameters(cls, get: Any) -> "InputLimits":
-        """``get(name, default)`` -> string, e.g. ``bgevl.triton_repo.models.backend_utils.parameter``."""
+        """``get(name, default)`` -> string, e.g. ``bgevl.serving.models.backend_utils.parameter``."""
         defaults = cls()
         return cls(**{k: type(v)(get(f"limit_{k}", str(v))) for k, v in asdict(defaults).items()})
 

@@ -22,10 +22,10 @@ import re
 import numpy as np
 import triton_python_backend_utils as pb
 
-from bgevl.families import get_family
-from bgevl.families.base import run_steps_async
-from bgevl.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_TEXT, GraphSpec
-from bgevl.triton_repo.models.backend_utils import (
+from bgevl.core.registry import get_family
+from bgevl.core.family import run_steps_async
+from bgevl.core.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_TEXT, GraphSpec
+from bgevl.serving.models.backend_utils import (
     ModelError, answer_async, call, error_response, model_config, optional_input, parameter,
 )
 

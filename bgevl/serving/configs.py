@@ -3,7 +3,7 @@
 Built with Triton's own schema (``tritonclient.grpc.model_config_pb2``) and written with
 ``google.protobuf.text_format``, so every file is valid ModelConfig text by construction; the
 encoder configs derive names, dtypes, dims and batch ranges from the export's ``manifest.json``
-(which the exporter wrote from ``bgevl.specs``), not from a second list.
+(which the exporter wrote from ``bgevl.core.specs``), not from a second list.
 
 Encoder backends:
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from bgevl.specs import Dim, GraphSpec, TensorSpec
+from bgevl.core.specs import Dim, GraphSpec, TensorSpec
 
 #: How an exported graph is served: Triton's ONNX Runtime, TensorRT or OpenVINO backends (a full Triton), or
 #: the python backend running ONNX Runtime ("python") or OpenVINO ("python-openvino"; the bundled CPU server).

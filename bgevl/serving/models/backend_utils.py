@@ -9,7 +9,7 @@ import numpy as np
 
 import triton_python_backend_utils as pb
 
-from bgevl.errors import InputError
+from bgevl.core.errors import InputError
 
 
 #: In the message of every unexpected failure these models answer (``internal_error``).

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import onnx
 
-from bgevl.specs import ONNX_OPSET, GraphSpec
+from bgevl.core.specs import ONNX_OPSET, GraphSpec
 
 #: Protobuf's limit: larger models keep their weights in ``<file>.data`` (ONNX external data).
 PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Generator,
 
 import numpy as np
 
-from bgevl.specs import GraphSpec, ModelSpec
+from bgevl.core.specs import GraphSpec, ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bgevl.runtime.preprocessing import InputLimits
+    from bgevl.core.preprocessing import InputLimits
 
 Feeds = dict[str, np.ndarray]
 
@@ -44,7 +44,7 @@ ROLES = {"q": QUERY, "query": QUERY, "c": CANDIDATE, "candidate": CANDIDATE}
 
 
 def normalize_role(role: str) -> str:
-    from bgevl.errors import InputError
+    from bgevl.core.errors import InputError
 
     try:
         return ROLES[role]
@@ -128,7 +128,7 @@ class Preprocessor(ABC):
         """One image decoded as :meth:`prepare` decodes it (limits checked on the header first, RGB
         conversion left to :meth:`prepare`), so callers can decode ahead, e.g. in a pool of threads
         (``bgevl.corpus``), and pass the PIL image: the feeds are the same as from the encoded bytes."""
-        from bgevl.runtime.preprocessing import load_image
+        from bgevl.core.preprocessing import load_image
 
         return load_image(item, index, convert_rgb=False, limits=self.limits, model_size=self.image_model_size)
 
@@ -195,7 +195,7 @@ class ExportedModel:
 class Int8Form:
     """How a family quantizes to int8: what the manifest records per graph and what TensorRT builds."""
 
-    #: "static-qdq", "weight-only-qdq" (the forms TensorRT builds: ``bgevl.export.tensorrt.precision_plan``),
+    #: "static-qdq", "weight-only-qdq" (the forms TensorRT builds: ``bgevl.graphs.engines.precision_plan``),
     #: "dynamic", "weight-only-dynamic" (ONNX Runtime CPU only)
     name: str
     description: str
@@ -290,7 +290,7 @@ class Family(ABC):
 
     def fp16_keep_float32(self, graph: GraphSpec, model: Any) -> dict[str, list[str]]:
         """Nodes of the fp32 ONNX ``model`` the fp16 pass keeps in float32 beyond the generic ones
-        (``bgevl.export.onnx_tools.fp16_graph``), by what they are (for the manifest)."""
+        (``bgevl.graphs.onnx_passes.fp16_graph``), by what they are (for the manifest)."""
         return {}
 
     @abstractmethod
@@ -332,7 +332,7 @@ class Family(ABC):
     # --- Triton ------------------------------------------------------------------------
     @abstractmethod
     def write_triton_models(self, writer: Any) -> None:
-        """The family's models of a Triton repository (``bgevl.triton_repo.repository.RepositoryWriter``)."""
+        """The family's models of a Triton repository (``bgevl.serving.repository.RepositoryWriter``)."""
 
     @abstractmethod
     def preprocess_outputs(self, present: set[str]) -> list[str]:

@@ -19,14 +19,14 @@ tests/test_tensorrt_api.py checks every TensorRT name used here against those ve
 * fp32: from the fp32 ONNX, TF32 *cleared* (TensorRT enables TF32 by default; its 10-bit mantissa
   would not meet the fp32 threshold of 0.99999).
 * fp16: from the fp16 ONNX. The fp16 graph keeps LayerNorm, Softmax, RMSNorm, the rotary angles
-  and the final L2 norm in fp32 (``onnx_tools.fp16_graph``, found by structure and validated with
+  and the final L2 norm in fp32 (``onnx_passes.fp16_graph``, found by structure and validated with
   ONNX Runtime); a strongly typed network keeps exactly those types.
 * int8 (static QDQ, CLIP): explicit quantization from the QDQ ONNX whose unquantized regions are
-  fp16 with the fp16 export's fp32 islands (``onnx_tools.quantize_int8``): int8 GEMMs between the
+  fp16 with the fp16 export's fp32 islands (``onnx_passes.quantize_int8``): int8 GEMMs between the
   Q/DQ pairs, fp16 around them, LayerNorm/Softmax/final norm in fp32.
 * int8 (weight-only QDQ, MLLM, Visualized-BGE): int8 weights dequantized into the MatMuls, the
   graph's float types elsewhere.
-* fp8: FP8 E4M3 Q/DQ on the weight GEMMs, fp16 elsewhere (``onnx_tools.quantize_fp8``); GPUs below
+* fp8: FP8 E4M3 Q/DQ on the weight GEMMs, fp16 elsewhere (``onnx_passes.quantize_fp8``); GPUs below
   compute capability 8.9 have no FP8 and are refused before building.
 * int8 dynamic / qdq-u8: refused (ONNX Runtime's dynamic/MatMulNBits ops have no TensorRT equivalent;
   uint8 activations are the CPU form).
@@ -45,15 +45,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from bgevl.errors import BgevlError
-from bgevl.families import get_family
-from bgevl.manifest import EngineEntry, Manifest, Validation, read_manifest, write_manifest
-from bgevl.staging import staged_directory
+from bgevl.core.errors import BgevlError
+from bgevl.core.registry import get_family
+from bgevl.core.manifest import EngineEntry, Manifest, Validation, read_manifest, write_manifest
+from bgevl.core.staging import staged_directory
 from bgevl.runtime.runners import runner_call
 from bgevl.runtime.tensorrt import (
     DeviceInfo, TensorRTRunner, cuda_device, import_tensorrt, sidecar_path, write_sidecar,
 )
-from bgevl.specs import Dim, GraphSpec
+from bgevl.core.specs import Dim, GraphSpec
 
 ENGINE_DIR = "tensorrt"
 DEFAULT_WORKSPACE_GB = 4.0
@@ -201,7 +201,7 @@ def build_engine(onnx_path: Path, engine_path: Path, graph: GraphSpec, plan: Pre
 def build_engines(export_dir: str | os.PathLike, options: EngineOptions | None = None,
                   progress: Callable[[str], None] = print) -> Path:
     """Build, validate and register the TensorRT engines of an export directory."""
-    from bgevl.export.validate import VALIDATION_ARRAYS, check_thresholds, format_figures, load_arrays, parity, threshold_for
+    from bgevl.core.parity import VALIDATION_ARRAYS, check_thresholds, format_figures, load_arrays, parity, threshold_for
 
     options = options or EngineOptions()
     manifest: Manifest = read_manifest(export_dir)

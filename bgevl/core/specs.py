@@ -34,7 +34,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 
 #: Minimum cosine similarity to the PyTorch reference an export must reach, per precision.
 #: Enforced on pretrained checkpoints; on random weights the figures are reported (see
-#: ``bgevl.export.validate``).
+#: ``bgevl.core.parity``).
 #: fp8 (E4M3, 3 mantissa bits, on the weight GEMMs only) is held to int8's bound: NVIDIA reports CLIP ViT-L/14 FP8
 #: retrieval "comparable" to FP16 with the patch embedding unquantized, as here.
 COSINE_THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99, "fp8": 0.99}
@@ -127,7 +127,7 @@ class GraphSpec:
         return next(t for t in self.inputs if t.name == name)
 
     def check_feed(self, feed: Mapping[str, Any], *, batch_limit: bool = True) -> None:
-        """Refuse, with one line naming the tensor (:class:`~bgevl.errors.InputError`), a feed this graph
+        """Refuse, with one line naming the tensor (:class:`~bgevl.core.errors.InputError`), a feed this graph
         was not declared for: a missing or unknown input, another dtype or rank, a fixed axis of another
         size, a dynamic axis outside its range or of two sizes in one feed, integer values outside their
         declared range (token ids past the vocabulary, negative ids, a mask that is not 0/1).
@@ -138,7 +138,7 @@ class GraphSpec:
         table, both answering a wrong embedding; an overlong sequence costs seconds of CPU before it
         fails, or does not fail at all. ``batch_limit=False`` skips the batch axis's maximum (callers
         that split a feed into chunks of it)."""
-        from bgevl.errors import InputError
+        from bgevl.core.errors import InputError
 
         unknown = sorted(set(feed) - set(self.input_names))
         missing = [name for name in self.input_names if name not in feed]
@@ -249,24 +249,17 @@ class ModelSpec:
     hub_id: str | None = None
     #: transformers config kwargs of the architecture, for offline random-weight builds.
     architecture: Mapping[str, Any] = field(default_factory=dict)
-    #: Parameters in billions: the exporter refuses fp32 above FP32_LIMIT_BILLIONS unless forced.
+    #: Parameters in billions (descriptive: messages and the model list).
     billions: float = 0.0
-
-    @property
-    def fp32_too_large(self) -> bool:
-        """Whether fp32 of this model is refused unless forced (over :data:`FP32_LIMIT_BILLIONS` parameters):
-        the exporter's guard, and the benchmark's cue to measure fp16 as the float export instead."""
-        return self.billions > FP32_LIMIT_BILLIONS
+    #: Declared by the family for 7B-class models: an fp32 export is refused unless forced (the weights
+    #: alone are 4 bytes per parameter, 30 GB for the 7B MLLM, and export holds about two copies in
+    #: memory), and the benchmark measures fp16 as the float export instead.
+    fp32_too_large: bool = False
 
     @property
     def generated(self) -> bool:
         """True for the embedded tiny models generated offline (no hub id)."""
         return self.hub_id is None
-
-
-#: Above this size an fp32 export needs ``--force-fp32``: the weights alone are 4 bytes per
-#: parameter (30 GB for the 7B MLLM), and export holds about two copies in memory.
-FP32_LIMIT_BILLIONS = 2.0
 
 
 def graph_specs_to_json(specs: Mapping[str, GraphSpec]) -> dict[str, Any]:

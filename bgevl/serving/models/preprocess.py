@@ -1,7 +1,7 @@
 """The preprocess model of every repository: the family's serving inputs -> the feeds of its recipe.
 
 IMAGE (encoded image bytes), TEXT (UTF-8) and, for families that take them, INSTRUCTION and ROLE
-(one value per request) become a ``bgevl.families.base.Request``, which the family's own
+(one value per request) become a ``bgevl.core.family.Request``, which the family's own
 preprocessor (``Family.open_preprocessor`` on the checkpoint's processor files in ``1/processor/``,
 the runtime's code: same checks, same error messages) turns into feeds, with fixed shapes where the
 family's serving needs them. Either of IMAGE and TEXT may be absent; only the outputs of the
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb
 
-from bgevl.errors import InputError
-from bgevl.families import get_family
-from bgevl.families.base import Request
-from bgevl.runtime.preprocessing import InputLimits
-from bgevl.specs import SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
-from bgevl.triton_repo.models.backend_utils import (
+from bgevl.core.errors import InputError
+from bgevl.core.registry import get_family
+from bgevl.core.family import Request
+from bgevl.core.preprocessing import InputLimits
+from bgevl.core.specs import SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
+from bgevl.serving.models.backend_utils import (
     answer, decode_bytes, decode_text, error_response, model_config, optional_input, parameter,
 )
 

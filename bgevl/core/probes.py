@@ -116,7 +116,7 @@ class ProbeSet:
             "texts": len(self.texts),
             "composed_queries": len(self.composed),
             "seed": PROBE_SEED,
-            "kind": "synthetic (bgevl.probes)",
+            "kind": "synthetic (bgevl.core.probes)",
         }
 
 
