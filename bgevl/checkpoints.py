@@ -22,7 +22,7 @@ from typing import Any
 
 from bgevl.core.errors import CheckpointError
 from bgevl.core.registry import family_of
-from bgevl.core.family import CheckpointKind
+from bgevl.core.family import CheckpointKind, CheckpointSource
 from bgevl.core.specs import ModelSpec
 
 #: Seed of every generated random-weight model.
@@ -346,3 +346,19 @@ def check_transformers_checkpoint(family: Any, path: Path, spec: ModelSpec, repo
            f"unexpected or mismatched")
     report(f"tokenizer {type(processor.tokenizer).__name__} ({len(processor.tokenizer)} tokens), image processor "
            f"{type(processor.image_processor).__name__}")
+
+
+class HubCheckpoints(CheckpointSource):
+    """The checkpoint-source role for checkpoints in the hub's transformers layout (``config.json``,
+    safetensors, processor files): a ``--model-path`` directory, the hub repository ``spec.hub_id``
+    (cache first), checked against the family's ``checkpoint_kind``. Families subclass it next to
+    :class:`~bgevl.core.family.Family`."""
+
+    def local_checkpoint(self, path: Path) -> Path:
+        return checkpoint_directory(path)
+
+    def download(self, spec: ModelSpec) -> Path:
+        return download_repository(spec)
+
+    def check_files(self, path: Path, spec: ModelSpec, report: Any) -> None:
+        check_transformers_checkpoint(self, path, spec, report)

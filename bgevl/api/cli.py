@@ -15,6 +15,7 @@ from bgevl.api.app import ApiOptions, create_app
 from bgevl.api.backends import EmbedderBackend, EmbeddingBackend, TritonBackend
 from bgevl.api.images import FetchPolicy
 from bgevl.core.errors import BgevlError
+from bgevl.runtime.runners import BACKENDS
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-url", default=None, help="forward to this Triton's gRPC endpoint (host:port) instead of "
                                                       "running the model here")
     p.add_argument("--triton-model", default="bgevl", help="the entry model on that Triton")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino", "tensorrt"),
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="runtime backend (in-process serving)")
     p.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto, cpu, cuda, tensorrt")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runtime")

@@ -22,14 +22,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Generator, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from bgevl.core.specs import GraphSpec, ModelSpec
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover  (types only: these modules are not imported at run time)
+    import argparse
+
+    import onnx
+    import torch
+
+    from bgevl.core.options import ExportOptions
     from bgevl.core.preprocessing import InputLimits
+    from bgevl.core.probes import ProbeSet
+    from bgevl.serving.repository import RepositoryWriter
 
 Feeds = dict[str, np.ndarray]
 
@@ -122,7 +130,7 @@ class Preprocessor(ABC):
     limits: "InputLimits"
     #: what the model resizes an image to (an int: the short side; a pair: width and height; None: the
     #: image's own size), for the reduced-scale decode of very large JPEGs (``load_image``'s ``model_size``)
-    image_model_size: Any = None
+    image_model_size: int | tuple[int, int] | None = None
 
     def decode_image(self, item: Any, index: int = 0) -> Any:
         """One image decoded as :meth:`prepare` decodes it (limits checked on the header first, RGB
@@ -153,7 +161,7 @@ class Original(ABC):
         """The original's L2-normalized fp32 embeddings of a request, in item order."""
 
     @abstractmethod
-    def probe_embeddings(self, probes: Any) -> dict[str, np.ndarray]:
+    def probe_embeddings(self, probes: "ProbeSet") -> dict[str, np.ndarray]:
         """Embeddings of the probe set by kind (the sanity gate of ``bgevl-export check``)."""
 
 
@@ -175,8 +183,8 @@ class ExportedModel:
     """What the export driver holds of a loaded checkpoint: the model, its processor, the graphs to
     export and the manifest's description of the model."""
 
-    model: Any
-    processor: Any
+    model: "torch.nn.Module"
+    processor: Any  # the checkpoint's transformers processor (or the family's own tokenizer/transform pair)
     graphs: dict[str, GraphSpec]
     preprocessor: Preprocessor
     embedding_dim: int
@@ -202,83 +210,78 @@ class Int8Form:
     calibrated: bool
 
 
-class Family(ABC):
-    """One model family. Subclasses declare the class attributes and implement the methods; they
-    import their heavy dependencies (torch, transformers) inside the methods, so listing the
-    families (the command line's ``--model`` choices) stays cheap."""
+class CheckpointSource(ABC):
+    """Role: where the weights come from (the hub, a ``--model-path``, an offline generated checkpoint) and
+    how they are checked and loaded; also the family's independent fp32 reference. Families whose checkpoints
+    are in the hub's transformers layout subclass ``bgevl.checkpoints.HubCheckpoints``, which implements
+    the first three methods."""
 
-    name: ClassVar[str]
-    description: ClassVar[str]
-    models: ClassVar[tuple[ModelSpec, ...]]
-    #: (opt, max) batch of the exported graphs when the command line gives none
-    default_batch: ClassVar[tuple[int, int]]
-    #: whether ``bgevl-bench`` exports with a max batch grown to its largest batch size (cheap towers),
-    #: or keeps the family default and skips larger batches (7B prefills)
-    bench_grows_max_batch: ClassVar[bool] = True
     checkpoint_kind: ClassVar[CheckpointKind]
-    #: whether ``--precision fp8`` applies: FP8 E4M3 Q/DQ on the weight GEMMs from a calibration set
-    #: (``quantize_fp8`` and ``calibration_feeds``), for TensorRT on GPUs of compute capability 8.9+
-    supports_fp8: ClassVar[bool] = False
-    #: the entry model's inputs (of SERVING_IMAGE, SERVING_TEXT, SERVING_INSTRUCTION, SERVING_ROLE)
-    serving_inputs: ClassVar[tuple[str, ...]]
-    #: whether a query embeds differently from a candidate (a role and a task instruction change the
-    #: embedding); where not, a role is accepted and ignored, an instruction refused, and a retrieval
-    #: evaluation embeds each item once for both sides (``bgevl.quality``)
-    roles_matter: ClassVar[bool] = False
 
-    # --- checkpoints -------------------------------------------------------------------
     @abstractmethod
     def generate_checkpoint(self, spec: ModelSpec, directory: Path) -> Path:
         """Write a random-weight checkpoint of ``spec.architecture`` in the hub's layout (offline)."""
 
+    @abstractmethod
     def local_checkpoint(self, path: Path) -> Path:
-        """The checkpoint a ``--model-path`` names, refused in one line when it is not one. Default: a
-        directory in the hub's layout (``config.json``, safetensors, processor files)."""
-        from bgevl.checkpoints import checkpoint_directory
-
-        return checkpoint_directory(path)
-
-    def download(self, spec: ModelSpec) -> Path:
-        """The checkpoint of a hub model: the local Hugging Face cache, else a download (one-line error
-        naming ``--model-path`` when neither works). Default: the hub repository ``spec.hub_id``."""
-        from bgevl.checkpoints import download_repository
-
-        return download_repository(spec)
-
-    def check_files(self, path: Path, spec: ModelSpec, report: Callable[[str], None]) -> None:
-        """``bgevl-export check`` before the reference runs: the files, a checked load, the tokenizer;
-        one report line each. Default: a checkpoint in the hub's transformers layout."""
-        from bgevl.checkpoints import check_transformers_checkpoint
-
-        check_transformers_checkpoint(self, path, spec, report)
+        """The checkpoint a ``--model-path`` names, refused in one line when it is not one."""
 
     @abstractmethod
-    def load(self, path: Path, spec: ModelSpec | None = None, attn_implementation: str = "eager") -> tuple[Any, Any]:
+    def download(self, spec: ModelSpec) -> Path:
+        """The checkpoint of a hub model: the local Hugging Face cache, else a download (one-line error
+        naming ``--model-path`` when neither works)."""
+
+    @abstractmethod
+    def check_files(self, path: Path, spec: ModelSpec, report: Callable[[str], None]) -> None:
+        """``bgevl-export check`` before the reference runs: the files, a checked load, the tokenizer;
+        one report line each."""
+
+    @abstractmethod
+    def load(self, path: Path, spec: ModelSpec | None = None,
+             attn_implementation: str = "eager") -> tuple["torch.nn.Module", Any]:
         """The checked float32 (model, processor) of a checkpoint directory."""
 
     @abstractmethod
     def original(self, path: Path) -> Original:
         """The independent fp32 reference on a checkpoint directory."""
 
-    # --- export ------------------------------------------------------------------------
-    def check_export_options(self, spec: ModelSpec, options: Any) -> None:
+
+class GraphExport(ABC):
+    """Role: what is exported, in the spirit of Optimum's per-architecture ``OnnxConfig``: the graphs and
+    the torch modules behind them, example and validation inputs, and the family's fp16/int8/fp8 forms."""
+
+    #: (opt, max) batch of the exported graphs when the command line gives none
+    default_batch: ClassVar[tuple[int, int]]
+    #: whether ``--precision fp8`` applies: FP8 E4M3 Q/DQ on the weight GEMMs from a calibration set
+    #: (``quantize_fp8`` and ``calibration_feeds``), for TensorRT on GPUs of compute capability 8.9+
+    supports_fp8: ClassVar[bool] = False
+    #: dynamic axes (beyond batch and sequence) whose TensorRT profile maximum ``bgevl-export build-engines``
+    #: may override: axis name -> what it counts; each becomes an option ``--max-<axis>``
+    profile_axes: ClassVar[Mapping[str, str]] = {}
+
+    def add_export_arguments(self, group: "argparse._ArgumentGroup") -> None:
+        """The family's own ``bgevl-export`` options, in an argument group the command line adds for it;
+        their values reach :meth:`check_export_options` and :meth:`prepare_export` as
+        ``options.family_options`` (by ``dest``). Default: none."""
+
+    def check_export_options(self, spec: ModelSpec, options: "ExportOptions") -> None:
         """Refuse export options that do not apply to this family (before anything is loaded)."""
 
     @abstractmethod
-    def prepare_export(self, path: Path, spec: ModelSpec, options: Any) -> ExportedModel:
+    def prepare_export(self, path: Path, spec: ModelSpec, options: "ExportOptions") -> ExportedModel:
         """Load the checkpoint and declare its graphs (batch and sequence ranges from ``options``)."""
 
     @abstractmethod
-    def graph_modules(self, exported: ExportedModel) -> dict[str, Any]:
+    def graph_modules(self, exported: ExportedModel) -> dict[str, "torch.nn.Module"]:
         """The torch modules that define the graphs."""
 
     @abstractmethod
-    def example_feeds(self, modules: Mapping[str, Any], requests: Sequence[Feeds]) -> dict[str, Feeds]:
+    def example_feeds(self, modules: Mapping[str, "torch.nn.Module"], requests: Sequence[Feeds]) -> dict[str, Feeds]:
         """An example feed per graph (batch >= 2 where possible) for tracing, from prepared requests."""
 
     @abstractmethod
-    def validation_requests(self, probes: Any) -> list[Request]:
-        """The probe set as requests covering image-only, text-only and composed items."""
+    def validation_requests(self, probes: "ProbeSet") -> list[Request]:
+        """The probe set as requests covering the family's item kinds."""
 
     def probe_description(self, exported: ExportedModel) -> dict[str, Any]:
         """Extra facts about how the probes were preprocessed, for the manifest."""
@@ -288,26 +291,39 @@ class Family(ABC):
     def int8_form(self, mode: str) -> Int8Form:
         """The int8 form of ``--int8-mode`` for this family."""
 
-    def fp16_keep_float32(self, graph: GraphSpec, model: Any) -> dict[str, list[str]]:
+    def fp16_keep_float32(self, graph: GraphSpec, model: "onnx.ModelProto") -> dict[str, list[str]]:
         """Nodes of the fp32 ONNX ``model`` the fp16 pass keeps in float32 beyond the generic ones
         (``bgevl.graphs.onnx_passes.fp16_graph``), by what they are (for the manifest)."""
         return {}
 
     @abstractmethod
     def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
-                      calibration: Callable[[], list[Feeds]] | None) -> dict:
+                      calibration: Callable[[], list[Feeds]] | None) -> dict[str, Any]:
         """Write the int8 graph; returns what was done, for the manifest."""
 
-    def quantize_fp8(self, graph: GraphSpec, src: Path, dst: Path, calibration: Callable[[], list[Feeds]]) -> dict:
+    def quantize_fp8(self, graph: GraphSpec, src: Path, dst: Path,
+                     calibration: Callable[[], list[Feeds]]) -> dict[str, Any]:
         """Write the fp8 graph (families with ``supports_fp8``); returns what was done, for the manifest."""
-        raise NotImplementedError(f"the {self.name} family has no fp8 form")
+        raise NotImplementedError(f"{type(self).__name__} has no fp8 form")
 
     def calibration_feeds(self, preprocessor: Preprocessor, graph: GraphSpec, images: list, texts: list,
                           batch: int) -> list[Feeds]:
         """Calibration batches of one graph (families with calibrated int8 forms)."""
-        raise NotImplementedError(f"the {self.name} family has no calibrated int8 form")
+        raise NotImplementedError(f"{type(self).__name__} has no calibrated int8 form")
 
-    # --- the embedding recipe ----------------------------------------------------------
+
+class Recipe(ABC):
+    """Role: how a request becomes embeddings at run time: the preprocessor of an export and the steps
+    (graph calls) that turn its feeds into L2-normalized embeddings."""
+
+    #: the item kinds the family embeds (of IMAGE, TEXT, COMPOSED): validation, benchmarks and the API
+    #: cover these; a model without composed queries declares (IMAGE, TEXT)
+    kinds: ClassVar[tuple[str, ...]] = KINDS
+    #: whether a query embeds differently from a candidate (a role and a task instruction change the
+    #: embedding); where not, a role is accepted and ignored, an instruction refused, and a retrieval
+    #: evaluation embeds each item once for both sides (``bgevl.quality``)
+    roles_matter: ClassVar[bool] = False
+
     @abstractmethod
     def steps(self, feeds: Feeds, graphs: Mapping[str, GraphSpec]) -> Steps:
         """The recipe: which graphs run on ``feeds`` and how their outputs combine into L2-normalized embeddings."""
@@ -329,9 +345,15 @@ class Family(ABC):
         """The task instruction a query takes when none is given (families with instructions)."""
         return None
 
-    # --- Triton ------------------------------------------------------------------------
+
+class ServingLayout(ABC):
+    """Role: the family's models of a Triton repository and the entry model's inputs."""
+
+    #: the entry model's inputs (of SERVING_IMAGE, SERVING_TEXT, SERVING_INSTRUCTION, SERVING_ROLE)
+    serving_inputs: ClassVar[tuple[str, ...]]
+
     @abstractmethod
-    def write_triton_models(self, writer: Any) -> None:
+    def write_triton_models(self, writer: "RepositoryWriter") -> None:
         """The family's models of a Triton repository (``bgevl.serving.repository.RepositoryWriter``)."""
 
     @abstractmethod
@@ -342,17 +364,52 @@ class Family(ABC):
         """The entry model's inputs (BYTES ``[batch, 1]``) in the shapes of the family's preprocess model."""
         return inputs
 
-    # --- benchmarks --------------------------------------------------------------------
+
+class BenchBaseline(ABC):
+    """Role: what ``bgevl-bench`` measures the exports against (the PyTorch model a user would otherwise
+    run) and the requests of its workloads."""
+
+    #: whether ``bgevl-bench`` exports with a max batch grown to its largest batch size (cheap towers),
+    #: or keeps the family default and skips larger batches (7B prefills)
+    bench_grows_max_batch: ClassVar[bool] = True
+
     @abstractmethod
     def bench_request(self, workload: str, images: list | None, texts: list | None) -> Request:
-        """The request of a benchmark workload (image, text or composed) on the given inputs."""
+        """The request of a benchmark workload (one of the family's ``kinds``) on the given inputs."""
 
     def serving_workloads(self, images: list, texts: list) -> dict[str, Request]:
         """The perf_analyzer input files shipped with a repository: file stem -> request."""
+        kinds = getattr(self, "kinds", KINDS)
         return {kind: self.bench_request(kind, images if kind != TEXT else None, texts if kind != IMAGE else None)
-                for kind in KINDS}
+                for kind in kinds}
 
     @abstractmethod
-    def torch_baseline(self, checkpoint: Path, threads: int) -> Any:
-        """The PyTorch model a user would otherwise run, for ``bgevl-bench``: an object with
-        ``preprocessor`` and ``call(request, feeds) -> Callable[[], embeddings]`` and ``gflop(request, feeds)``."""
+    def torch_baseline(self, checkpoint: Path, threads: int) -> "TorchBaseline":
+        """The PyTorch model a user would otherwise run."""
+
+
+class TorchBaseline(Protocol):
+    """What :meth:`BenchBaseline.torch_baseline` returns."""
+
+    preprocessor: Preprocessor
+
+    def call(self, request: Request, feeds: Feeds) -> Callable[[], np.ndarray]:
+        """A callable that embeds the prepared request (what the benchmark times)."""
+
+    def gflop(self, request: Request, feeds: Feeds) -> float:
+        """The request's GFLOP (for the share of the CPU's peak)."""
+
+
+class Family(CheckpointSource, GraphExport, Recipe, ServingLayout, BenchBaseline):
+    """One model family: a name, its ``--model`` keys and the five roles above. Generic code takes the
+    role it needs (the runtime a :class:`Recipe`, the repository writer a :class:`ServingLayout`, ...).
+
+    Subclasses import their heavy dependencies (torch, transformers) inside the methods, so listing the
+    families (the command line's ``--model`` choices) stays cheap. Two intermediate bases cover the shapes
+    of this field: ``bgevl.families.clip.ClipFamily`` (a dual encoder: image and text towers, composed
+    queries by score fusion) and ``bgevl.families.mllm.MllmFamily`` (a decoder embedder: the last token's
+    hidden state of a multimodal LLM); a SigLIP- or GME-like model is a subclass with a few overrides."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    models: ClassVar[tuple[ModelSpec, ...]]

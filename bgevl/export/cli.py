@@ -63,15 +63,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"batch size to optimize for (TensorRT profile, Triton); default opt/max: {defaults}")
     e.add_argument("--max-batch", type=int, default=None, help="largest batch the artifacts serve (default: the family's)")
     e.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE,
-                   help="MLLM: longest prompt plus image tokens the language graph serves (one 512x512 image is 2928 tokens)")
-    e.add_argument("--force-fp32", action="store_true", help="allow --precision fp32 for the 7B MLLM (about 60 GB of memory)")
+                   help="longest token sequence the text or language graph serves, for families with one (the MLLM: "
+                        "prompt plus image tokens, one 512x512 image is 2928 tokens; Visualized-BGE: image plus text tokens)")
+    e.add_argument("--force-fp32", action="store_true",
+                   help="allow --precision fp32 for models that declare it too large (the 7B MLLM: about 60 GB of memory)")
     e.add_argument("--format", default="auto", choices=("auto", "onnx", "tensorrt"),
                    help="auto: ONNX, plus TensorRT engines when TensorRT and a CUDA device are present; onnx: ONNX only; "
                         "tensorrt: ONNX and engines, an error where they cannot be built")
     e.add_argument("--quiet", "-q", action="store_true", help="print only the result and errors")
+    _family_options(p)
     _engine_options(p)
     _triton_options(p, standalone=False)
     return p
+
+
+def _family_options(p: argparse.ArgumentParser) -> None:
+    """Each family's own options (``GraphExport.add_export_arguments``), in a group titled by the family;
+    which dests a family added is kept on the parser for :func:`_family_option_values`."""
+    dests: dict[str, list[str]] = {}
+    for family in families().values():
+        group = p.add_argument_group(f"{family.name} family ({', '.join(spec.key for spec in family.models)})")
+        before = len(group._group_actions)
+        family.add_export_arguments(group)
+        dests[family.name] = [action.dest for action in group._group_actions[before:]]
+        if not dests[family.name]:
+            p._action_groups.remove(group)  # no options of its own: no empty section in --help
+    p.set_defaults(_family_dests=dests)
+
+
+def _family_option_values(args: argparse.Namespace) -> dict:
+    """The values of the options of the ``--model``'s family."""
+    from bgevl.core.registry import get_model_spec
+
+    dests = args._family_dests.get(get_model_spec(args.model).family, [])
+    return {dest: getattr(args, dest) for dest in dests}
+
+
+def _profile_axes() -> dict[str, str]:
+    """The extra dynamic axes the registered families declare, axis -> what it counts."""
+    axes: dict[str, str] = {}
+    for family in families().values():
+        for axis, what in family.profile_axes.items():
+            axes.setdefault(axis, what)
+    return axes
 
 
 def _engine_options(p: argparse.ArgumentParser, standalone: bool = False) -> None:
@@ -81,10 +115,12 @@ def _engine_options(p: argparse.ArgumentParser, standalone: bool = False) -> Non
     if standalone:  # the export's own --max-batch/--opt-batch/--max-sequence-length apply otherwise
         g.add_argument("--max-batch", type=int, default=None, help="profile max batch (unset: the manifest's)")
         g.add_argument("--opt-batch", type=int, default=None, help="profile opt batch (unset: the manifest's)")
-        g.add_argument("--max-sequence-length", type=int, default=None, help="MLLM: profile max sequence (unset: the manifest's)")
+        g.add_argument("--max-sequence-length", type=int, default=None,
+                       help="profile max token sequence, of graphs with a sequence axis (unset: the manifest's)")
         g.add_argument("--min-cosine", type=float, default=None, help="override the validation threshold")
         g.add_argument("--no-validate", dest="validate", action="store_false", help="skip the engines' parity check")
-    g.add_argument("--max-tiles", type=int, default=None, help="MLLM: profile max image tiles per batch (unset: the manifest's)")
+    for axis, what in _profile_axes().items():  # declared by the families (GraphExport.profile_axes)
+        g.add_argument(f"--max-{axis}", type=int, default=None, help=f"profile max {what} (unset: the manifest's)")
     g.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB, help="TensorRT builder workspace limit")
     g.add_argument("--timing-cache", type=Path, default=None,
                    help="timing cache file to reuse and update (default: <export>/tensorrt/timing.cache)")
@@ -105,8 +141,9 @@ def build_engines_parser() -> argparse.ArgumentParser:
 def _engine_options_from(args, standalone: bool):
     from bgevl.graphs.engines import EngineOptions
 
-    return EngineOptions(max_batch=args.max_batch, opt_batch=args.opt_batch,
-                         max_sequence=args.max_sequence_length if standalone else None, max_tiles=args.max_tiles,
+    axis_max = {axis: getattr(args, f"max_{axis}") for axis in _profile_axes()}
+    axis_max["sequence"] = args.max_sequence_length if standalone else None
+    return EngineOptions(max_batch=args.max_batch, opt_batch=args.opt_batch, axis_max=axis_max,
                          workspace_gb=args.workspace_gb, timing_cache=args.timing_cache, validate=args.validate,
                          min_cosine=args.min_cosine)
 
@@ -367,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         opt_batch=args.opt_batch, max_batch=args.max_batch, overwrite=args.overwrite,
         max_sequence_length=args.max_sequence_length, force_fp32=args.force_fp32,
         command=shlex.join(["bgevl-export", *argv]), quality_data=args.quality_data,
-        max_recall_drop=args.max_recall_drop,
+        max_recall_drop=args.max_recall_drop, family_options=_family_option_values(args),
     )
     repository = _repository_options(args, args.triton_repo, args.overwrite) if args.triton_repo is not None else None
     try:

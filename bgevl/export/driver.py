@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,34 +28,12 @@ from bgevl.core.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, 
 from bgevl.core.staging import check_replaceable, output_lock, staged_directory
 from bgevl.core.probes import builtin_calibration_set, probe_set
 from bgevl.core.preprocessing import load_image
-from bgevl.core.specs import DEFAULT_MAX_SEQUENCE, ONNX_OPSET, PRECISIONS, GraphSpec
+from bgevl.core.options import ExportOptions
+from bgevl.core.specs import ONNX_OPSET, PRECISIONS, GraphSpec
 
 INT8_MODES = ("qdq", "qdq-u8", "dynamic")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CALIBRATION_BATCH = 8
-
-
-@dataclass
-class ExportOptions:
-    output: Path
-    model: str = "tiny"
-    model_path: Path | None = None
-    random_weights: bool = False
-    precision: str = "fp32"
-    int8_mode: str = "qdq"
-    calibration_data: Path | None = None
-    calibration_size: int = 32
-    validate: bool = True
-    min_cosine: float | None = None
-    opt_batch: int | None = None  # None: the model family's default (Family.default_batch)
-    max_batch: int | None = None
-    max_sequence_length: int = DEFAULT_MAX_SEQUENCE  # MLLM language graph: prompt + image tokens
-    force_fp32: bool = False  # allow fp32 for models that declare fp32_too_large
-    overwrite: bool = False
-    probe_count: int = 8
-    command: str | None = None  # the command line, recorded in the manifest
-    quality_data: Path | None = None  # retrieval data the export is checked on against the fp32 graphs
-    max_recall_drop: float | None = None  # points; None: bgevl.quality.gate.DEFAULT_MAX_RECALL_DROP
 
 
 class Progress:
@@ -94,6 +71,13 @@ def _check_options(opts: ExportOptions) -> None:
     if opts.max_recall_drop is not None and (opts.quality_data is None or opts.max_recall_drop < 0):
         raise BgevlError(f"--max-recall-drop {opts.max_recall_drop:g}: give it with --quality-data DIR, as a drop in "
                          f"points of 0 or more")
+    if opts.precision == "fp32" and spec.fp32_too_large and not opts.force_fp32:
+        raise BgevlError(
+            f"--precision fp32 for {spec.key} ({spec.billions:.2f}B parameters) needs about "
+            f"{spec.billions * 4:.0f} GB for the weights alone and about twice that while exporting; "
+            f"fp16 is the production precision of this model. Use --precision fp16 (or int8), or pass "
+            f"--force-fp32 on a machine with the memory for it."
+        )
     family.check_export_options(spec, opts)
     if opts.precision == "int8":
         family.int8_form(opts.int8_mode)  # a mode the family does not have is refused before loading

@@ -117,13 +117,18 @@ def check_device_for(plan: PrecisionPlan, device: DeviceInfo) -> None:
 
 
 def axis_ranges(graph: GraphSpec, *, max_batch: int | None = None, opt_batch: int | None = None,
-                max_sequence: int | None = None, max_tiles: int | None = None) -> dict[str, Dim]:
-    """The graph's dynamic axes by name, with command-line overrides applied."""
+                **max_axes: int | None) -> dict[str, Dim]:
+    """The graph's dynamic axes by name, with command-line overrides applied: ``max_batch``/``opt_batch``,
+    and ``max_<axis>`` for any other axis the graphs declare (``max_sequence``, or a family's
+    ``profile_axes`` such as ``max_tiles``); an override of an axis the graph lacks does not apply to it."""
     axes: dict[str, Dim] = {}
     for tensor in graph.inputs:
         for dim in tensor.dynamic_axes().values():
             axes.setdefault(dim.name, dim)
-    overrides = {"batch": (opt_batch, max_batch), "sequence": (None, max_sequence), "tiles": (None, max_tiles)}
+    unknown = [key for key in max_axes if not key.startswith("max_")]
+    if unknown:
+        raise TypeError(f"axis_ranges: unexpected arguments {', '.join(unknown)} (axis overrides are max_<axis>)")
+    overrides = {"batch": (opt_batch, max_batch), **{key[4:]: (None, value) for key, value in max_axes.items()}}
     for name, (opt, mx) in overrides.items():
         if name not in axes or (opt is None and mx is None):
             continue
@@ -153,8 +158,8 @@ def profile_shapes(graph: GraphSpec, ranges: Mapping[str, Dim] | None = None) ->
 class EngineOptions:
     max_batch: int | None = None
     opt_batch: int | None = None
-    max_sequence: int | None = None
-    max_tiles: int | None = None
+    #: profile maxima of other dynamic axes by axis name (``sequence``, a family's ``profile_axes``)
+    axis_max: dict[str, int | None] = field(default_factory=dict)
     workspace_gb: float = DEFAULT_WORKSPACE_GB
     timing_cache: Path | None = None  # default: <export>/tensorrt/timing.cache, reused by later builds
     validate: bool = True
@@ -222,7 +227,7 @@ def build_engines(export_dir: str | os.PathLike, options: EngineOptions | None =
         for name in manifest.graph_names():
             graph = manifest.graph_spec(name)
             ranges = axis_ranges(graph, max_batch=options.max_batch, opt_batch=options.opt_batch,
-                                 max_sequence=options.max_sequence, max_tiles=options.max_tiles)
+                                 **{f"max_{axis}": value for axis, value in options.axis_max.items()})
             engine = staging / f"{name}.plan"
             progress(f"building TensorRT engine {engine.name} ({plan.precision}, {plan.describe()}) on {device.name}")
             built = build_engine(manifest.graph_path(name), engine, graph, plan, ranges,

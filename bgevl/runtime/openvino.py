@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from bgevl.core.errors import BgevlError, ValidationFailed
-from bgevl.runtime.runners import Runner
+from bgevl.runtime.runners import BackendOptions, Runner, runner_call
 from bgevl.core.specs import COSINE_THRESHOLDS, GraphSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,11 +104,15 @@ def open_openvino(manifest: "Manifest", names: Sequence[str] | None = None, prec
     return runners
 
 
+def open_backend(manifest: "Manifest", names: list[str], options: BackendOptions) -> dict[str, OpenVinoRunner]:
+    """The ``openvino`` backend of ``open_runners``."""
+    return open_openvino(manifest, names, options.openvino_precision, options.threads)
+
+
 def runners_figures(manifest: "Manifest", runners: Mapping[str, Runner], threshold: float) -> dict[str, dict]:
     """Parity of ``runners`` on the export's stored probe set; raises ``ValidationFailed`` under ``threshold``."""
     from bgevl.core.parity import VALIDATION_ARRAYS, format_figures, load_arrays, parity
     from bgevl.core.registry import get_family
-    from bgevl.runtime.runners import runner_call
 
     path = manifest.directory / VALIDATION_ARRAYS
     if not path.is_file():

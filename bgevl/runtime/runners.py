@@ -14,6 +14,7 @@ the backend-specific part small. A family's recipe (``bgevl.core.family.run_step
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -24,9 +25,6 @@ from bgevl.core.specs import GraphSpec
 if TYPE_CHECKING:  # pragma: no cover
     from bgevl.core.family import Call
     from bgevl.core.manifest import Manifest
-
-BACKENDS = ("onnxruntime", "tensorrt", "openvino")
-
 
 class Runner(ABC):
     spec: GraphSpec
@@ -97,25 +95,65 @@ class TorchModuleRunner(Runner):
         return [by_name[name].numpy() for name in outputs]
 
 
+@dataclass(frozen=True)
+class BackendOptions:
+    """What a backend may need to open an export's graphs (each backend reads the fields it uses)."""
+
+    provider: str = "auto"  # ONNX Runtime execution provider ("auto", "cpu", "cuda", "tensorrt")
+    threads: int | None = None
+    provider_options: Any = None
+    engine_cache_dir: Any = None
+    openvino_precision: str = "bf16"
+
+
+#: A backend: (manifest, graph names, options) -> {graph name: runner}.
+BackendOpener = Callable[["Manifest", list[str], BackendOptions], dict[str, "Runner"]]
+
+#: Backends register through this entry-point group (``pyproject.toml``), like model families: the
+#: registry is read from package metadata, so this module imports none of them (no import circle) and
+#: a backend in another installed package needs no change here.
+BACKEND_ENTRY_POINT_GROUP = "bgevl.backends"
+
+
+def _backend_entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    found: dict[str, Any] = {}
+    for entry in entry_points(group=BACKEND_ENTRY_POINT_GROUP):
+        found.setdefault(entry.name, entry)
+    return dict(sorted(found.items(), key=lambda item: item[0] != "onnxruntime"))  # the default first
+
+
+_BACKEND_ENTRIES = _backend_entry_points()
+#: The registered backend names (``--backend`` choices).
+BACKENDS = tuple(_BACKEND_ENTRIES)
+
+
+def backend_opener(backend: str) -> BackendOpener:
+    """The opener registered as ``backend``; an unknown name is one line listing the known ones."""
+    try:
+        entry = _BACKEND_ENTRIES[backend]
+    except KeyError:
+        raise InputError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}") from None
+    return entry.load()
+
+
 def open_runners(manifest: "Manifest", names: Sequence[str] | None = None, backend: str = "onnxruntime",
                  provider: str = "auto", threads: int | None = None, provider_options: Any = None,
                  engine_cache_dir: Any = None, openvino_precision: str = "bf16") -> dict[str, Runner]:
-    """The graphs ``names`` (default: all) of an export on ONNX Runtime (with ``provider``), as TensorRT
-    engines, or compiled by OpenVINO at ``openvino_precision`` (checked against the export's probe set:
-    ``bgevl.runtime.openvino``)."""
+    """The graphs ``names`` (default: all) of an export on a registered backend: ONNX Runtime (with
+    ``provider``), TensorRT engines, or OpenVINO at ``openvino_precision`` (checked against the export's
+    probe set: ``bgevl.runtime.openvino``)."""
+    options = BackendOptions(provider, threads, provider_options, engine_cache_dir, openvino_precision)
+    return backend_opener(backend)(manifest, list(names or manifest.graphs), options)
+
+
+def open_onnxruntime(manifest: "Manifest", names: list[str], options: BackendOptions) -> dict[str, Runner]:
+    """The ``onnxruntime`` backend: one session per graph on the selected execution providers."""
     from bgevl.runtime.providers import provider_options_for, select_providers
 
-    names = list(names or manifest.graphs)
-    if backend == "openvino":
-        from bgevl.runtime.openvino import open_openvino
-
-        return open_openvino(manifest, names, openvino_precision, threads)
-    if backend == "tensorrt":
-        from bgevl.runtime.tensorrt import TensorRTRunner
-
-        return {name: TensorRTRunner.from_manifest(manifest, name) for name in names}
-    if backend != "onnxruntime":
-        raise InputError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    providers = provider_options_for(select_providers(provider), manifest.directory, precision=manifest.precision,
-                                     engine_cache_dir=engine_cache_dir, overrides=provider_options)
-    return {name: OnnxRunner(manifest.graph_spec(name), manifest.graph_path(name), providers, threads) for name in names}
+    providers = provider_options_for(select_providers(options.provider), manifest.directory,
+                                     precision=manifest.precision, engine_cache_dir=options.engine_cache_dir,
+                                     overrides=options.provider_options)
+    return {name: OnnxRunner(manifest.graph_spec(name), manifest.graph_path(name), providers, options.threads)
+            for name in names}

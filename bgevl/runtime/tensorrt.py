@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bgevl.core.errors import BgevlError
-from bgevl.runtime.runners import Runner
+from bgevl.runtime.runners import BackendOptions, Runner
 
 SIDECAR_SUFFIX = ".json"
 #: The TensorRT versions this project builds and runs engines with: every network strongly typed (the
@@ -229,3 +229,8 @@ class TensorRTRunner(Runner):
             self.cudart.cudaStreamDestroy(self.stream)
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def open_backend(manifest: Any, names: list[str], options: BackendOptions) -> dict[str, TensorRTRunner]:
+    """The ``tensorrt`` backend of ``open_runners``: the export's built engines (``bgevl-export build-engines``)."""
+    return {name: TensorRTRunner.from_manifest(manifest, name) for name in names}

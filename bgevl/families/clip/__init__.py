@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from bgevl.checkpoints import HubCheckpoints
 from bgevl.core.family import (
     Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Request, Steps,
 )
@@ -68,7 +69,7 @@ MODELS = (
 SCORE_FUSION = {"composed": "score fusion", "formula": f"l2_normalize({IMAGE_FEATURES} + {TEXT_FEATURES})"}
 
 
-class ClipFamily(Family):
+class ClipFamily(HubCheckpoints, Family):
     name = "clip"
     description = "CLIP dual encoders (BGE-VL-base, BGE-VL-large); composed queries by score fusion"
     models = MODELS

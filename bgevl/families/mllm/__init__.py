@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from bgevl.core.errors import BgevlError, InputError
+from bgevl.checkpoints import HubCheckpoints
 from bgevl.core.family import (
     CANDIDATE, QUERY, Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Request, Steps,
 )
@@ -106,11 +107,12 @@ def _one_value(values: np.ndarray, name: str) -> np.ndarray:
     return flat[:1]
 
 
-class MllmFamily(Family):
+class MllmFamily(HubCheckpoints, Family):
     name = "mllm"
     description = "LLaVA-NeXT embedders (BGE-VL-MLLM-S1/-S2, BGE-VL-v1.5): last-token hidden state, task instructions"
     models = MODELS
     default_batch = (MLLM_OPT_BATCH, MLLM_MAX_BATCH)  # a 7B prefill of ~3k tokens per item is far heavier than a tower
+    profile_axes = {"tiles": "image tiles per batch"}  # build-engines --max-tiles
     bench_grows_max_batch = False
     checkpoint_kind = CheckpointKind(
         "llava_next", "LLaVA-NeXT embedder (LlavaNextForConditionalGeneration)", "LlavaNextConfig",
@@ -140,13 +142,6 @@ class MllmFamily(Family):
 
     # --- export ------------------------------------------------------------------------
     def check_export_options(self, spec: ModelSpec, options: Any) -> None:
-        if options.precision == "fp32" and spec.fp32_too_large and not options.force_fp32:
-            raise BgevlError(
-                f"--precision fp32 for {spec.key} ({spec.billions:.2f}B parameters) needs about "
-                f"{spec.billions * 4:.0f} GB for the weights alone and about twice that while exporting; "
-                f"fp16 is the production precision of this model. Use --precision fp16 (or int8), or pass "
-                f"--force-fp32 on a machine with the memory for it."
-            )
         if options.calibration_data is not None:
             raise BgevlError("--calibration-data does not apply to the MLLM: its int8 is weight-only and needs no calibration")
 

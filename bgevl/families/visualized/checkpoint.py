@@ -139,7 +139,7 @@ def _has_text_files(directory: Path) -> bool:
 
 def locate(path: Path) -> VisualizedFiles:
     """The ``.pth`` and the text model's directory of a ``--model-path`` (see the module docstring)."""
-    from bgevl.families.visualized import MODELS
+    from bgevl.families.visualized.models import MODELS
 
     path = Path(path).expanduser()
     if path.is_dir():
