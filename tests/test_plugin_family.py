@@ -58,6 +58,10 @@ def test_the_plugin_exports_and_validates_at_its_own_image_size(plugin_export):
     figures = manifest["validation"]["figures"]
     assert set(figures) == {"image", "text", "composed"}
     assert all(f["min_cosine"] >= 0.999 for f in figures.values()), figures
+    # the driver's steps, with their status and timings
+    assert [(step["name"], step["status"]) for step in manifest["pipeline"]] == [
+        ("load", "done"), ("onnx-export", "done"), ("precision", "done"), ("validation", "done"), ("manifest", "done")]
+    assert all(step["seconds"] >= 0 for step in manifest["pipeline"])
 
 
 def test_the_plugin_is_served_by_the_embeddings_api(plugin_export):

@@ -97,6 +97,16 @@ class EngineEntry:
     precision_plan: str
 
 
+@dataclass(frozen=True)
+class PipelineStep:
+    """One step of the pipeline that wrote the export (``bgevl-export``'s numbered steps): its name,
+    how it ended (``done``, ``skipped``) and how long it took."""
+
+    name: str
+    status: str
+    seconds: float
+
+
 @dataclass
 class Manifest:
     directory: Path
@@ -116,6 +126,8 @@ class Manifest:
     engine_validation: Validation = field(default_factory=Validation)
     #: retrieval quality against the fp32 graphs on the user's data (``bgevl-export --quality-data``)
     quality: dict[str, Any] | None = None
+    #: the export's steps with their status and timings, in order
+    pipeline: list[PipelineStep] = field(default_factory=list)
 
     # --- reading --------------------------------------------------------------------------
     @property
@@ -181,6 +193,7 @@ class Manifest:
             "versions": self.versions,
             "command": self.command,
             **({"quality": self.quality} if self.quality is not None else {}),
+            "pipeline": [asdict(step) for step in self.pipeline],
         }
 
     @classmethod
@@ -195,6 +208,7 @@ class Manifest:
             engines={name: EngineEntry(**e) for name, e in (data.get("engines") or {}).items()},
             engine_validation=Validation.from_json(data.get("engine_validation")),
             quality=data.get("quality"),
+            pipeline=[PipelineStep(**step) for step in data.get("pipeline") or []],
         )
 
 

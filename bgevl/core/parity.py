@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from bgevl.core.errors import ValidationFailed
-from bgevl.core.family import IMAGE, KINDS, TEXT, Family, run_steps
+from bgevl.core.family import IMAGE, KINDS, TEXT, Recipe, run_steps
 from bgevl.core.specs import COSINE_THRESHOLDS, GraphSpec
 from bgevl.core.vectors import l2_normalize
 
@@ -154,7 +154,7 @@ def reference_arrays(requests_feeds: Sequence[Mapping[str, np.ndarray]], kinds: 
     return arrays
 
 
-def parity(family: Family, graphs: Mapping[str, GraphSpec], arrays: Mapping[str, np.ndarray],
+def parity(family: Recipe, graphs: Mapping[str, GraphSpec], arrays: Mapping[str, np.ndarray],
            run: Callable) -> dict[str, dict]:
     """Figures per kind of item: every probe request's feeds through ``family``'s recipe with the graph
     runner ``run`` (``bgevl.runtime.runners.runner_call``), against the original's embeddings."""

@@ -24,7 +24,7 @@ from bgevl.checkpoints import resolve_checkpoint
 from bgevl.core.errors import BgevlError
 from bgevl.core.registry import family_of, get_model_spec
 from bgevl.core.family import KINDS, Feeds, Request
-from bgevl.core.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, Validation, write_manifest
+from bgevl.core.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, PipelineStep, Validation, write_manifest
 from bgevl.core.staging import check_replaceable, output_lock, staged_directory
 from bgevl.core.probes import builtin_calibration_set, probe_set
 from bgevl.core.preprocessing import load_image
@@ -37,13 +37,33 @@ CALIBRATION_BATCH = 8
 
 
 class Progress:
+    """The export's numbered steps: one line each for the user, and a :class:`PipelineStep` record each
+    (name, status, seconds) for the manifest."""
+
     def __init__(self, total: int, sink: Callable[[str], None] | None = None):
         self.total, self.step, self.start = total, 0, time.perf_counter()
         self.sink = sink or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._records: list[PipelineStep] = []
+        self._current: tuple[str, str, float] | None = None
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, *, step: str, status: str = "done") -> None:
+        """Start step ``step`` (its line says ``message``); ``status`` is how it will be recorded."""
+        self.close()
         self.step += 1
-        self.sink(f"[{self.step}/{self.total}] {message} (t={time.perf_counter() - self.start:.1f}s)")
+        now = time.perf_counter()
+        self._current = (step, status, now)
+        self.sink(f"[{self.step}/{self.total}] {message} (t={now - self.start:.1f}s)")
+
+    def close(self) -> None:
+        if self._current is not None:
+            name, status, began = self._current
+            self._records.append(PipelineStep(name, status, round(time.perf_counter() - began, 3)))
+            self._current = None
+
+    def records(self) -> list[PipelineStep]:
+        """The steps so far, the one in progress closed."""
+        self.close()
+        return list(self._records)
 
     def info(self, message: str) -> None:
         self.sink(f"      {message}")
@@ -166,7 +186,7 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
             tempfile.TemporaryDirectory(prefix="bgevl-export-") as work_dir:
         work = Path(work_dir)
         source = "--model-path" if opts.model_path else ("generated" if spec.generated or opts.random_weights else "hub")
-        progress(f"loading {spec.key} ({source})")
+        progress(f"loading {spec.key} ({source})", step="load")
         ckpt = resolve_checkpoint(spec, model_path=opts.model_path, random_weights=opts.random_weights, workdir=work)
         exported = family.prepare_export(ckpt.path, spec, opts)
         graphs = exported.graphs
@@ -177,7 +197,7 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
         prepared: list[Feeds] = [exported.preprocessor.prepare(r) for r in requests]
         modules = family.graph_modules(exported)
 
-        progress(f"exporting {len(graphs)} graphs to ONNX (opset {ONNX_OPSET}, fp32)")
+        progress(f"exporting {len(graphs)} graphs to ONNX (opset {ONNX_OPSET}, fp32)", step="onnx-export")
         fp32_dir = work / "fp32"
         fp32_dir.mkdir()
         examples = family.example_feeds(modules, prepared)
@@ -186,7 +206,7 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
             progress.info(f"{graph.filename}: {onnx_passes.file_size(fp32_dir / graph.filename) / 1e6:.1f} MB")
 
         int8_form = family.int8_form(opts.int8_mode) if opts.precision == "int8" else None
-        progress(f"converting to {opts.precision}" + (f" ({int8_form.name})" if int8_form else ""))
+        progress(f"converting to {opts.precision}" + (f" ({int8_form.name})" if int8_form else ""), step="precision")
         calibration_info: dict | None = None
         calibration: tuple[list, list] | None = None
         if (int8_form is not None and int8_form.calibrated) or opts.precision == "fp8":
@@ -220,7 +240,7 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
         validation = Validation()
         if opts.validate:
             progress(f"validating against the original's fp32 embeddings on {_kind_counts(requests)} items "
-                     f"(images {', '.join(sorted({im.mode for im in probes.images}))})")
+                     f"(images {', '.join(sorted({im.mode for im in probes.images}))})", step="validation")
             original = family.original(ckpt.path)
             arrays = reference_arrays(prepared, [r.kinds() for r in requests], [original.embed(r) for r in requests])
             reference = original.DESCRIPTION
@@ -237,9 +257,9 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
                 arrays=VALIDATION_ARRAYS, figures=figures,
                 **check_thresholds(figures, opts.precision, threshold, ckpt.weights))
         else:
-            progress("validation skipped (--no-validate)")
+            progress("validation skipped (--no-validate)", step="validation", status="skipped")
 
-        progress("writing processor files and manifest")
+        progress("writing processor files and manifest", step="manifest")
         processor.save_pretrained(staging / "processor")
         manifest = Manifest(
             directory=staging,
@@ -249,12 +269,14 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
             opset=ONNX_OPSET, processor="processor",
             graphs={name: GraphEntry(g, opts.precision, ONNX_OPSET, onnx_passes.file_size(staging / g.filename),
                                      precision_details[name]) for name, g in graphs.items()},
-            recipe=recipe, validation=validation, versions=_versions(), command=opts.command)
+            recipe=recipe, validation=validation, versions=_versions(), command=opts.command,
+            pipeline=progress.records())
         write_manifest(manifest)
         if quality_data is not None:
             manifest.quality = _quality_gate(opts, quality_data, manifest, fp32_dir, processor, progress)
+            manifest.pipeline = progress.records()
             write_manifest(manifest)
-    progress(f"wrote {out}")
+    progress(f"wrote {out}", step="done")
     return out
 
 
@@ -268,7 +290,8 @@ def _quality_gate(opts: ExportOptions, data: Any, manifest: Manifest, fp32_dir: 
     from bgevl.quality.gate import DEFAULT_MAX_RECALL_DROP, quality_gate
 
     max_drop = DEFAULT_MAX_RECALL_DROP if opts.max_recall_drop is None else opts.max_recall_drop
-    progress(f"checking retrieval quality on {opts.quality_data} against the fp32 graphs (max drop {max_drop:g} points)")
+    progress(f"checking retrieval quality on {opts.quality_data} against the fp32 graphs (max drop {max_drop:g} points)",
+             step="quality-gate")
     reference = None
     if opts.precision != "fp32":
         reference = fp32_dir
