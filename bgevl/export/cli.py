@@ -38,13 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", "-o", type=Path, default=None, help="output directory (default: out/<model>-<precision>)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     e.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp16: float16 with LayerNorm/Softmax/final norm in float32; int8: see --int8-mode; fp8 (CLIP, "
-                        "TensorRT on compute capability 8.9+): FP8 E4M3 Q/DQ on the weight GEMMs, float16 elsewhere")
+                   help="fp16: float16 with LayerNorm/Softmax/final norm in float32; int8: see --int8-mode; fp8 ("
+                        f"{', '.join(f.name for f in known.values() if f.supports_fp8) or 'no family'}: TensorRT on compute "
+                        "capability 8.9+): FP8 E4M3 Q/DQ on the weight GEMMs, float16 elsewhere")
     e.add_argument("--int8-mode", default="qdq", choices=INT8_MODES,
-                   help="qdq: QuantizeLinear/DequantizeLinear graph (TensorRT INT8, ORT; static for CLIP, weight-only for "
-                        "the MLLM and Visualized-BGE); qdq-u8 (CLIP): static QDQ with uint8 activations, the CPU form "
-                        "(ONNX Runtime CPU and OpenVINO run every quantized MatMul in int8); dynamic: ORT dynamic "
-                        "quantization (CPU only)")
+                   help="the int8 form of each family (declared by its int8_form): " + _int8_forms(known))
     e.add_argument("--calibration-data", type=Path, default=None,
                    help="directory of images plus a .txt file of captions (one per line) for int8/fp8 calibration; default: the built-in synthetic set")
     e.add_argument("--calibration-size", type=int, default=32, help="images and captions in the built-in calibration set")
@@ -75,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_options(p)
     _triton_options(p, standalone=False)
     return p
+
+
+def _int8_forms(known: dict) -> str:
+    """``--int8-mode`` help: per mode, the form each family writes (or that it has none)."""
+    parts = []
+    for mode in INT8_MODES:
+        forms = []
+        for family in known.values():
+            try:
+                forms.append(f"{family.name} {family.int8_form(mode).name}")
+            except BgevlError:
+                continue
+        parts.append(f"{mode}: {', '.join(forms) or 'no family'}")
+    return "; ".join(parts)
 
 
 def _family_options(p: argparse.ArgumentParser) -> None:
