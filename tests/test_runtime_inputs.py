@@ -217,3 +217,11 @@ def test_encode_streams_images_in_graph_batches(embedder, monkeypatch):
     assert sizes == [64, 64, 22]
     with pytest.raises(InputError, match=r"images\[100\] <5 bytes>: not a readable image"):
         embedder.encode(images=[image] * 100 + [b"junk!"])
+
+
+def test_an_item_kind_the_family_does_not_declare_is_refused(embedder, png_bytes, monkeypatch):
+    """A model without composed queries declares kinds = (image, text): a composed item is one line."""
+    monkeypatch.setattr(type(embedder.family), "kinds", ("image", "text"))
+    assert embedder.encode(text=["a cat"]).shape[0] == 1 and embedder.encode(images=[png_bytes]).shape[0] == 1
+    with pytest.raises(InputError, match=r"^composed items: this model does not embed them \(it embeds image, text items\)$"):
+        embedder.encode(images=[png_bytes], text=["a cat"])

@@ -112,6 +112,10 @@ class Embedder:
                 f"{len(text_list)} texts; pass lists of equal length"
             )
         request = self.preprocessor.check(Request(image_list, text_list, role, instruction))
+        not_embedded = [kind for kind in dict.fromkeys(request.kinds()) if kind not in self.family.kinds]
+        if not_embedded:  # the family's declared item kinds (Recipe.kinds)
+            raise InputError(f"{' and '.join(not_embedded)} items: this model does not embed them (it embeds "
+                             f"{', '.join(self.family.kinds)} items)")
         # decoded and preprocessed one batch at a time
         out = []
         for start in range(0, len(request), self.max_batch):
