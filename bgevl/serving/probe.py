@@ -96,12 +96,16 @@ def find_server(processes: dict) -> tuple[int, str] | None:
     return min(found) if found else None
 
 
-def check(url: str, state_file: Path, ready: bool) -> tuple[bool, str]:
-    """One probe: (passed, the line to print). See the module docstring."""
+def check(url: str, state_file: Path, ready: bool, pid: int | None = None) -> tuple[bool, str]:
+    """One probe: (passed, the line to print). See the module docstring. ``pid``: the server's (default:
+    the tritonserver process found)."""
     processes = _processes()
-    server = find_server(processes)
+    if pid is not None:
+        server = (pid, processes[pid][2]) if pid in processes else None
+    else:
+        server = find_server(processes)
     if server is None:
-        return False, f"no {SERVER} process"
+        return False, f"no {SERVER} process" + (f" {pid}" if pid is not None else "")
     if _status(f"{url}/v2/health/live") != 200:
         return False, f"{SERVER} is not live ({url}/v2/health/live)"
     try:
@@ -134,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="http://localhost:8000", help="Triton's HTTP endpoint")
     p.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), help="where the stubs seen are kept between probes")
     p.add_argument("--ready", action="store_true", help="readiness: also require Triton's /v2/health/ready")
+    p.add_argument("--pid", type=int, default=None, help="the tritonserver process (default: the one found)")
     args = p.parse_args(argv)
-    passed, line = check(args.url.rstrip("/"), args.state, args.ready)
+    passed, line = check(args.url.rstrip("/"), args.state, args.ready, args.pid)
     print(line)
     return 0 if passed else 1
 
