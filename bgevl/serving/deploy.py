@@ -6,8 +6,8 @@ Written into one directory, every value a parameter (:class:`DeployOptions`):
   whose Python (3.12 from 25.01 on) the pinned dependency set resolves on (24.10, the Triton of the
   tested bundled server, has Python 3.10, where ``pillow`` and ``onnxruntime`` of ``constraints.txt``
   have no wheels), with this package installed and a non-root user;
-* ``k8s/``: a Deployment (GPU requests, readiness/liveness/startup probes on Triton's health
-  endpoints, a memory-backed ``/dev/shm`` for the python backend, the restricted admin APIs keyed by
+* ``k8s/``: a Deployment (GPU requests, a startup probe on Triton's readiness, readiness and liveness
+  exec probes that also fail on a dead python-backend stub (``bgevl.serving.probe``), a memory-backed ``/dev/shm`` for the python backend, the restricted admin APIs keyed by
   a Secret), a Service, an ``autoscaling/v2`` HPA on queue time per request through
   prometheus-adapter, and that adapter's rule;
 * ``kserve/``: a ServingRuntime with this image and an InferenceService, the KServe alternative
