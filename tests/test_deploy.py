@@ -51,8 +51,10 @@ def test_writes_every_file_with_the_values_given(deployed):
     assert dep["spec"]["replicas"] == 2 and container["image"] == "registry.example.com/bgevl-triton:0.1.0"
     assert "--model-repository=s3://models-bucket/bgevl/repo" in container["args"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # Triton's health endpoints stay 200 with a dead python-backend stub: the exec probe (tests/test_triton_server.py)
+    assert container["readinessProbe"]["exec"]["command"] == ["python3", "-m", "bgevl.serving.probe", "--ready"]
+    assert container["livenessProbe"]["exec"]["command"] == ["python3", "-m", "bgevl.serving.probe"]
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
     assert "--http-restricted-api=\"shared-memory" in (deployed / "serve.sh").read_text()  # the image's entrypoint

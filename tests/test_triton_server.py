@@ -364,16 +364,26 @@ def test_a_bad_request_to_an_encoder_fails_alone(clip_served):
             assert_matches(out, want)
 
 
+READINESS = ["/v2/health/ready", "/v2/models/bgevl/ready", "/v2/models/bgevl_composed/ready"]
+
+
 @pytest.mark.parametrize("victim", ["bgevl_text", "bgevl_preprocess"])
 def test_a_killed_stub_is_seen_reported_and_its_model_reloaded_under_load(clip_export, tmp_path, victim):
-    """kill -9 of a python-backend stub (what the OOM killer does) while clients send requests: the
-    model reports not ready, comes back by itself within 30 s, and no request fails after that."""
+    """kill -9 of a python-backend stub (what the OOM killer does) while 8 clients send requests.
+
+    ``bgevl_text`` (one instance: it cannot serve): it, the models that call it (the BLS entry ``bgevl``,
+    the ensemble ``bgevl_composed``) and the server report not ready until it is back (Triton itself
+    calls all of them ready with the stub dead), then no request fails. ``bgevl_preprocess`` (two
+    instances: the other one serves): it stays ready, and the death fails at most the requests that
+    were inside the dead stub when it was killed: one per client, each having one request in flight
+    (before: 6,227 failures in 7.4 s under 16 clients, as Triton kept giving requests to the dead stub)."""
     import threading
 
     server = started(write_repository(clip_export, tmp_path / "repo", sink=None))
     reports, stop = [], threading.Event()
     results: list[tuple[float, bool]] = []
-    not_ready_seen = threading.Event()
+    not_ready: dict[str, int] = {}
+    clients = 8
 
     def supervise():
         while not stop.is_set():
@@ -395,19 +405,22 @@ def test_a_killed_stub_is_seen_reported_and_its_model_reloaded_under_load(clip_e
 
     def watch_ready():
         while not stop.is_set():
-            if server._get(f"/v2/models/{victim}/ready") != 200:
-                not_ready_seen.set()
+            for path in [f"/v2/models/{victim}/ready", *READINESS]:
+                if server._get(path) != 200:
+                    not_ready[path] = not_ready.get(path, 0) + 1
             time.sleep(0.05)
 
-    threads = [threading.Thread(target=f, args=a) for f, a in [(supervise, ()), (watch_ready, ())] + [(load, (i,)) for i in range(4)]]
+    threads = [threading.Thread(target=f, args=a)
+               for f, a in [(supervise, ()), (watch_ready, ())] + [(load, (i,)) for i in range(clients)]]
     try:
         for t in threads:
             t.start()
         time.sleep(2)
+        assert not not_ready, not_ready
         pid = next(p for p, model in server.stub_processes().items() if model == victim)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        deadline = killed_at + 30
+        deadline = killed_at + 60
         while time.monotonic() < deadline and not any("is serving again" in r for r in reports):
             time.sleep(0.2)
         recovered_at = time.monotonic()
@@ -419,10 +432,54 @@ def test_a_killed_stub_is_seen_reported_and_its_model_reloaded_under_load(clip_e
     try:
         assert any(f"stub of model {victim!r} (pid {pid}) died" in r for r in reports), reports
         assert any(f"model {victim!r} is serving again" in r for r in reports), reports
-        assert recovered_at - killed_at < 30
-        assert not_ready_seen.is_set(), "the model never reported not ready while it was reloaded"
+        assert recovered_at - killed_at < 60
         after = [ok for sent, ok in results if sent > recovered_at]
         assert len(after) > 10 and all(after), f"{after.count(False)} of {len(after)} requests sent after the recovery failed"
+        if victim == "bgevl_text":
+            assert set(not_ready) == {f"/v2/models/{victim}/ready", *READINESS}, not_ready
+        else:
+            assert not not_ready, f"a model with a live instance left reported not ready: {not_ready}"
+            failed_before = [sent for sent, ok in results if not ok and sent <= killed_at]
+            failed_after = [sent for sent, ok in results if not ok and sent > killed_at]
+            assert not failed_after and len(failed_before) <= clients, (
+                f"{len(failed_before)} requests sent before the kill and {len(failed_after)} after it failed "
+                f"(of {len(results)}), although the other preprocess instance was alive")
+    finally:
+        stopped(server)
+
+
+def test_the_pod_probe_fails_on_a_dead_stub_that_tritons_health_endpoints_do_not_see(clip_export, tmp_path):
+    """The exec probe of the generated Deployment (``python3 -m bgevl.serving.probe``), run as the kubelet
+    runs it, against a real server: live and ready while every stub runs; once one is killed, Triton's
+    /v2/health/live and /v2/health/ready still answer 200, the probe fails naming the model, and keeps
+    failing (nothing reloads a model in a pod); a state left by another server is not held against this one."""
+    server = started(write_repository(clip_export, tmp_path / "repo", sink=None))
+    state = tmp_path / "probe.json"
+
+    def probe(*extra):
+        run = subprocess.run([sys.executable, "-m", "bgevl.serving.probe", "--url", f"http://{server.http_url}",
+                              "--state", str(state), "--pid", str(server.process.pid), *extra],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        return run.returncode, run.stdout.strip() + run.stderr.strip()
+
+    try:
+        stubs = server.stub_processes()
+        assert sorted(set(stubs.values())) == ["bgevl", "bgevl_fusion", "bgevl_preprocess", "bgevl_text", "bgevl_vision"]
+        assert probe() == (0, f"live: {len(stubs)} python-backend stubs")
+        assert probe("--ready") == (0, f"ready: {len(stubs)} python-backend stubs")
+        pid = next(p for p, model in stubs.items() if model == "bgevl_text")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid in server.stub_processes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server._get("/v2/health/live") == 200 and server._get("/v2/health/ready") == 200  # Triton does not see it
+        want = f"python-backend stub(s) of bgevl_text (pid {pid}) died"
+        for extra in ((), ("--ready",), ()):
+            code, line = probe(*extra)
+            assert code == 1 and want in line, line
+        state.write_text(state.read_text().replace(f'"server": [{server.process.pid},', '"server": [1,'))
+        assert probe() == (0, f"live: {len(stubs) - 1} python-backend stubs")  # another server's state: afresh
     finally:
         stopped(server)
 

@@ -24,6 +24,10 @@ from bgevl.core.specs import Dim, GraphSpec, TensorSpec
 #: the python backend running ONNX Runtime ("python") or OpenVINO ("python-openvino"; the bundled CPU server).
 ENCODER_BACKENDS = ("onnxruntime", "tensorrt", "openvino", "python", "python-openvino")
 
+#: Parameters of the BLS entry model naming the models it calls (its preprocess model; graph name -> encoder
+#: model, JSON): how ``bgevl-serve`` knows what the entry depends on (Triton knows an ensemble's steps only).
+ENTRY_PREPROCESS, ENTRY_GRAPH_MODELS = "preprocess_model", "graph_models"
+
 #: numpy dtype name -> Triton data type (model_config.proto ``DataType``).
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                  "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}

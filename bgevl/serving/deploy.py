@@ -6,8 +6,8 @@ Written into one directory, every value a parameter (:class:`DeployOptions`):
   whose Python (3.12 from 25.01 on) the pinned dependency set resolves on (24.10, the Triton of the
   tested bundled server, has Python 3.10, where ``pillow`` and ``onnxruntime`` of ``constraints.txt``
   have no wheels), with this package installed and a non-root user;
-* ``k8s/``: a Deployment (GPU requests, readiness/liveness/startup probes on Triton's health
-  endpoints, a memory-backed ``/dev/shm`` for the python backend, the restricted admin APIs keyed by
+* ``k8s/``: a Deployment (GPU requests, a startup probe on Triton's readiness, readiness and liveness
+  exec probes that also fail on a dead python-backend stub (``bgevl.serving.probe``), a memory-backed ``/dev/shm`` for the python backend, the restricted admin APIs keyed by
   a Secret), a Service, an ``autoscaling/v2`` HPA on queue time per request through
   prometheus-adapter, and that adapter's rule;
 * ``kserve/``: a ServingRuntime with this image and an InferenceService, the KServe alternative
@@ -254,8 +254,10 @@ def deployment(opts: DeployOptions) -> dict:
         "env": list(_TMP_ENV),
         "resources": _resources(opts),
         "startupProbe": probe("/v2/health/ready", 10, 60),  # large repositories take minutes to load
-        "readinessProbe": probe("/v2/health/ready", 5, 3),
-        "livenessProbe": probe("/v2/health/live", 10, 3),
+        # Triton's health endpoints stay 200 with a dead python-backend stub: the exec probe also fails on one
+        # (bgevl.serving.probe), so the pod leaves the Service at once and the container restarts ~30 s later
+        "readinessProbe": stub_probe(ready=True, period=5, failures=3),
+        "livenessProbe": stub_probe(ready=False, period=10, failures=3),
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, _TMP_MOUNT, *mounts],
         "securityContext": container_security(),
     }
@@ -289,6 +291,16 @@ def deployment(opts: DeployOptions) -> dict:
             },
         },
     }
+
+
+#: The exec probe of the tritonserver container (bgevl.serving.probe): Triton live (--ready: and ready) and no
+#: python-backend stub dead since an earlier probe; its state between probes in the /tmp emptyDir.
+PROBE_COMMAND = ["python3", "-m", "bgevl.serving.probe"]
+
+
+def stub_probe(ready: bool, period: int, failures: int) -> dict:
+    return {"exec": {"command": PROBE_COMMAND + (["--ready"] if ready else [])}, "periodSeconds": period,
+            "failureThreshold": failures, "timeoutSeconds": 5}
 
 
 API_KEY_ENV = "BGEVL_API_KEY"

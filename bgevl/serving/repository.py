@@ -32,7 +32,7 @@ from bgevl.core.staging import check_replaceable, staged_directory
 from bgevl.core.registry import get_family
 from bgevl.core.specs import DEFAULT_SERVING_NAME, SERVING_EMBEDDING, Dim, GraphSpec, TensorSpec
 from bgevl.serving.perf_analyzer import write_input_data
-from bgevl.serving.configs import ENCODER_BACKENDS, Batching, encoder_config, python_config, to_pbtxt
+from bgevl.serving.configs import ENCODER_BACKENDS, ENTRY_GRAPH_MODELS, ENTRY_PREPROCESS, Batching, encoder_config, python_config, to_pbtxt
 
 #: Instance kind of the encoders per backend: TensorRT plans run on a GPU; the ONNX Runtime
 #: backend takes whatever the server has (KIND_AUTO: GPU when present); python-backend ONNX
@@ -182,9 +182,9 @@ class RepositoryWriter:
         config = python_config(
             self.name, inputs, [TensorSpec(SERVING_EMBEDDING, "float32", (self.manifest.embedding_dim,))], batching,
             optional=[t.name for t in inputs],
-            parameters={"family": self.manifest.family, "preprocess_model": preprocess,
+            parameters={"family": self.manifest.family, ENTRY_PREPROCESS: preprocess,
                         "chunk_items": str(ENTRY_CHUNK_ITEMS),
-                        "graph_models": json.dumps(graph_models), "graphs": json.dumps(graphs)})
+                        ENTRY_GRAPH_MODELS: json.dumps(graph_models), "graphs": json.dumps(graphs)})
         self.write(config, "bgevl.serving.models.entry")
         return config.name
 
@@ -272,6 +272,38 @@ def repository_backends(repository: str | os.PathLike) -> dict[str, str]:
         config = parse_pbtxt(config_file.read_text())
         out[config.name or config_file.parent.name] = config.backend or config.platform
     return out
+
+
+def model_dependencies(repository: str | os.PathLike) -> dict[str, set[str]]:
+    """Model name -> the models it calls, from the repository's config.pbtxt files: an ensemble's steps
+    (Triton follows those itself: it unloads an ensemble with a step model, measured on 2.51) and the BLS
+    entry's preprocess and encoder models (:data:`ENTRY_PREPROCESS`, :data:`ENTRY_GRAPH_MODELS`), which
+    Triton does not know: it calls the entry ready while a model it calls cannot serve."""
+    from bgevl.serving.configs import parse_pbtxt
+
+    out = {}
+    for config_file in sorted(Path(repository).glob("*/config.pbtxt")):
+        config = parse_pbtxt(config_file.read_text())
+        calls = {step.model_name for step in config.ensemble_scheduling.step}
+        if ENTRY_PREPROCESS in config.parameters:
+            calls.add(config.parameters[ENTRY_PREPROCESS].string_value)
+        if ENTRY_GRAPH_MODELS in config.parameters:
+            calls.update(json.loads(config.parameters[ENTRY_GRAPH_MODELS].string_value).values())
+        out[config.name or config_file.parent.name] = calls
+    return out
+
+
+def dependents(dependencies: dict[str, set[str]], model: str) -> list[str]:
+    """The models that call ``model``, directly or through others, callers last (the order to load them in)."""
+    found: list[str] = []
+
+    def visit(name: str) -> None:
+        for caller, calls in sorted(dependencies.items()):
+            if name in calls and caller not in found:
+                visit(caller)  # its own callers first ...
+                found.insert(0, caller)  # ... which end up after it
+    visit(model)
+    return found
 
 
 def is_repository(directory: Path) -> bool:

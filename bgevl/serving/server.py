@@ -217,6 +217,11 @@ class TritonServer:
         self._stubs: dict[int, str] = {}
         #: models whose stub died and that did not come back after RELOAD_ATTEMPTS reloads
         self.unrecoverable: list[str] = []
+        #: model -> the models it calls (the reload of a model takes its callers along)
+        from bgevl.serving.repository import model_dependencies
+
+        self.dependencies = model_dependencies(self.repository)
+        self._generation = 0
 
     @property
     def _client_host(self) -> str:
@@ -286,31 +291,32 @@ class TritonServer:
     # --- python-backend stubs: a dead one is found and its model reloaded ------------------------
     #
     # The python backend runs each model instance in a stub process. When one dies (the OOM killer,
-    # kill -9), Triton 2.51 keeps reporting the model ready and answers every request routed to it
-    # with "Stub process ... is not healthy" (measured: for minutes). The launcher watches the stubs
-    # and reloads the model of a dead one through the repository API: the model reports not ready
-    # while it reloads, then serves again with new stubs.
+    # kill -9), Triton 2.51 keeps reporting the model, its callers and the server ready, and answers
+    # the requests it gives the dead instance with "Stub process ... is not healthy" (measured: for
+    # minutes). The launcher watches the stubs (0.5 s in bgevl-serve) and, for a dead one:
+    #
+    # * when the model has no live instance left, it cannot serve: the models that call it (the BLS entry,
+    #   an ensemble) are unloaded with it, so that Triton itself answers not ready for the model, every
+    #   model that depends on it and the server (/v2/health/ready: Triton's strict readiness counts an
+    #   unloaded model; the embeddings API asks for the entry model), then it and they are loaded again.
+    #   Triton follows an ensemble's steps on its own, but not the calls of a BLS model (measured on 2.51:
+    #   with bgevl_text unloaded, bgevl_composed went with it, the entry bgevl stayed ready);
+    # * when a live instance is left (the preprocess model has two), the model still serves: it is
+    #   reloaded in place, a load with its own configuration given again, for which Triton keeps the
+    #   running model serving until the new one is ready (measured: no gap), and the entry model retries
+    #   the requests that met the dead instance meanwhile (``backend_utils.call``), so the death fails at
+    #   most the requests that were inside the dead stub.
 
     def stub_processes(self) -> dict[int, str]:
         """{pid: model name} of the server's python-backend stubs."""
-        import psutil
+        from bgevl.serving.probe import stub_processes
 
-        out = {}
-        try:
-            children = psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.Error:
-            return out
-        for child in children:
-            try:
-                cmd = child.cmdline()
-            except psutil.Error:
-                continue
-            if cmd and cmd[0].endswith("triton_python_backend_stub") and len(cmd) > 1:
-                out[child.pid] = Path(cmd[1]).parent.parent.name  # <repository>/<model>/<version>/model.py
-        return out
+        return stub_processes(self.process.pid) if self.process is not None else {}
 
-    def _post(self, path: str, timeout: float) -> tuple[int, str]:
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST",
+    def _post(self, path: str, timeout: float, body: dict | None = None) -> tuple[int, str]:
+        import json
+
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=json.dumps(body or {}).encode(), method="POST",
                                      headers={ADMIN_HEADER: self.admin_key, "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as response:
@@ -324,27 +330,40 @@ class TritonServer:
     RELOAD_ATTEMPTS, RELOAD_BACKOFF_S = 3, 1.0
 
     def recover_dead_stubs(self, report=print, timeout: float = 60.0) -> list[str]:
-        """One check: reload every model one of whose stubs has died since the last check; returns
-        the models reloaded. A reload that fails (its new stub died too, or the model no longer loads) is
-        retried with backoff, :attr:`RELOAD_ATTEMPTS` times in all; a model that still cannot serve is added
-        to :attr:`unrecoverable`, on which ``bgevl-serve`` stops the server and exits non-zero, so that a
-        supervisor (systemd, Kubernetes) restarts it rather than leaving a server up that fails requests."""
+        """One check: reload every model one of whose stubs has died since the last check (see above);
+        returns the models reloaded. A reload that fails (its new stub died too, or the model no longer
+        loads) is retried with backoff, :attr:`RELOAD_ATTEMPTS` times in all; a model that still cannot
+        serve is added to :attr:`unrecoverable` (it and its callers stay unloaded: not ready), on which
+        ``bgevl-serve`` stops the server and exits non-zero, so that a supervisor (systemd, Kubernetes)
+        restarts it rather than leaving a server up that fails requests."""
+        from bgevl.serving.probe import dead_stubs
+        from bgevl.serving.repository import dependents
+
         if not self.alive():
             return []
         current = self.stub_processes()
-        dead = {}
-        for pid, model in self._stubs.items():
-            # a stub that went while Triton still calls its model ready died; one whose model an admin
-            # unloaded or reloaded through the repository API went on purpose
-            if pid not in current and self._get(f"/v2/models/{model}/ready") == 200:
-                dead.setdefault(model, pid)
+        # a stub that went while Triton still calls its model ready died; one whose model an admin
+        # unloaded or reloaded through the repository API went on purpose
+        dead = dead_stubs(self._stubs, current, lambda model: self._get(f"/v2/models/{model}/ready") == 200)
         reloaded = []
         for model, pid in dead.items():
             start = time.monotonic()
-            report(f"bgevl-serve: the python-backend stub of model {model!r} (pid {pid}) died; reloading {model}")
+            in_place = model in current.values()
+            callers = [] if in_place else dependents(self.dependencies, model)
+            if in_place:
+                report(f"bgevl-serve: a python-backend stub of model {model!r} (pid {pid}) died; its other instances "
+                       f"serve while it is reloaded in place")
+            else:
+                report(f"bgevl-serve: the python-backend stub of model {model!r} (pid {pid}) died; reloading {model}"
+                       + (f" (not ready meanwhile, with the models that call it: {', '.join(callers)})" if callers else ""))
+                for caller in reversed(callers):  # callers first: no request reaches them to fail on the model
+                    self._unload(caller, timeout)
             for attempt in range(1, self.RELOAD_ATTEMPTS + 1):
-                status, body = self._reload(model, timeout)
-                if status == 200 and self._get(f"/v2/models/{model}/ready") == 200:
+                status, body = self._reload_in_place(model, timeout) if in_place else self._reload(model, timeout)
+                for caller in callers:
+                    if status == 200:
+                        status, body = self._post(f"/v2/repository/models/{caller}/load", timeout)
+                if status == 200 and all(self._get(f"/v2/models/{m}/ready") == 200 for m in (model, *callers)):
                     report(f"bgevl-serve: model {model!r} is serving again ({time.monotonic() - start:.1f} s)")
                     reloaded.append(model)
                     break
@@ -361,16 +380,35 @@ class TritonServer:
         self._stubs = current
         return reloaded
 
-    def _reload(self, model: str, timeout: float) -> tuple[int, str]:
-        """Unload, then load ``model`` through the repository API (a load of a loaded model whose files did
-        not change is a no-op in Triton 2.51, so the unload comes first)."""
+    def _unload(self, model: str, timeout: float) -> tuple[int, str]:
+        """Unload ``model`` and wait until Triton no longer calls it ready."""
         status, body = self._post(f"/v2/repository/models/{model}/unload", timeout)
         deadline = time.monotonic() + timeout
         while status == 200 and self._get(f"/v2/models/{model}/ready") == 200 and time.monotonic() < deadline:
             time.sleep(0.1)
+        return status, body
+
+    def _reload(self, model: str, timeout: float) -> tuple[int, str]:
+        """Unload, then load ``model`` through the repository API (a load of a loaded model whose files did
+        not change is a no-op in Triton 2.51, so the unload comes first)."""
+        status, body = self._unload(model, timeout)
         if status == 200:
             status, body = self._post(f"/v2/repository/models/{model}/load", timeout)
         return status, body
+
+    def _reload_in_place(self, model: str, timeout: float) -> tuple[int, str]:
+        """Load ``model`` again with its configuration given in the request (with a changed parameter, so that
+        it is not a no-op): Triton loads new instances while the running ones serve, then swaps them."""
+        import json
+
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/config", timeout=timeout) as response:
+                config = json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            return 0, f"reading the configuration of {model!r}: {exc}"
+        self._generation += 1
+        config.setdefault("parameters", {})["bgevl_reload"] = {"string_value": str(self._generation)}
+        return self._post(f"/v2/repository/models/{model}/load", timeout, {"parameters": {"config": json.dumps(config)}})
 
     def _get(self, path: str) -> int:
         try:

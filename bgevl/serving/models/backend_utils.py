@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import traceback
 
 import numpy as np
@@ -93,13 +95,36 @@ def output_array(response, name: str) -> np.ndarray:
     return tensor.as_numpy() if tensor.is_cpu() else np.from_dlpack(tensor.to_dlpack())
 
 
+#: Triton's answer for a request its scheduler gave to an instance whose stub process died.
+DEAD_STUB = ("Stub process", "is not healthy")
+#: How long a BLS call keeps retrying a request that met a dead stub, and the first pause (doubled to 1 s).
+DEAD_STUB_RETRY_S, DEAD_STUB_PAUSE_S = 30.0, 0.05
+
+
+def met_dead_stub(message: str) -> bool:
+    return all(part in message for part in DEAD_STUB)
+
+
 async def call(model: str, inputs: dict[str, np.ndarray], outputs: list[str], input_errors: bool = False) -> dict[str, np.ndarray]:
     """One BLS request; a model error is re-raised with that model's message, as an input error (400)
     when ``input_errors`` (the called model only checks and converts the client's input) and the
-    message is not an internal or server failure, else as an internal error (500)."""
+    message is not an internal or server failure, else as an internal error (500).
+
+    A request that met a dead stub is sent again, for up to :data:`DEAD_STUB_RETRY_S`: Triton 2.51 keeps
+    giving requests to an instance whose stub died (measured: the preprocess model with one of its two
+    stubs killed answered "Stub process ... is not healthy" to a share of the requests, for as long as it
+    was watched), although the model's other instances serve; the model's requests are pure (an
+    embedding), so a second try is safe. The retry reaches a live instance, or the model that
+    ``bgevl-serve`` reloads meanwhile (it swaps a model with a live instance left without a gap); a model
+    that ``bgevl-serve`` unloaded answers "not ready" and is not retried."""
     request = pb.InferenceRequest(model_name=model, requested_output_names=outputs,
                                   inputs=[pb.Tensor(k, v) for k, v in inputs.items()])
+    deadline, pause = time.monotonic() + DEAD_STUB_RETRY_S, DEAD_STUB_PAUSE_S
     response = await request.async_exec()
+    while response.has_error() and met_dead_stub(response.error().message()) and time.monotonic() < deadline:
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, 1.0)
+        response = await request.async_exec()
     if response.has_error():
         # Triton 2.51's BLS responses carry every error as INTERNAL (measured: the code the called model
         # set is lost), so the caller says which steps only judge the client's input (preprocessing)

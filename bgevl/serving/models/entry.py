@@ -25,6 +25,7 @@ import triton_python_backend_utils as pb
 from bgevl.core.registry import get_family
 from bgevl.core.family import run_steps_async
 from bgevl.core.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_TEXT, GraphSpec
+from bgevl.serving.configs import ENTRY_GRAPH_MODELS, ENTRY_PREPROCESS
 from bgevl.serving.models.backend_utils import (
     ModelError, answer_async, call, error_response, model_config, optional_input, parameter,
 )
@@ -35,8 +36,8 @@ class TritonPythonModel:
         config = model_config(args)
         self.name = config["name"]
         self.family = get_family(parameter(config, "family"))
-        self.preprocess = parameter(config, "preprocess_model")
-        self.graph_models = json.loads(parameter(config, "graph_models"))
+        self.preprocess = parameter(config, ENTRY_PREPROCESS)
+        self.graph_models = json.loads(parameter(config, ENTRY_GRAPH_MODELS))
         self.graphs = {name: GraphSpec.from_json(g) for name, g in json.loads(parameter(config, "graphs")).items()}
         self.chunk = int(parameter(config, "chunk_items", "0")) or None
 
