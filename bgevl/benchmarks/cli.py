@@ -3,6 +3,7 @@
     bgevl-bench --models tiny                                   # seconds: the suite on the tiny model
     bgevl-bench --models base,large --random-weights --batch-sizes 1,8 --output benchmarks/results/cpu
     bgevl-bench corpus --items 10000                            # bgevl-embed next to Embedder.encode (see --help)
+    bgevl-bench profile EXPORT --graph vision --batch 8         # where one graph call's time goes, per operator
 
 For each model: the exports it needs (fp32, fp16, int8; cached under ``--exports``), the PyTorch
 baseline, ONNX Runtime per precision (CPU provider; the CUDA/TensorRT providers and TensorRT
@@ -47,13 +48,14 @@ GRAPH_BACKENDS = {
     "openvino-bf16": ("openvino", "bf16", "fp32", None),
     "openvino-f32": ("openvino", "f32", "fp32", None),
     "openvino-int8-u8": ("openvino", "bf16", "int8", "qdq-u8"),
+    "openvino-int8-u8-f32": ("openvino", "f32", "int8", "qdq-u8"),  # the same where the CPU has no bf16
 }
 ALL_BACKENDS = ("pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-int8-dynamic",
                 "runtime", "triton")
 #: Not run unless asked for: the PyTorch baseline with glibc malloc untouched (a child process), the CPU
 #: int8 form and OpenVINO (the optional extra).
 OPTIONAL_BACKENDS = ("api", "api-triton", "pytorch-plain", "onnxruntime-int8-u8", "openvino-bf16", "openvino-f32", "openvino-int8-u8",
-                     *PEERS)
+                     "openvino-int8-u8-f32", *PEERS)
 #: Backends every other one is compared with round by round, where they ran (``paired`` in the results).
 PAIRED_REFERENCES = ("pytorch", "pytorch-plain", "onnxruntime-fp32", "onnxruntime-int8-dynamic")
 GPU_BACKENDS = ("onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16", "tensorrt-fp16", "tensorrt-int8", "tensorrt-fp8")
@@ -540,6 +542,10 @@ def main(argv: list[str] | None = None) -> int:
         from bgevl.benchmarks.corpus import main as corpus_main
 
         return corpus_main(argv[1:])
+    if argv[:1] == ["profile"]:  # per-operator profile of one graph (bgevl.benchmarks.profile)
+        from bgevl.benchmarks.profile import main as profile_main
+
+        return profile_main(argv[1:])
     args = build_parser().parse_args(argv)
     # Ctrl-C, SIGTERM: exports in progress, temporary folders, servers and the baseline process are cleaned up
     # by the context managers and finally blocks on the way out; what was measured is already written
