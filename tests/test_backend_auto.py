@@ -40,8 +40,9 @@ def _cosines(a, b):
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def test_auto_loads_a_gate_passing_backend_and_says_which(export_dir, caplog):
-    export = export_dir("fp32")
+@pytest.mark.parametrize("model", ["tiny", "tiny-mllm"])  # batch-aligned probe requests, and image tiles
+def test_auto_loads_a_gate_passing_backend_and_says_which(export_dir, caplog, model):
+    export = export_dir("fp32", model=model)
     with caplog.at_level(logging.INFO, logger="bgevl"):
         embedder = Embedder.load(export, backend="auto", threads=1)
     choice = embedder.backend_choice
