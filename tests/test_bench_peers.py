@@ -148,3 +148,44 @@ def test_bf16_peers_run_where_the_cpu_has_bf16_and_count_against_the_bf16_peak(t
         assert rows[name]["peak_fraction"] == pytest.approx(rows[name]["gflops"] / 400.0)
     best = best_peers(data["results"])
     assert rows["onnxruntime-fp32"]["vs_best_pytorch"]["0.9999"]["peer"] == best[0.9999]
+
+
+def test_the_peak_probes_give_each_precision_its_own_figure_and_none_where_emulated():
+    zen3 = precision_support(cpu_isa(ZEN3))
+    peaks = hardware.matmul_peaks(1, sizes=(128,), repeats=1, support=zen3)
+    assert peaks["fp32"] > 0 and peaks["int8"] > 0 and peaks["bf16"] is None  # no bf16 probe on an emulating CPU
+    probes = peaks["probes"]
+    assert {"fp32/torch_128", "fp32/onnxruntime_128", "int8/onnxruntime_128"} <= set(probes)
+    assert not any(k.startswith("bf16/") for k in probes)
+    assert peaks["fp32"] == max(v for k, v in probes.items() if k.startswith("fp32/"))
+    assert peaks["int8"] == max(v for k, v in probes.items() if k.startswith("int8/"))
+
+
+def test_the_profile_splits_a_graph_call_by_operator_type(export_dir, capsys):
+    from bgevl.benchmarks.profile import main as profile_main, profile_onnxruntime, probe_feed, table
+    from bgevl.manifest import read_manifest
+
+    manifest = read_manifest(export_dir("fp32"))
+    feed = probe_feed(manifest, "vision", 3)
+    assert feed["pixel_values"].shape == (3, 3, 224, 224)
+    per_op, wall = profile_onnxruntime(manifest.graph_path("vision"), feed, 1, 2)
+    assert wall > 0 and per_op["Conv"] > 0 and {"MatMul", "FusedMatMul"} & set(per_op)
+    lines = table({"MatMul": 300.0, "Add": 100.0}, 2, 0.5)
+    assert lines[0] == "wall 500.0 ms per call (profiler on); node time 0.2 ms per call"
+    assert lines[-2:] == ["| MatMul | 0.15 | 75.0% |", "| Add | 0.05 | 25.0% |"]
+    assert profile_main([str(manifest.directory), "--graph", "text", "--batch", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"## {manifest.directory.name}: text on onnxruntime, input_ids [2, ") and "| MatMul |" in out
+    assert profile_main([str(manifest.directory), "--graph", "nope"]) == 2
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_the_openvino_profile_counts_executed_nodes_with_their_kernels(export_dir, static):
+    pytest.importorskip("openvino", reason="needs the openvino extra: pip install '.[openvino]'")
+    from bgevl.benchmarks.profile import probe_feed, profile_openvino
+    from bgevl.manifest import read_manifest
+
+    manifest = read_manifest(export_dir("fp32"))
+    per_op, wall = profile_openvino(manifest.graph_path("vision"), probe_feed(manifest, "vision", 2), 1, 2, "f32", static)
+    assert wall > 0 and all(us >= 0 for us in per_op.values())
+    assert any(name.startswith(("FullyConnected (", "MatMul (")) for name in per_op)  # "type (kernel)"
