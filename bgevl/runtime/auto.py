@@ -3,7 +3,7 @@
 The candidates are the forms this export can run in on this machine (:func:`candidates`): ONNX Runtime
 (with the requested provider), OpenVINO f32 and, where the CPU computes bf16 (AVX512-BF16 or AMX), OpenVINO
 bf16, and the TensorRT engines where the export has them. Each is opened and run on the export's stored
-probe set (``validation.npz``: the images, texts and composed queries the export gate used, 8 of each)
+probe set (``validation.npz``: the images, texts and composed queries the export gate used; CLIP: 8 of each)
 against the original's embeddings, with the gate of its form (ONNX Runtime and TensorRT: the export's
 precision threshold; OpenVINO: also at most 0.9999); that first run is also its warm-up. The gate-passing
 candidates are then timed on the same probe requests cut to :data:`TIMED_ITEMS` items each, in
