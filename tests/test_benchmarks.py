@@ -17,10 +17,10 @@ def test_bench_runs_every_backend_and_writes_json_markdown_and_plots(tmp_path, c
     backends = {"pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-int8-dynamic",
                 "runtime", "triton", "api", "api-triton"}
     rc = main(["--models", "tiny", "--backends", ",".join(sorted(backends)), "--batch-sizes", "1,2", "--concurrency", "1,2",
-               "--warmup", "1", "--min-repeats", "2", "--min-seconds", "0", "--sweep-seconds", "0.5", "--output", str(out)])
+               "--warmup", "1", "--min-repeats", "2", "--min-seconds", "0", "--sweep-seconds", "0.5", "--peak-sizes", "256,512", "--output", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
-    assert data["command"].startswith("bgevl-bench --models tiny") and data["hardware"]["matmul_peak_gflops"] > 0
+    assert data["command"].startswith("bgevl-bench --models tiny") and data["hardware"]["matmul_peaks"]["fp32"] > 0
     assert {"torch", "onnxruntime", "transformers"} <= set(data["software"])
     rows = data["results"]
     assert len(rows) == 3 * 2 * len(backends)  # workloads x batch sizes x backends
@@ -76,7 +76,7 @@ def test_an_interrupted_bench_leaves_nothing_half_written_and_prints_one_line(tm
     tmp, out = tmp_path / "tmp", tmp_path / "bench"
     tmp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "bgevl.benchmarks.cli", "--models", "tiny", "--backends",
-                             "pytorch,onnxruntime-fp32", "--output", str(out)], stderr=subprocess.PIPE, text=True,
+                             "pytorch,onnxruntime-fp32", "--peak-sizes", "256", "--output", str(out)], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TMPDIR": str(tmp)})
     log = []
     for line in proc.stderr:
@@ -99,7 +99,7 @@ def test_an_interrupted_bench_leaves_nothing_half_written_and_prints_one_line(tm
 def _bench_api(tmp_path, backends: str, workloads: str = "image,text", batches: str = "1,8") -> list[dict]:
     out = tmp_path / "bench"
     assert main(["--models", "tiny", "--backends", backends, "--batch-sizes", batches, "--workloads", workloads,
-                 "--warmup", "1", "--min-repeats", "3", "--min-seconds", "0", "--output", str(out)]) == 0
+                 "--warmup", "1", "--min-repeats", "3", "--min-seconds", "0", "--peak-sizes", "256,512", "--output", str(out)]) == 0
     return json.loads((out / "results.json").read_text())["results"]
 
 

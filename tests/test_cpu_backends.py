@@ -136,7 +136,7 @@ def test_bench_reports_paired_ratios_both_pytorch_baselines_and_the_pareto_front
     out = tmp_path / "bench"
     assert main(["--models", "tiny", "--backends", "pytorch,pytorch-plain,onnxruntime-fp32,openvino-bf16,onnxruntime-int8-u8",
                  "--workloads", "image", "--batch-sizes", "2", "--warmup", "1", "--min-repeats", "6", "--min-seconds", "0",
-                 "--output", str(out)]) == 0
+                 "--peak-sizes", "256,512", "--output", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     rows = {r["backend"]: r for r in data["results"]}
     expected = {"pytorch", "pytorch-plain", "onnxruntime-fp32", "onnxruntime-int8-u8"} | (

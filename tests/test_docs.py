@@ -47,10 +47,11 @@ def tools() -> dict[str, set[str]]:
                 if isinstance(action, argparse._SubParsersAction):
                     stack.extend(action.choices.values())
         out[name] = options
-    if "bgevl-bench" in out:  # `bgevl-bench corpus ...` is dispatched to its own parser
-        from bgevl.benchmarks import corpus
+    if "bgevl-bench" in out:  # `bgevl-bench corpus ...` and `bgevl-bench profile ...` are dispatched to their own parsers
+        from bgevl.benchmarks import corpus, profile
 
-        out["bgevl-bench"] |= {o for a in corpus.build_parser()._actions for o in a.option_strings}
+        for sub in (corpus, profile):
+            out["bgevl-bench"] |= {o for a in sub.build_parser()._actions for o in a.option_strings}
     return out
 
 

@@ -3,6 +3,7 @@
     bgevl-bench --models tiny                                   # seconds: the suite on the tiny model
     bgevl-bench --models base,large --random-weights --batch-sizes 1,8 --output benchmarks/results/cpu
     bgevl-bench corpus --items 10000                            # bgevl-embed next to Embedder.encode (see --help)
+    bgevl-bench profile EXPORT --graph vision --batch 8         # where one graph call's time goes, per operator
 
 For each model: the exports it needs (fp32, fp16, int8; cached under ``--exports``), the PyTorch
 baseline, ONNX Runtime per precision (CPU provider; the CUDA/TensorRT providers and TensorRT
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from bgevl.benchmarks.peers import PEERS
 from bgevl.core.errors import BgevlError
 from bgevl.core.registry import all_models
 
@@ -46,12 +48,14 @@ GRAPH_BACKENDS = {
     "openvino-bf16": ("openvino", "bf16", "fp32", None),
     "openvino-f32": ("openvino", "f32", "fp32", None),
     "openvino-int8-u8": ("openvino", "bf16", "int8", "qdq-u8"),
+    "openvino-int8-u8-f32": ("openvino", "f32", "int8", "qdq-u8"),  # the same where the CPU has no bf16
 }
 ALL_BACKENDS = ("pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-int8-dynamic",
                 "runtime", "triton")
 #: Not run unless asked for: the PyTorch baseline with glibc malloc untouched (a child process), the CPU
 #: int8 form and OpenVINO (the optional extra).
-OPTIONAL_BACKENDS = ("api", "api-triton", "pytorch-plain", "onnxruntime-int8-u8", "openvino-bf16", "openvino-f32", "openvino-int8-u8")
+OPTIONAL_BACKENDS = ("api", "api-triton", "pytorch-plain", "onnxruntime-int8-u8", "openvino-bf16", "openvino-f32", "openvino-int8-u8",
+                     "openvino-int8-u8-f32", *PEERS)
 #: Backends every other one is compared with round by round, where they ran (``paired`` in the results).
 PAIRED_REFERENCES = ("pytorch", "pytorch-plain", "onnxruntime-fp32", "onnxruntime-int8-dynamic")
 GPU_BACKENDS = ("onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16", "tensorrt-fp16", "tensorrt-int8", "tensorrt-fp8")
@@ -83,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch is 1) or bgevl-bench's threaded HTTP client")
     p.add_argument("--sweep-seconds", type=float, default=2.0, help="perf_analyzer measurement window per trial")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads of PyTorch and ONNX Runtime")
+    p.add_argument("--peak-sizes", type=_ints, default=[1024, 2048, 4096],
+                   help="square matmul sizes of the per-precision peak probes (start and end of the run)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-repeats", type=int, default=5)
     p.add_argument("--min-seconds", type=float, default=3.0, help="minimum timed seconds per configuration")
@@ -107,20 +113,20 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _hardware(threads: int) -> dict[str, Any]:
+def _hardware(threads: int, sizes: list[int]) -> dict[str, Any]:
     import psutil
 
-    from bgevl.benchmarks.measure import matmul_peak_gflops
+    from bgevl.benchmarks.hardware import cpu_isa, matmul_peaks, precision_support
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    probes = matmul_peak_gflops(threads)
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+    isa = cpu_isa()
+    if isa["model"] == "unknown CPU":
+        isa["model"] = platform.processor() or "unknown CPU"
+    support = precision_support(isa)
+    peaks = matmul_peaks(threads, sizes, support=support)
+    return {"cpu": isa["model"], "cpu_family": isa["family"], "isa": isa["flags"], "precisions": support,
+            "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
             "memory_gb": psutil.virtual_memory().total / 2 ** 30, "machine": platform.machine(),
-            "matmul_peak_gflops": probes["peak"], "matmul_probes_start": probes}
+            "matmul_peaks": {p: peaks[p] for p in peaks if p != "probes"}, "matmul_probes_start": peaks["probes"]}
 
 
 def _export(key: str, precision: str, args, log, int8_mode: str | None = None) -> Path:
@@ -163,6 +169,7 @@ def _triton_request(client_module, case):
 
 
 def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes: list) -> None:
+    from bgevl.benchmarks.hardware import row_precision
     from bgevl.benchmarks.measure import SelfTimed, interleaved, paired_ratios
     from bgevl.benchmarks.suite import WORKLOADS, BenchModel, PlainPytorch, min_cosine
     from bgevl.checkpoints import resolve_checkpoint
@@ -197,6 +204,16 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
             if not ok or (GRAPH_BACKENDS[backend][1] == "bf16" and not cpu_has_bf16()):
                 notes.append(f"{key}: {backend} skipped ({why or 'this CPU has no bf16'})")
                 backends.remove(backend)
+    from bgevl.benchmarks.hardware import bf16_absent
+    from bgevl.benchmarks.peers import needs_bf16, peer_runners
+
+    if not args.hardware["precisions"]["bf16"]["native"]:
+        absent = [b for b in backends if b in PEERS and needs_bf16(b)]
+        if absent:
+            line = bf16_absent({"model": args.hardware["cpu"]})
+            if line not in notes:
+                notes.append(line)
+            backends = [b for b in backends if b not in absent]
     workdir = (args.exports or args.output / "exports") / "work" / key  # checkpoints, Triton repositories
     workdir.mkdir(parents=True, exist_ok=True)
     # Every export first, before any model is loaded: an export (int8 calibration above all) needs
@@ -210,6 +227,12 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
     checkpoint = resolve_checkpoint(spec, model_path=args.model_path, random_weights=args.random_weights, workdir=workdir)
     model = BenchModel(family, checkpoint.path, args.threads, float_export)
     plain = PlainPytorch(family, checkpoint.path, args.threads) if "pytorch-plain" in backends else None
+    peers: dict[str, dict] = {}
+    for peer in [b for b in backends if b in PEERS]:
+        try:
+            peers[peer] = peer_runners(model.baseline, peer)
+        except ValueError as exc:
+            notes.append(f"{key}: {peer} skipped ({exc})")
 
     graphs: dict[str, dict] = {}
     providers = available_providers()
@@ -261,7 +284,7 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                     calls["pytorch"], levels["pytorch"] = model.torch_call(case), "model"
                 if plain is not None:
                     calls["pytorch-plain"], levels["pytorch-plain"] = plain.call(key, workload, batch), "model"
-                for backend, g in graphs.items():
+                for backend, g in {**peers, **graphs}.items():
                     calls[backend], levels[backend] = model.graphs_call(g, case), "model"
                 for name, api in apis.items():
                     calls[name], levels[name] = _api_call(api, case), "end-to-end"
@@ -272,8 +295,16 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                 if server is not None and "triton" in backends:
                     calls["triton"], levels["triton"] = _triton_call(server, case), "end-to-end"
                 outputs = {}
-                for name, call in calls.items():
-                    value = call()
+                for name, call in list(calls.items()):
+                    try:
+                        value = call()
+                    except Exception as exc:  # noqa: BLE001 - a peer that does not work here (torch.compile) is reported
+                        if name not in peers:
+                            raise
+                        notes.append(f"{key}: {name} left out from {workload} batch {batch} on ({type(exc).__name__}: "
+                                     f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no message'})")
+                        del calls[name], peers[name]
+                        continue
                     outputs[name] = np.asarray(value.value if isinstance(value, SelfTimed) else value, np.float32)
                 log(f"{key}: {workload}, batch {batch}: timing {', '.join(calls)} ({case.gflop:.2f} GFLOP per call)")
                 timings = interleaved(calls, warmup=args.warmup, min_repeats=args.min_repeats,
@@ -288,7 +319,7 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                            "gflop_per_call": case.gflop}
                     if levels[name] == "model":
                         row["gflops"] = case.gflop / (stats["p50_ms"] / 1e3)
-                        row["peak_fraction"] = row["gflops"] / args.peak
+                        row["precision"] = row_precision(name)
                         if base:
                             row["speedup_vs_pytorch"] = base / stats["p50_ms"]
                     elif direct and name == "triton":
@@ -308,6 +339,7 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
                         row["paired"] = {ref: paired_ratios(timings[ref], timing) for ref in PAIRED_REFERENCES
                                          if ref in timings and ref != name}
                     results.append(row)
+                _versus_best_pytorch(results[-len(timings):], timings)
                 sampler.peaks.clear()
         if server is not None and "triton" in backends:
             _sweep(server, model, key, args, log, sweep, notes)
@@ -318,6 +350,20 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
             server.stop()
         if plain is not None:
             plain.close()
+
+
+def _versus_best_pytorch(rows: list[dict], timings: dict) -> None:
+    """Each model-level row of one configuration against the best PyTorch variant of each accuracy class
+    (``bgevl.benchmarks.peers``), paired round by round: ``row["vs_best_pytorch"]["0.9999"]`` is
+    ``{"peer": name, **paired_ratios}``."""
+    from bgevl.benchmarks.measure import paired_ratios
+    from bgevl.benchmarks.peers import best_peers
+
+    model_rows = [r for r in rows if r["level"] == "model"]
+    best = best_peers(model_rows)
+    for row in model_rows:
+        row["vs_best_pytorch"] = {str(threshold): {"peer": peer, **paired_ratios(timings[peer], timings[row["backend"]])}
+                                  for threshold, peer in best.items() if peer is not None and peer != row["backend"]}
 
 
 #: the embeddings API backends and what each is measured against (its paired ratios, its overhead)
@@ -496,6 +542,10 @@ def main(argv: list[str] | None = None) -> int:
         from bgevl.benchmarks.corpus import main as corpus_main
 
         return corpus_main(argv[1:])
+    if argv[:1] == ["profile"]:  # per-operator profile of one graph (bgevl.benchmarks.profile)
+        from bgevl.benchmarks.profile import main as profile_main
+
+        return profile_main(argv[1:])
     args = build_parser().parse_args(argv)
     # Ctrl-C, SIGTERM: exports in progress, temporary folders, servers and the baseline process are cleaned up
     # by the context managers and finally blocks on the way out; what was measured is already written
@@ -525,15 +575,15 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from bgevl.benchmarks.measure import tune_allocator
 
     allocator = tune_allocator() if args.allocator == "tuned" else {"allocator": "glibc malloc as it is (--allocator plain)"}
-    log("measuring the machine's fp32 matmul peak")
-    hardware = _hardware(args.threads)
+    log("measuring the machine's matmul peaks (fp32, bf16 where the CPU has it, int8)")
+    hardware = _hardware(args.threads, args.peak_sizes)
     hardware.update(allocator)
-    args.peak = hardware["matmul_peak_gflops"]
+    args.hardware = hardware
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     data: dict[str, Any] = {
         "created": created, "label": args.label or f"CPU, {created[:10]}", "command": shlex.join(["bgevl-bench", *argv]),
         "hardware": hardware, "software": _versions(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "hardware"},
         "results": [], "triton_sweep": [], "notes": [],
     }
     try:
@@ -546,17 +596,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     except BgevlError as exc:
         print(f"bgevl-bench: error: {exc}", file=sys.stderr)
         return 2
-    log("measuring the matmul peak again (end of run)")
-    from bgevl.benchmarks.measure import matmul_peak_gflops
+    log("measuring the matmul peaks again (end of run)")
+    from bgevl.benchmarks.hardware import matmul_peaks
 
-    end = matmul_peak_gflops(args.threads)
-    hardware["matmul_probes_end"] = end
-    if end["peak"] > hardware["matmul_peak_gflops"]:  # the fractions use the best the machine showed in this run
-        scale = hardware["matmul_peak_gflops"] / end["peak"]
-        hardware["matmul_peak_gflops"] = end["peak"]
-        for row in data["results"]:
-            if "peak_fraction" in row:
-                row["peak_fraction"] *= scale
+    end = matmul_peaks(args.threads, args.peak_sizes, support=hardware["precisions"])
+    hardware["matmul_probes_end"] = end.pop("probes")
+    # the shares use the best the machine showed in this run, at the start or the end
+    hardware["matmul_peaks"] = {p: max(filter(None, (v, end[p])), default=None) for p, v in hardware["matmul_peaks"].items()}
     paths = write_reports(data, args.output)
     log(f"wrote {paths['markdown']} and {paths['json']}")
     print(paths["markdown"])

@@ -6,8 +6,9 @@
 * :class:`MemorySampler`: a thread reading the resident set size (psutil) every few milliseconds
   and charging it to the backend whose call is running; the peak is process-wide (model weights
   of all loaded backends included) plus, for Triton, the server's process tree.
-* :func:`matmul_peak_gflops`: the machine's attainable fp32 matmul rate, measured on the same run
-  with torch (same thread count), the reference for each encoder's achieved GFLOP/s.
+
+The machine's matmul peaks per precision, the reference of each row's GFLOP/s, are measured by
+``bgevl.benchmarks.hardware``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -160,44 +161,3 @@ class MemorySampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _best_seconds(call: Callable[[], object], repeats: int) -> float:
-    for _ in range(2):
-        call()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def matmul_peak_gflops(threads: int | None = None, sizes: Sequence[int] = (1024, 2048, 4096),
-                       repeats: int = 5) -> dict[str, float]:
-    """The machine's attainable fp32 rate: the best square-matmul GFLOP/s of torch (oneDNN/MKL) and of
-    ONNX Runtime's MatMul (MLAS, the kernels the exported graphs run on), over a few sizes.
-    Returns the figure per probe and their maximum under ``"peak"``."""
-    import onnxruntime as ort
-    import torch
-    from onnx import TensorProto, helper
-
-    if threads:
-        torch.set_num_threads(threads)
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    out = {}
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        out[f"torch_{n}"] = 2 * n ** 3 / _best_seconds(lambda: a @ b, repeats) / 1e9
-        graph = helper.make_graph(
-            [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
-            [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
-            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        feed = {"a": a.numpy(), "b": b.numpy()}
-        out[f"onnxruntime_{n}"] = 2 * n ** 3 / _best_seconds(lambda: session.run(None, feed), repeats) / 1e9
-    out["peak"] = max(out.values())
-    return out

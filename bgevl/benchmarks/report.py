@@ -45,6 +45,15 @@ def findings(data: dict[str, Any]) -> list[str]:
             if backend != "onnxruntime-fp32" and versus:
                 line += f", {statistics.median(versus):.2f}x ONNX Runtime fp32"
             out.append(line + f"; min cosine to PyTorch fp32 {cos:.5f}")
+        comparisons = peer_comparisons(data, model)
+        for threshold in dict.fromkeys(c["class"] for c in comparisons):
+            mine = [c for c in comparisons if c["class"] == threshold]
+            ratios = [c["paired"]["median"] for c in mine if c["paired"]]
+            if ratios:
+                out.append(f"{model}, min cosine >= {threshold}: the fastest project backend is {statistics.median(ratios):.2f}x "
+                           f"the best PyTorch variant of the class (median of {len(ratios)} configurations, range "
+                           f"{min(ratios):.2f}-{max(ratios):.2f}x; target {mine[0]['target']:.1f}x, met in "
+                           f"{sum(c['met'] for c in mine)} of {len(mine)})")
         if "triton" in by and "runtime" in by:
             batches = sorted({r["batch"] for r in by["triton"]})
             at = 8 if 8 in batches else batches[-1]  # the issue asks for batch 8; else the largest measured
@@ -64,16 +73,44 @@ def findings(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def hardware_lines(hw: dict[str, Any], threads: Any, sizes: Any) -> list[str]:
+    """The CPU, its ISA and, per precision, what computes it and its measured matmul peak."""
+    family = f" ({hw['cpu_family']})" if hw.get("cpu_family") else ""
+    lines = [f"CPU: {hw['cpu']}{family}, ISA: {', '.join(hw.get('isa', [])) or 'none of the tracked extensions'}; "
+             f"matmul peaks measured in this run ({threads} threads; the best of torch, ONNX Runtime and OpenVINO "
+             f"square-matmul probes at sizes {sizes}, at the start and the end of the run):", ""]
+    for precision, support in hw.get("precisions", {}).items():
+        peak = hw["matmul_peaks"].get(precision)
+        unit = "GOP/s" if precision == "int8" else "GFLOP/s"
+        figure = f"peak {peak:.0f} {unit}" if peak else "no peak reported"
+        kind = "native" if support["native"] else "not native"
+        lines.append(f"* {precision}: {figure}; {kind}: {support['how']}")
+    return lines + [""]
+
+
+def apply_peaks(data: dict[str, Any]) -> None:
+    """Every model-level row's share of the matmul peak of the precision it computes in (``peak_fraction``;
+    absent where that peak is not measured: GPU rows, emulated bf16)."""
+    from bgevl.benchmarks.hardware import peak_share
+
+    peaks = data["hardware"].get("matmul_peaks", {})
+    for row in data["results"]:
+        share = peak_share(row["gflops"], row.get("precision"), peaks) if row.get("gflops") else None
+        if share is None:
+            row.pop("peak_fraction", None)
+        else:
+            row["peak_fraction"] = share
+
+
 def markdown(data: dict[str, Any]) -> str:
     hw, sw = data["hardware"], data["software"]
     lines = [
         f"# bgevl-bench results ({data['label']})",
         "",
         f"{data['created']} · {hw['cpu']} · {hw['logical_cores']} logical / {hw['physical_cores']} physical cores · "
-        f"{hw['memory_gb']:.0f} GB · measured fp32 matmul peak {hw['matmul_peak_gflops']:.1f} GFLOP/s "
-        f"({data['settings']['threads']} threads; the best of torch and ONNX Runtime MatMul probes at sizes "
-        f"1024-4096, at the start and the end of the run)",
+        f"{hw['memory_gb']:.0f} GB",
         "",
+        *hardware_lines(hw, data["settings"]["threads"], ", ".join(map(str, data["settings"].get("peak_sizes", [])))),
         "Software: " + ", ".join(f"{k} {v}" for k, v in sw.items()),
         "",
         f"Command: `{data['command']}`",
@@ -82,8 +119,9 @@ def markdown(data: dict[str, Any]) -> str:
         "backend's, measured interleaved in the same run. End-to-end: image files and strings in, "
         "preprocessing included. GFLOP/s: the matmul/conv FLOPs of the exported float graphs, attention "
         "included, counted from the operand shapes of a real call (bgevl.benchmarks.flops), over p50; "
-        "`% peak` is that over the fp32 matmul peak above (int8 and bf16 rows too, so theirs is not an "
-        "int8/bf16 utilization). Peak RSS is process-wide while the backend ran (all loaded backends' "
+        "`% own peak` is that over the matmul peak above of the precision the row computes in (`prec.`: "
+        "fp32, bf16 or int8; int8 rows are counted in the float graph's FLOPs over the int8 GOP/s peak; empty "
+        "where that precision has no measured peak). Peak RSS is process-wide while the backend ran (all loaded backends' "
         "weights included; Triton adds its server's process tree).",
         "",
         f"Timing: {hw.get('allocator', 'allocator not recorded')} (`pytorch-plain`, where it ran, is the "
@@ -98,15 +136,15 @@ def markdown(data: dict[str, Any]) -> str:
     lines += ["## Findings", ""] + [f"* {f}" for f in findings(data)] + [""]
     for model in dict.fromkeys(r["model"] for r in data["results"]):
         lines += [f"## {model}", "",
-                  "| workload | batch | backend | level | p50 ms | p90 ms | p99 ms | items/s | x PyTorch | min cos vs PyTorch | GFLOP/s | % peak | peak RSS MB |",
-                  "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| workload | batch | backend | level | p50 ms | p90 ms | p99 ms | items/s | x PyTorch | min cos vs PyTorch | GFLOP/s | prec. | % own peak | peak RSS MB |",
+                  "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
         for r in (r for r in data["results"] if r["model"] == model):
             lines.append(
                 f"| {r['workload']} | {r['batch']} | {r['backend']} | {r['level']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
                 f"{r['p99_ms']:.2f} | {r['items_per_s']:.1f} | {_fmt(r.get('speedup_vs_pytorch'), '.2f')} | "
-                f"{_fmt(r.get('min_cosine_vs_pytorch'), '.5f')} | {_fmt(r.get('gflops'), '.1f')} | "
+                f"{_fmt(r.get('min_cosine_vs_pytorch'), '.5f')} | {_fmt(r.get('gflops'), '.1f')} | {r.get('precision') or ''} | "
                 f"{_fmt(r.get('peak_fraction'), '.1%')} | {_fmt(r.get('peak_rss_mb'), '.0f')} |")
-        lines += _paired_table(data, model) + _pareto_table(data, model)
+        lines += _peer_table(data, model) + _paired_table(data, model) + _pareto_table(data, model)
         sweep = [s for s in data.get("triton_sweep", []) if s["model"] == model]
         if sweep:
             client = sweep[0].get("client", "bgevl-bench threads (HTTP)")
@@ -135,6 +173,42 @@ def _ratio(paired: dict[str, Any] | None) -> str:
     return f"{mark}{paired['median']:.2f}x [{paired['p10']:.2f}-{paired['p90']:.2f}] {paired['won']:.0%}"
 
 
+def peer_comparisons(data: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    """Per workload, batch and accuracy class: the best PyTorch variant, the fastest project backend of the
+    class, their paired ratio and the class's target (``bgevl.benchmarks.peers.ACCURACY_CLASSES``)."""
+    from bgevl.benchmarks.peers import ACCURACY_CLASSES, best_peers, fastest_project
+
+    rows = [r for r in data["results"] if r["model"] == model and r["level"] == MODEL_LEVEL]
+    out = []
+    for key in dict.fromkeys((r["workload"], r["batch"]) for r in rows):
+        group = [r for r in rows if (r["workload"], r["batch"]) == key]
+        for threshold, peer in best_peers(group).items():
+            mine = fastest_project(group, threshold)
+            if peer is None or mine is None:
+                continue
+            paired = mine.get("vs_best_pytorch", {}).get(str(threshold))
+            out.append({"workload": key[0], "batch": key[1], "class": threshold, "peer": peer,
+                        "peer_ms": next(r["p50_ms"] for r in group if r["backend"] == peer), "backend": mine["backend"],
+                        "ms": mine["p50_ms"], "cosine": mine["min_cosine_vs_pytorch"], "paired": paired,
+                        "target": ACCURACY_CLASSES[threshold],
+                        "met": bool(paired and paired["median"] >= ACCURACY_CLASSES[threshold])})
+    return out
+
+
+def _peer_table(data: dict[str, Any], model: str) -> list[str]:
+    comparisons = peer_comparisons(data, model)
+    if not comparisons:
+        return []
+    lines = ["", f"Against the best PyTorch variant of each accuracy class ({model}, model level; class: min cosine to "
+                 "PyTorch fp32 at least this; the PyTorch variants measured in this run compete, fp32 eager included):", "",
+             "| workload | batch | class | best PyTorch | p50 ms | fastest project backend | p50 ms | min cos | paired ratio | target | met |",
+             "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | :---: |"]
+    lines += [f"| {c['workload']} | {c['batch']} | >= {c['class']} | {c['peer']} | {c['peer_ms']:.2f} | {c['backend']} | "
+              f"{c['ms']:.2f} | {c['cosine']:.5f} | {_ratio(c['paired'])} | {c['target']:.1f}x | {'yes' if c['met'] else 'no'} |"
+              for c in comparisons]
+    return lines
+
+
 def _paired_table(data: dict[str, Any], model: str) -> list[str]:
     rows = [r for r in data["results"] if r["model"] == model and r.get("paired")]
     references = list(dict.fromkeys(ref for r in rows for ref in r["paired"]))
@@ -151,9 +225,12 @@ def _paired_table(data: dict[str, Any], model: str) -> list[str]:
 
 
 def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows no other row beats on both speed (p50) and accuracy (min cosine to PyTorch fp32)."""
-    return [r for r in rows if not any(o["p50_ms"] < r["p50_ms"] and o["min_cosine_vs_pytorch"] >= r["min_cosine_vs_pytorch"]
-                                       for o in rows if o is not r)]
+    """The rows no other row beats on both speed (p50) and accuracy (min cosine to PyTorch fp32; a cosine over 1 by
+    float rounding counts as 1, or a compiled fp32 graph at 1.0000001 would outrank fp32 eager's 1)."""
+    def cos(row):
+        return min(row["min_cosine_vs_pytorch"], 1.0)
+
+    return [r for r in rows if not any(o["p50_ms"] < r["p50_ms"] and cos(o) >= cos(r) for o in rows if o is not r)]
 
 
 def _pareto_table(data: dict[str, Any], model: str) -> list[str]:
@@ -231,6 +308,7 @@ def write_reports(data: dict[str, Any], directory: Path) -> dict[str, Path]:
     except ImportError:
         data["plots"] = []
         data.setdefault("notes", []).append("no plots: matplotlib is not installed (pip install 'bgevl-export[bench]')")
+    apply_peaks(data)
     paths = {"json": write_json(directory / "results.json", data), "markdown": directory / "report.md"}
     paths["markdown"].write_text(markdown(data))
     return paths

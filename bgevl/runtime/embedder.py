@@ -54,6 +54,10 @@ class Embedder:
         #: a new preprocessor like ``preprocessor`` (same options), for threads that prepare batches side by side
         #: (tokenizers are not safe to share between threads); ``None`` where the Embedder was built by hand
         self.open_preprocessor = open_preprocessor
+        #: what runs the graphs (``"onnxruntime"``, ``"openvino-f32"``, ...) and, after ``backend="auto"``, why
+        #: (``bgevl.runtime.auto.BackendChoice``; ``None`` where the backend was asked for by name)
+        self.backend: str = ""
+        self.backend_choice: Any = None
 
     @classmethod
     def load(cls, directory: str | os.PathLike, provider: str = "auto", text_overflow: str | None = None,
@@ -63,9 +67,12 @@ class Embedder:
         """Load an export directory (the one holding ``manifest.json``).
 
         ``backend``: ``"onnxruntime"`` (the ONNX graphs), ``"tensorrt"`` (the engines of
-        ``bgevl-export build-engines``) or ``"openvino"`` (the ONNX graphs compiled by OpenVINO for the
+        ``bgevl-export build-engines``), ``"openvino"`` (the ONNX graphs compiled by OpenVINO for the
         CPU at ``openvino_precision``, ``"bf16"`` or ``"f32"``; checked on load against the export's
-        probe set, min cosine 0.9999: ``bgevl.runtime.openvino``). ``provider`` (ONNX Runtime): ``"auto"`` (TensorRT EP, then
+        probe set, min cosine 0.9999: ``bgevl.runtime.openvino``) or ``"auto"``: the fastest of these
+        that passes its parity gate on this machine, timed on the probe set at load
+        (``bgevl.runtime.auto``); ``Embedder.backend`` and ``backend_choice`` say which and why, and the
+        ``bgevl`` logger says it at INFO. ``provider`` (ONNX Runtime): ``"auto"`` (TensorRT EP, then
         CUDA EP, then CPU, as installed), ``"tensorrt"``, ``"cuda"`` or ``"cpu"``;
         ``provider_options`` per provider name overrides the defaults (see
         ``bgevl.runtime.providers.provider_options_for``); ``engine_cache_dir``: the TensorRT EP's
@@ -83,10 +90,21 @@ class Embedder:
         open_preprocessor = functools.partial(family.open_preprocessor, manifest.processor_dir, manifest.recipe,
                                               manifest.max_text_length, limits, **options)
         preprocessor = open_preprocessor()
-        runners = open_runners(manifest, backend=backend, provider=provider, threads=threads,
-                               provider_options=provider_options, engine_cache_dir=engine_cache_dir,
-                               openvino_precision=openvino_precision)
-        return cls(manifest, runners, preprocessor, open_preprocessor)
+        choice = None
+        if backend == "auto":
+            from bgevl.runtime.auto import open_fastest
+
+            runners, choice = open_fastest(manifest, provider=provider, threads=threads,
+                                           provider_options=provider_options, engine_cache_dir=engine_cache_dir)
+        else:
+            runners = open_runners(manifest, backend=backend, provider=provider, threads=threads,
+                                   provider_options=provider_options, engine_cache_dir=engine_cache_dir,
+                                   openvino_precision=openvino_precision)
+        embedder = cls(manifest, runners, preprocessor, open_preprocessor)
+        embedder.backend = choice.chosen if choice else (
+            f"openvino-{openvino_precision}" if backend == "openvino" else backend)
+        embedder.backend_choice = choice
+        return embedder
 
     @property
     def dim(self) -> int:
