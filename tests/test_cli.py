@@ -213,3 +213,36 @@ def test_help_shows_the_whole_tool_and_each_command_its_example(capsys, tmp_path
     assert main(["export", "--model", "tiny", "--max-sequence-length", "8", "--output", str(tmp_path / "o")]) == 2
     assert "--max-sequence-length 8: need at least 16 tokens" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_interrupt_lost_in_a_finalizer_still_ends_the_run_as_interrupted():
+    """A signal whose KeyboardInterrupt is raised inside ``__del__`` is dropped by Python (which would print
+    "Exception ignored" with a traceback); the tool still ends as interrupted, at its next progress line (or
+    when its body returns), in one line, exit 130."""
+    import subprocess
+    import sys
+
+    script = """
+import gc, os, signal, sys
+from bgevl.core.interrupts import raise_if_interrupted, run_cli
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs here, in the finalizer, where its exception is dropped
+            pass
+
+def body():
+    Finalized()
+    gc.collect()
+    print("after the finalizer", flush=True)
+    raise_if_interrupted()
+    print("not reached", flush=True)
+    return 0
+
+sys.exit(run_cli("tool", body, "interrupted; cleaned up"))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stdout.splitlines() == ["after the finalizer"]
+    assert done.stderr.strip().splitlines() == ["tool: interrupted; cleaned up"]  # no "Exception ignored" traceback

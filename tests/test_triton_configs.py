@@ -76,3 +76,21 @@ def test_ensemble_wiring_is_checked():
         check_ensemble_wiring(ensemble_config("e", raw, [emb], broken, 64), members)
     with pytest.raises(ValueError, match="output 'EMBEDDING' is produced by no step"):
         check_ensemble_wiring(ensemble_config("e", raw, [emb], steps[:1], 64), members)
+
+
+def test_triton_backend_auto_writes_the_encoders_of_the_runtimes_choice(export_dir, tmp_path):
+    """--triton-backend auto: the runtime's backend='auto' choice on this machine (gated and timed on the probe
+    set), as the encoder backend the CPU server runs, and said with its figures."""
+    from bgevl.serving.repository import AUTO_ENCODERS, repository_backends, write_repository
+
+    said = []
+    repo = write_repository(export_dir("fp32"), tmp_path / "repo", backend="auto", sink=said.append)
+    line = next(m for m in said if m.startswith("--triton-backend auto: "))
+    chosen = next(name for name in AUTO_ENCODERS if f"as {name} is " in line)
+    backend = AUTO_ENCODERS[chosen][0]
+    assert backend in ("python", "python-openvino") and f"{backend} encoders" in line
+    assert "passes the parity gate on the probe set (" in line and " ms" in line
+    backends = repository_backends(repo)
+    assert backends["bgevl_text"] == backends["bgevl_vision"] == "python"
+    encoder = (repo / "bgevl_text" / "config.pbtxt").read_text()
+    assert ("openvino" in encoder) == (backend == "python-openvino")

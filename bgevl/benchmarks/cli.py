@@ -154,6 +154,9 @@ class Progress:
         self.start = time.perf_counter()
 
     def __call__(self, message: str) -> None:
+        from bgevl.core.interrupts import raise_if_interrupted
+
+        raise_if_interrupted()
         print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 

@@ -12,14 +12,40 @@ import threading
 from typing import Callable
 
 
+#: set by a signal handled here: an interrupt raised where Python drops exceptions (inside a finalizer,
+#: ``__del__``, during garbage collection; seen in a test run) would otherwise be lost and the tool run on
+_interrupted = threading.Event()
+
+
+def _on_signal(signum, frame) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def _unraisable(report) -> None:
+    """Python's report of an exception it dropped ("Exception ignored in ..."): not for the interrupt, which is
+    handled (the run ends at its next progress line); everything else as Python reports it."""
+    if isinstance(report.exc_value, KeyboardInterrupt) and _interrupted.is_set():
+        return
+    sys.__unraisablehook__(report)
+
+
 def interrupt_on_signals() -> None:
     """SIGTERM and SIGHUP raise ``KeyboardInterrupt`` in the main thread, and SIGINT does too even when the
     tool was started with it ignored (``cmd &`` in a non-interactive shell)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    signal.signal(signal.SIGHUP, signal.default_int_handler)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _interrupted.clear()
+    sys.unraisablehook = _unraisable
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, _on_signal)
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` if a signal came and its exception was swallowed; long-running tools call
+    this at each progress line, so such an interrupt ends the run at the next one."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 def run_cli(tool: str, body: Callable[[], int], interrupted: str = "interrupted") -> int:
@@ -27,7 +53,9 @@ def run_cli(tool: str, body: Callable[[], int], interrupted: str = "interrupted"
     130; a closed stdout returns 141 (what a shell reports for SIGPIPE) without a traceback."""
     interrupt_on_signals()
     try:
-        return body()
+        code = body()
+        raise_if_interrupted()  # a signal whose exception was lost: still the run of an interrupted tool
+        return code
     except KeyboardInterrupt:
         print(f"{tool}: {interrupted}", file=sys.stderr)
         return 130

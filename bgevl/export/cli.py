@@ -176,16 +176,18 @@ def _triton_options(p: argparse.ArgumentParser, standalone: bool) -> None:
     from bgevl.core.preprocessing import InputLimits
     from bgevl.core.specs import DEFAULT_SERVING_NAME
     from bgevl.serving.configs import ENCODER_BACKENDS
+    from bgevl.serving.repository import AUTO_BACKEND
     from bgevl.serving.repository import DEFAULT_PREPROCESS_INSTANCES
 
     g = p.add_argument_group("Triton model repository")
     if not standalone:
         g.add_argument("--triton-repo", type=Path, default=None, metavar="DIR",
                        help="also write a Triton model repository of the export to DIR")
-    g.add_argument("--triton-backend", default="python", choices=ENCODER_BACKENDS,
+    g.add_argument("--triton-backend", default="python", choices=ENCODER_BACKENDS + (AUTO_BACKEND,),
                    help="encoders as python-backend ONNX Runtime models (what the CPU server from nvidia-pytriton "
-                        "serves), onnxruntime_onnx models, tensorrt_plan engines, Triton's OpenVINO backend, or "
-                        "python-backend OpenVINO models (python-openvino; bf16 on CPUs that have it)")
+                        "serves), onnxruntime_onnx models, tensorrt_plan engines, Triton's OpenVINO backend, "
+                        "python-backend OpenVINO models (python-openvino; bf16 on CPUs that have it), or auto: the "
+                        "fastest form that passes the parity gate on this machine (Embedder backend='auto'), said")
     g.add_argument("--triton-openvino-precision", default="bf16", choices=("bf16", "f32"),
                    help="inference precision of OpenVINO encoders (checked against the export's probe set first)")
     g.add_argument("--triton-name", default=DEFAULT_SERVING_NAME, help="name of the entry model; the others are NAME_<part>")

@@ -24,6 +24,7 @@ from bgevl.checkpoints import resolve_checkpoint
 from bgevl.core.errors import BgevlError
 from bgevl.core.registry import family_of, get_model_spec
 from bgevl.core.family import KINDS, Feeds, Request
+from bgevl.core.interrupts import raise_if_interrupted
 from bgevl.core.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, PipelineStep, Validation, write_manifest
 from bgevl.core.staging import check_replaceable, output_lock, staged_directory
 from bgevl.core.probes import builtin_calibration_set, probe_set
@@ -48,6 +49,7 @@ class Progress:
 
     def __call__(self, message: str, *, step: str, status: str = "done") -> None:
         """Start step ``step`` (its line says ``message``); ``status`` is how it will be recorded."""
+        raise_if_interrupted()
         self.close()
         self.step += 1
         now = time.perf_counter()

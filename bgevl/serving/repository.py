@@ -217,6 +217,27 @@ class RepositoryOptions:
 REPOSITORY_WHAT = "a Triton model repository"
 
 
+#: ``--triton-backend auto``: the encoders of the runtime's ``backend="auto"`` choice on this machine.
+AUTO_BACKEND = "auto"
+#: the runtime's candidates (``bgevl.runtime.auto``) as encoder backends of a repository the bundled CPU server
+#: (python backend only) or a full Triton (TensorRT engines) serves: (backend, OpenVINO precision)
+AUTO_ENCODERS = {"onnxruntime": ("python", "bf16"), "openvino-f32": ("python-openvino", "f32"),
+                 "openvino-bf16": ("python-openvino", "bf16"), "tensorrt": ("tensorrt", "bf16")}
+
+
+def choose_encoder_backend(manifest: Manifest, sink: Callable[[str], None]) -> tuple[str, str]:
+    """The encoders of the fastest form of the export that passes its parity gate on this machine (the
+    runtime's ``backend="auto"``: gated and timed on the probe set), said through ``sink``; it holds for a
+    server on a CPU of the same kind as this one."""
+    from bgevl.runtime.auto import open_fastest
+
+    _, choice = open_fastest(manifest, provider="cpu")
+    backend, precision = AUTO_ENCODERS[choice.chosen]
+    sink(f"--triton-backend auto: {backend} encoders{' (' + precision + ')' if backend == 'python-openvino' else ''}, "
+         f"as {choice.chosen} is {choice.reason} on this machine; a server on another CPU kind may want another")
+    return backend, precision
+
+
 def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *, option: str = "--output",
                      backend: str = "python",
                      name: str = DEFAULT_SERVING_NAME, instances: int = 1, queue_delay_us: int = 2000,
@@ -229,8 +250,10 @@ def write_repository(export_dir: str | os.PathLike, output: str | os.PathLike, *
     ``option``: the flag that named ``output``, for the messages."""
     sink = sink or (lambda msg: None)
     manifest = read_manifest(export_dir)
+    if backend == AUTO_BACKEND:
+        backend, openvino_precision = choose_encoder_backend(manifest, sink)
     if backend not in ENCODER_BACKENDS:
-        raise BgevlError(f"--triton-backend {backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
+        raise BgevlError(f"--triton-backend {backend!r}: choose one of {', '.join(ENCODER_BACKENDS + (AUTO_BACKEND,))}")
     if backend == "tensorrt" and not manifest.engines:
         raise BgevlError(
             f"{manifest.directory} has no TensorRT engines; build them on a machine with TensorRT and a GPU "
