@@ -75,7 +75,7 @@ class EmbeddingRequest(BaseModel):
     dimensions: Optional[int] = Field(None, description="must be the model's dimension (no truncation)")
     input_type: Optional[Literal["query", "document", "passage"]] = Field(
         None, description="query -> the family's query prompt; document/passage -> its candidate prompt")
-    instruction: Optional[str] = Field(None, description="task instruction of queries (BGE-VL-MLLM only)")
+    instruction: Optional[str] = Field(None, description="task instruction of queries (models whose queries take one; others refuse it)")
     user: Optional[str] = None
 
 

@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kinds", default="auto",
                    help=f"comma-separated of {', '.join(KINDS)} (composed: the image and text of an item as one query); "
                         "auto: image and/or text, as the input holds them")
-    e.add_argument("--role", default=None, help="query or candidate (MLLM: default candidate unless --instruction is given; "
-                                                 "CLIP: no effect)")
-    e.add_argument("--instruction", default=None, help="task instruction of queries (MLLM only)")
+    e.add_argument("--role", default=None, help="query or candidate (families where roles matter: default candidate unless "
+                                                 "--instruction is given; others: no effect)")
+    e.add_argument("--instruction", default=None, help="task instruction of queries (families where roles matter)")
     e.add_argument("--dtype", default="float32", choices=DTYPES, help="of the stored vectors (clip-retrieval stores float16)")
     e.add_argument("--partition-size", type=int, default=DEFAULT_PARTITION_SIZE,
                    help="items per partition: the unit of output files and of resuming")

@@ -61,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"batch size to optimize for (TensorRT profile, Triton); default opt/max: {defaults}")
     e.add_argument("--max-batch", type=int, default=None, help="largest batch the artifacts serve (default: the family's)")
     e.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE,
-                   help="longest token sequence the text or language graph serves, for families with one (the MLLM: "
-                        "prompt plus image tokens, one 512x512 image is 2928 tokens; Visualized-BGE: image plus text tokens)")
+                   help="longest token sequence the text or language graph serves, for families whose graphs have a "
+                        "sequence axis (prompt plus image tokens where images go into the sequence: docs/models.md)")
     e.add_argument("--force-fp32", action="store_true",
-                   help="allow --precision fp32 for models that declare it too large (the 7B MLLM: about 60 GB of memory)")
+                   help="allow --precision fp32 for models that declare it too large (7B-class models: about 60 GB of memory)")
     e.add_argument("--format", default="auto", choices=("auto", "onnx", "tensorrt"),
                    help="auto: ONNX, plus TensorRT engines when TensorRT and a CUDA device are present; onnx: ONNX only; "
                         "tensorrt: ONNX and engines, an error where they cannot be built")

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the images the triplets' ids name (folder, table or shards); ids match item ids, file names "
                         "without extension, or the same number (CIRCO's COCO ids)")
     reader_options(d, "of --pairs (auto: from the path)")
-    q = p.add_argument_group("queries (families whose queries take a role and instruction, e.g. BGE-VL-MLLM)")
+    q = p.add_argument_group("queries (families whose queries take a role and instruction)")
     q.add_argument("--instruction", default=None,
                    help="composed queries' task instruction (default: the export's, BGE-VL's composed-retrieval one)")
     q.add_argument("--t2i-instruction", default=None, help=f"text->image queries' (default: {T2I_INSTRUCTION!r}, MMEB's)")
