@@ -13,7 +13,7 @@ demo: env
 	$(BIN)/python -m bgevl.runtime.demo out/tiny-fp16
 
 test: env
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Full-size ViT-B/16 and ViT-L/14 and full-width LLaVA-NeXT architectures, random weights (minutes, GBs of RAM).
 test-slow: env
