@@ -30,7 +30,7 @@ import numpy as np
 
 from bgevl.benchmarks.peers import PEERS
 from bgevl.core.errors import BgevlError
-from bgevl.core.registry import all_models
+from bgevl.core.registry import all_models, get_model_spec
 
 #: Graph backends: name -> (engine, ONNX Runtime provider, export precision, int8 mode).
 GRAPH_BACKENDS = {
@@ -184,11 +184,7 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
 
     spec = get_model_spec(key)
     family = family_of(spec)
-    backends = [b for b in args.backends.split(",") if b]
-    known = ALL_BACKENDS + OPTIONAL_BACKENDS + GPU_BACKENDS
-    unknown = set(backends) - set(known)
-    if unknown:
-        raise BgevlError(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(known)}")
+    backends = _backends(args.backends)
     for backend in [b for b in backends if b in GRAPH_BACKENDS and GRAPH_BACKENDS[b][3]]:
         try:
             family.int8_form(GRAPH_BACKENDS[backend][3])
@@ -556,6 +552,16 @@ def main(argv: list[str] | None = None) -> int:
                    f"interrupted; nothing half-written was left, and the models finished so far are in {args.output}")
 
 
+def _backends(option: str) -> list[str]:
+    """The ``--backends`` list, an unknown name refused in one line."""
+    backends = [b for b in option.split(",") if b]
+    known = ALL_BACKENDS + OPTIONAL_BACKENDS + GPU_BACKENDS
+    unknown = set(backends) - set(known)
+    if unknown:
+        raise BgevlError(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(known)}")
+    return backends
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from bgevl.benchmarks.measure import MemorySampler
     from bgevl.benchmarks.report import write_reports
@@ -564,6 +570,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     models = [m for m in args.models.split(",") if m]
     if args.model_path and len(models) != 1:
         print("bgevl-bench: error: --model-path needs exactly one --models entry", file=sys.stderr)
+        return 2
+    try:  # unknown backends and models are refused before the peaks are measured (seconds)
+        _backends(args.backends)
+        for key in models:
+            get_model_spec(key)
+    except BgevlError as exc:
+        print(f"bgevl-bench: error: {exc}", file=sys.stderr)
         return 2
     quality_data = None
     if args.quality_data is not None:  # malformed data is refused before anything is measured
