@@ -34,7 +34,7 @@ from bgevl.runtime import Embedder  # noqa: E402
 from bgevl.families.clip.preprocessing import ClipPreprocessor  # noqa: E402
 from bgevl.serving.configs import check_ensemble_wiring, parse_pbtxt  # noqa: E402
 from bgevl.serving.repository import write_repository  # noqa: E402
-from bgevl.serving.server import TritonServer, free_port  # noqa: E402
+from bgevl.serving.server import TritonServer, free_port, free_ports  # noqa: E402
 
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
 
@@ -620,7 +620,7 @@ def test_mllm_bad_requests_name_the_problem(mllm_served, extra, message):
 
 def launch_serve(repo, *extra: str, preexec_fn=None):
     """``bgevl-serve REPO`` as a subprocess, read until it says it is ready: (process, its output, ports)."""
-    ports = [free_port() for _ in range(4)]
+    ports = free_ports(4)
     cmd = [sys.executable, "-m", "bgevl.serving.cli", str(repo), "--http-port", str(ports[0]),
            "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--api-port", str(ports[3]), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -808,8 +808,9 @@ def test_bgevl_serve_reports_and_recovers_a_dead_stub(clip_export, tmp_path):
 def test_a_failed_start_names_the_model_its_cause_and_the_log(clip_export, tmp_path):
     repo = write_repository(clip_export, tmp_path / "repo", sink=None)
     (repo / "bgevl_fusion" / "1" / "model.py").write_text("import bgevl_no_such_module  # broken on purpose\n")
-    result = subprocess.run([sys.executable, "-m", "bgevl.serving.cli", str(repo), "--http-port", str(free_port()),
-                             "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--timeout", "90"],
+    http, grpc, metrics = free_ports(3)
+    result = subprocess.run([sys.executable, "-m", "bgevl.serving.cli", str(repo), "--http-port", str(http),
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--timeout", "90"],
                             capture_output=True, text=True, timeout=150)
     assert result.returncode == 2, result.stdout + result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("bgevl-serve: error:")]

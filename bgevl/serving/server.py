@@ -132,10 +132,22 @@ def pytriton_paths() -> dict[str, Path]:
     return paths
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on the loopback now: all bound at once before any is released (ports
+    taken one after the other may repeat: a server given the same port for HTTP and metrics exits at start,
+    seen in a test run)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _port_in_use(port: int) -> bool:
@@ -201,9 +213,10 @@ class TritonServer:
         self.repository = Path(repository).expanduser().resolve()
         self.repository_uri = repository_uri or str(self.repository)
         self.extra_env = dict(env or {})
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        spare = iter(free_ports(3))  # distinct ones for the ports not given
+        self.http_port = http_port or next(spare)
+        self.grpc_port = grpc_port or next(spare)
+        self.metrics_port = metrics_port or next(spare)
         self.verbose = verbose
         self.host = host
         self.restrict_apis = restrict_apis
