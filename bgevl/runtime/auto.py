@@ -103,20 +103,25 @@ def _gate(manifest: Any, runners: Mapping[str, Any], candidate: Candidate) -> No
     runners_figures(manifest, runners, threshold)
 
 
-def _timed_probe(manifest: Any, runners: Mapping[str, Any]) -> float:
-    """Seconds of one run of the export's probe requests, each cut to ``TIMED_ITEMS`` items where its inputs are
-    batch-aligned, on ``runners``."""
+def _timed_feeds(manifest: Any) -> list[dict]:
+    """The export's probe requests as feeds, each cut to ``TIMED_ITEMS`` items where its inputs are
+    batch-aligned (read once per load; every timed run reuses them)."""
     from bgevl.core.parity import VALIDATION_ARRAYS, load_arrays
+
+    arrays = load_arrays(manifest.directory / VALIDATION_ARRAYS)
+    requests = sorted({k.split("/")[0] for k in arrays if k.startswith("request")})
+    feeds = [{k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(r + "/")} for r in requests]
+    # cut where every input of a request has its items on the first axis (not the MLLM's image tiles)
+    return [{k: v[:TIMED_ITEMS] for k, v in f.items()} if len({len(v) for v in f.values()}) == 1 else f for f in feeds]
+
+
+def _timed_probe(manifest: Any, runners: Mapping[str, Any], feeds: list[dict]) -> float:
+    """Seconds of one run of ``feeds`` (:func:`_timed_feeds`) on ``runners``."""
     from bgevl.core.registry import get_family
     from bgevl.core.family import run_steps
     from bgevl.runtime.runners import runner_call
 
-    arrays = load_arrays(manifest.directory / VALIDATION_ARRAYS)
     family, graphs, run = get_family(manifest.family), manifest.graph_specs(), runner_call(runners)
-    requests = sorted({k.split("/")[0] for k in arrays if k.startswith("request")})
-    feeds = [{k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(r + "/")} for r in requests]
-    # cut where every input of a request has its items on the first axis (not the MLLM's image tiles)
-    feeds = [{k: v[:TIMED_ITEMS] for k, v in f.items()} if len({len(v) for v in f.values()}) == 1 else f for f in feeds]
     t0 = time.perf_counter()
     for feed in feeds:
         run_steps(family.steps(feed, graphs), run)
@@ -145,9 +150,10 @@ def open_fastest(manifest: Any, **options: Any) -> tuple[dict, BackendChoice]:
             refused[candidate.name] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             continue
         opened[candidate.name] = runners
+    feeds = _timed_feeds(manifest) if opened else []
     for _ in range(TIMED_ROUNDS):
         for name, runners in opened.items():
-            elapsed = _timed_probe(manifest, runners)
+            elapsed = _timed_probe(manifest, runners, feeds)
             seconds[name] = min(seconds.get(name, elapsed), elapsed)
     choice = choose(seconds, refused)
     log.info("backend 'auto' for %s: %s, %s", manifest.directory.name, choice.chosen, choice.reason)
