@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bgevl.core.errors import CheckpointError
+from bgevl.core.errors import BgevlError, CheckpointError
 from bgevl.core.registry import family_of
 from bgevl.core.family import CheckpointKind, CheckpointSource
 from bgevl.core.specs import ModelSpec
@@ -346,6 +346,54 @@ def check_transformers_checkpoint(family: Any, path: Path, spec: ModelSpec, repo
            f"unexpected or mismatched")
     report(f"tokenizer {type(processor.tokenizer).__name__} ({len(processor.tokenizer)} tokens), image processor "
            f"{type(processor.image_processor).__name__}")
+
+
+def any_size_spec(family: Any) -> ModelSpec:
+    """The family's generated spec (a checked load of it accepts any size of the family), else its first."""
+    return next((m for m in family.models if m.generated), family.models[0])
+
+
+def infer_model_specs(path: Path) -> list[ModelSpec]:
+    """The ``--model``s a checkpoint directory can be, read from its files (``bgevl-export --model-path DIR``
+    without ``--model`` exports as the first): the family whose ``checkpoint_kind.model_type`` is
+    ``config.json``'s, then the hub models of that family whose identity attributes (sizes) the config
+    matches (several where hub models share an architecture, as BGE-VL-MLLM-S1/-S2 and v1.5 do), else the
+    family's generated spec (checked loads accept any size of the family). A folder without ``config.json``
+    is asked of the families with a layout of their own (``checkpoint_kind.config_class`` empty:
+    Visualized-BGE's ``.pth``)."""
+    import transformers
+
+    from bgevl.core.registry import families
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"--model-path {path}: not a directory; pass a checkpoint directory")
+    if (path / "config.json").is_file():
+        raw = read_json(path / "config.json", "model config (config.json)")
+        model_type = raw.get("model_type")
+        for family in families().values():
+            kind = family.checkpoint_kind
+            if kind.config_class and kind.model_type == model_type:
+                try:
+                    config = getattr(transformers, kind.config_class).from_dict(raw)
+                except (TypeError, ValueError, KeyError) as exc:
+                    raise CheckpointError(f"{path / 'config.json'}: not a valid {kind.config_class} ({exc}); "
+                                          f"download the file again") from None
+                matching = [m for m in family.models if not m.generated and not _identity_differences(config, m, kind)]
+                return matching or [any_size_spec(family)]
+    else:
+        model_type = None
+    for family in families().values():
+        if not family.checkpoint_kind.config_class:
+            try:
+                family.local_checkpoint(path)
+            except (CheckpointError, BgevlError):
+                continue
+            return [any_size_spec(family)]
+    known = sorted({f.checkpoint_kind.model_type for f in families().values() if f.checkpoint_kind.config_class})
+    found = f"model_type {model_type!r}" if model_type else "no config.json"
+    raise CheckpointError(f"--model-path {path}: {found}, which no model family reads (config.json model_type "
+                          f"{', '.join(known)}, or a Visualized-BGE folder); pass --model")
 
 
 class HubCheckpoints(CheckpointSource):

@@ -14,7 +14,7 @@ export was traced from. What makes this reference independent of the export path
 * **the original's preprocessing**, spelled out from its ``data_process`` rather than through
   ``bgevl.runtime``'s preprocessors, and the original's pooling and normalization.
 
-Sources (``../shared/reference/hub-checkpoints.md`` has the line numbers):
+Sources (public files; the line numbers are those of the versions read):
 
 * CLIP (``bgevl.families.clip.reference``): FlagOpen/FlagEmbedding ``research/BGE_VL/modeling_MMRet_CLIP.py`` (the hub's
   ``modeling_MMRet_CLIP.py``): ``data_process`` L1282-1307 (``Image.open(p).convert("RGB")``,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bgevl.families.clip.checkpoint import generate_clip_checkpoint, load_clip
+from bgevl.families.clip import ClipFamily
+from bgevl.families.clip.checkpoint import generate_clip_checkpoint
 from bgevl.families.mllm.checkpoint import generate_mllm_checkpoint, load_mllm
 from bgevl.export import ExportOptions, run_export
 from bgevl.core.registry import get_model_spec
@@ -39,7 +40,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_checkpoint):
     """(CLIPModel, CLIPProcessor) loaded from the generated checkpoint: the PyTorch reference."""
-    return load_clip(tiny_checkpoint)
+    return ClipFamily().load(tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")

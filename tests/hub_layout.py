@@ -2,7 +2,8 @@
 
 The exporter's own generator (``bgevl.checkpoints``) writes what transformers 5 ``save_pretrained``
 writes: float32 weights, a nested ``processor_config.json``, current names. Real users have the hub
-files instead (``../shared/reference/hub-checkpoints.md``), and those differ in every point that
+files instead (the hub repositories BAAI/BGE-VL-base, -large and -MLLM-S1: their ``config.json``,
+``*.safetensors`` headers and processor files), and those differ in every point that
 matters to loading, so the tests that stand for a user's checkpoint use these:
 
 * BGE-VL-base / -large: ``config.json`` (``model_type`` clip, ``architectures`` ["CLIPModel"],

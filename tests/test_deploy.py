@@ -241,7 +241,8 @@ RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral"
 
 def restricted_violations(pod: dict) -> list[str]:
     """The checks of pod-security-admission's "restricted" level (policy/check_*.go, as of 2026) that a pod
-    spec fails, written from the checks' text (../shared/reference/api-corpus-quality-conventions.md, 9)."""
+    spec fails, written from the checks' text (kubernetes/pod-security-admission, ``policy/check_*.go``; the Pod Security
+    Standards page on kubernetes.io)."""
     out = []
     pod_ctx = pod.get("securityContext", {})
     for key in ("hostNetwork", "hostPID", "hostIPC"):

@@ -370,3 +370,33 @@ def test_check_command_reports_a_good_checkpoint(hub, capsys):
     out = capsys.readouterr().out
     assert "4 file(s), 81 tensors stored as BF16" in out and "loaded as float32" in out
     assert "finite and distinct" in out and out.strip().endswith("checkpoint OK")
+
+
+@pytest.mark.parametrize("name, model", [("clip-base", "tiny"), ("mllm-4.45", "tiny-mllm")])
+def test_model_is_read_from_the_checkpoints_config_when_not_given(name, model, hub, tmp_path, capsys):
+    """``--model-path DIR`` without ``--model``: the family from config.json's model_type, the spec from its sizes
+    (these small checkpoints match no hub model, so the family's generated spec, which accepts any size)."""
+    out = tmp_path / name
+    assert main(["--model-path", str(hub(name)), "--output", str(out), "--format", "onnx"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["key"] == model and manifest["validation"]["passed"]
+    assert f"--model {model} " in capsys.readouterr().err
+
+
+def test_the_hub_model_whose_sizes_a_config_matches_is_inferred(tmp_path):
+    from transformers import BertConfig, CLIPConfig, LlavaNextConfig
+
+    from bgevl.checkpoints import infer_model_specs
+    from bgevl.core.errors import CheckpointError
+    from bgevl.core.registry import get_model_spec
+
+    for key in ("base", "large", "mllm-s1"):
+        path = tmp_path / key
+        spec = get_model_spec(key)
+        config_class = LlavaNextConfig if spec.family == "mllm" else CLIPConfig
+        config_class(**spec.architecture).save_pretrained(path)
+        keys = [m.key for m in infer_model_specs(path)]
+        assert keys == ([key] if spec.family == "clip" else ["mllm-s1", "mllm-s2", "mllm-v1.5-zs", "mllm-v1.5-mmeb"])
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "bert")
+    with pytest.raises(CheckpointError, match=r"model_type 'bert', which no model family reads .*; pass --model"):
+        infer_model_specs(tmp_path / "bert")

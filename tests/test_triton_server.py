@@ -31,7 +31,7 @@ from samples import IMAGES, TEXTS, assert_matches, jobs_with_bad_ones, png_of  #
 from bgevl.core.errors import BgevlError  # noqa: E402
 from bgevl.core.family import Request  # noqa: E402
 from bgevl.runtime import Embedder  # noqa: E402
-from bgevl.families.clip.preprocessing import ClipPreprocessor  # noqa: E402
+from bgevl.families.dual_encoder.preprocessing import DualEncoderPreprocessor  # noqa: E402
 from bgevl.serving.configs import check_ensemble_wiring, parse_pbtxt  # noqa: E402
 from bgevl.serving.repository import write_repository  # noqa: E402
 from bgevl.serving.server import TritonServer, free_port, free_ports  # noqa: E402
@@ -152,7 +152,7 @@ def test_composed_ensemble_and_encoders_are_addressable(clip_served):
     server, embedder = clip_served
     assert_matches(embed(server, "grpc", "bgevl_composed", texts=TEXTS, images=IMAGES),
                    embedder.encode(images=IMAGES, text=TEXTS))
-    pixels = ClipPreprocessor.from_pretrained(embedder.manifest.processor_dir, embedder.manifest.max_text_length).pixel_values(IMAGES)
+    pixels = DualEncoderPreprocessor.from_pretrained(embedder.manifest.processor_dir, embedder.manifest.max_text_length).pixel_values(IMAGES)
     tensor = httpclient.InferInput("pixel_values", list(pixels.shape), "FP32")
     tensor.set_data_from_numpy(pixels)
     out = client(server, "http").infer("bgevl_vision", [tensor]).as_numpy("image_embeds")
@@ -330,7 +330,7 @@ def test_a_bad_request_to_an_encoder_fails_alone(clip_served):
     """Requests straight to the text encoder, merged by its dynamic batcher: other sequence lengths run
     in their own call, and token ids out of the vocabulary fail only their own request."""
     server, embedder = clip_served
-    pre = ClipPreprocessor.from_pretrained(embedder.manifest.processor_dir, embedder.manifest.max_text_length)
+    pre = DualEncoderPreprocessor.from_pretrained(embedder.manifest.processor_dir, embedder.manifest.max_text_length)
     tokens = pre.tokens(TEXTS[:1], pad_to_max_length=True)
     want = embedder.encode(text=TEXTS[:1])
 

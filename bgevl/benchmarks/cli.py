@@ -269,9 +269,7 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
         apis = _start_apis(backends, float_export, runtime, server, log)
     max_batch = min((g.max_batch for gs in graphs.values() for g in gs.values()), default=None)
     try:
-        for workload in [w for w in args.workloads.split(",") if w]:
-            if workload not in WORKLOADS:
-                raise BgevlError(f"--workloads: {workload!r}; choose from {', '.join(WORKLOADS)}")
+        for workload in model_workloads(args.workloads, model.family, key, notes):
             for batch in args.batch_sizes:
                 if max_batch is not None and batch > max_batch:
                     notes.append(f"{key}: batch {batch} skipped (the export serves up to {max_batch})")
@@ -478,13 +476,29 @@ def _sweep_client(args) -> tuple[Any, str]:
     return binary, why
 
 
+def model_workloads(requested: str, family: Any, key: str, notes: list | None = None) -> list[str]:
+    """The ``--workloads`` a model is measured on: those of its family's declared item kinds
+    (``Recipe.kinds``); the others are skipped with a note, an unknown one is refused."""
+    from bgevl.benchmarks.suite import WORKLOADS
+
+    chosen = []
+    for workload in [w for w in requested.split(",") if w]:
+        if workload not in WORKLOADS:
+            raise BgevlError(f"--workloads: {workload!r}; choose from {', '.join(WORKLOADS)}")
+        if workload in family.kinds:
+            chosen.append(workload)
+        elif notes is not None:
+            notes.append(f"{key}: {workload} skipped (the {family.name} family embeds no {workload} items)")
+    return chosen
+
+
 def _perf_analyzer_sweep(binary, server, model, key: str, args, log, sweep: list) -> None:
     import tempfile
 
     from bgevl.serving import perf_analyzer
 
     with tempfile.TemporaryDirectory(prefix="bgevl-bench-perf-") as work:
-        for workload in [w for w in args.workloads.split(",") if w]:
+        for workload in model_workloads(args.workloads, model.family, key):
             case = model.case(key, workload, 1)
             data = Path(work) / f"{workload}.json"
             inputs = {name: perf_analyzer.bytes_tensor(values) for name, values in perf_analyzer.request_values(case.request).items()}
@@ -506,7 +520,7 @@ def _sweep(server, model, key: str, args, log, sweep: list, notes: list) -> None
         _perf_analyzer_sweep(binary, server, model, key, args, log, sweep)
         return
     notes.append(f"{key}: the Triton sweep was measured with bgevl-bench's threaded HTTP client, not perf_analyzer ({why})")
-    for workload in [w for w in args.workloads.split(",") if w]:
+    for workload in model_workloads(args.workloads, model.family, key):
         case = model.case(key, workload, args.sweep_batch)
         for concurrency in args.concurrency:
             requests = max(4 * concurrency, 8)

@@ -214,7 +214,7 @@ class CheckpointSource(ABC):
     """Role: where the weights come from (the hub, a ``--model-path``, an offline generated checkpoint) and
     how they are checked and loaded; also the family's independent fp32 reference. Families whose checkpoints
     are in the hub's transformers layout subclass ``bgevl.checkpoints.HubCheckpoints``, which implements
-    the first three methods."""
+    ``local_checkpoint``, ``download`` and ``check_files``."""
 
     checkpoint_kind: ClassVar[CheckpointKind]
 
@@ -275,9 +275,20 @@ class GraphExport(ABC):
     def graph_modules(self, exported: ExportedModel) -> dict[str, "torch.nn.Module"]:
         """The torch modules that define the graphs."""
 
-    @abstractmethod
-    def example_feeds(self, modules: Mapping[str, "torch.nn.Module"], requests: Sequence[Feeds]) -> dict[str, Feeds]:
-        """An example feed per graph (batch >= 2 where possible) for tracing, from prepared requests."""
+    def example_feeds(self, graphs: Mapping[str, GraphSpec], modules: Mapping[str, "torch.nn.Module"],
+                      requests: Sequence[Feeds]) -> dict[str, Feeds]:
+        """An example feed per graph (batch >= 2 where possible) for tracing, from prepared requests.
+
+        Default, derived from the declaration: for each graph, the first request that holds all of its
+        inputs, cut to two items. Families whose graphs feed one another (a vision graph's output as a
+        language graph's input) override it."""
+        out: dict[str, Feeds] = {}
+        for name, graph in graphs.items():
+            feeds = next((f for f in requests if all(n in f for n in graph.input_names)), None)
+            if feeds is None:
+                raise ValueError(f"no validation request holds the inputs of graph {name!r} ({', '.join(graph.input_names)})")
+            out[name] = {n: feeds[n][:2] for n in graph.input_names}
+        return out
 
     @abstractmethod
     def validation_requests(self, probes: "ProbeSet") -> list[Request]:
@@ -405,10 +416,11 @@ class Family(CheckpointSource, GraphExport, Recipe, ServingLayout, BenchBaseline
     role it needs (the runtime a :class:`Recipe`, the repository writer a :class:`ServingLayout`, ...).
 
     Subclasses import their heavy dependencies (torch, transformers) inside the methods, so listing the
-    families (the command line's ``--model`` choices) stays cheap. Two intermediate bases cover the shapes
-    of this field: ``bgevl.families.clip.ClipFamily`` (a dual encoder: image and text towers, composed
-    queries by score fusion) and ``bgevl.families.mllm.MllmFamily`` (a decoder embedder: the last token's
-    hidden state of a multimodal LLM); a SigLIP- or GME-like model is a subclass with a few overrides."""
+    families (the command line's ``--model`` choices) stays cheap. Two intermediate bases: the dual-encoder
+    base ``bgevl.families.dual_encoder.DualEncoderFamily`` (image and text towers from their declarations,
+    composed queries by score fusion where declared; CLIP subclasses it, and a real SigLIP is two hooks:
+    ``tests/plugins/bgevl_siglip``) and ``bgevl.families.mllm.MllmFamily`` (a decoder embedder: the last
+    token's hidden state of a multimodal LLM; still LLaVA-NeXT-shaped: fixed anyres tiles, ``[INST]`` prompts)."""
 
     name: ClassVar[str]
     description: ClassVar[str]

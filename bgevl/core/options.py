@@ -31,5 +31,8 @@ class ExportOptions:
     command: str | None = None  # the command line, recorded in the manifest
     quality_data: Path | None = None  # retrieval data the export is checked on against the fp32 graphs
     max_recall_drop: float | None = None  # points; None: bgevl.quality.gate.DEFAULT_MAX_RECALL_DROP
+    #: attention kernels of the loaded torch modules: eager (traced into the ONNX graphs); the benchmark's
+    #: PyTorch baseline (``bgevl.runtime.baseline``) loads the same modules with "sdpa", transformers' default
+    attn_implementation: str = "eager"
     #: the values of the family's own options (``GraphExport.add_export_arguments``), by dest
     family_options: dict[str, Any] = field(default_factory=dict)

@@ -218,6 +218,32 @@ PIXEL_VALUES, INPUT_IDS, ATTENTION_MASK = "pixel_values", "input_ids", "attentio
 MASK_VALUES = (0, 1)
 
 
+@dataclass(frozen=True)
+class TextPadding:
+    """How a text tower's token ids are laid out: a fact of the model, which the runtime's preprocessor,
+    the export's graph declaration and the Triton text encoder all follow.
+
+    CLIP takes an attention mask and pools at the end-of-text token, so texts are padded to the batch's
+    longest and a server may cut a merged batch's common right padding. SigLIP was trained on texts padded
+    to a fixed 64 tokens without a mask and pools at the last position: padded any other way, or trimmed,
+    its embeddings are silently wrong (transformers' ``SiglipModel`` docs: ``padding="max_length"``)."""
+
+    #: pad every text to this many tokens (``None``: to the longest text of the batch)
+    fixed_length: int | None = None
+    #: whether the text graph takes an ``attention_mask`` input
+    attention_mask: bool = True
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The text graph's inputs, in order."""
+        return (INPUT_IDS, ATTENTION_MASK) if self.attention_mask else (INPUT_IDS,)
+
+    @property
+    def trimmable(self) -> bool:
+        """Whether a batch's common right padding may be cut (masked, and not padded to a fixed length)."""
+        return self.attention_mask and self.fixed_length is None
+
+
 def token_ids(vocab_size: int | None) -> tuple[int, int] | None:
     """The values a token-id input may hold: ids of the model's embedding table (``None``: not declared)."""
     return (0, int(vocab_size) - 1) if vocab_size else None

@@ -28,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     known = families()
     models = all_models()
     m = p.add_argument_group("model and checkpoint")
-    m.add_argument("--model", default="tiny", choices=list(models),
+    m.add_argument("--model", default=None, choices=list(models),
                    help="; ".join(f"{spec.key}: {spec.hub_id or 'offline random-weight ' + known[spec.family].name}"
-                                  for spec in models.values()) + " (hub models from the hub or --model-path)")
+                                  for spec in models.values()) + " (hub models from the hub or --model-path). Default: "
+                        "read from --model-path's config.json (the family, and the hub model its sizes match), else tiny")
     m.add_argument("--model-path", type=Path, default=None, help="local checkpoint directory (config.json, weights, processor files)")
     m.add_argument("--random-weights", action="store_true",
                    help="build the --model architecture with random weights, offline (for structure and speed checks)")
@@ -386,6 +387,21 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults shown, examples kept on their own lines."""
 
 
+def _inferred_model(model_path: Path | None, quiet: bool) -> str:
+    """``--model`` when not given: read from ``--model-path`` (``bgevl.checkpoints.infer_model_specs``), else tiny."""
+    if model_path is None:
+        return "tiny"
+    from bgevl.checkpoints import infer_model_specs
+
+    spec, *others = infer_model_specs(model_path)
+    if not quiet:
+        also = (f"; its architecture is also {', '.join(o.key for o in others)}'s (the same export): pass --model to "
+                f"record another") if others else ""
+        print(f"--model {spec.key} ({spec.hub_id or spec.description.split(',')[0]}): read from {model_path}{also}",
+              file=sys.stderr)
+    return spec.key
+
+
 def _asks_for_help(argv: list[str]) -> bool:
     return any(a in ("-h", "--help") for a in argv)
 
@@ -409,6 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     interrupt_on_signals()
     from bgevl.export.driver import ExportOptions, build_artifacts
+
+    if args.model is None:
+        try:
+            args.model = _inferred_model(args.model_path, args.quiet)
+        except BgevlError as exc:
+            print(f"bgevl-export: error: {exc}", file=sys.stderr)
+            return 2
 
     output = args.output or Path("out") / f"{args.model}-{args.precision}"
     opts = ExportOptions(

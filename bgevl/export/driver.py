@@ -202,7 +202,7 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
         progress(f"exporting {len(graphs)} graphs to ONNX (opset {ONNX_OPSET}, fp32)", step="onnx-export")
         fp32_dir = work / "fp32"
         fp32_dir.mkdir()
-        examples = family.example_feeds(modules, prepared)
+        examples = family.example_feeds(graphs, modules, prepared)
         for name, graph in graphs.items():
             onnx_passes.export_torch_graph(modules[name], graph, examples[name], fp32_dir / graph.filename)
             progress.info(f"{graph.filename}: {onnx_passes.file_size(fp32_dir / graph.filename) / 1e6:.1f} MB")

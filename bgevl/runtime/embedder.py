@@ -8,7 +8,7 @@ and the Triton entry model run:
 * images only -> image embeddings; text only -> text embeddings;
 * both, paired item by item -> composed-query embeddings. CLIP (BGE-VL-base/-large) fuses the
   *unnormalized* image and text features and normalizes once (BGE-VL's ``encode_multimodal``,
-  ``bgevl.families.clip.fusion``); the MLLM (BGE-VL-MLLM) embeds image and text in one prompt.
+  ``bgevl.families.dual_encoder.fusion``); the MLLM (BGE-VL-MLLM) embeds image and text in one prompt.
 
 ``role`` is ``"query"`` or ``"candidate"`` (BGE-VL-MLLM's ``q_or_c``; CLIP accepts and ignores
 it), ``instruction`` the task instruction of queries (MLLM only; an error for CLIP). MLLM items

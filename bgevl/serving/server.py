@@ -13,7 +13,11 @@
 * stops with SIGINT (Triton's graceful shutdown), then kills the whole process group (server and
   stubs) if it has not exited in time, so nothing is left running.
 
-What was observed on this machine type is in ``shared/reference/triton-on-cpu.md``.
+What it relies on, as observed with the ``nvidia-pytriton`` 0.7.0 wheel (tritonserver 2.51.0): the
+server runs with ``LD_LIBRARY_PATH`` at ``nvidia_pytriton.libs`` and a ``--backend-directory`` whose
+``python/`` holds ``libtriton_python.so``, ``triton_python_backend_utils.py`` and the stub of the running
+Python; the 3.11 stub links Debian's ``libpython3.11.so`` and starts isolated (``PYTHONPATH`` is not on its
+``sys.path``); NVML/DCGM warnings at start are harmless on a CPU machine.
 """
 
 from __future__ import annotations

@@ -1,11 +1,16 @@
-"""CLIP checkpoints: the offline random-weight generator (hub layout of ``save_pretrained``) and the checked loader."""
+"""CLIP checkpoints: the offline random-weight generator (hub layout of ``save_pretrained``).
+
+BGE-VL-base/large ship remote code (``modeling_MMRet_CLIP.CLIPModel``, transformers 4.45's CLIPModel plus
+``encode``); their weights load into today's ``CLIPModel`` without ``trust_remote_code`` (the checked loader
+is ``DualEncoderFamily.load``): the hub repositories' safetensors use CLIPModel's standard tensor names with
+no prefix (BAAI/BGE-VL-base and BAAI/BGE-VL-large, ``model.safetensors`` and ``config.json``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from bgevl.checkpoints import architecture_for, check_tokenizer, inspect_checkpoint, load_weights_checked, save_random_model
+from bgevl.checkpoints import architecture_for, save_random_model
 from bgevl.core.specs import ModelSpec
 
 
@@ -53,26 +58,3 @@ def generate_clip_checkpoint(spec: ModelSpec, directory: Path) -> Path:
         tokenizer=tokenizer,
     )
     return save_random_model(CLIPModel, config, processor, directory)
-
-
-def load_clip(path: Path, attn_implementation: str = "eager", spec: ModelSpec | None = None) -> tuple[Any, Any]:
-    """Load a BGE-VL CLIP checkpoint (float32) with transformers' CLIPModel and its processor.
-
-    ``attn_implementation``: eager (the export's traced modules) or sdpa (transformers' default,
-    what the benchmarks compare against). The checkpoint is checked first
-    (:func:`inspect_checkpoint`); ``spec`` defaults to the generated ``tiny`` (any CLIP size).
-
-    BGE-VL-base/large ship remote code (``modeling_MMRet_CLIP.CLIPModel``, transformers 4.45's
-    CLIPModel plus ``encode``); the weights load into today's ``CLIPModel`` without
-    ``trust_remote_code`` (standard names, no prefix; ``../shared/reference/hub-checkpoints.md``).
-    """
-    from transformers import CLIPModel
-
-    from bgevl.core.registry import get_model_spec
-    from bgevl.core.preprocessing import load_processor
-
-    files = inspect_checkpoint(Path(path), spec or get_model_spec("tiny"))
-    model = load_weights_checked(CLIPModel, Path(path), files.config, attn_implementation)
-    processor = load_processor(path)
-    check_tokenizer(processor.tokenizer, Path(path))
-    return model, processor

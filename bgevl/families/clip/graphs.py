@@ -1,20 +1,26 @@
-"""The CLIP family's graphs (BGE-VL-base / -large): names and declarations."""
+"""The CLIP family's graphs (BGE-VL-base / -large): the dual encoder's two graphs with CLIP's shapes."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bgevl.core.specs import (
-    ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, INPUT_IDS, MASK_VALUES, PIXEL_VALUES, Dim, GraphSpec, TensorSpec, batch_dim,
-    token_ids,
-)
+from bgevl.core.specs import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, GraphSpec
+from bgevl.families.dual_encoder.graphs import TowerShapes, dual_encoder_graph_specs
 
 
-#: Output names. ``*_embeds`` are L2-normalized (what retrieval uses); ``*_features`` are the
-#: unnormalized projections, which score fusion needs (see ``bgevl.families.clip.fusion``).
-IMAGE_EMBEDS, IMAGE_FEATURES = "image_embeds", "image_features"
-TEXT_EMBEDS, TEXT_FEATURES = "text_embeds", "text_features"
-VISION_GRAPH, TEXT_GRAPH = "vision", "text"
+VISION_DESCRIPTION = "vision tower: CLS after post_layernorm -> visual_projection -> L2 normalize"
+TEXT_DESCRIPTION = "text tower: EOS-token pooling after final_layer_norm -> text_projection -> L2 normalize"
+
+
+def clip_tower_shapes(config: Any) -> TowerShapes:
+    """The graphs' shapes from a transformers ``CLIPConfig``."""
+    return TowerShapes(
+        image_size=int(config.vision_config.image_size),
+        max_text_length=int(config.text_config.max_position_embeddings),
+        embed_dim=int(config.projection_dim),
+        vocab_size=int(config.text_config.vocab_size),
+        vision_description=VISION_DESCRIPTION, text_description=TEXT_DESCRIPTION,
+    )
 
 
 def clip_graph_specs(
@@ -22,44 +28,5 @@ def clip_graph_specs(
     opt_batch: int = DEFAULT_OPT_BATCH, max_batch: int = DEFAULT_MAX_BATCH,
 ) -> dict[str, GraphSpec]:
     """The two graphs of a CLIP dual encoder, with projection and L2 norm inside the graph."""
-    batch = batch_dim(opt_batch, max_batch)
-    seq = Dim("sequence", 1, min(16, max_text_length), max_text_length)
-    vision = GraphSpec(
-        VISION_GRAPH,
-        inputs=(TensorSpec(PIXEL_VALUES, "float32", (batch, 3, image_size, image_size),
-                           "CLIP-normalized RGB pixels from the model's CLIPImageProcessor"),),
-        outputs=(
-            TensorSpec(IMAGE_EMBEDS, "float32", (batch, embed_dim), "L2-normalized image embedding"),
-            TensorSpec(IMAGE_FEATURES, "float32", (batch, embed_dim),
-                       "unnormalized projected image features (input of score fusion)"),
-        ),
-        description="vision tower: CLS after post_layernorm -> visual_projection -> L2 normalize",
-        normalized_output=(IMAGE_EMBEDS, IMAGE_FEATURES),
-    )
-    text = GraphSpec(
-        TEXT_GRAPH,
-        inputs=(
-            TensorSpec(INPUT_IDS, "int64", (batch, seq), "CLIP BPE token ids, <|startoftext|> ... <|endoftext|>",
-                       token_ids(vocab_size)),
-            TensorSpec(ATTENTION_MASK, "int64", (batch, seq), "1 for tokens, 0 for padding", MASK_VALUES),
-        ),
-        outputs=(
-            TensorSpec(TEXT_EMBEDS, "float32", (batch, embed_dim), "L2-normalized text embedding"),
-            TensorSpec(TEXT_FEATURES, "float32", (batch, embed_dim),
-                       "unnormalized projected text features (input of score fusion)"),
-        ),
-        description="text tower: EOS-token pooling after final_layer_norm -> text_projection -> L2 normalize",
-        normalized_output=(TEXT_EMBEDS, TEXT_FEATURES),
-    )
-    return {VISION_GRAPH: vision, TEXT_GRAPH: text}
-
-
-def clip_graph_specs_from_config(config: Any, **batch: int) -> dict[str, GraphSpec]:
-    """Graph specs from a transformers ``CLIPConfig``."""
-    return clip_graph_specs(
-        image_size=config.vision_config.image_size,
-        max_text_length=config.text_config.max_position_embeddings,
-        embed_dim=config.projection_dim,
-        vocab_size=config.text_config.vocab_size,
-        **batch,
-    )
+    shapes = TowerShapes(image_size, max_text_length, embed_dim, vocab_size, VISION_DESCRIPTION, TEXT_DESCRIPTION)
+    return dual_encoder_graph_specs(shapes, opt_batch=opt_batch, max_batch=max_batch)

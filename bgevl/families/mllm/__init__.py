@@ -55,8 +55,8 @@ def _llava_next_arch(*, vision: dict[str, Any], text: dict[str, Any], tile: int)
     }
 
 
-#: llava-v1.6-mistral-7b as BGE-VL-MLLM uses it (public config printouts; see
-#: ../shared/reference/bgevl-semantics.md): CLIP ViT-L/14-336, Mistral-7B, vocab 32005.
+#: llava-v1.6-mistral-7b as BGE-VL-MLLM uses it (the config.json of BAAI/BGE-VL-MLLM-S1 and
+#: llava-hf/llava-v1.6-mistral-7b-hf): CLIP ViT-L/14-336, Mistral-7B, vocab 32005.
 _LLAVA_NEXT_MISTRAL_7B = _llava_next_arch(
     vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                 image_size=336, patch_size=14),
@@ -172,7 +172,8 @@ class MllmFamily(HubCheckpoints, Family):
 
         return graph_modules(exported.model)
 
-    def example_feeds(self, modules: Mapping[str, Any], requests: Sequence[Feeds]) -> dict[str, Feeds]:
+    def example_feeds(self, graphs: Mapping[str, GraphSpec], modules: Mapping[str, Any],
+                      requests: Sequence[Feeds]) -> dict[str, Feeds]:
         """A request with at least two tiles and two items; the language graph's tile features are the
         vision module's output on them."""
         import torch

@@ -1,8 +1,8 @@
 """Preprocessing of BGE-VL-MLLM (LLaVA-NeXT) inputs: prompts, images, tokens and the image-feature index.
 
 Prompts and image handling follow BGE-VL-MLLM's remote code (VectorSpaceLab/MegaPairs,
-``LLaVANextForEmbedding.prepare_text_input`` and ``data_process``; summarized with the exact
-strings in ``../shared/reference/bgevl-semantics.md``):
+``LLaVANextForEmbedding.prepare_text_input`` and ``data_process``, also in the hub repository
+BAAI/BGE-VL-MLLM-S1's ``modeling_llavanext_for_embedding.py``), with its exact strings:
 
 * query:     ``"[INST] \\n <instruct> {instruction} <query> "`` + ``" {text} \\n"`` + ``" <image>"`` + ``" [/INST]"``
   (pieces joined as ``f"{prev} {piece}"``); without an instruction ``"[INST] \\n <instruct>  <query>"``

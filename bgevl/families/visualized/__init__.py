@@ -115,7 +115,7 @@ class VisualizedFamily(Family):
     def prepare_export(self, path: Path, spec: ModelSpec, options: Any) -> ExportedModel:
         from bgevl.families.visualized.preprocessing import VisualizedPreprocessor
 
-        model, tokenizer = self.load(path, spec)
+        model, tokenizer = self.load(path, spec, options.attn_implementation)
         layout = self.layout_of(model, options.max_sequence_length)
         hidden = int(model.text_config.hidden_size)
         graphs = self.graph_specs(model, layout, options.opt_batch, options.max_batch)
@@ -137,7 +137,8 @@ class VisualizedFamily(Family):
 
         return graph_modules(exported.model)
 
-    def example_feeds(self, modules: Mapping[str, Any], requests: Sequence[Feeds]) -> dict[str, Feeds]:
+    def example_feeds(self, graphs: Mapping[str, GraphSpec], modules: Mapping[str, Any],
+                      requests: Sequence[Feeds]) -> dict[str, Feeds]:
         """A composed request (two items or more): the text graph traced with the image tokens of the
         vision module (image-token count and sequence stay symbolic)."""
         import torch
@@ -233,8 +234,8 @@ class VisualizedFamily(Family):
         return Request(images=images, texts=texts)
 
     def torch_baseline(self, checkpoint: Path, threads: int) -> Any:
-        from bgevl.families.visualized.bench import VisualizedBaseline
+        from bgevl.runtime.baseline import GraphModulesBaseline
 
-        return VisualizedBaseline(self, checkpoint, threads)
+        return GraphModulesBaseline(self, checkpoint, threads)
 
 

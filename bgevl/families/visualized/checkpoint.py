@@ -1,6 +1,6 @@
 """Visualized-BGE checkpoints as BAAI publishes them, a checked loader and the offline generator.
 
-What users have (``../shared/reference``, FlagOpen/FlagEmbedding ``research/visual_bge``):
+What users have (the hub repository BAAI/bge-visualized and FlagOpen/FlagEmbedding ``research/visual_bge``):
 
 * the weights: ``Visualized_base_en_v1.5.pth`` / ``Visualized_m3.pth`` from the hub repository
   ``BAAI/bge-visualized``: plain fp16 state dicts of FE's ``Visualized_BGE`` (module order

@@ -1,4 +1,4 @@
-"""Score fusion of BGE-VL-base/large, the one implementation every part uses.
+"""Score fusion of BGE-VL-base/large (a dual encoder's composed query), the one implementation every part uses.
 
 BGE-VL's CLIP models embed a composed (image + text) query by *score fusion*: the model card
 says "sum up the outputs of visual encoder and text encoder and get the final embedding", and
@@ -9,7 +9,8 @@ L2-normalizes once::
     embedding = normalize(visual_projection(cls_image) + text_projection(eos_text))
 
 It is *not* the normalized sum of the two normalized embeddings (the two differ whenever the
-two feature norms differ, which they always do). See ``shared/reference/bgevl-semantics.md``.
+two feature norms differ, which they always do). Sources: the BAAI/BGE-VL-base model card ("Usage") and
+its ``modeling_MMRet_CLIP.py`` (also FlagOpen/FlagEmbedding ``research/BGE_VL/modeling_MMRet_CLIP.py``).
 """
 
 from __future__ import annotations

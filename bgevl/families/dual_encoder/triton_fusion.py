@@ -1,5 +1,5 @@
 """Score fusion: unnormalized image and text features -> normalized composed embedding
-(``bgevl.families.clip.fusion.score_fusion``, the runtime's implementation). Requests batched by Triton run as
+(``bgevl.families.dual_encoder.fusion.score_fusion``, the runtime's implementation). Requests batched by Triton run as
 one array operation."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from bgevl.core.errors import InputError
-from bgevl.families.clip.fusion import score_fusion
-from bgevl.families.clip.graphs import IMAGE_FEATURES, TEXT_FEATURES
+from bgevl.families.dual_encoder.fusion import score_fusion
+from bgevl.families.dual_encoder.graphs import IMAGE_FEATURES, TEXT_FEATURES
 from bgevl.core.specs import SERVING_EMBEDDING
 from bgevl.serving.models.backend_utils import answer, model_config
 

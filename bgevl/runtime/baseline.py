@@ -1,5 +1,7 @@
-"""The CLIP family's PyTorch baseline for ``bgevl-bench``: the exported graphs' torch modules (transformers'
-``CLIPModel`` towers with SDPA attention, what a user would run otherwise) through the family's recipe."""
+"""The PyTorch baseline of ``bgevl-bench`` for families whose graphs are torch modules run by a recipe (dual
+encoders, Visualized-BGE): the export's own modules (``GraphExport.prepare_export`` + ``graph_modules``,
+with transformers' default SDPA attention, what a user would run otherwise) through the family's recipe,
+on the export's preprocessor. One implementation for every such family: nothing is rebuilt per family."""
 
 from __future__ import annotations
 
@@ -9,24 +11,25 @@ from typing import Any, Callable
 import numpy as np
 
 from bgevl.core.family import Feeds, Request, run_steps
+from bgevl.core.options import ExportOptions
 
 
-class ClipBaseline:
+class GraphModulesBaseline:
     def __init__(self, family: Any, checkpoint: Path, threads: int):
         import torch
 
-        from bgevl.families.clip.graphs import clip_graph_specs_from_config
-        from bgevl.families.clip.modules import graph_modules
-        from bgevl.families.clip.preprocessing import ClipPreprocessor
+        from bgevl.checkpoints import any_size_spec
         from bgevl.runtime.runners import TorchModuleRunner
 
         torch.set_num_threads(threads)
-        model, processor = family.load(checkpoint, attn_implementation="sdpa")
+        opt_batch, max_batch = family.default_batch
+        options = ExportOptions(output=Path(checkpoint), opt_batch=opt_batch, max_batch=max_batch, attn_implementation="sdpa")
+        exported = family.prepare_export(Path(checkpoint), any_size_spec(family), options)
         self.family = family
-        self.graphs = clip_graph_specs_from_config(model.config)
-        modules = graph_modules(model)
+        self.graphs = exported.graphs
+        modules = family.graph_modules(exported)
         self.runners = {name: TorchModuleRunner(spec, modules[name]) for name, spec in self.graphs.items()}
-        self.preprocessor = ClipPreprocessor(processor, model.config.text_config.max_position_embeddings)
+        self.preprocessor = exported.preprocessor
 
     def call(self, request: Request, feeds: Feeds) -> Callable[[], np.ndarray]:
         from bgevl.runtime.runners import runner_call
