@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Generator,
 
 import numpy as np
 
-from bgevl.core.specs import GraphSpec, ModelSpec
+from bgevl.core.specs import Dim, GraphSpec, ModelSpec, TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover  (types only: these modules are not imported at run time)
     import argparse
@@ -34,10 +34,10 @@ if TYPE_CHECKING:  # pragma: no cover  (types only: these modules are not import
     import onnx
     import torch
 
+    from bgevl.core.manifest import Manifest
     from bgevl.core.options import ExportOptions
     from bgevl.core.preprocessing import InputLimits
     from bgevl.core.probes import ProbeSet
-    from bgevl.serving.repository import RepositoryWriter
 
 Feeds = dict[str, np.ndarray]
 
@@ -357,6 +357,48 @@ class Recipe(ABC):
         return None
 
 
+class BatchingConfig(Protocol):
+    """A Triton model's batching and instances, as :meth:`TritonModels.batching` makes it (opaque to families:
+    they pass it back to the writer and to ``bgevl.serving.configs``)."""
+
+    instances: int
+
+
+class TritonModels(Protocol):
+    """The Triton repository writer's API that :meth:`ServingLayout.write_triton_models` uses
+    (``bgevl.serving.repository.RepositoryWriter`` implements it). The writer knows the export
+    (``manifest``), names the models (``<name>_<part>``) and writes the generic ones; a family adds its own
+    with ``bgevl.serving.configs`` and :meth:`write`."""
+
+    manifest: "Manifest"
+    preprocess_instances: int
+    #: the configs written so far, by model name (for ``bgevl.serving.configs.check_ensemble_wiring``)
+    configs: dict[str, object]
+
+    def model_name(self, part: str) -> str:
+        """``<name>_<part>``: the name of one of the repository's models."""
+
+    def batching(self, dim: Dim | int, kind: str = "KIND_CPU", instances: int | None = None) -> BatchingConfig:
+        """Batching over a graph's batch axis (or a fixed max batch) with the repository's instances and queue delay."""
+
+    def write(self, config: Any, module: str | None = None) -> Path:
+        """Write a model's ``config.pbtxt`` and, with ``module``, the python-backend shim importing it; its version folder."""
+
+    def right_padded(self) -> bool:
+        """Whether the export's tokenizer pads on the right."""
+
+    def encoder(self, graph_name: str, trim_right_padding: str | None = None) -> str:
+        """The encoder model of one graph on the repository's backend (``trim_right_padding``: the mask input
+        whose common right padding a merged batch may cut); its name."""
+
+    def preprocess(self, inputs: list[TensorSpec], outputs: list[TensorSpec], batching: BatchingConfig,
+                   options: dict[str, Any] | None = None) -> str:
+        """``<name>_preprocess``: the family's preprocessor (``Recipe.open_preprocessor``) on the serving inputs."""
+
+    def entry(self, batching: BatchingConfig, graph_models: dict[str, str], preprocess: str) -> str:
+        """The entry model ``<name>``: the family's recipe over the encoders, by BLS."""
+
+
 class ServingLayout(ABC):
     """Role: the family's models of a Triton repository and the entry model's inputs."""
 
@@ -364,8 +406,8 @@ class ServingLayout(ABC):
     serving_inputs: ClassVar[tuple[str, ...]]
 
     @abstractmethod
-    def write_triton_models(self, writer: "RepositoryWriter") -> None:
-        """The family's models of a Triton repository (``bgevl.serving.repository.RepositoryWriter``)."""
+    def write_triton_models(self, writer: TritonModels) -> None:
+        """The family's models of a Triton repository, written through the writer's API (:class:`TritonModels`)."""
 
     @abstractmethod
     def preprocess_outputs(self, present: set[str]) -> list[str]:
