@@ -17,10 +17,10 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -269,102 +269,87 @@ class Admission:
         self.free += 1
 
 
-def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) -> FastAPI:
-    """The API in front of ``backend``; ``uvicorn.run(create_app(...))`` serves it."""
-    metrics = Metrics()
-    state: dict[str, Any] = {}
+class EmbeddingsService:
+    """What ``POST /v1/embeddings`` does: the key check (a FastAPI dependency of every ``/v1`` route), the
+    body read under its size limit, image resolution, admission, the backend calls by item kind and the
+    answer in OpenAI's shape. Failures raise :class:`ApiError` (answered by the app's exception handler)."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        state["admission"] = Admission(options, metrics)
-        await backend.start()
-        try:
-            yield
-        finally:
-            await backend.close()
+    def __init__(self, backend: EmbeddingBackend, options: ApiOptions, metrics: Metrics):
+        self.backend, self.options, self.metrics = backend, options, metrics
+        self.admission: Admission | None = None  # made in the app's lifespan, on its event loop
 
-    app = FastAPI(title="bgevl embeddings API", version="1", lifespan=lifespan, description=(
-        "OpenAI's `/v1/embeddings` for the BGE-VL models, with images: `input` holds texts or items "
-        "`{\"text\", \"image\"}` (image: data URL or base64), or vLLM's `messages` form. See docs/api.md."))
-    app.state.backend, app.state.metrics, app.state.options = backend, metrics, options
-
-    app.add_middleware(CountRequests, metrics=metrics)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        code = "not_found" if exc.status_code == 404 else None
-        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", param=None,
-                        code=code).response()
-
-    def check_key(request: Request) -> None:
-        if options.api_key is None:
+    def check_key(self, request: Request) -> None:
+        if self.options.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), options.api_key.encode()):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.options.api_key.encode()):
             raise ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    async def read_body(request: Request) -> bytes:
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.options.max_body_bytes
         declared = request.headers.get("content-length")
-        too_big = ApiError(413, f"the request body is over the limit of {options.max_body_bytes} bytes; send fewer or "
+        too_big = ApiError(413, f"the request body is over the limit of {limit} bytes; send fewer or "
                                 f"smaller images per request", code="body_too_large")
-        if declared and declared.isdigit() and int(declared) > options.max_body_bytes:
+        if declared and declared.isdigit() and int(declared) > limit:
             raise too_big
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > options.max_body_bytes:
+            if size > limit:
                 raise too_big
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def resolve_images(items: list[ParsedItem]) -> None:
+    async def resolve_images(self, items: list[ParsedItem]) -> None:
         for item in items:
             if item.image is None:
                 continue
             label = f"{item.label}.image"
             try:
                 if is_url(item.image):
-                    item.image_bytes = await asyncio.to_thread(fetch, item.image, label, options.fetch)
+                    item.image_bytes = await asyncio.to_thread(fetch, item.image, label, self.options.fetch)
                 else:
                     item.image_bytes = decode_reference(item.image, label)
             except InputError as exc:
                 raise ApiError(400, str(exc), param=label) from None
 
-    async def embed(body: EmbeddingRequest, items: list[ParsedItem]) -> tuple[np.ndarray, int]:
-        await resolve_images(items)
+    async def embed(self, body: EmbeddingRequest, items: list[ParsedItem]) -> tuple[np.ndarray, int]:
+        """The items' vectors in item order and their tokens: one backend call per kind of item."""
+        await self.resolve_images(items)
         role = INPUT_TYPES[body.input_type] if body.input_type else None
         groups: dict[tuple[bool, bool], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(item.kind, []).append(i)
 
-        async def one(kind: tuple[bool, bool], indices: list[int]):
+        async def one(kind: tuple[bool, bool], indices: list[int]) -> tuple[list[int], Any]:
             has_image, has_text = kind
             images = [items[i].image_bytes for i in indices] if has_image else None
             texts = [items[i].text for i in indices] if has_text else None
             try:
-                return indices, await backend.embed(images, texts, role, body.instruction)
+                return indices, await self.backend.embed(images, texts, role, body.instruction)
             except InputError as exc:
                 raise renamed(exc, [items[i] for i in indices]) from None
 
         results = await asyncio.gather(*(one(k, v) for k, v in groups.items()))
-        out = np.empty((len(items), backend.dim), np.float32)
+        out = np.empty((len(items), self.backend.dim), np.float32)
         tokens = 0
         for indices, done in results:
             out[indices] = done.vectors
             tokens += done.tokens
         for (has_image, has_text), indices in groups.items():
-            metrics.items.labels("composed" if has_image and has_text else "image" if has_image else "text").inc(len(indices))
+            kind = "composed" if has_image and has_text else "image" if has_image else "text"
+            self.metrics.items.labels(kind).inc(len(indices))
         return out, tokens
 
-    async def embeddings_answer(request: Request) -> JSONResponse:
-        check_key(request)
-        raw = await read_body(request)
+    async def parse(self, request: Request) -> EmbeddingRequest:
+        """The request's body, checked against what this server serves."""
         try:
-            body = EmbeddingRequest.model_validate_json(raw)
+            body = EmbeddingRequest.model_validate_json(await self.read_body(request))
         except ValidationError as exc:
             raise validation_error(exc) from None
+        backend = self.backend
         if body.model not in (None, "", backend.name):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {backend.name!r} "
                                 f"(GET /v1/models)", param="model", code="model_not_found")
@@ -375,82 +360,74 @@ def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) ->
             raise ApiError(400, f"dimensions: {body.dimensions} requested, but {backend.name!r} has {backend.dim} and "
                                 f"BGE-VL is not trained for truncated (Matryoshka) embeddings; leave 'dimensions' out",
                            param="dimensions")
-        items = parse_items(body, options.max_items)
-        admission: Admission = state["admission"]
-        await admission.acquire()
-        task = asyncio.ensure_future(embed(body, items))
+        return body
 
-        def done(t: asyncio.Future) -> None:  # the slot is held until the work ends, also past a timeout
+    async def admitted(self, body: EmbeddingRequest, items: list[ParsedItem]) -> tuple[np.ndarray, int]:
+        """:meth:`embed` in an admission slot, answered within the timeout; the slot is held until the work
+        ends, also past a timeout."""
+        admission = self.admission
+        assert admission is not None, "the app's lifespan has not started"
+        await admission.acquire()
+        task = asyncio.ensure_future(self.embed(body, items))
+
+        def done(t: asyncio.Future) -> None:
             admission.release()
             if not t.cancelled():
                 t.exception()
 
         task.add_done_callback(done)
         try:
-            vectors, tokens = await asyncio.wait_for(asyncio.shield(task), options.timeout_s)
+            return await asyncio.wait_for(asyncio.shield(task), self.options.timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(504, f"the embeddings took longer than the server's timeout of {options.timeout_s:g} s; send "
-                                f"fewer items per request", type_="server_error", code="timeout") from None
-        metrics.tokens.inc(tokens)
+            raise ApiError(504, f"the embeddings took longer than the server's timeout of {self.options.timeout_s:g} s; "
+                                f"send fewer items per request", type_="server_error", code="timeout") from None
+
+    async def answer(self, request: Request) -> JSONResponse:
+        body = await self.parse(request)
+        vectors, tokens = await self.admitted(body, parse_items(body, self.options.max_items))
+        self.metrics.tokens.inc(tokens)
         if body.encoding_format == "base64":
             data = [{"object": "embedding", "index": i,
                      "embedding": base64.b64encode(np.ascontiguousarray(v, "<f4").tobytes()).decode("ascii")}
                     for i, v in enumerate(vectors)]
         else:
             data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors.tolist())]
-        return JSONResponse({"object": "list", "data": data, "model": backend.name,
+        return JSONResponse({"object": "list", "data": data, "model": self.backend.name,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    errors = {400: {"model": ErrorResponse, "description": "bad input; `param` names the item (`input[3].image`)"},
-              401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-              429: {"model": ErrorResponse, "description": "queue full; see Retry-After"},
-              503: {"model": ErrorResponse, "description": "backend not ready"}, 504: {"model": ErrorResponse},
-              500: {"model": ErrorResponse}}
 
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=errors, openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}}})
-    async def embeddings(request: Request):
-        """Embeddings of texts, images and composed image+text items (OpenAI's shape)."""
-        try:
-            return await embeddings_answer(request)
-        except ApiError as exc:
-            return exc.response()
-        except BackendUnavailable as exc:
-            return ApiError(503, f"the model is not ready: {exc}", type_="server_error", code="not_ready",
-                            headers={"Retry-After": "5"}).response()
-        except Exception as exc:  # one line to the client, the traceback to the log
-            log.exception("bgevl-api: internal error on /v1/embeddings")
-            line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return ApiError(500, f"internal error: {type(exc).__name__}{': ' + line if line else ''}",
-                            type_="server_error", code="internal_error").response()
+#: The documented error answers of ``POST /v1/embeddings``.
+EMBEDDINGS_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "bad input; `param` names the item (`input[3].image`)"},
+    401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+    429: {"model": ErrorResponse, "description": "queue full; see Retry-After"},
+    503: {"model": ErrorResponse, "description": "backend not ready"}, 504: {"model": ErrorResponse},
+    500: {"model": ErrorResponse}}
 
-    @app.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
-    async def models(request: Request):
-        try:
-            check_key(request)
-        except ApiError as exc:
-            return exc.response()
-        return ModelList(data=[ModelCard(id=backend.name, created=int(app.state.started))])
 
-    @app.get("/health/live")
-    async def live():
-        return {"status": "live"}
+def _error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: Starlette's (404, 405), :class:`ApiError`, an unavailable backend (503)."""
 
-    @app.get("/health/ready")
-    async def ready():
-        if await backend.ready():
-            return {"status": "ready", "model": backend.name}
-        return JSONResponse({"status": "not ready", "reason": backend.state}, status_code=503)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = "not_found" if exc.status_code == 404 else None
+        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", param=None,
+                        code=code).response()
 
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus():
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return exc.response()
 
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    @app.exception_handler(BackendUnavailable)
+    async def unavailable(request: Request, exc: BackendUnavailable) -> Response:
+        return ApiError(503, f"the model is not ready: {exc}", type_="server_error", code="not_ready",
+                        headers={"Retry-After": "5"}).response()
 
-    app.state.started = time.time()
 
-    def openapi() -> dict:
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The schema with the request body's model in it (the route reads the raw body under its size limit)."""
+
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
@@ -462,5 +439,66 @@ def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) ->
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi
+    return openapi
+
+
+def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) -> FastAPI:
+    """The API in front of ``backend``; ``uvicorn.run(create_app(...))`` serves it."""
+    metrics = Metrics()
+    service = EmbeddingsService(backend, options, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.admission = Admission(options, metrics)
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(title="bgevl embeddings API", version="1", lifespan=lifespan, description=(
+        "OpenAI's `/v1/embeddings` for the BGE-VL models, with images: `input` holds texts or items "
+        "`{\"text\", \"image\"}` (image: data URL or base64), or vLLM's `messages` form. See docs/api.md."))
+    app.state.backend, app.state.metrics, app.state.options = backend, metrics, options
+    app.add_middleware(CountRequests, metrics=metrics)
+    _error_handlers(app)
+    authorized = [Depends(service.check_key)]
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=EMBEDDINGS_ERRORS, dependencies=authorized,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}}})
+    async def embeddings(request: Request) -> Response:
+        """Embeddings of texts, images and composed image+text items (OpenAI's shape)."""
+        try:
+            return await service.answer(request)
+        except (ApiError, BackendUnavailable):
+            raise
+        except Exception as exc:  # one line to the client, the traceback to the log
+            log.exception("bgevl-api: internal error on /v1/embeddings")
+            line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return ApiError(500, f"internal error: {type(exc).__name__}{': ' + line if line else ''}",
+                            type_="server_error", code="internal_error").response()
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}}, dependencies=authorized)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=backend.name, created=int(app.state.started))])
+
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        return {"status": "live"}
+
+    @app.get("/health/ready")
+    async def ready() -> Any:
+        if await backend.ready():
+            return {"status": "ready", "model": backend.name}
+        return JSONResponse({"status": "not ready", "reason": backend.state}, status_code=503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.started = time.time()
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app

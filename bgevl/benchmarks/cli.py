@@ -22,9 +22,10 @@ import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -171,19 +172,12 @@ def _triton_request(client_module, case):
     return inputs
 
 
-def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes: list) -> None:
-    from bgevl.benchmarks.hardware import row_precision
-    from bgevl.benchmarks.measure import SelfTimed, interleaved, paired_ratios
-    from bgevl.benchmarks.suite import WORKLOADS, BenchModel, PlainPytorch, min_cosine
-    from bgevl.checkpoints import resolve_checkpoint
-    from bgevl.core.registry import family_of, get_model_spec
-    from bgevl.core.manifest import read_manifest
-    from bgevl.runtime.embedder import Embedder
-    from bgevl.runtime.providers import available_providers
-    from bgevl.runtime.runners import open_runners
+def _usable_backends(key: str, family: Any, args: Any, notes: list) -> list[str]:
+    """``--backends`` less those this model or machine cannot run, each with a note: an int8 form or fp8 the
+    family lacks, OpenVINO (or its bf16) absent, PyTorch bf16 peers on a CPU without bf16."""
+    from bgevl.benchmarks.hardware import bf16_absent
+    from bgevl.benchmarks.peers import needs_bf16
 
-    spec = get_model_spec(key)
-    family = family_of(spec)
     backends = _backends(args.backends)
     for backend in [b for b in backends if b in GRAPH_BACKENDS and GRAPH_BACKENDS[b][3]]:
         try:
@@ -203,9 +197,6 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
             if not ok or (GRAPH_BACKENDS[backend][1] == "bf16" and not cpu_has_bf16()):
                 notes.append(f"{key}: {backend} skipped ({why or 'this CPU has no bf16'})")
                 backends.remove(backend)
-    from bgevl.benchmarks.hardware import bf16_absent
-    from bgevl.benchmarks.peers import needs_bf16, peer_runners
-
     if not args.hardware["precisions"]["bf16"]["native"]:
         absent = [b for b in backends if b in PEERS and needs_bf16(b)]
         if absent:
@@ -213,31 +204,18 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
             if line not in notes:
                 notes.append(line)
             backends = [b for b in backends if b not in absent]
-    workdir = (args.exports or args.output / "exports") / "work" / key  # checkpoints, Triton repositories
-    workdir.mkdir(parents=True, exist_ok=True)
-    # Every export first, before any model is loaded: an export (int8 calibration above all) needs
-    # the memory the loaded backends would hold (ViT-L int8 qdq next to them ran out of 24 GB).
-    for backend in backends:
-        if backend in GRAPH_BACKENDS and not (GRAPH_BACKENDS[backend][2] == "fp32" and spec.fp32_too_large):
-            _export(key, GRAPH_BACKENDS[backend][2], args, log, GRAPH_BACKENDS[backend][3])
-    # the float export: FLOPs are counted on its graphs, and the runtime and Triton serve it
-    float_export = _export(key, "fp16" if spec.fp32_too_large else "fp32", args, log)
-    log(f"{key}: loading the PyTorch model")
-    checkpoint = resolve_checkpoint(spec, model_path=args.model_path, random_weights=args.random_weights, workdir=workdir)
-    model = BenchModel(family, checkpoint.path, args.threads, float_export)
-    plain = PlainPytorch(family, checkpoint.path, args.threads) if "pytorch-plain" in backends else None
-    peers: dict[str, dict] = {}
-    for peer in [b for b in backends if b in PEERS]:
-        try:
-            peers[peer] = peer_runners(model.baseline, peer)
-        except ValueError as exc:
-            notes.append(f"{key}: {peer} skipped ({exc})")
+    return backends
+
+
+def _open_graph_backends(key: str, spec: Any, backends: list[str], args: Any, log: Any, notes: list) -> dict[str, dict]:
+    """The runners of each graph backend on its export (skipped with a note where they cannot run here)."""
+    from bgevl.core.manifest import read_manifest
+    from bgevl.runtime.providers import available_providers
+    from bgevl.runtime.runners import open_runners
 
     graphs: dict[str, dict] = {}
     providers = available_providers()
-    for backend in backends:
-        if backend not in GRAPH_BACKENDS:
-            continue
+    for backend in [b for b in backends if b in GRAPH_BACKENDS]:
         engine, provider, precision, int8_mode = GRAPH_BACKENDS[backend]
         if precision == "fp32" and spec.fp32_too_large:
             notes.append(f"{key}: {backend} skipped (fp32 of a {spec.billions:.1f}B model)")
@@ -257,96 +235,175 @@ def bench_model(key: str, args, log, sampler, results: list, sweep: list, notes:
             graphs[backend] = open_runners(manifest, backend="tensorrt")
         else:
             graphs[backend] = open_runners(manifest, provider=provider, threads=args.threads)
+    return graphs
 
-    runtime = server = None
-    apis: dict[str, Any] = {}
+
+@dataclass
+class _Measured:
+    """What one model's benchmark runs: the model, its peers, graph backends, runtime, server and APIs."""
+
+    key: str
+    backends: list[str]
+    model: Any
+    plain: Any = None
+    peers: dict[str, dict] = field(default_factory=dict)
+    graphs: dict[str, dict] = field(default_factory=dict)
+    runtime: Any = None
+    server: Any = None
+    apis: dict[str, Any] = field(default_factory=dict)
+
+    def calls(self, case: Any, workload: str, batch: int) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+        """Every backend's call on one case, and its level (``model`` or ``end-to-end``)."""
+        calls: dict[str, Callable[[], Any]] = {}
+        levels: dict[str, str] = {}
+        if "pytorch" in self.backends:
+            calls["pytorch"], levels["pytorch"] = self.model.torch_call(case), "model"
+        if self.plain is not None:
+            calls["pytorch-plain"], levels["pytorch-plain"] = self.plain.call(self.key, workload, batch), "model"
+        for backend, g in {**self.peers, **self.graphs}.items():
+            calls[backend], levels[backend] = self.model.graphs_call(g, case), "model"
+        for name, api in self.apis.items():
+            calls[name], levels[name] = _api_call(api, case), "end-to-end"
+        if self.runtime is not None and "runtime" in self.backends:
+            runtime = self.runtime
+            calls["runtime"] = (lambda r=case.request: runtime.encode(images=r.images, text=r.texts, role=r.role,
+                                                                     instruction=r.instruction))
+            levels["runtime"] = "end-to-end"
+        if self.server is not None and "triton" in self.backends:
+            calls["triton"], levels["triton"] = _triton_call(self.server, case), "end-to-end"
+        return calls, levels
+
+    def first_outputs(self, calls: dict[str, Callable[[], Any]], workload: str, batch: int,
+                      notes: list) -> dict[str, np.ndarray]:
+        """Each call's output (run once before timing); a PyTorch peer that fails here is left out with a note."""
+        from bgevl.benchmarks.measure import SelfTimed
+
+        outputs = {}
+        for name, call in list(calls.items()):
+            try:
+                value = call()
+            except Exception as exc:  # noqa: BLE001 - a peer that does not work here (torch.compile) is reported
+                if name not in self.peers:
+                    raise
+                notes.append(f"{self.key}: {name} left out from {workload} batch {batch} on ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no message'})")
+                del calls[name], self.peers[name]
+                continue
+            outputs[name] = np.asarray(value.value if isinstance(value, SelfTimed) else value, np.float32)
+        return outputs
+
+    def close(self) -> None:
+        for api in self.apis.values():
+            api.stop()
+        if self.server is not None:
+            self.server.stop()
+        if self.plain is not None:
+            self.plain.close()
+
+
+def _timing_row(case: Any, name: str, level: str, timings: dict, outputs: dict, sampler: Any) -> dict:
+    """One result row: the backend's timing of the case, with its share, pairings and accuracy."""
+    from bgevl.benchmarks.hardware import row_precision
+    from bgevl.benchmarks.measure import paired_ratios
+    from bgevl.benchmarks.suite import min_cosine
+
+    timing, batch = timings[name], case.batch
+    stats = timing.stats()
+    row = {"model": case.model, "workload": case.workload, "batch": batch, "backend": name, "level": level,
+           **stats, "items_per_s": batch / (stats["p50_ms"] / 1e3),
+           "peak_rss_mb": sampler.peaks.get(name, 0) / 2 ** 20, "gflop_per_call": case.gflop}
+    base = timings["pytorch"].stats()["p50_ms"] if "pytorch" in timings else None
+    direct = timings["runtime"].stats()["p50_ms"] if "runtime" in timings else None
+    if level == "model":
+        row["gflops"] = case.gflop / (stats["p50_ms"] / 1e3)
+        row["precision"] = row_precision(name)
+        if base:
+            row["speedup_vs_pytorch"] = base / stats["p50_ms"]
+    elif direct and name == "triton":
+        row["overhead_vs_runtime_ms"] = stats["p50_ms"] - direct
+    if name in API_REFERENCES:  # the API's cost over what it fronts, paired round by round
+        row["paired"] = {ref: paired_ratios(timings[ref], timing) for ref in API_REFERENCES[name] if ref in timings}
+        for ref in API_REFERENCES[name]:
+            if ref in timings:
+                ref_ms = timings[ref].stats()["p50_ms"]
+                row[f"overhead_vs_{ref}_ms"] = stats["p50_ms"] - ref_ms
+                row[f"overhead_vs_{ref}_pct"] = 100 * (stats["p50_ms"] / ref_ms - 1)
+    reference = outputs.get("pytorch")
+    if reference is not None:
+        row["min_cosine_vs_pytorch"] = min_cosine(outputs[name], reference)
+    if level == "model":
+        row["paired"] = {ref: paired_ratios(timings[ref], timing) for ref in PAIRED_REFERENCES
+                         if ref in timings and ref != name}
+    return row
+
+
+def _prepare(key: str, args: Any, log: Any, sampler: Any, notes: list) -> _Measured:
+    """Every export first, then the PyTorch model, its peers, the graph backends, the runtime, Triton and the APIs."""
+    from bgevl.benchmarks.peers import peer_runners
+    from bgevl.benchmarks.suite import BenchModel, PlainPytorch
+    from bgevl.checkpoints import resolve_checkpoint
+    from bgevl.core.registry import family_of, get_model_spec
+    from bgevl.runtime.embedder import Embedder
+
+    spec = get_model_spec(key)
+    family = family_of(spec)
+    backends = _usable_backends(key, family, args, notes)
+    workdir = (args.exports or args.output / "exports") / "work" / key  # checkpoints, Triton repositories
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Every export first, before any model is loaded: an export (int8 calibration above all) needs
+    # the memory the loaded backends would hold (ViT-L int8 qdq next to them ran out of 24 GB).
+    for backend in backends:
+        if backend in GRAPH_BACKENDS and not (GRAPH_BACKENDS[backend][2] == "fp32" and spec.fp32_too_large):
+            _export(key, GRAPH_BACKENDS[backend][2], args, log, GRAPH_BACKENDS[backend][3])
+    # the float export: FLOPs are counted on its graphs, and the runtime and Triton serve it
+    float_export = _export(key, "fp16" if spec.fp32_too_large else "fp32", args, log)
+    log(f"{key}: loading the PyTorch model")
+    checkpoint = resolve_checkpoint(spec, model_path=args.model_path, random_weights=args.random_weights, workdir=workdir)
+    run = _Measured(key, backends, BenchModel(family, checkpoint.path, args.threads, float_export))
+    run.plain = PlainPytorch(family, checkpoint.path, args.threads) if "pytorch-plain" in backends else None
+    for peer in [b for b in backends if b in PEERS]:
+        try:
+            run.peers[peer] = peer_runners(run.model.baseline, peer)
+        except ValueError as exc:
+            notes.append(f"{key}: {peer} skipped ({exc})")
+    run.graphs = _open_graph_backends(key, spec, backends, args, log, notes)
     if {"runtime", "api"} & set(backends):
-        runtime = Embedder.load(float_export, provider="cpu", threads=args.threads)
+        run.runtime = Embedder.load(float_export, provider="cpu", threads=args.threads)
     if {"triton", "api-triton"} & set(backends):
-        server = _start_triton(float_export, workdir, log)
-        sampler.add_process_tree("triton", server.process.pid)
+        run.server = _start_triton(float_export, workdir, log)
+        sampler.add_process_tree("triton", run.server.process.pid)
     if {"api", "api-triton"} & set(backends):
-        apis = _start_apis(backends, float_export, runtime, server, log)
-    max_batch = min((g.max_batch for gs in graphs.values() for g in gs.values()), default=None)
+        run.apis = _start_apis(backends, float_export, run.runtime, run.server, log)
+    return run
+
+
+def bench_model(key: str, args: Any, log: Any, sampler: Any, results: list, sweep: list, notes: list) -> None:
+    """Measure one model: every backend on every (workload, batch), interleaved round by round."""
+    from bgevl.benchmarks.measure import interleaved
+
+    run = _prepare(key, args, log, sampler, notes)
+    max_batch = min((g.max_batch for gs in run.graphs.values() for g in gs.values()), default=None)
     try:
-        for workload in model_workloads(args.workloads, model.family, key, notes):
+        for workload in model_workloads(args.workloads, run.model.family, key, notes):
             for batch in args.batch_sizes:
                 if max_batch is not None and batch > max_batch:
                     notes.append(f"{key}: batch {batch} skipped (the export serves up to {max_batch})")
                     continue
                 log(f"{key}: {workload}, batch {batch}: preparing inputs")
-                case = model.case(key, workload, batch)
-                calls, levels = {}, {}
-                if "pytorch" in backends:
-                    calls["pytorch"], levels["pytorch"] = model.torch_call(case), "model"
-                if plain is not None:
-                    calls["pytorch-plain"], levels["pytorch-plain"] = plain.call(key, workload, batch), "model"
-                for backend, g in {**peers, **graphs}.items():
-                    calls[backend], levels[backend] = model.graphs_call(g, case), "model"
-                for name, api in apis.items():
-                    calls[name], levels[name] = _api_call(api, case), "end-to-end"
-                if runtime is not None and "runtime" in backends:
-                    calls["runtime"] = (lambda r=case.request: runtime.encode(images=r.images, text=r.texts, role=r.role,
-                                                                             instruction=r.instruction))
-                    levels["runtime"] = "end-to-end"
-                if server is not None and "triton" in backends:
-                    calls["triton"], levels["triton"] = _triton_call(server, case), "end-to-end"
-                outputs = {}
-                for name, call in list(calls.items()):
-                    try:
-                        value = call()
-                    except Exception as exc:  # noqa: BLE001 - a peer that does not work here (torch.compile) is reported
-                        if name not in peers:
-                            raise
-                        notes.append(f"{key}: {name} left out from {workload} batch {batch} on ({type(exc).__name__}: "
-                                     f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no message'})")
-                        del calls[name], peers[name]
-                        continue
-                    outputs[name] = np.asarray(value.value if isinstance(value, SelfTimed) else value, np.float32)
+                case = run.model.case(key, workload, batch)
+                calls, levels = run.calls(case, workload, batch)
+                outputs = run.first_outputs(calls, workload, batch, notes)
                 log(f"{key}: {workload}, batch {batch}: timing {', '.join(calls)} ({case.gflop:.2f} GFLOP per call)")
                 timings = interleaved(calls, warmup=args.warmup, min_repeats=args.min_repeats,
                                       min_seconds=args.min_seconds, sampler=sampler, seed=args.seed + batch)
-                base = timings["pytorch"].stats()["p50_ms"] if "pytorch" in timings else None
-                direct = timings["runtime"].stats()["p50_ms"] if "runtime" in timings else None
-                for name, timing in timings.items():
-                    stats = timing.stats()
-                    row = {"model": key, "workload": workload, "batch": batch, "backend": name, "level": levels[name],
-                           **stats, "items_per_s": batch / (stats["p50_ms"] / 1e3),
-                           "peak_rss_mb": sampler.peaks.get(name, 0) / 2 ** 20,
-                           "gflop_per_call": case.gflop}
-                    if levels[name] == "model":
-                        row["gflops"] = case.gflop / (stats["p50_ms"] / 1e3)
-                        row["precision"] = row_precision(name)
-                        if base:
-                            row["speedup_vs_pytorch"] = base / stats["p50_ms"]
-                    elif direct and name == "triton":
-                        row["overhead_vs_runtime_ms"] = stats["p50_ms"] - direct
-                    if name in API_REFERENCES:  # the API's cost over what it fronts, paired round by round
-                        row["paired"] = {ref: paired_ratios(timings[ref], timing) for ref in API_REFERENCES[name]
-                                         if ref in timings}
-                        for ref in API_REFERENCES[name]:
-                            if ref in timings:
-                                ref_ms = timings[ref].stats()["p50_ms"]
-                                row[f"overhead_vs_{ref}_ms"] = stats["p50_ms"] - ref_ms
-                                row[f"overhead_vs_{ref}_pct"] = 100 * (stats["p50_ms"] / ref_ms - 1)
-                    reference = outputs.get("pytorch")
-                    if reference is not None:
-                        row["min_cosine_vs_pytorch"] = min_cosine(outputs[name], reference)
-                    if levels[name] == "model":
-                        row["paired"] = {ref: paired_ratios(timings[ref], timing) for ref in PAIRED_REFERENCES
-                                         if ref in timings and ref != name}
-                    results.append(row)
+                for name in timings:
+                    results.append(_timing_row(case, name, levels[name], timings, outputs, sampler))
                 _versus_best_pytorch(results[-len(timings):], timings)
                 sampler.peaks.clear()
-        if server is not None and "triton" in backends:
-            _sweep(server, model, key, args, log, sweep, notes)
+        if run.server is not None and "triton" in run.backends:
+            _sweep(run.server, run.model, key, args, log, sweep, notes)
     finally:
-        for api in apis.values():
-            api.stop()
-        if server is not None:
-            server.stop()
-        if plain is not None:
-            plain.close()
+        run.close()
 
 
 def _versus_best_pytorch(rows: list[dict], timings: dict) -> None:

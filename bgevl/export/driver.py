@@ -16,21 +16,22 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from bgevl import __version__
-from bgevl.checkpoints import resolve_checkpoint
+from bgevl.checkpoints import ResolvedCheckpoint, resolve_checkpoint
 from bgevl.core.errors import BgevlError
 from bgevl.core.registry import family_of, get_model_spec
-from bgevl.core.family import KINDS, Feeds, Request
+from bgevl.core.family import KINDS, ExportedModel, Family, Feeds, Int8Form, Request
 from bgevl.core.interrupts import raise_if_interrupted
 from bgevl.core.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, PipelineStep, Validation, write_manifest
 from bgevl.core.staging import check_replaceable, output_lock, staged_directory
-from bgevl.core.probes import builtin_calibration_set, probe_set
+from bgevl.core.probes import ProbeSet, builtin_calibration_set, probe_set
 from bgevl.core.preprocessing import load_image
 from bgevl.core.options import ExportOptions
-from bgevl.core.specs import ONNX_OPSET, PRECISIONS, GraphSpec
+from bgevl.core.specs import ONNX_OPSET, PRECISIONS, GraphSpec, ModelSpec
 
 INT8_MODES = ("qdq", "qdq-u8", "dynamic")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -166,118 +167,205 @@ def is_export(directory: Path) -> bool:
     return (directory / MANIFEST_NAME).is_file()
 
 
-def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -> Path:
-    """Run the whole export; returns the output directory."""
+@dataclass
+class ExportRun:
+    """What the steps of one export share: the options, the family, the staging directory (moved into place
+    only when every step has succeeded) and what each step leaves for the next."""
+
+    opts: ExportOptions
+    spec: ModelSpec
+    family: Family
+    staging: Path
+    work: Path
+    progress: Progress
+    quality_data: Any = None
+    ckpt: ResolvedCheckpoint | None = None
+    exported: ExportedModel | None = None
+    graphs: dict[str, GraphSpec] = field(default_factory=dict)
+    probes: ProbeSet | None = None
+    requests: list[Request] = field(default_factory=list)
+    prepared: list[Feeds] = field(default_factory=list)
+    modules: dict[str, Any] | None = None
+    precision_details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration_info: dict[str, Any] | None = None
+    model_info: ModelInfo | None = None
+    probe_description: dict[str, Any] = field(default_factory=dict)
+    processor: Any = None
+    recipe: dict[str, Any] = field(default_factory=dict)
+    validation: Validation = field(default_factory=Validation)
+    manifest: Manifest | None = None
+
+    @property
+    def fp32_dir(self) -> Path:
+        return self.work / "fp32"
+
+
+@dataclass(frozen=True)
+class ExportStep:
+    """One step of the export: ``run`` does it; ``applies`` says whether this export has it at all (a step
+    that does not apply is neither counted nor recorded); ``skipped`` names why an applicable step is
+    skipped (recorded in the manifest's pipeline with status "skipped"), or is None."""
+
+    name: str
+    run: Callable[[ExportRun], None]
+    applies: Callable[[ExportOptions], bool] = lambda opts: True
+    skipped: Callable[[ExportOptions], str | None] = lambda opts: None
+
+
+def _load(run: ExportRun) -> None:
+    opts, spec = run.opts, run.spec
+    source = "--model-path" if opts.model_path else ("generated" if spec.generated or opts.random_weights else "hub")
+    run.progress(f"loading {spec.key} ({source})", step="load")
+    run.ckpt = resolve_checkpoint(spec, model_path=opts.model_path, random_weights=opts.random_weights, workdir=run.work)
+    run.exported = run.family.prepare_export(run.ckpt.path, spec, opts)
+    run.graphs = run.exported.graphs
+    run.progress.info(f"{run.ckpt.source}; {run.exported.summary}")
+    run.probes = probe_set(opts.probe_count)
+    run.requests = run.family.validation_requests(run.probes)
+    run.prepared = [run.exported.preprocessor.prepare(r) for r in run.requests]
+    run.modules = run.family.graph_modules(run.exported)
+
+
+def _export_graphs(run: ExportRun) -> None:
     from bgevl.graphs import onnx_passes
+
+    assert run.modules is not None
+    run.progress(f"exporting {len(run.graphs)} graphs to ONNX (opset {ONNX_OPSET}, fp32)", step="onnx-export")
+    run.fp32_dir.mkdir()
+    examples = run.family.example_feeds(run.graphs, run.modules, run.prepared)
+    for name, graph in run.graphs.items():
+        onnx_passes.export_torch_graph(run.modules[name], graph, examples[name], run.fp32_dir / graph.filename)
+        run.progress.info(f"{graph.filename}: {onnx_passes.file_size(run.fp32_dir / graph.filename) / 1e6:.1f} MB")
+
+
+def _calibration(run: ExportRun, int8_form: Int8Form | None) -> tuple[list[Any], list[str]] | None:
+    """The calibration set of a calibrated int8 form or of fp8 (``--calibration-data`` or the built-in one)."""
+    opts = run.opts
+    if not ((int8_form is not None and int8_form.calibrated) or opts.precision == "fp8"):
+        return None
+    if opts.calibration_data:
+        calibration = load_calibration_dir(opts.calibration_data)
+        run.calibration_info = {"source": str(Path(opts.calibration_data).resolve())}
+    else:
+        calibration = builtin_calibration_set(opts.calibration_size)
+        run.calibration_info = {"source": "built-in synthetic set (bgevl.core.probes.builtin_calibration_set)"}
+    run.calibration_info.update(images=len(calibration[0]), texts=len(calibration[1]))
+    run.progress.info(f"calibration: {run.calibration_info['source']} ({run.calibration_info['images']} images, "
+                      f"{run.calibration_info['texts']} texts)")
+    return calibration
+
+
+def _convert(run: ExportRun) -> None:
+    opts, family, exported = run.opts, run.family, run.exported
+    assert exported is not None and run.ckpt is not None
+    int8_form = family.int8_form(opts.int8_mode) if opts.precision == "int8" else None
+    run.progress(f"converting to {opts.precision}" + (f" ({int8_form.name})" if int8_form else ""), step="precision")
+    calibration = _calibration(run, int8_form)
+    for name, graph in run.graphs.items():
+        src, dst = run.fp32_dir / graph.filename, run.staging / graph.filename
+        feeds = (lambda g=graph, pre=exported.preprocessor: family.calibration_feeds(pre, g, *calibration, CALIBRATION_BATCH)) \
+            if calibration is not None else None
+        run.precision_details[name] = convert_graph(
+            graph, src, dst, opts.precision,
+            quantize=(lambda g=graph, s=src, d=dst, f=feeds: family.quantize_fp8(g, s, d, f)) if opts.precision == "fp8"
+            else lambda g=graph, s=src, d=dst, f=feeds: {
+                **family.quantize_int8(g, s, d, opts.int8_mode, f), "int8_form": int8_form.name,
+                "int8_form_description": int8_form.description},
+            fp16_kept=lambda model, g=graph: family.fp16_keep_float32(g, model))
+    run.processor, run.recipe = exported.processor, exported.recipe
+    run.model_info = ModelInfo(run.spec.key, family.name, run.spec.description, run.ckpt.source, run.ckpt.weights,
+                               exported.embedding_dim, exported.max_text_length, exported.parameters, exported.details)
+    run.probe_description = family.probe_description(exported)
+    run.modules = run.exported = None  # the reference is loaded on its own next; do not hold two copies
+
+
+def _validate(run: ExportRun) -> None:
     from bgevl.core.parity import (
         VALIDATION_ARRAYS, check_thresholds, format_figures, parity, reference_arrays, save_arrays, threshold_for,
     )
     from bgevl.runtime.runners import OnnxRunner, runner_call
 
+    opts, probes = run.opts, run.probes
+    assert probes is not None and run.ckpt is not None
+    run.progress(f"validating against the original's fp32 embeddings on {_kind_counts(run.requests)} items "
+                 f"(images {', '.join(sorted({im.mode for im in probes.images}))})", step="validation")
+    original = run.family.original(run.ckpt.path)
+    arrays = reference_arrays(run.prepared, [r.kinds() for r in run.requests], [original.embed(r) for r in run.requests])
+    reference = original.DESCRIPTION
+    del original
+    runners = {name: OnnxRunner(g, run.staging / g.filename) for name, g in run.graphs.items()}
+    figures = parity(run.family, run.graphs, arrays, runner_call(runners))
+    save_arrays(run.staging / VALIDATION_ARRAYS, arrays)
+    run.progress.info("parity vs the original's fp32 embeddings (ONNX Runtime CPU):\n" + format_figures(figures))
+    threshold = threshold_for(opts.precision, opts.min_cosine)
+    run.validation = Validation(
+        performed=True, reference=reference, runtime="onnxruntime CPUExecutionProvider",
+        probe_set={**probes.describe(), "requests": len(run.requests), **run.probe_description},
+        arrays=VALIDATION_ARRAYS, figures=figures,
+        **check_thresholds(figures, opts.precision, threshold, run.ckpt.weights))
+
+
+def _write_manifest(run: ExportRun) -> None:
+    from bgevl.graphs import onnx_passes
+
+    opts, staging = run.opts, run.staging
+    assert run.model_info is not None
+    run.progress("writing processor files and manifest", step="manifest")
+    run.processor.save_pretrained(staging / "processor")
+    run.manifest = Manifest(
+        directory=staging,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        model=run.model_info, precision=opts.precision,
+        int8_mode=opts.int8_mode if opts.precision == "int8" else None, calibration=run.calibration_info,
+        opset=ONNX_OPSET, processor="processor",
+        graphs={name: GraphEntry(g, opts.precision, ONNX_OPSET, onnx_passes.file_size(staging / g.filename),
+                                 run.precision_details[name]) for name, g in run.graphs.items()},
+        recipe=run.recipe, validation=run.validation, versions=_versions(), command=opts.command,
+        pipeline=run.progress.records())
+    write_manifest(run.manifest)
+
+
+def _check_quality(run: ExportRun) -> None:
+    assert run.manifest is not None
+    run.manifest.quality = _quality_gate(run.opts, run.quality_data, run.manifest, run.fp32_dir, run.processor,
+                                         run.progress)
+    run.manifest.pipeline = run.progress.records()
+    write_manifest(run.manifest)
+
+
+#: The export, in order (``run_export`` is their loop).
+EXPORT_STEPS = (
+    ExportStep("load", _load),
+    ExportStep("onnx-export", _export_graphs),
+    ExportStep("precision", _convert),
+    ExportStep("validation", _validate, skipped=lambda opts: None if opts.validate else "--no-validate"),
+    ExportStep("manifest", _write_manifest),
+    ExportStep("quality-gate", _check_quality, applies=lambda opts: opts.quality_data is not None),
+)
+
+
+def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -> Path:
+    """Run the whole export (:data:`EXPORT_STEPS`, each recorded in the manifest's pipeline section with its
+    status and time); returns the output directory."""
     _check_options(opts)
     spec = get_model_spec(opts.model)
-    family = family_of(spec)
     out = Path(opts.output).expanduser().resolve()
     quality_data = None
     if opts.quality_data is not None:  # malformed data is refused before minutes of exporting
         from bgevl.quality.data import load_data
 
         quality_data = load_data(opts.quality_data, "--quality-data")
-    progress = Progress(total=6 + (quality_data is not None), sink=sink)
+    steps = [step for step in EXPORT_STEPS if step.applies(opts)]
+    progress = Progress(total=len(steps) + 1, sink=sink)
     with staged_directory(out, option="--output", overwrite=opts.overwrite, is_ours=is_export, what=EXPORT_WHAT) as staging, \
             tempfile.TemporaryDirectory(prefix="bgevl-export-") as work_dir:
-        work = Path(work_dir)
-        source = "--model-path" if opts.model_path else ("generated" if spec.generated or opts.random_weights else "hub")
-        progress(f"loading {spec.key} ({source})", step="load")
-        ckpt = resolve_checkpoint(spec, model_path=opts.model_path, random_weights=opts.random_weights, workdir=work)
-        exported = family.prepare_export(ckpt.path, spec, opts)
-        graphs = exported.graphs
-        progress.info(f"{ckpt.source}; {exported.summary}")
-
-        probes = probe_set(opts.probe_count)
-        requests = family.validation_requests(probes)
-        prepared: list[Feeds] = [exported.preprocessor.prepare(r) for r in requests]
-        modules = family.graph_modules(exported)
-
-        progress(f"exporting {len(graphs)} graphs to ONNX (opset {ONNX_OPSET}, fp32)", step="onnx-export")
-        fp32_dir = work / "fp32"
-        fp32_dir.mkdir()
-        examples = family.example_feeds(graphs, modules, prepared)
-        for name, graph in graphs.items():
-            onnx_passes.export_torch_graph(modules[name], graph, examples[name], fp32_dir / graph.filename)
-            progress.info(f"{graph.filename}: {onnx_passes.file_size(fp32_dir / graph.filename) / 1e6:.1f} MB")
-
-        int8_form = family.int8_form(opts.int8_mode) if opts.precision == "int8" else None
-        progress(f"converting to {opts.precision}" + (f" ({int8_form.name})" if int8_form else ""), step="precision")
-        calibration_info: dict | None = None
-        calibration: tuple[list, list] | None = None
-        if (int8_form is not None and int8_form.calibrated) or opts.precision == "fp8":
-            if opts.calibration_data:
-                calibration = load_calibration_dir(opts.calibration_data)
-                calibration_info = {"source": str(Path(opts.calibration_data).resolve())}
+        run = ExportRun(opts, spec, family_of(spec), staging, Path(work_dir), progress, quality_data)
+        for step in steps:
+            why = step.skipped(opts)
+            if why is None:
+                step.run(run)
             else:
-                calibration = builtin_calibration_set(opts.calibration_size)
-                calibration_info = {"source": "built-in synthetic set (bgevl.core.probes.builtin_calibration_set)"}
-            calibration_info.update(images=len(calibration[0]), texts=len(calibration[1]))
-            progress.info(f"calibration: {calibration_info['source']} ({calibration_info['images']} images, "
-                          f"{calibration_info['texts']} texts)")
-        precision_details: dict[str, dict] = {}
-        for name, graph in graphs.items():
-            src, dst = fp32_dir / graph.filename, staging / graph.filename
-            feeds = (lambda g=graph, pre=exported.preprocessor: family.calibration_feeds(pre, g, *calibration, CALIBRATION_BATCH)) \
-                if calibration is not None else None
-            precision_details[name] = convert_graph(
-                graph, src, dst, opts.precision,
-                quantize=(lambda g=graph, s=src, d=dst, f=feeds: family.quantize_fp8(g, s, d, f)) if opts.precision == "fp8"
-                else lambda g=graph, s=src, d=dst, f=feeds: {
-                    **family.quantize_int8(g, s, d, opts.int8_mode, f), "int8_form": int8_form.name,
-                    "int8_form_description": int8_form.description},
-                fp16_kept=lambda model, g=graph: family.fp16_keep_float32(g, model))
-
-        processor, recipe = exported.processor, exported.recipe
-        model_info = ModelInfo(spec.key, family.name, spec.description, ckpt.source, ckpt.weights, exported.embedding_dim,
-                               exported.max_text_length, exported.parameters, exported.details)
-        probe_description = family.probe_description(exported)
-        del modules, exported  # the reference below is loaded on its own; do not hold two copies
-        validation = Validation()
-        if opts.validate:
-            progress(f"validating against the original's fp32 embeddings on {_kind_counts(requests)} items "
-                     f"(images {', '.join(sorted({im.mode for im in probes.images}))})", step="validation")
-            original = family.original(ckpt.path)
-            arrays = reference_arrays(prepared, [r.kinds() for r in requests], [original.embed(r) for r in requests])
-            reference = original.DESCRIPTION
-            del original
-            runners = {name: OnnxRunner(g, staging / g.filename) for name, g in graphs.items()}
-            figures = parity(family, graphs, arrays, runner_call(runners))
-            save_arrays(staging / VALIDATION_ARRAYS, arrays)
-            progress.info("parity vs the original's fp32 embeddings (ONNX Runtime CPU):\n" + format_figures(figures))
-            threshold = threshold_for(opts.precision, opts.min_cosine)
-            validation = Validation(
-                performed=True, reference=reference,
-                runtime="onnxruntime CPUExecutionProvider",
-                probe_set={**probes.describe(), "requests": len(requests), **probe_description},
-                arrays=VALIDATION_ARRAYS, figures=figures,
-                **check_thresholds(figures, opts.precision, threshold, ckpt.weights))
-        else:
-            progress("validation skipped (--no-validate)", step="validation", status="skipped")
-
-        progress("writing processor files and manifest", step="manifest")
-        processor.save_pretrained(staging / "processor")
-        manifest = Manifest(
-            directory=staging,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            model=model_info, precision=opts.precision,
-            int8_mode=opts.int8_mode if opts.precision == "int8" else None, calibration=calibration_info,
-            opset=ONNX_OPSET, processor="processor",
-            graphs={name: GraphEntry(g, opts.precision, ONNX_OPSET, onnx_passes.file_size(staging / g.filename),
-                                     precision_details[name]) for name, g in graphs.items()},
-            recipe=recipe, validation=validation, versions=_versions(), command=opts.command,
-            pipeline=progress.records())
-        write_manifest(manifest)
-        if quality_data is not None:
-            manifest.quality = _quality_gate(opts, quality_data, manifest, fp32_dir, processor, progress)
-            manifest.pipeline = progress.records()
-            write_manifest(manifest)
+                progress(f"{step.name} skipped ({why})", step=step.name, status="skipped")
     progress(f"wrote {out}", step="done")
     return out
 
