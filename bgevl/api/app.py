@@ -17,7 +17,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, cast
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -325,15 +325,17 @@ class EmbeddingsService:
 
         async def one(kind: tuple[bool, bool], indices: list[int]) -> tuple[list[int], Any]:
             has_image, has_text = kind
-            images = [items[i].image_bytes for i in indices] if has_image else None
-            texts = [items[i].text for i in indices] if has_text else None
+            images = [cast(bytes, items[i].image_bytes) for i in indices] if has_image else None  # resolved above
+            texts = [cast(str, items[i].text) for i in indices] if has_text else None
             try:
                 return indices, await self.backend.embed(images, texts, role, body.instruction)
             except InputError as exc:
                 raise renamed(exc, [items[i] for i in indices]) from None
 
         results = await asyncio.gather(*(one(k, v) for k, v in groups.items()))
-        out = np.empty((len(items), self.backend.dim), np.float32)
+        dim = self.backend.dim
+        assert dim is not None, "a backend that has embedded knows its dimension"
+        out = np.empty((len(items), dim), np.float32)
         tokens = 0
         for indices, done in results:
             out[indices] = done.vectors

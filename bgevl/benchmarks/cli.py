@@ -227,14 +227,15 @@ def _open_graph_backends(key: str, spec: Any, backends: list[str], args: Any, lo
         directory = _export(key, precision, args, log, int8_mode)
         manifest = read_manifest(directory)
         if engine == "openvino":
-            graphs[backend] = open_runners(manifest, backend="openvino", openvino_precision=provider, threads=args.threads)
+            graphs[backend] = open_runners(manifest, backend="openvino", openvino_precision=provider or "bf16",
+                                           threads=args.threads)
         elif engine == "tensorrt":
             if not manifest.engines:
                 notes.append(f"{key}: {backend} skipped (no engines: `bgevl-export build-engines {directory}` on a GPU)")
                 continue
             graphs[backend] = open_runners(manifest, backend="tensorrt")
         else:
-            graphs[backend] = open_runners(manifest, provider=provider, threads=args.threads)
+            graphs[backend] = open_runners(manifest, provider=provider or "auto", threads=args.threads)
     return graphs
 
 
@@ -265,10 +266,13 @@ class _Measured:
         for name, api in self.apis.items():
             calls[name], levels[name] = _api_call(api, case), "end-to-end"
         if self.runtime is not None and "runtime" in self.backends:
-            runtime = self.runtime
-            calls["runtime"] = (lambda r=case.request: runtime.encode(images=r.images, text=r.texts, role=r.role,
-                                                                     instruction=r.instruction))
-            levels["runtime"] = "end-to-end"
+            runtime, request = self.runtime, case.request
+
+            def encode() -> Any:
+                return runtime.encode(images=request.images, text=request.texts, role=request.role,
+                                      instruction=request.instruction)
+
+            calls["runtime"], levels["runtime"] = encode, "end-to-end"
         if self.server is not None and "triton" in self.backends:
             calls["triton"], levels["triton"] = _triton_call(self.server, case), "end-to-end"
         return calls, levels
@@ -495,7 +499,7 @@ def bench_quality(key: str, data: Any, results: list, args, log) -> dict[str, An
         export = _export(key, precision, args, log, int8_mode)
         options = {"openvino_precision": provider} if engine == "openvino" else {"provider": provider or "auto"}
         runs.append(RunSpec(export, engine, threads=args.threads, label=backend, **options))
-    log(f"{key}: retrieval quality of {', '.join(r.label for r in runs)} on {data.location}")
+    log(f"{key}: retrieval quality of {', '.join(str(r.label) for r in runs)} on {data.location}")
     return evaluate(data, runs, EvalOptions(progress=False), say=log)
 
 

@@ -17,6 +17,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -255,6 +256,34 @@ def _calibration(run: ExportRun, int8_form: Int8Form | None) -> tuple[list[Any],
     return calibration
 
 
+@dataclass(frozen=True)
+class _Quantize:
+    """The family's int8 or fp8 pass on one graph (``convert_graph``'s ``quantize``), with its calibration
+    feeds prepared only when the pass runs."""
+
+    run: ExportRun
+    graph: GraphSpec
+    src: Path
+    dst: Path
+    int8_form: Int8Form | None
+    calibration: tuple[list[Any], list[str]] | None
+
+    def feeds(self) -> list[Feeds]:
+        assert self.calibration is not None and self.run.exported is not None
+        return self.run.family.calibration_feeds(self.run.exported.preprocessor, self.graph, *self.calibration,
+                                                 CALIBRATION_BATCH)
+
+    def __call__(self) -> dict[str, Any]:
+        family, opts = self.run.family, self.run.opts
+        feeds = self.feeds if self.calibration is not None else None
+        if opts.precision == "fp8":
+            assert feeds is not None
+            return family.quantize_fp8(self.graph, self.src, self.dst, feeds)
+        assert self.int8_form is not None
+        return {**family.quantize_int8(self.graph, self.src, self.dst, opts.int8_mode, feeds),
+                "int8_form": self.int8_form.name, "int8_form_description": self.int8_form.description}
+
+
 def _convert(run: ExportRun) -> None:
     opts, family, exported = run.opts, run.family, run.exported
     assert exported is not None and run.ckpt is not None
@@ -263,15 +292,9 @@ def _convert(run: ExportRun) -> None:
     calibration = _calibration(run, int8_form)
     for name, graph in run.graphs.items():
         src, dst = run.fp32_dir / graph.filename, run.staging / graph.filename
-        feeds = (lambda g=graph, pre=exported.preprocessor: family.calibration_feeds(pre, g, *calibration, CALIBRATION_BATCH)) \
-            if calibration is not None else None
         run.precision_details[name] = convert_graph(
-            graph, src, dst, opts.precision,
-            quantize=(lambda g=graph, s=src, d=dst, f=feeds: family.quantize_fp8(g, s, d, f)) if opts.precision == "fp8"
-            else lambda g=graph, s=src, d=dst, f=feeds: {
-                **family.quantize_int8(g, s, d, opts.int8_mode, f), "int8_form": int8_form.name,
-                "int8_form_description": int8_form.description},
-            fp16_kept=lambda model, g=graph: family.fp16_keep_float32(g, model))
+            graph, src, dst, opts.precision, quantize=_Quantize(run, graph, src, dst, int8_form, calibration),
+            fp16_kept=partial(family.fp16_keep_float32, graph))
     run.processor, run.recipe = exported.processor, exported.recipe
     run.model_info = ModelInfo(run.spec.key, family.name, run.spec.description, run.ckpt.source, run.ckpt.weights,
                                exported.embedding_dim, exported.max_text_length, exported.parameters, exported.details)
