@@ -278,6 +278,22 @@ def test_a_body_over_the_limit_is_413(embedders):
         assert post(f"{server.url}/v1/embeddings", {"input": TEXTS})[0] == 200
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_that_is_not_json_is_415(embedders, content_type):
+    """What a web page may POST to any origin without a CORS preflight is refused, before the body is read."""
+    embedder = embedders("tiny")
+    with serving(backend_of(embedder)) as server:
+        request = urllib.request.Request(f"{server.url}/v1/embeddings", data=json.dumps({"input": TEXTS}).encode(),
+                                         method="POST", headers={"Content-Type": content_type})
+        try:
+            urllib.request.urlopen(request, timeout=60)
+            raise AssertionError("not refused")
+        except urllib.error.HTTPError as exc:
+            result = exc.code, {k.lower(): v for k, v in exc.headers.items()}, json.loads(exc.read())
+        assert_error(result, 415, None, "send the body as JSON", code="unsupported_media_type")
+        assert post(f"{server.url}/v1/embeddings", {"input": TEXTS})[0] == 200
+
+
 class GatedBackend(EmbedderBackend):
     """Holds each encode call until ``gate`` opens (bounded), so that requests stay in flight."""
 

@@ -373,3 +373,17 @@ def test_bgevl_eval_help_shows_the_whole_tool():
     for option in ("--export", "--reference", "--backend", "--data", "--pairs", "--triplets", "--gallery",
                    "--instruction", "--recall-k", "--map-k", "--bootstrap", "--json", "--markdown", "--max-recall-drop"):
         assert option in text
+
+
+def test_the_export_gate_refuses_data_of_which_nothing_can_be_measured(tmp_path):
+    """Every evaluation image corrupt: no query is left, and the gate refuses instead of passing on nothing."""
+    data = write_quality_data(tmp_path / "data", bases=4, variants=2, pairs=6)
+    for image in [p for p in data.rglob("*") if p.suffix.lower() in (".png", ".jpg")]:
+        image.write_bytes(b"not an image")
+    out = tmp_path / "refused"
+    with pytest.raises(BgevlError) as refused:
+        run_export(ExportOptions(output=out, precision="fp16", quality_data=data), sink=lambda msg: None)
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"quality gate (--quality-data {data}): nothing to measure for t2i, i2t, composed: ")
+    assert "18 items excluded" in message and not out.exists()

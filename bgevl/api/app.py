@@ -346,7 +346,13 @@ class EmbeddingsService:
         return out, tokens
 
     async def parse(self, request: Request) -> EmbeddingRequest:
-        """The request's body, checked against what this server serves."""
+        """The request's body, checked against what this server serves. Only JSON bodies: a web page may POST
+        text/plain, form or multipart bodies to any origin without a CORS preflight, and would reach the
+        model (and its API key's quota) from a user's browser."""
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(415, f"Content-Type {media_type or 'missing'}: send the body as JSON with the header "
+                                f"'Content-Type: application/json'", code="unsupported_media_type")
         try:
             body = EmbeddingRequest.model_validate_json(await self.read_body(request))
         except ValidationError as exc:
@@ -402,6 +408,7 @@ class EmbeddingsService:
 EMBEDDINGS_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "bad input; `param` names the item (`input[3].image`)"},
     401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+    415: {"model": ErrorResponse, "description": "a body that is not application/json"},
     429: {"model": ErrorResponse, "description": "queue full; see Retry-After"},
     503: {"model": ErrorResponse, "description": "backend not ready"}, 504: {"model": ErrorResponse},
     500: {"model": ErrorResponse}}

@@ -40,6 +40,12 @@ def quality_gate(data: QualityData, export: Path, reference: Path | None, precis
     if reference is not None:
         runs.insert(0, RunSpec(reference, provider="cpu", label="fp32 graphs"))
     report = evaluate(data, runs, EvalOptions(progress=False), say=say)
+    empty = [task for task, body in report["runs"][-1]["tasks"].items() if not body["queries"]]
+    if empty or not report["runs"][-1]["tasks"]:
+        raise QualityGateFailed(
+            f"quality gate (--quality-data {data.location}): nothing to measure for {', '.join(empty) or 'any task'}: "
+            f"no query of it could be embedded ({report['excluded']['count']} items excluded as unreadable or invalid; "
+            f"bgevl-eval lists them); nothing was written: fix or remove those items, or leave out --quality-data")
     for task, body in report["runs"][-1]["tasks"].items():
         if body["queries"] and 100 / body["queries"] > max_drop:
             say(f"note: {task} has {body['queries']} queries, so one query that changes its answer moves a recall by "
