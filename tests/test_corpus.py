@@ -413,3 +413,38 @@ def test_shard_metadata_of_varying_keys_and_types_is_kept(export, corpus, tmp_pa
     meta = read_output(tmp_path / "out")["metadata"].set_index("id")
     assert meta.loc["000010000", "width"] == "wide" and meta.loc["000010001", "width"] == "3"
     assert json.loads(meta.loc["000010000", "extra"]) == {"a": 1} and meta.loc["000000000", "status"] == "success"
+
+
+def test_a_file_name_that_is_not_utf8_is_embedded_and_recorded_escaped(export, tmp_path):
+    """One such name crashed the whole job in the Parquet writer, and every rerun again."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    items = make_items(3)
+    for i, item in enumerate(items):
+        name = b"caf\xe9.jpg" if i == 0 else f"ok{i}.jpg".encode()
+        with open(os.path.join(os.fsencode(folder), name), "wb") as fh:
+            fh.write(item.data)
+    summary = embed_corpus(CorpusOptions(export=export, input=str(folder), output=str(tmp_path / "out"), progress=False))
+    assert summary["embedded"] == 3 and summary["failed"] == 0
+    rows = [r for f in sorted((tmp_path / "out" / "metadata").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert sorted(r["id"] for r in rows) == ["caf\\xe9.jpg", "ok1.jpg", "ok2.jpg"]
+    vectors = np.concatenate([np.load(f) for f in sorted((tmp_path / "out").rglob("img_emb_*.npy"))])
+    direct = Embedder.load(export).encode(images=[items[0].data])
+    assert float(vectors[[r["id"] for r in rows].index("caf\\xe9.jpg")] @ direct[0]) > 0.9999
+
+
+def test_an_output_name_with_glob_characters_leaves_its_siblings_alone(export, tmp_path):
+    """--output 'g[1]' read as a pattern deleted a killed run's temporary files of the sibling folder g1/."""
+    sibling = tmp_path / "g1" / "metadata" / ".metadata_0000.parquet.partial"
+    sibling.parent.mkdir(parents=True)
+    sibling.write_bytes(b"someone else's")
+    folder = write_folder(tmp_path / "in", make_items(2))
+    out = tmp_path / "g[1]"
+    embed_corpus(CorpusOptions(export=export, input=str(folder), output=str(out), progress=False))
+    leftover = out / "metadata" / ".metadata_0001.parquet.partial"  # as a killed run of this output leaves it
+    leftover.write_bytes(b"half written")
+    embed_corpus(CorpusOptions(export=export, input=str(folder), output=str(out), progress=False))  # the rerun
+    assert sibling.read_bytes() == b"someone else's"
+    assert not leftover.exists()

@@ -66,6 +66,21 @@ class Partition:
         return len(self.ids)
 
 
+def utf8(values: Any) -> list[Any]:
+    """Strings as Parquet can store them: a file name that is not valid UTF-8 (Python keeps its bytes as
+    surrogate escapes, which UTF-8 cannot encode) is written with those bytes as ``\\xNN`` escapes, so one
+    such name does not stop the job; None stays None."""
+    out = []
+    for value in values:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        out.append(value)
+    return out
+
+
 def _describe_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} now" for k in keys)
@@ -124,8 +139,12 @@ class CorpusOutput:
         self.save(complete=False)  # first: a folder with our manifest is ours to resume, whenever the job stops
         for folder in [FOLDERS[k][0] for k in kinds] + ["metadata", "embeddings", "failures"]:
             self.fs.makedirs(self._path(folder), exist_ok=True)
-            for leftover in self.fs.glob(self._path(folder, f".*{PARTIAL}")):  # a killed run's temporary files
-                self.fs.rm(leftover)
+            # a killed run's temporary files, listed (a glob would read the user's --output as a pattern:
+            # 'g[1]' matched the sibling folder g1/)
+            for leftover in self.fs.ls(self._path(folder), detail=False):
+                name = leftover.rstrip("/").rsplit("/", 1)[-1]
+                if name.startswith(".") and name.endswith(PARTIAL):
+                    self.fs.rm(leftover)
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -162,11 +181,11 @@ class CorpusOutput:
                 np.save(sink, array)
                 files.append(f"{folder}/{prefix}_{name}.npy")
                 self._write(files[-1], sink.getvalue())
-            columns: dict[str, Any] = {"id": pa.array(part.ids, pa.string())}
+            columns: dict[str, Any] = {"id": pa.array(utf8(part.ids), pa.string())}
             if self.images:
-                columns["image_path"] = pa.array(part.sources, pa.string())
+                columns["image_path"] = pa.array(utf8(part.sources), pa.string())
             if self.captions:
-                columns["caption"] = pa.array(part.captions, pa.string())
+                columns["caption"] = pa.array(utf8(part.captions), pa.string())
             meta = _metadata_table(part.metadata, self.metadata_schema) if part.metadata and \
                 (self.metadata_schema is not None or any(part.metadata)) else None
             if meta is not None:
@@ -186,8 +205,9 @@ class CorpusOutput:
         if part.failures:
             ids, sources, reasons = zip(*part.failures)
             files.append(f"failures/failures_{name}.parquet")
-            self._write(files[-1], self._parquet(pa.table({"id": pa.array(ids, pa.string()), "source": pa.array(sources, pa.string()),
-                                                           "reason": pa.array(reasons, pa.string())})))
+            self._write(files[-1], self._parquet(pa.table({"id": pa.array(utf8(ids), pa.string()),
+                                                           "source": pa.array(utf8(sources), pa.string()),
+                                                           "reason": pa.array(utf8(reasons), pa.string())})))
         record = {"number": part.number, "items": items, "embedded": n, "failed": len(part.failures),
                   "first_id": part.ids[0] if n else None, "files": files}
         self.done[part.number] = record
