@@ -707,3 +707,32 @@ def test_64_clients_of_mixed_items_for_10_s_lose_nothing(export_dir, embedders):
 @pytest.mark.slow
 def test_64_clients_of_mixed_items_for_60_s_lose_nothing_and_memory_stays_flat(export_dir, embedders):
     _load_test(export_dir, embedders, 60)
+
+
+def test_a_model_unloaded_under_the_api_is_503_with_retry_after_then_served_again(export_dir, embedders, tmp_path):
+    """What bgevl-serve does while it reloads a dead model (the model and its callers unloaded): the API in front
+    of Triton answers 503 with Retry-After, not 500 with a traceback, and serves again once it is back."""
+    from bgevl.serving.server import ADMIN_HEADER
+
+    embedder = embedders("tiny")
+    repo, triton = _triton(export_dir("fp32"), tmp_path)
+    try:
+        backend = TritonBackend(triton.grpc_url, name="bgevl", tokenizer_dir=repo / "bgevl_preprocess" / "1" / "processor")
+        with serving(backend) as server:
+            assert post(f"{server.url}/v1/embeddings", {"input": TEXTS})[0] == 200
+            control = urllib.request.Request(f"http://{triton.http_url}/v2/repository/models/bgevl/unload", data=b"{}",
+                                             method="POST", headers={ADMIN_HEADER: triton.admin_key})
+            with urllib.request.urlopen(control, timeout=60) as answer:
+                assert answer.status == 200
+            status, headers, body = post(f"{server.url}/v1/embeddings", {"input": TEXTS})
+            assert status == 503 and headers["retry-after"] == "5" and body["error"]["code"] == "not_ready", body
+            assert "not ready" in body["error"]["message"] and "Traceback" not in body["error"]["message"]
+            control = urllib.request.Request(f"http://{triton.http_url}/v2/repository/models/bgevl/load", data=b"{}",
+                                             method="POST", headers={ADMIN_HEADER: triton.admin_key})
+            with urllib.request.urlopen(control, timeout=120) as answer:
+                assert answer.status == 200
+            status, _, body = post(f"{server.url}/v1/embeddings", {"input": TEXTS, "encoding_format": "float"})
+            assert status == 200
+            assert_matches([d["embedding"] for d in body["data"]], embedder.encode(text=TEXTS))
+    finally:
+        triton.stop()

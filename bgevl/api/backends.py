@@ -222,7 +222,12 @@ class TritonBackend(EmbeddingBackend):
             try:
                 result = await self.client.infer(self.model, inputs, client_timeout=self.timeout_s)
             except InferenceServerException as exc:
-                raise triton_error(exc, start) from None
+                error = triton_error(exc, start)
+                if not isinstance(error, InputError) and not await self.ready():
+                    # the model went away under the request (bgevl-serve unloads it and its callers while it
+                    # reloads a dead model): unavailable for now, a 503 with Retry-After, not an internal error
+                    raise BackendUnavailable(f"{self.state}; {str(error).splitlines()[0]}") from None
+                raise error from None
             out.append(result.as_numpy(SERVING_EMBEDDING).astype(np.float32, copy=False))
         tokens = await asyncio.to_thread(self._count_text_tokens, texts) if texts is not None else 0
         return Embedded(np.concatenate(out), tokens)
