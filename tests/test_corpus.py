@@ -448,3 +448,50 @@ def test_an_output_name_with_glob_characters_leaves_its_siblings_alone(export, t
     embed_corpus(CorpusOptions(export=export, input=str(folder), output=str(out), progress=False))  # the rerun
     assert sibling.read_bytes() == b"someone else's"
     assert not leftover.exists()
+
+
+def test_a_triton_model_that_goes_away_is_waited_for_and_never_recorded_as_failed_items(export, tmp_path):
+    """bgevl-serve unloads a model (and its callers) while it reloads a dead one: the items of that moment are
+    sent again once it is back, not recorded as failures; past the retry window the job ends (non-zero, its
+    complete partitions kept), with no item failed for it."""
+    pytest.importorskip("tritonclient.http", reason="needs the serving extra: pip install '.[serving]'")
+    import threading
+    import urllib.request
+
+    from bgevl.core.manifest import read_manifest
+    from bgevl.corpus.pipeline import BatchResult
+    from bgevl.corpus.triton_engine import ServerUnavailable, TritonBatchEmbedder, TritonModel
+    from bgevl.serving.repository import write_repository
+    from bgevl.serving.server import ADMIN_HEADER, TritonServer
+
+    server = TritonServer(write_repository(export, tmp_path / "repo", sink=None), http_port=None, grpc_port=None,
+                          metrics_port=None).start()
+
+    def control(action: str) -> None:
+        request = urllib.request.Request(f"http://{server.http_url}/v2/repository/models/bgevl/{action}", data=b"{}",
+                                         method="POST", headers={ADMIN_HEADER: server.admin_key})
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            assert answer.status == 200
+
+    feeds = {"TEXT": np.array([b"a red square", b"a blue circle"], dtype=object).reshape(-1, 1)}
+    try:
+        model = TritonModel(read_manifest(export), server.http_url, "bgevl", retry_window_s=60)
+        before = model.run(feeds)
+        control("unload")
+        back = threading.Timer(1.5, control, ("load",))
+        back.start()
+        started = time.monotonic()
+        after = model.run(feeds)  # waits for the model instead of failing the items
+        back.join()
+        assert time.monotonic() - started >= 1.0 and cosines(before, after).min() >= 0.99999
+        control("unload")
+        impatient = TritonModel.__new__(TritonModel)
+        impatient.__dict__.update(model.__dict__, retry_window_s=1.0)
+        embedder = TritonBatchEmbedder(impatient, ["text"])
+        result = BatchResult()
+        result.parts.append(([object(), object()], ["a red square", "a blue circle"], {"text": feeds}))
+        with pytest.raises(ServerUnavailable, match=r"has not answered for 1 s .*run the same command to resume"):
+            embedder.run(result)
+        assert result.failed == []
+    finally:
+        server.stop()

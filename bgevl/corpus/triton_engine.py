@@ -5,13 +5,18 @@ own preprocessor (``Preprocessor.decode_image``: limits, format, corruption), ea
 item is a failure of its own and never fails a request of 64; the encoded bytes and UTF-8 texts are then
 sent to the repository's entry model (``IMAGE``/``TEXT`` BYTES ``[n, 1]``, plus ``ROLE``/``INSTRUCTION``
 where the family serves them) and its ``EMBEDDING`` is stored. A request the server refuses is retried
-item by item, so only the items it refuses are failures. The export directory must be the one the
+item by item, so only the items it refuses are failures. A server that is unreachable, or whose model is
+not ready (``bgevl-serve`` unloads a model and its callers while it reloads a dead one), is waited for
+with backoff for up to ``retry_window_s``; its errors are never recorded as item failures: if it does not
+come back in time the job ends non-zero with one line, its complete partitions kept, and the same
+command resumes with the items that were not embedded. The export directory must be the one the
 repository was written from (its manifest identifies the model in the output).
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import numpy as np
@@ -23,10 +28,20 @@ from bgevl.corpus.pipeline import BatchEmbedder, BatchResult, reason_of
 from bgevl.core.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
 
 
+#: how long a server that went away (unreachable, or its model not ready) is waited for before the job ends
+RETRY_WINDOW_S = 120.0
+
+
+class ServerUnavailable(BgevlError):
+    """The server stayed unreachable or its model not ready for the whole retry window: the job ends (its
+    complete partitions kept); no item is recorded as failed for it."""
+
+
 class TritonModel:
     """What :class:`BatchEmbedder` needs of an ``Embedder``, with the model behind a Triton server."""
 
-    def __init__(self, manifest: Any, url: str, model: str, limits: Any = None):
+    def __init__(self, manifest: Any, url: str, model: str, limits: Any = None, retry_window_s: float = RETRY_WINDOW_S):
+        self.retry_window_s = retry_window_s
         try:
             import tritonclient.http as httpclient
         except ImportError:
@@ -50,18 +65,41 @@ class TritonModel:
         if not ready:
             raise BgevlError(f"--triton {url}: model {model!r} is not ready on the server; check --triton-model")
 
+    def _ready(self) -> bool:
+        try:
+            return bool(self.client.is_model_ready(self.model))
+        except Exception:  # noqa: BLE001 - the client raises its own exception types, and socket errors
+            return False
+
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """``EMBEDDING`` of one request. The server's refusal of an item (INVALID_ARG, HTTP 400), or an error of
+        a server whose model is ready, is an :class:`InputError` (the caller finds the items); an unreachable
+        server or a model that is not ready is retried with backoff, then :class:`ServerUnavailable`."""
+        from tritonclient.utils import InferenceServerException
+
         inputs = []
         for name, values in feeds.items():
             tensor = self.httpclient.InferInput(name, list(values.shape), "BYTES")
             tensor.set_data_from_numpy(values)
             inputs.append(tensor)
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            return np.asarray(self.client.infer(self.model, inputs).as_numpy(SERVING_EMBEDDING), np.float32)
-        except InferenceServerException as exc:
-            raise InputError(f"the server refused it: {reason_of(exc)}") from None
+        start, delay = time.monotonic(), 0.05
+        while True:
+            try:
+                return np.asarray(self.client.infer(self.model, inputs).as_numpy(SERVING_EMBEDDING), np.float32)
+            except InferenceServerException as exc:
+                error: Exception = exc
+                if str(exc.status()) == "400" or self._ready():
+                    raise InputError(f"the server refused it: {reason_of(exc)}") from None
+            except OSError as exc:  # connection refused or reset: the server is restarting or gone
+                error = exc
+            waited = time.monotonic() - start
+            if waited >= self.retry_window_s:
+                raise ServerUnavailable(
+                    f"--triton {self.url}: the server has not answered for {waited:.0f} s ({reason_of(error)}); "
+                    f"complete partitions are kept: run the same command to resume once model {self.model!r} is "
+                    f"ready") from None
+            time.sleep(min(delay, max(0.0, self.retry_window_s - waited)))
+            delay = min(2 * delay, 2.0)
 
 
 class TritonBatchEmbedder(BatchEmbedder):
