@@ -475,6 +475,28 @@ def test_image_urls_are_fetched_only_from_allowed_hosts_within_limits(embedders)
             assert_error(post(url, {"input": [{"image": f"http://{host}/missing.png"}]}), 400, "input[0].image", "HTTP 404")
 
 
+def test_an_allowed_name_that_resolves_to_the_servers_own_network_or_a_bad_port_is_400(embedders):
+    """An allowed name resolving to 127.0.0.1 reached another local service; ':99999' was a 500 with a traceback;
+    a bare allowed name opened every port of its host."""
+    embedder = embedders("tiny")
+    with image_host({"/a.png": (200, {"Content-Type": "image/png"}, IMAGES[1])}) as host:
+        port = host.rsplit(":", 1)[1]
+        policy = FetchPolicy(hosts=frozenset({f"localhost:{port}", "localhost", "example.com"}))
+        with serving(backend_of(embedder), fetch=policy) as server:
+            url = f"{server.url}/v1/embeddings"
+            assert_error(post(url, {"input": [{"image": f"http://localhost:{port}/a.png"}]}), 400, "input[0].image",
+                         "host 'localhost' resolves to 127.0.0.1", "name the address itself")
+            assert_error(post(url, {"input": [{"image": "http://localhost:99999/a.png"}]}), 400, "input[0].image",
+                         "'localhost:99999' is not a valid host and port")
+            assert_error(post(url, {"input": [{"image": f"http://example.com:{port}/a.png"}]}), 400, "input[0].image",
+                         "not in the server's --allow-image-host list", "default port only")
+        named = FetchPolicy(hosts=frozenset({host}))  # the address itself, named by the operator: fetched
+        with serving(backend_of(embedder), fetch=named) as server:
+            status, _, body = post(f"{server.url}/v1/embeddings", {"input": [{"image": f"http://{host}/a.png"}],
+                                                                   "encoding_format": "float"})
+            assert status == 200, body
+
+
 # --- the command ----------------------------------------------------------------------------
 
 def test_bgevl_api_serves_an_export_and_finishes_in_flight_requests_on_sigterm(export_dir, embedders, tmp_path):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,7 +25,14 @@ _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """Which image URLs the server fetches, and what one fetch may cost."""
+    """Which image URLs the server fetches, and what one fetch may cost.
+
+    ``hosts`` are the operator's ``--allow-image-host`` entries: a bare name allows that host on its
+    scheme's default port (80, 443) only, ``host:port`` that port. A name must resolve to public addresses
+    only: an allowed name that resolves to a loopback, private, link-local (169.254.169.254: cloud metadata)
+    or otherwise reserved address is refused, since it would reach the server's own network; an operator
+    who means such an address names it (``10.0.0.5:8080``). The check runs on each redirect too. (urllib
+    resolves the name again when it connects: a DNS answer that changes between the two is not caught.)"""
 
     hosts: frozenset[str] = frozenset()  # lower-case host names (or host:port); empty: fetching is off
     max_bytes: int = 20 * 1024 * 1024
@@ -31,9 +40,46 @@ class FetchPolicy:
     max_redirects: int = 3
 
     def allows(self, url: str) -> bool:
+        return self.refusal(url) is None
+
+    def refusal(self, url: str) -> str | None:
+        """Why ``url`` is not fetched (None: it is)."""
         parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            return f"{parts.scheme or 'no'} scheme: only http(s) image URLs are fetched"
         host = (parts.hostname or "").lower()
-        return parts.scheme in ("http", "https") and (host in self.hosts or f"{host}:{parts.port}" in self.hosts)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return f"{parts.netloc!r} is not a valid host and port"
+        named = f"{host}:{port}" in self.hosts or f"[{host}]:{port}" in self.hosts
+        if not named and not (host in self.hosts and port == (443 if parts.scheme == "https" else 80)):
+            return (f"host {parts.netloc!r} is not in the server's --allow-image-host list (a bare name allows its "
+                    f"default port only)")
+        if _ip(host) is not None:
+            return None  # the operator named the address itself
+        return _private_address(host, port)
+
+
+def _ip(host: str) -> "ipaddress.IPv4Address | ipaddress.IPv6Address | None":
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _private_address(host: str, port: int) -> str | None:
+    """Why ``host`` may not be fetched from by name: it resolves to a non-public address (None: all public)."""
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        return f"host {host!r} does not resolve ({getattr(exc, 'strerror', None) or exc})"
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not address.is_global:
+            return (f"host {host!r} resolves to {address}, a loopback, private or reserved address; the server does "
+                    f"not fetch from its own network by name: name the address itself in --allow-image-host")
+    return None
 
 
 def is_data_url(value: str) -> bool:
@@ -79,9 +125,10 @@ class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
         self.max_redirections = policy.max_redirects
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if not self.policy.allows(newurl):
+        why = self.policy.refusal(newurl)
+        if why is not None:
             raise InputError(f"{self.label}: the image URL redirects to {urllib.parse.urlsplit(newurl).netloc or newurl!r}, "
-                             f"a host the server does not fetch from")
+                             f"a host the server does not fetch from ({why})")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -94,9 +141,9 @@ def fetch(url: str, label: str, policy: FetchPolicy) -> bytes:
         raise InputError(f"{label}: this server does not fetch image URLs (a server that fetches URLs is an SSRF hole); "
                          f"send the image as a data URL (data:image/png;base64,...) or bare base64, or start the server "
                          f"with --allow-image-host HOST")
-    if not policy.allows(url):
-        raise InputError(f"{label}: host {urllib.parse.urlsplit(url).netloc!r} is not in the server's --allow-image-host "
-                         f"list; send the image as a data URL instead")
+    why = policy.refusal(url)
+    if why is not None:
+        raise InputError(f"{label}: {why}; send the image as a data URL instead")
     opener = urllib.request.build_opener(_LimitedRedirects(policy, label))
     request = urllib.request.Request(url, headers={"User-Agent": "bgevl-api", "Accept": "image/*"})
     try:
