@@ -495,3 +495,58 @@ def test_a_triton_model_that_goes_away_is_waited_for_and_never_recorded_as_faile
         assert result.failed == []
     finally:
         server.stop()
+
+
+def _failures(out: Path) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    rows = [r for f in sorted((out / "failures").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return {r["id"]: r["reason"] for r in rows}
+
+
+def test_devices_fifos_and_urls_in_a_table_are_failures_of_their_own(export, tmp_path):
+    """/dev/zero read until a MemoryError and a FIFO hung the job; a table's http(s) URLs were fetched with no
+    policy (internal addresses included). Now each is its item's failure, and URLs follow the API's policy."""
+    import csv
+
+    from test_api import image_host
+
+    items = make_items(2)
+    (tmp_path / "good.jpg").write_bytes(items[0].data)
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with image_host({"/a.jpg": (200, {"Content-Type": "image/jpeg"}, items[1].data)}) as host:
+        port = host.rsplit(":", 1)[1]
+        table = tmp_path / "items.csv"
+        with table.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", "image"])
+            writer.writerows([["good", str(tmp_path / "good.jpg")], ["zero", "/dev/zero"], ["fifo", str(tmp_path / "pipe.jpg")],
+                              ["by-address", f"http://{host}/a.jpg"], ["by-name", f"http://localhost:{port}/a.jpg"],
+                              ["metadata", "http://169.254.169.254/latest/meta-data"]])
+        closed = embed_corpus(CorpusOptions(export=export, input=str(table), output=str(tmp_path / "closed"),
+                                            progress=False))
+        allowed = embed_corpus(CorpusOptions(export=export, input=str(table), output=str(tmp_path / "allowed"),
+                                             progress=False, allow_image_hosts=(host, f"localhost:{port}", "*")))
+    assert (closed["embedded"], closed["failed"]) == (1, 5) and (allowed["embedded"], allowed["failed"]) == (2, 4)
+    reasons = _failures(tmp_path / "allowed")
+    assert "is not a regular file" in reasons["zero"] and "is not a regular file" in reasons["fifo"]
+    assert "resolves to 127.0.0.1" in reasons["by-name"] and "169.254.169.254" in reasons["metadata"]
+    assert "fetches them only from the hosts given with --allow-image-host" in _failures(tmp_path / "closed")["by-address"]
+
+
+def test_a_shard_member_declaring_a_huge_size_is_not_read_into_memory(export, tmp_path):
+    """A 20 KB sparse shard declaring a 16 GiB member took memory until a MemoryError, and every later shard was
+    lost; now its sample (or the rest of the shard) is a failure and the next shard is read."""
+    import tarfile
+
+    shards = write_shards(tmp_path / "shards", make_items(4), per_shard=2)
+    member = tarfile.TarInfo("00009/00090009.jpg")
+    member.size = 16 * 2 ** 30
+    bad = tmp_path / "shards" / "00000.tar"
+    bad.write_bytes(member.tobuf() + b"\0" * 20000)  # the header's claim, without the data
+    summary = embed_corpus(CorpusOptions(export=export, input=str(tmp_path / "shards"), output=str(tmp_path / "out"),
+                                         kinds=["image"], progress=False))
+    assert summary["embedded"] == 2 and summary["failed"] >= 1  # the second shard's two samples
+    assert any("over the" in r and "limit of one item" in r or "shard unreadable" in r
+               for r in _failures(tmp_path / "out").values())
+    assert len(shards) == 2

@@ -34,7 +34,8 @@ class FetchPolicy:
     who means such an address names it (``10.0.0.5:8080``). The check runs on each redirect too. (urllib
     resolves the name again when it connects: a DNS answer that changes between the two is not caught.)"""
 
-    hosts: frozenset[str] = frozenset()  # lower-case host names (or host:port); empty: fetching is off
+    #: lower-case host names (or host:port; "*": any host, default ports, public addresses); empty: fetching is off
+    hosts: frozenset[str] = frozenset()
     max_bytes: int = 20 * 1024 * 1024
     timeout_s: float = 10.0
     max_redirects: int = 3
@@ -53,12 +54,17 @@ class FetchPolicy:
         except ValueError:
             return f"{parts.netloc!r} is not a valid host and port"
         named = f"{host}:{port}" in self.hosts or f"[{host}]:{port}" in self.hosts
-        if not named and not (host in self.hosts and port == (443 if parts.scheme == "https" else 80)):
+        default_port = port == (443 if parts.scheme == "https" else 80)
+        if not named and not ((host in self.hosts or "*" in self.hosts) and default_port):
             return (f"host {parts.netloc!r} is not in the server's --allow-image-host list (a bare name allows its "
                     f"default port only)")
-        if _ip(host) is not None:
+        address = _ip(host)
+        if address is not None and (named or host in self.hosts):
             return None  # the operator named the address itself
-        return _private_address(host, port)
+        if address is not None and not address.is_global:  # an address reached through "*"
+            return (f"{address} is a loopback, private or reserved address; the server does not fetch from its own "
+                    f"network unless the address is named in --allow-image-host")
+        return _private_address(host, port) if address is None else None
 
 
 def _ip(host: str) -> "ipaddress.IPv4Address | ipaddress.IPv6Address | None":

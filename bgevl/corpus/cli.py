@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--output", "-o", required=True, help="output folder, local or an fsspec URL; an existing output of the "
                                                           "same job is resumed, one of another model/precision refused")
     reader_options(io_, "auto: from the path")
+    io_.add_argument("--allow-image-host", action="append", default=[], metavar="HOST",
+                     help="fetch a table's http(s) image URLs from this host (repeatable; host:port for another port; "
+                          "'*': any host; a name must resolve to public addresses, name a private address itself); "
+                          "none: such URLs are failures")
     e = p.add_argument_group("embedding")
     e.add_argument("--kinds", default="auto",
                    help=f"comma-separated of {', '.join(KINDS)} (composed: the image and text of an item as one query); "
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, workers=args.workers, backend=args.backend, provider=args.provider,
         threads=args.threads, triton=args.triton, triton_model=args.triton_model, ray_address=args.ray_address, ray_workers=args.ray_workers,
         ray_cpus_per_worker=args.ray_cpus_per_worker, ray_gpus_per_worker=args.ray_gpus_per_worker,
-        log_interval=args.log_interval, progress=not args.quiet)
+        log_interval=args.log_interval, progress=not args.quiet, allow_image_hosts=tuple(args.allow_image_host))
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         summary = embed_corpus(options)

@@ -49,6 +49,14 @@ class CorpusOptions:
     ray_gpus_per_worker: float = 0.0
     log_interval: float = 30.0
     progress: bool = True
+    #: hosts whose http(s) image URLs are fetched ("*": any public host); none: URLs are failures
+    allow_image_hosts: tuple[str, ...] = ()
+
+
+def fetch_policy(options: CorpusOptions) -> Any:
+    from bgevl.api.images import FetchPolicy
+
+    return FetchPolicy(hosts=frozenset(h.lower().strip() for h in options.allow_image_hosts))
 
 
 def choose_kinds(source: Source, kinds: list[str], say: Any) -> list[str]:
@@ -115,14 +123,14 @@ def embed_corpus(options: CorpusOptions, say: Any = None) -> dict[str, Any]:
 
             model = TritonModel(manifest, options.triton, options.triton_model)
             progress.begin()
-            embed_local(source, output, TritonBatchEmbedder(model, kinds, options.role, options.instruction),
+            embed_local(source, output, TritonBatchEmbedder(model, kinds, options.role, options.instruction, fetch_policy(options)),
                         options.partition_size, options.batch_size or model.max_batch, options.workers, progress)
         else:
             embedder = Embedder.load(options.export, provider=options.provider, threads=options.threads,
                                      backend=options.backend)
             batch = options.batch_size or embedder.max_batch
             progress.begin()
-            embed_local(source, output, BatchEmbedder(embedder, kinds, options.role, options.instruction),
+            embed_local(source, output, BatchEmbedder(embedder, kinds, options.role, options.instruction, fetch_policy(options)),
                         options.partition_size, batch, options.workers, progress)
     finally:
         progress.close()

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from bgevl.api.images import FetchPolicy, fetch
 from bgevl.core.errors import BgevlError, InputError
 from bgevl.core.family import COMPOSED, IMAGE, KINDS, TEXT, Request
 from bgevl.corpus.output import CorpusOutput, Partition
@@ -66,11 +67,14 @@ class BatchEmbedder:
     :meth:`prepare` may run in several threads at once (each thread gets its own preprocessor:
     tokenizers are not safe to share); :meth:`run` runs the model."""
 
-    def __init__(self, embedder: Any, kinds: list[str], role: str | None = None, instruction: str | None = None):
+    def __init__(self, embedder: Any, kinds: list[str], role: str | None = None, instruction: str | None = None,
+                 fetch: FetchPolicy | None = None):
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
             raise BgevlError(f"--kinds {','.join(kinds)}: choose from {', '.join(KINDS)}")
         self.embedder, self.kinds, self.role, self.instruction = embedder, kinds, role, instruction
+        #: which http(s) image URLs of the input are fetched (bgevl-embed --allow-image-host), as the API's
+        self.fetch = fetch or FetchPolicy()
         self.need_image, self.need_text = needs(kinds)
         self.local = threading.local()
         self.fs_cache: dict[str, Any] = {}
@@ -86,6 +90,11 @@ class BatchEmbedder:
         return pre
 
     def _read(self, uri: str) -> bytes:
+        if uri.split("://", 1)[0].lower() in ("http", "https"):
+            if not self.fetch.hosts:
+                raise InputError("an http(s) image URL: bgevl-embed fetches them only from the hosts given with "
+                                 "--allow-image-host HOST ('*': any host whose addresses are public)")
+            return fetch(uri, "image", self.fetch)
         fs, path = url_to_fs(uri)
         return read_bytes(fs, path)
 

@@ -30,12 +30,16 @@ class RayEmbedder:
     """A Ray Data actor: one Embedder, ``__call__`` on a numpy batch of item rows -> one row per item with
     its vectors (zeros where it failed), text and failure reason ("" when embedded)."""
 
-    def __init__(self, export: str, kinds: list[str], role: str | None, instruction: str | None, load: dict[str, Any]):
+    def __init__(self, export: str, kinds: list[str], role: str | None, instruction: str | None, load: dict[str, Any],
+                 allow_image_hosts: tuple[str, ...] = ()):
         from bgevl.corpus.pipeline import BatchEmbedder
         from bgevl.runtime import Embedder
 
         self.embedder = Embedder.load(export, **load)
-        self.batcher = BatchEmbedder(self.embedder, kinds, role, instruction)
+        from bgevl.api.images import FetchPolicy
+
+        self.batcher = BatchEmbedder(self.embedder, kinds, role, instruction,
+                                     FetchPolicy(hosts=frozenset(allow_image_hosts)))
         self.kinds = kinds
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -99,7 +103,8 @@ def embed_ray(source: Any, output: Any, options: Any, kinds: list[str], progress
                 compute=ActorPoolStrategy(size=workers), num_cpus=options.ray_cpus_per_worker,
                 num_gpus=options.ray_gpus_per_worker or None,
                 fn_constructor_kwargs={"export": str(options.export), "kinds": kinds, "role": options.role,
-                                       "instruction": options.instruction, "load": load})
+                                       "instruction": options.instruction, "load": load,
+                                       "allow_image_hosts": tuple(h.lower().strip() for h in options.allow_image_hosts)})
             result = BatchResult(vectors={k: [] for k in kinds})
             for out in dataset.iter_batches(batch_format="numpy", batch_size=None):
                 for j, index in enumerate(out["index"]):

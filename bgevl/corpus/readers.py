@@ -13,12 +13,13 @@ import json
 import os
 import posixpath
 import re
+import stat
 import tarfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from bgevl.core.errors import BgevlError
+from bgevl.core.errors import BgevlError, InputError
 from bgevl.core.family import IMAGE, TEXT
 
 #: image file extensions of a folder input and of WebDataset samples (img2dataset writes jpg, png or webp)
@@ -61,9 +62,34 @@ def url_to_fs(url: str) -> tuple[Any, str]:
         raise BgevlError(f"{url}: {exc}; install the fsspec implementation of that scheme (s3fs, gcsfs, adlfs, ...)") from None
 
 
-def read_bytes(fs: Any, path: str) -> bytes:
+#: the largest file or shard member read as one item (a 40 M-pixel image is well under it); a larger one, a
+#: device (/dev/zero) or a FIFO is an item failure, never a read without end or a MemoryError
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+def read_bytes(fs: Any, path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """One item's file, refused (``InputError``: the item's failure) when it is not a regular file or is
+    over ``limit`` bytes; at most ``limit + 1`` bytes are read whatever its size claims."""
+    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or type(fs).__name__ == "LocalFileSystem":
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            raise InputError(f"cannot read {path} ({exc.strerror or exc})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{path} is not a regular file (a device, FIFO, socket or folder); name image files only")
+        size: int | None = info.st_size
+    else:
+        try:
+            size = fs.size(path)
+        except (OSError, NotImplementedError, ValueError):
+            size = None
+    if size is not None and size > limit:
+        raise InputError(f"{path} is {size} bytes, over the {limit}-byte limit of one item")
     with fs.open(path, "rb") as fh:
-        return fh.read()
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise InputError(f"{path} is over the {limit}-byte limit of one item")
+    return data
 
 
 class Source(ABC):
@@ -304,7 +330,7 @@ class WebDatasetSource(Source):
         key = None
         try:
             with self.fs.open(shard, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-                key, files = None, {}
+                key, files, oversize = None, {}, []
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -314,17 +340,23 @@ class WebDatasetSource(Source):
                     stem, ext = base.split(".", 1)
                     sample = posixpath.join(directory, stem)
                     if sample != key and key is not None:
-                        yield self._item(url, key, files)
-                        files = {}
+                        yield self._item(url, key, files, oversize)
+                        files, oversize = {}, []
                     key = sample
+                    if member.size > MAX_FILE_BYTES:  # a declared size is not read into memory (a sparse 16 GiB)
+                        oversize.append(f"{base} declares {member.size} bytes, over the {MAX_FILE_BYTES}-byte limit "
+                                        f"of one item")
+                        continue
                     files[ext.lower()] = tar.extractfile(member).read()
                 if key is not None:
-                    yield self._item(url, key, files)
-        except (OSError, tarfile.TarError, EOFError) as exc:  # the shard's failure is its own: the next one is read
+                    yield self._item(url, key, files, oversize)
+        except (OSError, tarfile.TarError, EOFError, MemoryError) as exc:  # the shard's failure is its own: the next one is read
             yield Item(id=url, source=url, error=f"shard unreadable after sample {key!r}: {exc}; the rest of this "
                        f"shard was not embedded: replace the shard and embed it into a new --output")
 
-    def _item(self, url: str, key: str, files: dict[str, bytes]) -> Item:
+    def _item(self, url: str, key: str, files: dict[str, bytes], oversize: list[str] | None = None) -> Item:
+        if oversize:
+            return Item(id=key, source=f"{url}#{key}", error="; ".join(oversize))
         image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
         text = files.get("txt")
         metadata: dict[str, Any] = {}
