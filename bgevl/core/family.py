@@ -362,9 +362,18 @@ class Recipe(ABC):
 
 class BatchingConfig(Protocol):
     """A Triton model's batching and instances, as :meth:`TritonModels.batching` makes it (opaque to families:
-    they pass it back to the writer and to ``bgevl.serving.configs``)."""
+    they pass it back to the writer and to ``bgevl.serving.configs``, which read these fields)."""
 
-    instances: int
+    @property
+    def max_batch(self) -> int: ...
+    @property
+    def preferred(self) -> tuple[int, ...]: ...
+    @property
+    def max_queue_delay_us(self) -> int: ...
+    @property
+    def instances(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
 
 
 class TritonModels(Protocol):
@@ -447,7 +456,9 @@ class BenchBaseline(ABC):
 class TorchBaseline(Protocol):
     """What :meth:`BenchBaseline.torch_baseline` returns."""
 
-    preprocessor: Preprocessor
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The preprocessor whose feeds :meth:`call` and :meth:`gflop` take (a family's own subclass may be held)."""
 
     def call(self, request: Request, feeds: Feeds) -> Callable[[], NDArray[Any]]:
         """A callable that embeds the prepared request (what the benchmark times)."""
