@@ -21,12 +21,15 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from bgevl.core.specs import ONNX_OPSET, GraphSpec
+
+if TYPE_CHECKING:  # pragma: no cover  (types only)
+    import torch
 
 #: Protobuf's limit: larger models keep their weights in ``<file>.data`` (ONNX external data).
 PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2
@@ -237,7 +240,7 @@ def _keep_float32_regions_exact(model: onnx.ModelProto, kept_constants: Mapping[
             continue
         source = node.input[0]
         parent = producer.get(source)
-        if _cast_target(parent) == FLOAT16 and types.get(parent.input[0]) == FLOAT:
+        if parent is not None and _cast_target(parent) == FLOAT16 and types.get(parent.input[0]) == FLOAT:
             replace[node.output[0]] = parent.input[0]
         elif source in kept_constants and constant_types.get(source) == FLOAT16:
             if source not in added:
