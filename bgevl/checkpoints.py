@@ -105,6 +105,8 @@ def download_repository(spec: ModelSpec, patterns: tuple[str, ...] = ("*.json", 
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     repo_id = repo_id or spec.hub_id
+    if repo_id is None:
+        raise CheckpointError(f"model {spec.key!r} has no hub repository to download")
     try:  # the local cache first: no network needed when the model was downloaded before
         return Path(snapshot_download(repo_id, allow_patterns=list(patterns), local_files_only=True))
     except LocalEntryNotFoundError:

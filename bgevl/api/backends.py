@@ -139,11 +139,11 @@ class TritonBackend(EmbeddingBackend):
                  tokenizer_dir: str | os.PathLike | None = None):
         self.url, self.model, self.name, self.timeout_s = url, model, name or model, timeout_s
         self.tokenizer_dir = tokenizer_dir
-        self.client = None
+        self.client: Any = None  # tritonclient's asyncio InferenceServerClient, once started
         self.inputs: set[str] = set()
         self.max_batch = 1
         self._dim: int | None = None
-        self._tokenizer = None
+        self._tokenizer: Any = None  # transformers tokenizer, loaded on first use
         self._lock = threading.Lock()
 
     @property

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Mapping
 
 from bgevl.api.app import ApiOptions, create_app
 from bgevl.api.backends import EmbedderBackend, EmbeddingBackend, TritonBackend
@@ -65,8 +66,9 @@ class ApiServer:
                         return
             except OSError:
                 pass
-            if getattr(self.backend, "error", None):
-                raise BgevlError(self.backend.error)
+            error = getattr(self.backend, "error", None)  # EmbedderBackend's load failure
+            if error:
+                raise BgevlError(error)
             time.sleep(0.1)
         raise BgevlError(f"the API's backend did not become ready within {timeout:.0f} s ({self.backend.state})")
 
@@ -82,7 +84,7 @@ class ApiServer:
         self.stop()
 
 
-def read_api_key(path: Path | None, env: dict = os.environ) -> str | None:
+def read_api_key(path: Path | None, env: Mapping[str, str] = os.environ) -> str | None:
     """The API key from ``--api-key-file`` (first line) or ``$BGEVL_API_KEY``; None: no key required."""
     if path is not None:
         try:

@@ -128,7 +128,8 @@ def decode_reference(value: str, label: str) -> bytes:
 class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, policy: FetchPolicy, label: str):
         self.policy, self.label = policy, label
-        self.max_redirections = policy.max_redirects
+        # typeshed declares max_redirections a ClassVar; urllib reads it from the handler instance
+        self.max_redirections = policy.max_redirects  # type: ignore[misc]
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         why = self.policy.refusal(newurl)

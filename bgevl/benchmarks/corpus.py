@@ -55,6 +55,7 @@ def _child(command: list[str]) -> dict[str, Any]:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - start
+    assert proc.stdout is not None and proc.stderr is not None  # PIPE
     out, err = proc.stdout.read(), proc.stderr.read()
     if proc.returncode != 0:
         raise BgevlError(f"{shlex.join(command)} failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")

@@ -119,7 +119,7 @@ class MemorySampler:
         self.interval = interval
         self.current: str | None = None
         self.peaks: dict[str, int] = {}
-        self.extra: dict[str, list] = {}  # backend -> other processes to add (a server and its stubs)
+        self.extra: dict[str | None, list] = {}  # backend -> other processes to add (a server and its stubs)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 

@@ -29,7 +29,7 @@ def findings(data: dict[str, Any]) -> list[str]:
     rows = data["results"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        by = {}
+        by: dict[str, list[dict[str, Any]]] = {}
         for r in mine:
             by.setdefault(r["backend"], []).append(r)
         for backend in [b for b in by if b.startswith(("onnxruntime", "tensorrt"))]:

@@ -156,15 +156,17 @@ def _plain_worker(connection: Any, family_name: str, checkpoint: str, threads: i
     try:
         model = BenchModel(get_family(family_name), Path(checkpoint), threads)
         connection.send(("ok", None))
-        call = None
+        call: Callable[[], Any] | None = None
         while True:
             message = connection.recv()
             if message[0] == "stop":
                 return
             if message[0] == "case":
-                call = model.torch_call(model.case(*message[1:], count_flops=False))
+                _, key, workload, batch = message
+                call = model.torch_call(model.case(key, workload, batch, count_flops=False))
                 connection.send(("ok", None))
             else:
+                assert call is not None  # a "case" message comes first
                 t0 = time.perf_counter()
                 value = call()
                 connection.send(("ok", (time.perf_counter() - t0, np.asarray(value, np.float32))))

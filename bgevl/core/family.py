@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Generator, Mapping, Protocol, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from bgevl.core.specs import Dim, GraphSpec, ModelSpec, TensorSpec
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover  (types only: these modules are not import
     from bgevl.core.preprocessing import InputLimits
     from bgevl.core.probes import ProbeSet
 
-Feeds = dict[str, np.ndarray]
+Feeds = dict[str, NDArray[Any]]
 
 #: The kinds of item every family embeds; validation figures and benchmark workloads use these names.
 IMAGE, TEXT, COMPOSED = "image", "text", "composed"
@@ -66,8 +67,8 @@ class Request:
     families that allow it an entry may be ``None``); ``role`` and ``instruction`` as the family
     defines them (families without them refuse an instruction)."""
 
-    images: list | None = None
-    texts: list | None = None
+    images: list[Any] | None = None
+    texts: list[Any] | None = None
     role: str | None = None
     instruction: str | None = None
 
@@ -93,25 +94,26 @@ class Call:
     """One graph run inside a recipe: ``graph`` on ``feed``, returning ``outputs``."""
 
     graph: str
-    feed: Mapping[str, np.ndarray]
+    feed: Mapping[str, NDArray[Any]]
     outputs: tuple[str, ...]
 
 
 #: A recipe: yields lists of calls, receives a list of {output name: array} per call, returns the embeddings.
-Steps = Generator[list[Call], list[dict[str, np.ndarray]], np.ndarray]
+Steps = Generator[list[Call], list[dict[str, NDArray[Any]]], NDArray[Any]]
 
 
-def run_steps(steps: Steps, run: Callable[[Call], dict[str, np.ndarray]]) -> np.ndarray:
+def run_steps(steps: Steps, run: Callable[[Call], dict[str, NDArray[Any]]]) -> NDArray[Any]:
     """Drive a recipe with a synchronous graph runner."""
     try:
         calls = next(steps)
         while True:
             calls = steps.send([run(call) for call in calls])
     except StopIteration as done:
-        return done.value
+        embeddings: NDArray[Any] = done.value
+        return embeddings
 
 
-async def run_steps_async(steps: Steps, run: Callable[[Call], Awaitable[dict[str, np.ndarray]]]) -> np.ndarray:
+async def run_steps_async(steps: Steps, run: Callable[[Call], Awaitable[dict[str, NDArray[Any]]]]) -> NDArray[Any]:
     """Drive a recipe with an asynchronous graph runner (the calls of one step run concurrently)."""
     import asyncio
 
@@ -120,7 +122,8 @@ async def run_steps_async(steps: Steps, run: Callable[[Call], Awaitable[dict[str
         while True:
             calls = steps.send(list(await asyncio.gather(*(run(call) for call in calls))))
     except StopIteration as done:
-        return done.value
+        embeddings: NDArray[Any] = done.value
+        return embeddings
 
 
 class Preprocessor(ABC):
@@ -157,11 +160,11 @@ class Original(ABC):
     DESCRIPTION: ClassVar[str]
 
     @abstractmethod
-    def embed(self, request: Request) -> np.ndarray:
+    def embed(self, request: Request) -> NDArray[Any]:
         """The original's L2-normalized fp32 embeddings of a request, in item order."""
 
     @abstractmethod
-    def probe_embeddings(self, probes: "ProbeSet") -> dict[str, np.ndarray]:
+    def probe_embeddings(self, probes: "ProbeSet") -> dict[str, NDArray[Any]]:
         """Embeddings of the probe set by kind (the sanity gate of ``bgevl-export check``)."""
 
 
@@ -317,7 +320,7 @@ class GraphExport(ABC):
         """Write the fp8 graph (families with ``supports_fp8``); returns what was done, for the manifest."""
         raise NotImplementedError(f"{type(self).__name__} has no fp8 form")
 
-    def calibration_feeds(self, preprocessor: Preprocessor, graph: GraphSpec, images: list, texts: list,
+    def calibration_feeds(self, preprocessor: Preprocessor, graph: GraphSpec, images: list[Any], texts: list[Any],
                           batch: int) -> list[Feeds]:
         """Calibration batches of one graph (families with calibrated int8 forms)."""
         raise NotImplementedError(f"{type(self).__name__} has no calibrated int8 form")
@@ -359,9 +362,18 @@ class Recipe(ABC):
 
 class BatchingConfig(Protocol):
     """A Triton model's batching and instances, as :meth:`TritonModels.batching` makes it (opaque to families:
-    they pass it back to the writer and to ``bgevl.serving.configs``)."""
+    they pass it back to the writer and to ``bgevl.serving.configs``, which read these fields)."""
 
-    instances: int
+    @property
+    def max_batch(self) -> int: ...
+    @property
+    def preferred(self) -> tuple[int, ...]: ...
+    @property
+    def max_queue_delay_us(self) -> int: ...
+    @property
+    def instances(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
 
 
 class TritonModels(Protocol):
@@ -413,7 +425,7 @@ class ServingLayout(ABC):
     def preprocess_outputs(self, present: set[str]) -> list[str]:
         """The preprocess model's outputs a request with the serving inputs ``present`` produces."""
 
-    def serving_preprocess_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def serving_preprocess_inputs(self, inputs: dict[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
         """The entry model's inputs (BYTES ``[batch, 1]``) in the shapes of the family's preprocess model."""
         return inputs
 
@@ -427,10 +439,10 @@ class BenchBaseline(ABC):
     bench_grows_max_batch: ClassVar[bool] = True
 
     @abstractmethod
-    def bench_request(self, workload: str, images: list | None, texts: list | None) -> Request:
+    def bench_request(self, workload: str, images: list[Any] | None, texts: list[Any] | None) -> Request:
         """The request of a benchmark workload (one of the family's ``kinds``) on the given inputs."""
 
-    def serving_workloads(self, images: list, texts: list) -> dict[str, Request]:
+    def serving_workloads(self, images: list[Any], texts: list[Any]) -> dict[str, Request]:
         """The perf_analyzer input files shipped with a repository: file stem -> request."""
         kinds = getattr(self, "kinds", KINDS)
         return {kind: self.bench_request(kind, images if kind != TEXT else None, texts if kind != IMAGE else None)
@@ -444,9 +456,11 @@ class BenchBaseline(ABC):
 class TorchBaseline(Protocol):
     """What :meth:`BenchBaseline.torch_baseline` returns."""
 
-    preprocessor: Preprocessor
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The preprocessor whose feeds :meth:`call` and :meth:`gflop` take (a family's own subclass may be held)."""
 
-    def call(self, request: Request, feeds: Feeds) -> Callable[[], np.ndarray]:
+    def call(self, request: Request, feeds: Feeds) -> Callable[[], NDArray[Any]]:
         """A callable that embeds the prepared request (what the benchmark times)."""
 
     def gflop(self, request: Request, feeds: Feeds) -> float:

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from types import FrameType
 from typing import Callable
 
 
@@ -17,12 +18,12 @@ from typing import Callable
 _interrupted = threading.Event()
 
 
-def _on_signal(signum, frame) -> None:
+def _on_signal(signum: int, frame: FrameType | None) -> None:
     _interrupted.set()
     raise KeyboardInterrupt
 
 
-def _unraisable(report) -> None:
+def _unraisable(report: sys.UnraisableHookArgs) -> None:
     """Python's report of an exception it dropped ("Exception ignored in ..."): not for the interrupt, which is
     handled (the run ends at its next progress line); everything else as Python reports it."""
     if isinstance(report.exc_value, KeyboardInterrupt) and _interrupted.is_set():

@@ -222,7 +222,7 @@ def write_manifest(manifest: Manifest) -> Path:
     return path
 
 
-def read_manifest(directory: str | os.PathLike) -> Manifest:
+def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     directory = Path(directory).expanduser()
     path = directory / MANIFEST_NAME
     if not path.is_file():

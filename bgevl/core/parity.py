@@ -22,21 +22,24 @@ same thresholds, by the same :func:`parity` over other runners.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+import os
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from bgevl.core.errors import ValidationFailed
-from bgevl.core.family import IMAGE, KINDS, TEXT, Recipe, run_steps
+from bgevl.core.family import IMAGE, KINDS, TEXT, Call, Recipe, run_steps
 from bgevl.core.specs import COSINE_THRESHOLDS, GraphSpec
 from bgevl.core.vectors import l2_normalize
 
 
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
+def cosine_rows(a: NDArray[Any], b: NDArray[Any]) -> NDArray[Any]:
+    cosines: NDArray[Any] = np.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
+    return cosines
 
 
-def retrieval_agreement(test_queries: np.ndarray, ref_queries: np.ndarray, ref_gallery: np.ndarray) -> float:
+def retrieval_agreement(test_queries: NDArray[Any], ref_queries: NDArray[Any], ref_gallery: NDArray[Any]) -> float:
     test_top = np.argmax(l2_normalize(test_queries) @ ref_gallery.T, axis=1)
     ref_top = np.argmax(l2_normalize(ref_queries) @ ref_gallery.T, axis=1)
     return float(np.mean(test_top == ref_top))
@@ -49,7 +52,7 @@ def retrieval_agreement(test_queries: np.ndarray, ref_queries: np.ndarray, ref_g
 DISTINCT_PROBES_MAX_COSINE = 0.99999
 
 
-def max_cosine_between_rows(embeddings: np.ndarray) -> float | None:
+def max_cosine_between_rows(embeddings: NDArray[Any]) -> float | None:
     """The largest cosine between two different rows (inputs that are all distinct); None for one row."""
     x = l2_normalize(np.asarray(embeddings, dtype=np.float64))
     if len(x) < 2:
@@ -59,7 +62,7 @@ def max_cosine_between_rows(embeddings: np.ndarray) -> float | None:
     return float(sims.max())
 
 
-def sanity_problem(name: str, embeddings: np.ndarray) -> str | None:
+def sanity_problem(name: str, embeddings: NDArray[Any]) -> str | None:
     """Why ``embeddings`` of distinct probe inputs cannot be right (NaN/Inf, or two the same), or None."""
     if not np.all(np.isfinite(embeddings)):
         return f"{name}: NaN or Inf in the embeddings"
@@ -70,7 +73,7 @@ def sanity_problem(name: str, embeddings: np.ndarray) -> str | None:
     return None
 
 
-def check_reference(named: Mapping[str, np.ndarray]) -> None:
+def check_reference(named: Mapping[str, NDArray[Any]]) -> None:
     """The sanity gate on the reference embeddings themselves, before any export is compared with them."""
     problems = [p for name, emb in named.items() if (p := sanity_problem(name, emb))]
     if problems:
@@ -78,7 +81,7 @@ def check_reference(named: Mapping[str, np.ndarray]) -> None:
                                + ". Check the checkpoint (bgevl-export check --model-path DIR)")
 
 
-def parity_figures(test: np.ndarray, ref: np.ndarray, ref_gallery: np.ndarray) -> dict:
+def parity_figures(test: NDArray[Any], ref: NDArray[Any], ref_gallery: NDArray[Any]) -> dict[str, Any]:
     test = np.asarray(test, dtype=np.float32)
     ref = np.asarray(ref, dtype=np.float32)
     if test.shape != ref.shape:
@@ -101,11 +104,11 @@ def threshold_for(precision: str, override: float | None = None) -> float:
     return float(override) if override is not None else COSINE_THRESHOLDS[precision]
 
 
-def check_thresholds(figures: dict[str, dict], precision: str, threshold: float, weights: str) -> dict:
+def check_thresholds(figures: dict[str, dict[str, Any]], precision: str, threshold: float, weights: str) -> dict[str, Any]:
     """Compare each entry's min cosine with the threshold; raise with all figures on failure."""
     failed = {name: f for name, f in figures.items()
               if not (f["min_cosine"] >= threshold) or (f.get("max_cosine_between_probes") or -1.0) > DISTINCT_PROBES_MAX_COSINE}
-    summary = {
+    summary: dict[str, Any] = {
         "threshold_min_cosine": threshold,
         "passed": not failed,
         "weights": weights,
@@ -128,7 +131,7 @@ def check_thresholds(figures: dict[str, dict], precision: str, threshold: float,
     return summary
 
 
-def format_figures(figures: dict[str, dict]) -> str:
+def format_figures(figures: dict[str, dict[str, Any]]) -> str:
     lines = [f"  {'kind':<10} {'min cos':>10} {'mean cos':>10} {'max|diff|':>10} {'top-1 agr':>10} {'probe-max cos':>14}"]
     for name, f in figures.items():
         lines.append(
@@ -141,8 +144,8 @@ def format_figures(figures: dict[str, dict]) -> str:
 VALIDATION_ARRAYS = "validation.npz"
 
 
-def reference_arrays(requests_feeds: Sequence[Mapping[str, np.ndarray]], kinds: Sequence[Sequence[str]],
-                     reference: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+def reference_arrays(requests_feeds: Sequence[Mapping[str, NDArray[Any]]], kinds: Sequence[Sequence[str]],
+                     reference: Sequence[NDArray[Any]]) -> dict[str, NDArray[Any]]:
     """The probe requests' feeds (this project's preprocessing), each item's kind and the original's
     embeddings of the same items, after the sanity gate on the latter."""
     ref = np.concatenate([np.asarray(r, np.float32) for r in reference])
@@ -154,8 +157,8 @@ def reference_arrays(requests_feeds: Sequence[Mapping[str, np.ndarray]], kinds: 
     return arrays
 
 
-def parity(family: Recipe, graphs: Mapping[str, GraphSpec], arrays: Mapping[str, np.ndarray],
-           run: Callable) -> dict[str, dict]:
+def parity(family: Recipe, graphs: Mapping[str, GraphSpec], arrays: Mapping[str, NDArray[Any]],
+           run: Callable[[Call], dict[str, NDArray[Any]]]) -> dict[str, dict[str, Any]]:
     """Figures per kind of item: every probe request's feeds through ``family``'s recipe with the graph
     runner ``run`` (``bgevl.runtime.runners.runner_call``), against the original's embeddings."""
     got, i = [], 0
@@ -175,10 +178,10 @@ def parity(family: Recipe, graphs: Mapping[str, GraphSpec], arrays: Mapping[str,
     return figures
 
 
-def save_arrays(path, arrays: Mapping[str, np.ndarray]) -> None:
+def save_arrays(path: str | os.PathLike[str], arrays: Mapping[str, NDArray[Any]]) -> None:
     np.savez(path, **arrays)
 
 
-def load_arrays(path) -> dict[str, np.ndarray]:
+def load_arrays(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}

@@ -20,7 +20,7 @@ from bgevl.core.errors import InputError
 
 log = logging.getLogger("bgevl")
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
+ImageInput = Union[str, os.PathLike[str], bytes, bytearray, memoryview, Image.Image]
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,17 @@ def _describe(item: Any) -> str:
 IMAGE_PROCESSOR_BACKEND = "pil"
 
 
-def load_processor(directory: str | os.PathLike) -> Any:
+def load_processor(directory: str | os.PathLike[str]) -> Any:
     """The checkpoint's (or export's) processor, with the image-processor backend pinned to PIL. The
     image processor is loaded on its own and put in place: ``AutoProcessor.from_pretrained`` hands
     its keyword arguments to every component, so ``backend=`` (or ``image_processor=``) would reach
     the tokenizer too and be written into the exported tokenizer_config.json."""
     from transformers import AutoImageProcessor, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(directory)
-    processor.image_processor = AutoImageProcessor.from_pretrained(directory, backend=IMAGE_PROCESSOR_BACKEND)
+    # transformers leaves from_pretrained unannotated (an untyped call in this strict module)
+    processor = AutoProcessor.from_pretrained(directory)  # type: ignore[no-untyped-call]
+    processor.image_processor = AutoImageProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+        directory, backend=IMAGE_PROCESSOR_BACKEND)
     return processor
 
 
@@ -175,7 +177,7 @@ def _open(stream: io.BytesIO, where: str, limits: InputLimits = DEFAULT_LIMITS,
         raise InputError(f"{where}: the image data is corrupt or truncated ({exc}); re-encode or replace the file") from exc
 
 
-def as_list(value: Any, kind: str) -> list | None:
+def as_list(value: Any, kind: str) -> list[Any] | None:
     """Accept one item or a sequence of items; ``None`` stays ``None``."""
     if value is None:
         return None

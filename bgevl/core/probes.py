@@ -13,6 +13,7 @@ built-in set is synthetic and gives usable but not optimal INT8 ranges.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -108,7 +109,7 @@ class ProbeSet:
     def composed_texts(self) -> list[str]:
         return [self.texts[j] for _, j in self.composed]
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "images": len(self.images),
             "image_sizes": sorted({im.size for im in self.images}),

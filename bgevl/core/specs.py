@@ -16,7 +16,7 @@ Two kinds of declaration:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import numpy as np
 
@@ -92,7 +92,7 @@ class TensorSpec:
     def from_json(cls, data: Mapping[str, Any]) -> "TensorSpec":
         dyn = {int(i): Dim(**d) for i, d in data.get("dynamic_axes", {}).items()}
         shape = tuple(dyn[i] if i in dyn else int(s) for i, s in enumerate(data["shape"]))
-        values = tuple(int(v) for v in data["values"]) if data.get("values") is not None else None
+        values = cast("tuple[int, int]", tuple(int(v) for v in data["values"])) if data.get("values") is not None else None
         return cls(data["name"], data["dtype"], shape, data.get("description", ""), values)
 
 
@@ -177,7 +177,11 @@ class GraphSpec:
     @property
     def batch(self) -> Dim:
         """The batch axis (the first axis of the first input)."""
-        return self.inputs[0].shape[0]
+        batch = self.inputs[0].shape[0]
+        if not isinstance(batch, Dim):
+            raise ValueError(f"graph {self.name!r}: the first axis of input {self.inputs[0].name!r} is fixed ({batch}), "
+                             f"not a dynamic batch axis")
+        return batch
 
     @property
     def batch_aligned(self) -> bool:

@@ -46,12 +46,12 @@ _held: dict[Path, int] = {}
 _held_guard = threading.Lock()
 
 
-def _resolved(path: str | os.PathLike) -> Path:
+def _resolved(path: str | os.PathLike[str]) -> Path:
     return Path(path).expanduser().resolve()
 
 
 @contextmanager
-def output_lock(final: str | os.PathLike, option: str) -> Iterator[None]:
+def output_lock(final: str | os.PathLike[str], option: str) -> Iterator[None]:
     """Hold an exclusive lock on the output ``final`` (``fcntl.flock`` on ``.<name>.lock`` beside it) for the
     block: a second writer of the same path, in this process or another, is refused in one line naming
     ``option`` (the flag that named the path), instead of both running and the last silently replacing

@@ -121,6 +121,7 @@ def embed_corpus(options: CorpusOptions, say: Any = None) -> dict[str, Any]:
         elif engine == "triton":
             from bgevl.corpus.triton_engine import TritonBatchEmbedder, TritonModel
 
+            assert options.triton is not None  # the engine is "triton" because it is set
             model = TritonModel(manifest, options.triton, options.triton_model)
             progress.begin()
             embed_local(source, output, TritonBatchEmbedder(model, kinds, options.role, options.instruction, fetch_policy(options)),

@@ -22,7 +22,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import numpy as np
 
@@ -116,7 +116,8 @@ class BatchEmbedder:
             if not item.has_image:
                 raise InputError("no image for this item, and the kinds embedded need one; pass --kinds text to embed "
                                  "the texts alone")
-            data = item.image if item.image is not None else self._read(item.image_uri)
+            # has_image: the bytes or their URI
+            data = item.image if item.image is not None else self._read(cast(str, item.image_uri))
             image = pre.decode_image(data, 0)
         return image, text
 
@@ -191,6 +192,7 @@ def plan(source: Source, partition_size: int, batch_size: int, done: set[int],
     """(partition, batch, 0) for each batch to embed, then (partition, None, items in it) when a partition
     ends; partitions in ``done`` are skipped (``on_skip(items)``). Ids seen twice (possible across tar
     shards) become failures of their second occurrence, so the output still has each id once."""
+    batch: list[Item]
     number, batch, count = 0, [], 0
     seen: set[str] = set()
     for index, item in enumerate(source):

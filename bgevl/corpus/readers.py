@@ -117,6 +117,7 @@ class FolderSource(Source):
     image is its caption. The id is the path relative to the folder (unique, extension included)."""
 
     format = "folder"
+    count: int  # known: the files are listed first
 
     def __init__(self, url: str):
         self.url = url
@@ -347,7 +348,9 @@ class WebDatasetSource(Source):
                         oversize.append(f"{base} declares {member.size} bytes, over the {MAX_FILE_BYTES}-byte limit "
                                         f"of one item")
                         continue
-                    files[ext.lower()] = tar.extractfile(member).read()
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None  # a regular file (member.isfile() above)
+                    files[ext.lower()] = extracted.read()
                 if key is not None:
                     yield self._item(url, key, files, oversize)
         except (OSError, tarfile.TarError, EOFError, MemoryError) as exc:  # the shard's failure is its own: the next one is read

@@ -11,6 +11,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,8 +81,9 @@ def write_table(path: Path, items: list[CorpusItem], image_dir: str = "images") 
     (path.parent / image_dir).mkdir(parents=True, exist_ok=True)
     for item in items:
         (path.parent / image_dir / f"{item.key}.jpg").write_bytes(item.data)
-    rows = {"id": [f"row-{item.key}" for item in items], "image": [f"{image_dir}/{item.key}.jpg" for item in items],
-            "text": [item.caption for item in items], "shade": [i % 5 for i in range(len(items))]}
+    rows: dict[str, list[Any]] = {
+        "id": [f"row-{item.key}" for item in items], "image": [f"{image_dir}/{item.key}.jpg" for item in items],
+        "text": [item.caption for item in items], "shade": [i % 5 for i in range(len(items))]}
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -21,12 +21,15 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from bgevl.core.specs import ONNX_OPSET, GraphSpec
+
+if TYPE_CHECKING:  # pragma: no cover  (types only)
+    import torch
 
 #: Protobuf's limit: larger models keep their weights in ``<file>.data`` (ONNX external data).
 PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2
@@ -237,7 +240,7 @@ def _keep_float32_regions_exact(model: onnx.ModelProto, kept_constants: Mapping[
             continue
         source = node.input[0]
         parent = producer.get(source)
-        if _cast_target(parent) == FLOAT16 and types.get(parent.input[0]) == FLOAT:
+        if parent is not None and _cast_target(parent) == FLOAT16 and types.get(parent.input[0]) == FLOAT:
             replace[node.output[0]] = parent.input[0]
         elif source in kept_constants and constant_types.get(source) == FLOAT16:
             if source not in added:
@@ -424,7 +427,7 @@ def _prepared_for_quantization(src: Path) -> Iterator[tuple[Path, bool]]:
         yield prepared, large
 
 
-def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: list[Mapping[str, np.ndarray]] | None,
+def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: Sequence[Mapping[str, np.ndarray]] | None,
                   normalized_outputs: tuple[str, str] | None = None, family_kept: FamilyKept | None = None) -> dict:
     """INT8 from the fp32 graph ``src``. Returns what was done, for the manifest. ``qdq`` (the TensorRT form)
     is then made float16 outside the Q/DQ pairs (:func:`qdq_to_fp16`, with ``normalized_outputs`` and
@@ -481,7 +484,7 @@ def quantize_int8(src: Path, dst: Path, mode: str, calibration_feeds: list[Mappi
     raise ValueError(f"unknown int8 mode {mode!r}")
 
 
-def quantize_fp8(src: Path, dst: Path, calibration_feeds: list[Mapping[str, np.ndarray]],
+def quantize_fp8(src: Path, dst: Path, calibration_feeds: Sequence[Mapping[str, np.ndarray]],
                  normalized_outputs: tuple[str, str] | None = None, family_kept: FamilyKept | None = None) -> dict:
     """FP8 (E4M3) from the fp32 graph ``src``: ONNX Runtime's static QDQ quantizer with float8 activations and
     weights on the MatMul/Gemm nodes with a constant weight (:func:`weight_matmul_nodes`: the patch-embedding
@@ -520,7 +523,7 @@ def quantize_fp8(src: Path, dst: Path, calibration_feeds: list[Mapping[str, np.n
 E4M3_MAX = 448.0
 
 
-def _max_calibrated_activation_scales(prepared: Path, quantized: Path, feeds: list[Mapping[str, np.ndarray]],
+def _max_calibrated_activation_scales(prepared: Path, quantized: Path, feeds: Sequence[Mapping[str, np.ndarray]],
                                       large: bool) -> int:
     """Set the scale of every activation QuantizeLinear of ``quantized`` to amax / 448 of its input over
     ``feeds`` (ONNX Runtime's MinMax calibrator on the ``prepared`` float graph); returns how many."""
@@ -551,7 +554,7 @@ def _max_calibrated_activation_scales(prepared: Path, quantized: Path, feeds: li
     return count
 
 
-def same_shape_feeds(feeds: list[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+def same_shape_feeds(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Calibration batches zero-padded to one shape per input. ONNX Runtime's histogram calibrator (the
     ``Distribution`` method) stacks every batch's activations into one array, which fails on text batches
     padded to different lengths; the zero padding is masked out (attention mask 0, token id 0)."""

@@ -27,7 +27,7 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bgevl.corpus.readers import Item, TextSource, open_source, read_bytes, url_to_fs
 from bgevl.core.errors import BgevlError
@@ -249,7 +249,7 @@ def read_triplets(path: str, gallery_url: str, gallery_format: str = "auto", id_
     references: list[int] = []
     targets: list[list[int]] = []
     missing: list[str] = []
-    seen: set[str] = set()
+    seen = set()
     for number, record in enumerate(records, 1):
         where = f"triplets {path}: query {number}"
         if not isinstance(record, dict):
@@ -287,11 +287,12 @@ def read_triplets(path: str, gallery_url: str, gallery_format: str = "auto", id_
             found.append(position)
         if any(p is None for p in found):
             continue
-        ref_item = gallery[found[0]]
+        positions = cast("list[int]", found)  # none is None (above)
+        ref_item = gallery[positions[0]]
         queries.append(Item(id=qid, source=f"{path}#{qid}", image=ref_item.image, image_uri=ref_item.image_uri,
                             text=text))
-        references.append(found[0])
-        targets.append(found[1:])
+        references.append(positions[0])
+        targets.append(positions[1:])
     if missing:
         raise BgevlError(f"triplets {path}: {len(missing)} image ids are not in gallery {gallery_url} (e.g. "
                          f"{missing[0]!r}); the gallery must hold every reference and target image")

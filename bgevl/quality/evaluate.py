@@ -248,7 +248,7 @@ def build_tasks(data: QualityData, results: list[RunResult], roles: bool) -> lis
     return tasks
 
 
-def _chance(task: Task, n_relevant: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+def _chance(task: Task, n_relevant: np.ndarray, ks: tuple[int, ...]) -> dict[str, float | None]:
     """A random ranking's mean recall@k on the task's queries, in percent."""
     candidates = np.full(len(task.query_ids), len(task.gallery_ids))
     if task.exclude is not None:
@@ -270,7 +270,7 @@ def task_figures(task: Task, results: list[RunResult], options: EvalOptions) -> 
     maps = options.map_k if task.name == "composed" else ()
     depth = max([*options.recall_k, *maps, options.overlap_k])
     recall_positives = task.recall_positives if task.recall_positives is not None else task.positives
-    chance: dict[str, float] = {}
+    chance: dict[str, float | None] = {}
     per_run = []
     for result in results:
         dim = result.info["embedding_dim"]

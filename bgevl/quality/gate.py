@@ -24,7 +24,7 @@ class QualityGateFailed(BgevlError):
     """A retrieval metric of the new export fell under the fp32 graphs' by more than the limit."""
 
 
-def gate_message(worst: dict[str, Any], max_drop: float, reference: str) -> str:
+def gate_message(worst: dict[str, Any], max_drop: float, reference: str | None) -> str:
     """One line: which run, task and metric fell, by how much, its interval and the limit."""
     low, high = worst["delta_ci95"]
     return (f"{worst['run']}: {worst['task']} {worst['metric']} fell {-worst['delta']:.2f} points against {reference} "

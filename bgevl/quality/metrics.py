@@ -60,8 +60,8 @@ def relevance(ranking: np.ndarray, positives: Sequence[Sequence[int]]) -> tuple[
     ``n_relevant[i]`` how many gallery items are (whether ranked or not)."""
     rel = np.zeros(ranking.shape, bool)
     counts = np.zeros(len(ranking), np.int64)
-    for i, pos in enumerate(positives):
-        pos = np.unique(np.asarray(list(pos), np.int64))
+    for i, given in enumerate(positives):
+        pos = np.unique(np.asarray(list(given), np.int64))
         counts[i] = len(pos)
         if len(pos):
             rel[i] = np.isin(ranking[i], pos)
@@ -144,7 +144,7 @@ class Figure:
                "queries": self.queries}
         if self.chance is not None:
             out["chance"] = _round(self.chance)
-        if self.delta is not None:
+        if self.delta is not None and self.delta_interval is not None:  # set together (figure())
             out.update(delta=_round(self.delta), delta_ci95=[_round(v) for v in self.delta_interval])
         return out
 

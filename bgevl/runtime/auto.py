@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from bgevl.core.errors import BgevlError
 
@@ -79,7 +79,7 @@ def choose(seconds: Mapping[str, float], refused: Mapping[str, str] | None = Non
     if not seconds:
         raise BgevlError("backend 'auto': no backend passed the parity gate here ("
                          + "; ".join(f"{k}: {v}" for k, v in refused.items()) + "); pass a backend explicitly")
-    fastest = min(seconds, key=seconds.get)
+    fastest = min(seconds, key=seconds.__getitem__)
     chosen = fastest
     if DEFAULT in seconds and seconds[DEFAULT] <= seconds[fastest] * (1 + KEEP_DEFAULT_WITHIN):
         chosen = DEFAULT
@@ -133,7 +133,7 @@ def open_fastest(manifest: Any, **options: Any) -> tuple[dict, BackendChoice]:
     engine_cache_dir) go to ``open_runners`` for every candidate; OpenVINO candidates are opened without their
     own gate, :func:`_gate` runs the same one."""
     from bgevl.runtime.openvino import open_openvino
-    from bgevl.runtime.runners import open_runners
+    from bgevl.runtime.runners import Runner, open_runners
 
     seconds: dict[str, float] = {}
     refused: dict[str, str] = {}
@@ -141,8 +141,10 @@ def open_fastest(manifest: Any, **options: Any) -> tuple[dict, BackendChoice]:
     for candidate in candidates(manifest):
         try:
             if candidate.backend == "openvino":
-                runners = open_openvino(manifest, precision=candidate.options["openvino_precision"],
-                                        threads=options.get("threads"), validate=False)
+                # OpenVINO's runners are Runners (the dict is only read)
+                runners = cast("dict[str, Runner]", open_openvino(
+                    manifest, precision=candidate.options["openvino_precision"], threads=options.get("threads"),
+                    validate=False))
             else:
                 runners = open_runners(manifest, backend=candidate.backend, **options)
             _gate(manifest, runners, candidate)  # the gate's run is the warm-up

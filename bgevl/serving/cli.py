@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                               host=args.host, admin_key=args.admin_key, restrict_apis=not args.unrestricted_apis)
         print(f"starting tritonserver for {server.repository}", flush=True)
         server.start(args.timeout, progress=lambda msg: print(msg, flush=True))
+        assert server.process is not None  # start() launched it
         print(f"tritonserver pid {server.process.pid}, log {server.log_file}", flush=True)
         print(f"ready: {len(server.models)} models ({', '.join(server.models)})", flush=True)
         print(f"  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n  metrics  {server.metrics_url}"

@@ -16,9 +16,12 @@ Encoder backends:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from bgevl.core.specs import Dim, GraphSpec, TensorSpec
+
+if TYPE_CHECKING:
+    from bgevl.core.family import BatchingConfig
 
 #: How an exported graph is served: Triton's ONNX Runtime, TensorRT or OpenVINO backends (a full Triton), or
 #: the python backend running ONNX Runtime ("python") or OpenVINO ("python-openvino"; the bundled CPU server).
@@ -68,13 +71,13 @@ def _tensor(msg, tensor: TensorSpec, *, batched: bool, optional: bool = False) -
         msg.optional = True
 
 
-def _instances(config, batching: Batching) -> None:
+def _instances(config, batching: BatchingConfig) -> None:
     group = config.instance_group.add()
     group.count = batching.instances
     group.kind = _pb().ModelInstanceGroup.Kind.Value(batching.kind)
 
 
-def _batching(config, batching: Batching) -> None:
+def _batching(config, batching: BatchingConfig) -> None:
     """``max_batch == 0``: full shapes, one request per execution, no dynamic batching."""
     config.max_batch_size = batching.max_batch
     if batching.max_batch > 0:
@@ -83,8 +86,8 @@ def _batching(config, batching: Batching) -> None:
     _instances(config, batching)
 
 
-def encoder_config(name: str, graph: GraphSpec, backend: str, batching: Batching, *, model_file: str | None = None,
-                   parameters: Mapping[str, str] | None = None):
+def encoder_config(name: str, graph: GraphSpec, backend: str, batching: BatchingConfig, *,
+                   model_file: str | None = None, parameters: Mapping[str, str] | None = None):
     """Config of one exported graph served on its own (addressable directly)."""
     if backend not in ENCODER_BACKENDS:
         raise ValueError(f"encoder backend {backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
@@ -117,7 +120,7 @@ def encoder_config(name: str, graph: GraphSpec, backend: str, batching: Batching
     return config
 
 
-def python_config(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], batching: Batching,
+def python_config(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], batching: BatchingConfig,
                   *, optional: Iterable[str] = (), parameters: Mapping[str, str] | None = None):
     """Config of a python-backend model (preprocessing, fusion, entry). Shapes exclude the batch
     axis when ``batching.max_batch > 0``; with 0 they are the full shapes."""
@@ -175,7 +178,7 @@ def parse_pbtxt(text: str):
     return text_format.Parse(text, _pb().ModelConfig())
 
 
-def check_ensemble_wiring(ensemble, members: Mapping[str, object]) -> None:
+def check_ensemble_wiring(ensemble, members: Mapping[str, Any]) -> None:
     """What the protobuf schema cannot check: every step names a member model and only its
     declared inputs/outputs, every step input is produced by the ensemble input or an earlier
     step, and every ensemble output is produced."""

@@ -127,7 +127,7 @@ def pinned_requirements(extras: tuple[str, ...] = ("cpu",), python: str = IMAGE_
     from packaging.markers import default_environment
     from packaging.requirements import Requirement
 
-    env = {**default_environment(), "python_version": python, "python_full_version": f"{python}.0",
+    env: dict[str, Any] = {**default_environment(), "python_version": python, "python_full_version": f"{python}.0",
            "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix"}
     seen: dict[str, str] = {}
 

@@ -16,7 +16,6 @@ The repository is written to a staging directory and moved into place only when 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from typing import Callable
 
 from bgevl import __version__
 from bgevl.core.errors import BgevlError
+from bgevl.core.family import BatchingConfig
 from bgevl.core.manifest import Manifest, read_manifest
 from bgevl.core.preprocessing import DEFAULT_LIMITS, InputLimits
 from bgevl.core.staging import check_replaceable, staged_directory
@@ -157,7 +157,7 @@ class RepositoryWriter:
         shutil.copytree(self.manifest.processor_dir, version / "processor")
 
     # --- the generic models every family uses ----------------------------------------------
-    def preprocess(self, inputs: list[TensorSpec], outputs: list[TensorSpec], batching: Batching,
+    def preprocess(self, inputs: list[TensorSpec], outputs: list[TensorSpec], batching: BatchingConfig,
                    options: dict | None = None) -> str:
         """``<name>_preprocess``: the family's preprocessor (``Family.open_preprocessor``) on the serving
         inputs, with the checkpoint's processor files in ``1/processor``."""
@@ -169,14 +169,15 @@ class RepositoryWriter:
         self.processor(self.write(config, "bgevl.serving.models.preprocess"))
         return config.name
 
-    def entry(self, batching: Batching, graph_models: dict[str, str], preprocess: str) -> str:
+    def entry(self, batching: BatchingConfig, graph_models: dict[str, str], preprocess: str) -> str:
         """The entry model ``<name>``: the family's serving inputs -> EMBEDDING, running the family's recipe
         over the encoders with BLS (``bgevl.serving.models.entry``). It has as many instances as the
         preprocess model (at least): Triton 2.51 runs one ``execute`` per python instance at a time, so with
         one instance a request of many large images held every other request for its whole duration (11 s
         for sixteen 6300x6300 PNGs, measured), while the second preprocess instance stood idle."""
         if batching.instances < self.preprocess_instances:
-            batching = dataclasses.replace(batching, instances=self.preprocess_instances)
+            batching = Batching(batching.max_batch, batching.preferred, batching.max_queue_delay_us,
+                                self.preprocess_instances, batching.kind)
         inputs = [TensorSpec(n, "bytes", (1,)) for n in self.family.serving_inputs]
         graphs = {name: self.manifest.graph_spec(name).to_json() for name in graph_models}
         config = python_config(

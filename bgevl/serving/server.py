@@ -437,6 +437,7 @@ class TritonServer:
             return 0
 
     def _wait_ready(self, timeout: float, progress) -> None:
+        assert self.process is not None  # start() launched it
         deadline, last = time.monotonic() + timeout, 0.0
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -459,7 +460,7 @@ class TritonServer:
             text = self.log_file.read_text(errors="replace")
         except OSError:
             return "no server log"
-        found = {}
+        found: dict[str, str] = {}
         for match in re.finditer(r"failed to load '([^']+)' version \d+: (.+?)(?:\"|$)", text, flags=re.M):
             found.setdefault(match.group(1), match.group(2).strip())
         if not found:

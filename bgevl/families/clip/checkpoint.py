@@ -42,7 +42,8 @@ def generated_tokenizer() -> Any:
         vocab.setdefault(a + b, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=list(_TINY_MERGES), model_max_length=77)
+    # transformers annotates merges as list[str]; the BPE model takes (a, b) pairs as well, as here
+    return CLIPTokenizer(vocab=vocab, merges=list(_TINY_MERGES), model_max_length=77)  # type: ignore[arg-type]
 
 
 def generate_clip_checkpoint(spec: ModelSpec, directory: Path) -> Path:
@@ -50,9 +51,11 @@ def generate_clip_checkpoint(spec: ModelSpec, directory: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
     tokenizer = generated_tokenizer()
-    config = CLIPConfig(**architecture_for(spec, tokenizer))
+    # Any: transformers declares vision_config as dict | CLIPVisionConfig | None and image_size as int | list |
+    # tuple | None; CLIPConfig has made it a CLIPVisionConfig, and the architectures declare an int
+    config: Any = CLIPConfig(**architecture_for(spec, tokenizer))
     image_size = config.vision_config.image_size
-    processor = CLIPProcessor(
+    processor = CLIPProcessor(  # type: ignore[no-untyped-call]  # transformers leaves the processor unannotated
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                               crop_size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer,

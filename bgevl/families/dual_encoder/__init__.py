@@ -22,19 +22,28 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from bgevl.checkpoints import HubCheckpoints
 from bgevl.core.family import (
     COMPOSED, IMAGE, TEXT, Call, ExportedModel, Family, Feeds, Int8Form, Original, Preprocessor, Request, Steps,
+    TorchBaseline, TritonModels,
 )
 from bgevl.core.specs import (
-    DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, PIXEL_VALUES, SERVING_IMAGE, SERVING_TEXT, GraphSpec, ModelSpec, TextPadding,
+    DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, PIXEL_VALUES, SERVING_IMAGE, SERVING_TEXT, GraphSpec, ModelSpec, TensorSpec,
+    TextPadding,
 )
 from bgevl.families.dual_encoder.graphs import (
     IMAGE_EMBEDS, IMAGE_FEATURES, TEXT_EMBEDS, TEXT_FEATURES, TEXT_GRAPH, VISION_GRAPH, TowerShapes,
     dual_encoder_graph_specs,
 )
+
+if TYPE_CHECKING:  # pragma: no cover  (types only)
+    import torch
+
+    from bgevl.core.options import ExportOptions
+    from bgevl.core.preprocessing import InputLimits
+    from bgevl.core.probes import ProbeSet
 
 #: The manifest's recipe section of an export with composed queries.
 SCORE_FUSION = {"composed": "score fusion", "formula": f"l2_normalize({IMAGE_FEATURES} + {TEXT_FEATURES})"}
@@ -56,7 +65,7 @@ class DualEncoderFamily(HubCheckpoints, Family):
     def tower_shapes(self, config: Any) -> TowerShapes:
         """The graphs' shapes (image size, text length, embedding width, vocabulary) from the checkpoint's config."""
 
-    def tower_modules(self, model: Any) -> dict[str, Any]:
+    def tower_modules(self, model: Any) -> dict[str, torch.nn.Module]:
         """The torch modules of the two graphs (inputs and outputs as ``bgevl.families.dual_encoder.graphs``
         declares them). Default: the model's own ``get_image_features`` / ``get_text_features``, L2-normalized."""
         from bgevl.families.dual_encoder.modules import dual_encoder_modules
@@ -88,11 +97,13 @@ class DualEncoderFamily(HubCheckpoints, Family):
         return OriginalDualEncoder(path, self.model_class, self.text_padding, fusion=self.composed)
 
     # --- export ------------------------------------------------------------------------
-    def prepare_export(self, path: Path, spec: ModelSpec, options: Any) -> ExportedModel:
+    def prepare_export(self, path: Path, spec: ModelSpec, options: ExportOptions) -> ExportedModel:
         from bgevl.families.dual_encoder.preprocessing import DualEncoderPreprocessor
 
         model, processor = self.load(path, spec, options.attn_implementation)
         shapes = self.tower_shapes(model.config)
+        # the export driver resolves the batch range (None: the family default) before prepare_export
+        assert options.opt_batch is not None and options.max_batch is not None
         graphs = dual_encoder_graph_specs(shapes, self.text_padding, opt_batch=options.opt_batch, max_batch=options.max_batch)
         parameters = sum(p.numel() for p in model.parameters())
         preprocessor = DualEncoderPreprocessor(processor, shapes.max_text_length, "truncate", text=self.text_padding)
@@ -102,10 +113,10 @@ class DualEncoderFamily(HubCheckpoints, Family):
             recipe=dict(SCORE_FUSION) if self.composed else {}, details={"image_size": shapes.image_size},
             summary=f"{parameters / 1e6:.1f}M parameters, embedding dim {shapes.embed_dim}")
 
-    def graph_modules(self, exported: ExportedModel) -> dict[str, Any]:
+    def graph_modules(self, exported: ExportedModel) -> dict[str, torch.nn.Module]:
         return self.tower_modules(exported.model)
 
-    def validation_requests(self, probes: Any) -> list[Request]:
+    def validation_requests(self, probes: ProbeSet) -> list[Request]:
         requests = [Request(images=list(probes.images)), Request(texts=list(probes.texts))]
         if self.composed:
             requests.append(Request(images=probes.composed_images(), texts=probes.composed_texts()))
@@ -123,20 +134,21 @@ class DualEncoderFamily(HubCheckpoints, Family):
                         "calibration set (TensorRT explicit quantization, ONNX Runtime)", calibrated=True)
 
     def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
-                      calibration: Callable[[], list[Feeds]] | None) -> dict:
+                      calibration: Callable[[], list[Feeds]] | None) -> dict[str, Any]:
         from bgevl.graphs import onnx_passes
 
         feeds = calibration() if calibration is not None and self.int8_form(mode).calibrated else None
         return onnx_passes.quantize_int8(src, dst, mode, feeds, graph.normalized_output,
                                         lambda model: self.fp16_keep_float32(graph, model))
 
-    def quantize_fp8(self, graph: GraphSpec, src: Path, dst: Path, calibration: Callable[[], list[Feeds]]) -> dict:
+    def quantize_fp8(self, graph: GraphSpec, src: Path, dst: Path,
+                     calibration: Callable[[], list[Feeds]]) -> dict[str, Any]:
         from bgevl.graphs import onnx_passes
 
         return onnx_passes.quantize_fp8(src, dst, calibration(), graph.normalized_output,
                                        lambda model: self.fp16_keep_float32(graph, model))
 
-    def calibration_feeds(self, preprocessor: Any, graph: GraphSpec, images: list, texts: list,
+    def calibration_feeds(self, preprocessor: Preprocessor, graph: GraphSpec, images: list[Any], texts: list[Any],
                           batch: int) -> list[Feeds]:
         if PIXEL_VALUES in graph.input_names:
             return [preprocessor.prepare(Request(images=images[i:i + batch]), i) for i in range(0, len(images), batch)]
@@ -164,8 +176,8 @@ class DualEncoderFamily(HubCheckpoints, Family):
         (out,) = yield [Call(TEXT_GRAPH, text or {}, (TEXT_EMBEDS,))]
         return out[TEXT_EMBEDS]
 
-    def open_preprocessor(self, processor_dir: Path, recipe: Mapping[str, Any], max_text_length: int, limits: Any,
-                          text_overflow: str = "truncate", **options: Any) -> Preprocessor:
+    def open_preprocessor(self, processor_dir: Path, recipe: Mapping[str, Any], max_text_length: int,
+                          limits: InputLimits, text_overflow: str = "truncate", **options: Any) -> Preprocessor:
         """``text_overflow``: ``"truncate"`` (warn) or ``"error"`` for texts over the model's token limit."""
         from bgevl.families.dual_encoder.preprocessing import DualEncoderPreprocessor
 
@@ -175,7 +187,7 @@ class DualEncoderFamily(HubCheckpoints, Family):
                                                        self.text_padding)
 
     # --- Triton ------------------------------------------------------------------------
-    def write_triton_models(self, writer: Any) -> None:
+    def write_triton_models(self, writer: TritonModels) -> None:
         """``<name>_preprocess``, the two encoders, the entry ``<name>`` and, for composed queries in
         Triton's own form, ``<name>_fusion`` and the ensemble ``<name>_composed``."""
         from bgevl.core.specs import TensorSpec
@@ -195,7 +207,8 @@ class DualEncoderFamily(HubCheckpoints, Family):
         if self.composed:
             self._write_composed_ensemble(writer, raw, pre, graph_models)
 
-    def _write_composed_ensemble(self, writer: Any, raw: list, pre: str, graph_models: dict[str, str]) -> None:
+    def _write_composed_ensemble(self, writer: TritonModels, raw: list[TensorSpec], pre: str,
+                                 graph_models: dict[str, str]) -> None:
         """``<name>_fusion`` (score fusion) and the ensemble ``<name>_composed``: preprocess -> both encoders -> fusion."""
         from bgevl.core.specs import SERVING_EMBEDDING, TensorSpec
         from bgevl.serving.configs import Step, check_ensemble_wiring, ensemble_config, python_config
@@ -223,10 +236,10 @@ class DualEncoderFamily(HubCheckpoints, Family):
             list(self.text_padding.input_names) if SERVING_TEXT in present else [])
 
     # --- benchmarks --------------------------------------------------------------------
-    def bench_request(self, workload: str, images: list | None, texts: list | None) -> Request:
+    def bench_request(self, workload: str, images: list[Any] | None, texts: list[Any] | None) -> Request:
         return Request(images=images if workload != TEXT else None, texts=texts if workload != IMAGE else None)
 
-    def torch_baseline(self, checkpoint: Path, threads: int) -> Any:
+    def torch_baseline(self, checkpoint: Path, threads: int) -> TorchBaseline:
         from bgevl.runtime.baseline import GraphModulesBaseline
 
         return GraphModulesBaseline(self, checkpoint, threads)

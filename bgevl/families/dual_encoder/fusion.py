@@ -15,12 +15,15 @@ its ``modeling_MMRet_CLIP.py`` (also FlagOpen/FlagEmbedding ``research/BGE_VL/mo
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 from bgevl.core.vectors import l2_normalize
 
 
-def score_fusion(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+def score_fusion(image_features: NDArray[Any], text_features: NDArray[Any]) -> NDArray[Any]:
     """Composed-query embedding from the *unnormalized* image and text features."""
     image_features = np.asarray(image_features, dtype=np.float32)
     text_features = np.asarray(text_features, dtype=np.float32)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from bgevl.core.errors import InputError
 from bgevl.core.family import Feeds, Preprocessor, Request, normalize_role
@@ -43,11 +44,11 @@ class DualEncoderPreprocessor(Preprocessor):
         self.image_model_size = self.short_side = _model_size(self.image_processor)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, max_text_length: int, text_overflow: str = "truncate",
+    def from_pretrained(cls, directory: str | os.PathLike[str], max_text_length: int, text_overflow: str = "truncate",
                         limits: InputLimits = DEFAULT_LIMITS, text: TextPadding = TextPadding()) -> "DualEncoderPreprocessor":
         return cls(load_processor(directory), max_text_length, text_overflow, limits, text)
 
-    def pixel_values(self, images: Iterable[ImageInput], start: int = 0) -> np.ndarray:
+    def pixel_values(self, images: Iterable[ImageInput], start: int = 0) -> NDArray[Any]:
         """``start``: index of the first item in the caller's list (error messages name items by it)."""
         # one image at a time: only one decoded full-size image is held, whatever the batch (64 images of
         # 40 M pixels decoded together would be about 8 GB)
@@ -57,7 +58,7 @@ class DualEncoderPreprocessor(Preprocessor):
                                             return_tensors="np")["pixel_values"], dtype=np.float32)
             for i, item in enumerate(images)])
 
-    def tokens(self, texts: Sequence[Any], pad_to_max_length: bool = False, start: int = 0) -> dict[str, np.ndarray]:
+    def tokens(self, texts: Sequence[Any], pad_to_max_length: bool = False, start: int = 0) -> dict[str, NDArray[Any]]:
         """The text graph's inputs (``self.text.input_names``), padded to the longest text, or to the model's
         limit with ``pad_to_max_length`` (fixed shapes, which Triton's dynamic batcher needs to merge requests)
         or where the model declares a fixed length. ``start``: index of the first text in the caller's list
@@ -109,7 +110,7 @@ def _model_size(image_processor: Any) -> int | tuple[int, int] | None:
     """What the image processor resizes to, for the reduced-scale decode of large JPEGs: the short side
     (CLIP: ``shortest_edge``) or width and height (SigLIP: a square resize without a crop)."""
     size = getattr(image_processor, "size", None)
-    get = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
+    get: Callable[[str], Any] = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
     if get("shortest_edge"):
         return int(get("shortest_edge"))
     if get("height") and get("width"):

@@ -12,16 +12,20 @@ cards and transformers' ``SiglipModel`` docs call the processor).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from PIL import Image
 
 from bgevl.core.family import Original, Request
 from bgevl.core.specs import TextPadding
 from bgevl.families.dual_encoder.modules import pooled
 from bgevl.reference import build_fp32, load_strict, read_weights_fp32, with_pil_images
+
+if TYPE_CHECKING:  # pragma: no cover  (types only)
+    from bgevl.core.probes import ProbeSet
 
 
 class OriginalDualEncoder(Original):
@@ -37,9 +41,12 @@ class OriginalDualEncoder(Original):
 
         model_type = getattr(transformers, model_class)
         config = model_type.config_class.from_pretrained(directory)
-        self.model = load_strict(build_fp32(model_type, config), read_weights_fp32(directory))
+        # the transformers model (``model_class``): its get_image_features / get_text_features
+        self.model: Any = load_strict(build_fp32(model_type, config), read_weights_fp32(directory))
         # the original loads the processor with from_pretrained; transformers 4.45 had only the PIL image processor
-        self.processor = with_pil_images(transformers.AutoProcessor.from_pretrained(directory), directory)
+        # (transformers leaves from_pretrained unannotated)
+        processor = transformers.AutoProcessor.from_pretrained(directory)  # type: ignore[no-untyped-call]
+        self.processor = with_pil_images(processor, directory)
         self.text = text
         self.fusion = fusion
 
@@ -57,14 +64,14 @@ class OriginalDualEncoder(Original):
             tokens = self.processor(text=list(texts), return_tensors="pt", padding=True)
         return pooled(self.model.get_text_features(**{name: tokens[name] for name in self.text.input_names}))
 
-    def probe_embeddings(self, probes: Any) -> dict[str, np.ndarray]:
+    def probe_embeddings(self, probes: ProbeSet) -> dict[str, NDArray[Any]]:
         """The original's embeddings of a ``bgevl.core.probes.ProbeSet``: images, texts and composed queries."""
         out = {"images": self.encode(images=probes.images), "texts": self.encode(text=probes.texts)}
         if self.fusion:
             out["composed"] = self.encode(images=probes.composed_images(), text=probes.composed_texts())
         return out
 
-    def encode(self, images: Sequence[Image.Image] | None = None, text: Sequence[str] | None = None) -> np.ndarray:
+    def encode(self, images: Sequence[Image.Image] | None = None, text: Sequence[str] | None = None) -> NDArray[Any]:
         """``encode_image`` / ``encode_text`` / ``encode_multimodal`` of BGE-VL's remote code."""
         normalize = torch.nn.functional.normalize
         if images is not None and text is not None:
@@ -73,9 +80,11 @@ class OriginalDualEncoder(Original):
             out = normalize(self._text_features(text) + self._image_features(images), dim=-1)
         elif images is not None:
             out = normalize(self._image_features(images), dim=-1)
-        else:
+        elif text is not None:
             out = normalize(self._text_features(text), dim=-1)
+        else:
+            raise ValueError("nothing to encode: pass images, text or both")
         return out.numpy().astype(np.float32)
 
-    def embed(self, request: Request) -> np.ndarray:
+    def embed(self, request: Request) -> NDArray[Any]:
         return self.encode(images=request.images, text=request.texts)

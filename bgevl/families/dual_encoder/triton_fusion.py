@@ -4,6 +4,8 @@ one array operation."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import triton_python_backend_utils as pb
 
@@ -15,10 +17,10 @@ from bgevl.serving.models.backend_utils import answer, model_config
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, str]) -> None:
         self.name = model_config(args)["name"]
 
-    def execute(self, requests):
+    def execute(self, requests: list[Any]) -> list[Any]:
         """One array operation for the batch; if it fails, each request alone (a bad one fails by itself)."""
         try:
             image = [pb.get_input_tensor_by_name(r, IMAGE_FEATURES).as_numpy() for r in requests]
@@ -32,7 +34,7 @@ class TritonPythonModel:
         return [pb.InferenceResponse(output_tensors=[pb.Tensor(SERVING_EMBEDDING, fused[bounds[i]:bounds[i + 1]])])
                 for i in range(len(requests))]
 
-    def _one(self, request):
+    def _one(self, request: Any) -> Any:
         image = pb.get_input_tensor_by_name(request, IMAGE_FEATURES).as_numpy()
         text = pb.get_input_tensor_by_name(request, TEXT_FEATURES).as_numpy()
         if image.shape != text.shape:

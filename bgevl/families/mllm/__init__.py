@@ -16,14 +16,16 @@ SmoothQuant), so W8A8 from a MinMax calibration costs far more accuracy than wei
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from bgevl.core.errors import BgevlError, InputError
 from bgevl.checkpoints import HubCheckpoints
 from bgevl.core.family import (
-    CANDIDATE, QUERY, Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Request, Steps,
+    CANDIDATE, QUERY, Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Original, Preprocessor, Request,
+    Steps, TorchBaseline, TritonModels,
 )
 from bgevl.families.mllm.graphs import (
     EMBEDDING, IMAGE_FEATURE_INDEX, IMAGE_TILES, MLLM_LANGUAGE_GRAPH, MLLM_MAX_BATCH, MLLM_OPT_BATCH, MLLM_VISION_GRAPH,
@@ -33,6 +35,13 @@ from bgevl.core.specs import (
     ATTENTION_MASK, INPUT_IDS, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT,
     GraphSpec, ModelSpec,
 )
+
+if TYPE_CHECKING:  # pragma: no cover  (types only)
+    import torch
+
+    from bgevl.core.options import ExportOptions
+    from bgevl.core.preprocessing import InputLimits
+    from bgevl.core.probes import ProbeSet
 
 #: Items per validation request: image-only, text-only and composed items mixed in each.
 VALIDATION_BATCH = 4
@@ -99,7 +108,7 @@ MODELS = (
 )
 
 
-def _one_value(values: np.ndarray, name: str) -> np.ndarray:
+def _one_value(values: NDArray[Any], name: str) -> NDArray[Any]:
     """INSTRUCTION / ROLE arrive per item ([batch, 1]); the prompt takes one value per request."""
     flat = values.reshape(-1)
     if any(v != flat[0] for v in flat[1:]):
@@ -135,22 +144,24 @@ class MllmFamily(HubCheckpoints, Family):
 
         return load_mllm(path, attn_implementation, spec)
 
-    def original(self, path: Path):
+    def original(self, path: Path) -> Original:
         from bgevl.families.mllm.reference import OriginalLlavaEmbedder
 
         return OriginalLlavaEmbedder(path)
 
     # --- export ------------------------------------------------------------------------
-    def check_export_options(self, spec: ModelSpec, options: Any) -> None:
+    def check_export_options(self, spec: ModelSpec, options: ExportOptions) -> None:
         if options.calibration_data is not None:
             raise BgevlError("--calibration-data does not apply to the MLLM: its int8 is weight-only and needs no calibration")
 
-    def prepare_export(self, path: Path, spec: ModelSpec, options: Any) -> ExportedModel:
+    def prepare_export(self, path: Path, spec: ModelSpec, options: ExportOptions) -> ExportedModel:
         from bgevl.families.mllm.preprocessing import BGEVL_IMAGE_RESIZE, CIR_INSTRUCTION, ImageLayout, MllmPreprocessor
 
         model, processor = self.load(path, spec)
         config = model.config
         layout = ImageLayout.from_config(config)
+        # the export driver resolves the batch range (None: the family default) before prepare_export
+        assert options.opt_batch is not None and options.max_batch is not None
         graphs = mllm_graph_specs_from_config(config, opt_batch=options.opt_batch, max_batch=options.max_batch,
                                               max_sequence=options.max_sequence_length)
         hidden = int(config.text_config.hidden_size)
@@ -167,12 +178,12 @@ class MllmFamily(HubCheckpoints, Family):
             summary=f"{parameters / 1e6:.1f}M parameters without the LM head, embedding dim {hidden}, tokenizer "
                     f"padding side {padding}")
 
-    def graph_modules(self, exported: ExportedModel) -> dict[str, Any]:
+    def graph_modules(self, exported: ExportedModel) -> dict[str, torch.nn.Module]:
         from bgevl.families.mllm.modules import graph_modules
 
         return graph_modules(exported.model)
 
-    def example_feeds(self, graphs: Mapping[str, GraphSpec], modules: Mapping[str, Any],
+    def example_feeds(self, graphs: Mapping[str, GraphSpec], modules: Mapping[str, torch.nn.Module],
                       requests: Sequence[Feeds]) -> dict[str, Feeds]:
         """A request with at least two tiles and two items; the language graph's tile features are the
         vision module's output on them."""
@@ -185,13 +196,13 @@ class MllmFamily(HubCheckpoints, Family):
         language[TILE_FEATURES] = tiles
         return {MLLM_VISION_GRAPH: {IMAGE_TILES: example[IMAGE_TILES]}, MLLM_LANGUAGE_GRAPH: language}
 
-    def validation_requests(self, probes: Any) -> list[Request]:
+    def validation_requests(self, probes: ProbeSet) -> list[Request]:
         """Image-only and text-only candidates, composed and text-only queries (with BGE-VL's CIR
         instruction), interleaved so that every request of ``VALIDATION_BATCH`` items is mixed."""
         from bgevl.families.mllm.preprocessing import CIR_INSTRUCTION
 
         n = len(probes.images)
-        items = []
+        items: list[tuple[Any, str | None, str]] = []
         for i in range(n):
             img, txt = probes.composed[i]
             items += [(probes.images[i], None, CANDIDATE), (None, probes.texts[i], CANDIDATE),
@@ -221,7 +232,7 @@ class MllmFamily(HubCheckpoints, Family):
                         "(TensorRT weight-only INT8, ONNX Runtime)", calibrated=False)
 
     def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
-                      calibration: Callable[[], list[Feeds]] | None) -> dict:
+                      calibration: Callable[[], list[Feeds]] | None) -> dict[str, Any]:
         from bgevl.graphs import onnx_passes
 
         return onnx_passes.quantize_weights_int8(src, dst, mode)
@@ -235,14 +246,16 @@ class MllmFamily(HubCheckpoints, Family):
             tiles = np.asarray(vision[TILE_FEATURES], np.float32)
         else:
             _, tile_tokens, hidden = graphs[MLLM_LANGUAGE_GRAPH].input(TILE_FEATURES).shape
+            assert isinstance(tile_tokens, int) and isinstance(hidden, int)  # fixed axes (mllm_graph_specs)
             tiles = np.zeros((1, tile_tokens, hidden), np.float32)
         language = {INPUT_IDS: feeds[INPUT_IDS], ATTENTION_MASK: feeds[ATTENTION_MASK], TILE_FEATURES: tiles,
                     IMAGE_FEATURE_INDEX: feeds[IMAGE_FEATURE_INDEX]}
         (out,) = yield [Call(MLLM_LANGUAGE_GRAPH, language, (EMBEDDING,))]
         return out[EMBEDDING]
 
-    def open_preprocessor(self, processor_dir: Path, recipe: Mapping[str, Any], max_text_length: int, limits: Any,
-                          text_overflow: str = "truncate", image_resize: Any = _FROM_RECIPE, **options: Any):
+    def open_preprocessor(self, processor_dir: Path, recipe: Mapping[str, Any], max_text_length: int,
+                          limits: InputLimits, text_overflow: str = "truncate", image_resize: Any = _FROM_RECIPE,
+                          **options: Any) -> Preprocessor:
         """``image_resize``: default BGE-VL's 512x512 (the manifest's); ``None`` keeps the images' own sizes.
         ``text_overflow`` does not apply: an over-long prompt is refused (truncation would cut the image
         tokens or the final ``[/INST]`` the embedding is read from)."""
@@ -258,7 +271,7 @@ class MllmFamily(HubCheckpoints, Family):
         return recipe.get("default_query_instruction")
 
     # --- Triton ------------------------------------------------------------------------
-    def write_triton_models(self, writer: Any) -> None:
+    def write_triton_models(self, writer: TritonModels) -> None:
         """``<name>_preprocess`` (prompts, anyres tiles, feature index; one request per execution: its
         outputs are not aligned on one batch axis), ``<name>_mllm_vision``, ``<name>_mllm_language`` and
         the entry ``<name>`` with INSTRUCTION and ROLE."""
@@ -280,7 +293,7 @@ class MllmFamily(HubCheckpoints, Family):
     def preprocess_outputs(self, present: set[str]) -> list[str]:
         return [INPUT_IDS, ATTENTION_MASK, IMAGE_FEATURE_INDEX] + ([IMAGE_TILES] if SERVING_IMAGE in present else [])
 
-    def serving_preprocess_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def serving_preprocess_inputs(self, inputs: dict[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
         """IMAGE and TEXT flattened to one value per item; INSTRUCTION and ROLE to one value per request."""
         out = {}
         for name, values in inputs.items():
@@ -288,7 +301,7 @@ class MllmFamily(HubCheckpoints, Family):
         return out
 
     # --- benchmarks --------------------------------------------------------------------
-    def bench_request(self, workload: str, images: list | None, texts: list | None) -> Request:
+    def bench_request(self, workload: str, images: list[Any] | None, texts: list[Any] | None) -> Request:
         """Images are candidates; texts and composed items are queries with BGE-VL's CIR instruction."""
         from bgevl.families.mllm.preprocessing import CIR_INSTRUCTION
 
@@ -296,13 +309,13 @@ class MllmFamily(HubCheckpoints, Family):
             return Request(images, texts, CANDIDATE)
         return Request(images, texts, QUERY, CIR_INSTRUCTION)
 
-    def serving_workloads(self, images: list, texts: list) -> dict[str, Request]:
+    def serving_workloads(self, images: list[Any], texts: list[Any]) -> dict[str, Request]:
         from bgevl.families.mllm.preprocessing import CIR_INSTRUCTION
 
         return {"candidate_image": Request(images, None, CANDIDATE), "candidate_text": Request(None, texts, CANDIDATE),
                 "query": Request(images, texts, QUERY, CIR_INSTRUCTION)}
 
-    def torch_baseline(self, checkpoint: Path, threads: int) -> Any:
+    def torch_baseline(self, checkpoint: Path, threads: int) -> TorchBaseline:
         from bgevl.families.mllm.bench import MllmBaseline
 
         return MllmBaseline(self, checkpoint, threads)

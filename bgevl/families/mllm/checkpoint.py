@@ -26,8 +26,8 @@ def generated_llama_tokenizer() -> Any:
     from transformers import LlamaTokenizer
 
     vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
     for ch in ["▁", *sorted(set(string.ascii_letters + string.digits + string.punctuation))]:
         vocab.setdefault(ch, len(vocab))
     for a, b in _TINY_LLAMA_MERGES:
@@ -53,7 +53,7 @@ def generate_mllm_checkpoint(spec: ModelSpec, directory: Path) -> Path:
     tokenizer = generated_llama_tokenizer()
     config = generated_mllm_config(spec, tokenizer)
     tile = config.vision_config.image_size
-    processor = LlavaNextProcessor(
+    processor = LlavaNextProcessor(  # type: ignore[no-untyped-call]  # transformers leaves the processor unannotated
         image_processor=LlavaNextImageProcessorPil(
             size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
             image_grid_pinpoints=config.image_grid_pinpoints),

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from bgevl.families.mllm.graphs import MLLM_LANGUAGE_GRAPH, MLLM_VISION_GRAPH
 
@@ -39,7 +40,8 @@ class MllmVision(torch.nn.Module):
         features = torch.cat([hidden[i] for i in self.feature_layers], dim=-1)
         if self.drop_cls:
             features = features[:, 1:]
-        return self.projector(features)
+        projected: torch.Tensor = self.projector(features)
+        return projected
 
 
 def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,7 @@ def graph_modules(llava: Any) -> dict[str, torch.nn.Module]:
 
 
 @torch.inference_mode()
-def reference_embeddings(llava: Any, processor_outputs: dict[str, Any]) -> np.ndarray:
+def reference_embeddings(llava: Any, processor_outputs: dict[str, Any]) -> NDArray[Any]:
     """BGE-VL-MLLM's embedding for one processed batch (``LlavaNextProcessor`` outputs): transformers'
     forward, the last non-padding token's last-layer hidden state, L2-normalized."""
     feed = {k: torch.as_tensor(np.asarray(v)) for k, v in processor_outputs.items()}

@@ -25,15 +25,19 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from bgevl.core.errors import CheckpointError, InputError
 from bgevl.core.family import CANDIDATE, QUERY, Feeds, Preprocessor, Request, normalize_role
 from bgevl.families.mllm.graphs import IMAGE_FEATURE_INDEX, IMAGE_TILES, NEWLINE_ROW, TEXT_POSITION
 from bgevl.core.preprocessing import DEFAULT_LIMITS, ImageInput, InputLimits, check_text, load_image, load_processor
 from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS
+
+if TYPE_CHECKING:  # pragma: no cover  (types only)
+    from PIL import Image
 
 log = logging.getLogger("bgevl")
 
@@ -88,8 +92,9 @@ class ImageLayout:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ImageLayout":
-        return cls(int(data["tile_size"]), int(data["patch_size"]),
-                   tuple(tuple(int(v) for v in p) for p in data["grid_pinpoints"]), int(data["image_token_id"]))
+        pinpoints = cast("tuple[tuple[int, int], ...]",
+                         tuple(tuple(int(v) for v in p) for p in data["grid_pinpoints"]))
+        return cls(int(data["tile_size"]), int(data["patch_size"]), pinpoints, int(data["image_token_id"]))
 
     @classmethod
     def from_config(cls, config: Any) -> "ImageLayout":
@@ -110,7 +115,7 @@ class ImageLayout:
         best_h, best_w = select_best_resolution((height, width), [list(p) for p in self.grid_pinpoints])
         return best_h // self.tile_size, best_w // self.tile_size
 
-    def packed_rows(self, height: int, width: int) -> np.ndarray:
+    def packed_rows(self, height: int, width: int) -> NDArray[Any]:
         """For one image of original size (height, width): the sequence of feature rows its image
         tokens take, as indices into that image's own tiles (``tile * tile_tokens + patch``), with
         -1 for the ``image_newline`` vector.
@@ -172,7 +177,8 @@ def complete_processor(processor: Any, config: Any, directory: Path) -> dict[str
     return filled
 
 
-def image_feature_index(input_ids: np.ndarray, layout: ImageLayout, image_sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+def image_feature_index(input_ids: NDArray[Any], layout: ImageLayout,
+                        image_sizes: Sequence[tuple[int, int]]) -> NDArray[Any]:
     """``image_feature_index`` [batch, sequence] for a tokenized batch.
 
     Images fill the ``<image>`` positions in row-major order over the batch, as transformers'
@@ -201,25 +207,31 @@ class MllmPreprocessor(Preprocessor):
     """Prompts, the checkpoint's ``LlavaNextProcessor`` and the image-feature index, for one batch."""
 
     def __init__(self, processor: Any, layout: ImageLayout, max_sequence: int,
-                 resize: tuple[int, int] | None = BGEVL_IMAGE_RESIZE, limits: InputLimits = DEFAULT_LIMITS):
+                 resize: Sequence[int] | None = BGEVL_IMAGE_RESIZE, limits: InputLimits = DEFAULT_LIMITS):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.layout = layout
         self.max_sequence = max_sequence
-        self.resize = tuple(resize) if resize else None
+        # (width, height): a pair from the manifest's recipe (a JSON list) or the caller
+        self.resize = cast("tuple[int, int] | None", tuple(resize) if resize else None)
         self.image_model_size = self.resize
         self.limits = limits
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, layout: ImageLayout, max_sequence: int,
-                        resize: tuple[int, int] | None = BGEVL_IMAGE_RESIZE,
+    def from_pretrained(cls, directory: str | os.PathLike[str], layout: ImageLayout, max_sequence: int,
+                        resize: Sequence[int] | None = BGEVL_IMAGE_RESIZE,
                         limits: InputLimits = DEFAULT_LIMITS) -> "MllmPreprocessor":
         return cls(load_processor(directory), layout, max_sequence, resize, limits)
 
     def prompts(self, images: Sequence[Any] | None, texts: Sequence[Any] | None, role: str,
                 instruction: str | None, start: int = 0) -> list[str]:
         """``start``: index of the first item in the caller's list (error messages name items by it)."""
-        n = len(images) if images is not None else len(texts)
+        if images is not None:
+            n = len(images)
+        elif texts is not None:
+            n = len(texts)
+        else:
+            raise InputError("a request needs images, texts or both")
         role = normalize_role(role)
         if instruction is not None:
             check_text(instruction, "instruction", self.limits)
@@ -239,7 +251,7 @@ class MllmPreprocessor(Preprocessor):
             out.append(build_prompt(text, image is not None, role, instruction))
         return out
 
-    def load_images(self, images: Sequence[ImageInput | None], start: int = 0) -> list:
+    def load_images(self, images: Sequence[ImageInput | None], start: int = 0) -> list[Image.Image]:
         """As BGE-VL-MLLM's ``data_process``: ``Image.open(p).resize((512, 512)).convert("RGB")``, resize
         *before* the RGB conversion (Pillow resizes palette images with NEAREST and RGBA premultiplied,
         so the order changes the pixels of P, RGBA and LA images)."""
@@ -255,7 +267,7 @@ class MllmPreprocessor(Preprocessor):
         return loaded
 
     def __call__(self, images: Sequence[ImageInput | None] | None, texts: Sequence[str | None] | None,
-                 role: str = QUERY, instruction: str | None = None, start: int = 0) -> dict[str, np.ndarray]:
+                 role: str = QUERY, instruction: str | None = None, start: int = 0) -> dict[str, NDArray[Any]]:
         """Feeds of both graphs for one batch: ``image_tiles`` (absent when no item has an image),
         ``input_ids``, ``attention_mask`` and ``image_feature_index``. ``start``: index of the batch's
         first item in the caller's list."""
@@ -279,7 +291,7 @@ class MllmPreprocessor(Preprocessor):
         feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask}
         sizes: list[tuple[int, int]] = []
         if pil:
-            sizes = [tuple(int(v) for v in s) for s in enc["image_sizes"]]
+            sizes = [(int(height), int(width)) for height, width in enc["image_sizes"]]
             pixel_values = np.asarray(enc["pixel_values"], dtype=np.float32)
             tiles = [pixel_values[i, :self.layout.num_tiles(*sizes[i])] for i in range(len(sizes))]
             feeds[IMAGE_TILES] = np.ascontiguousarray(np.concatenate(tiles))
@@ -294,4 +306,5 @@ class MllmPreprocessor(Preprocessor):
 
     def prepare(self, request: Request, start: int = 0, *, serving: bool = False) -> Feeds:
         request = self.check(request)
+        assert request.role is not None  # check() sets it
         return self(request.images, request.texts, request.role, request.instruction, start)

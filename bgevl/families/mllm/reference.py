@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from PIL import Image
 
 from bgevl.core.family import Original, Request
 from bgevl.reference import build_fp32, load_strict, read_weights_fp32, with_pil_images
+
+if TYPE_CHECKING:  # pragma: no cover  (types only)
+    from bgevl.core.probes import ProbeSet
 
 #: BGE-VL-MLLM's ``data_process`` resizes every image to this (width, height) before converting it.
 ORIGINAL_MLLM_RESIZE = (512, 512)
@@ -62,9 +66,11 @@ class OriginalLlavaEmbedder(Original):
     def __init__(self, directory: Path):
         from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 
-        config = LlavaNextConfig.from_pretrained(directory)
-        self.model = load_strict(build_fp32(LlavaNextForConditionalGeneration, config),
-                                  read_weights_fp32(directory, _rename_llava_next))
+        # Any: transformers declares vision_config as dict | PreTrainedConfig | None (a config once loaded)
+        config: Any = LlavaNextConfig.from_pretrained(directory)
+        # Any: the LlavaNextForConditionalGeneration, whose .model is called
+        self.model: Any = load_strict(build_fp32(LlavaNextForConditionalGeneration, config),
+                                      read_weights_fp32(directory, _rename_llava_next))
         self.processor = with_pil_images(LlavaNextProcessor.from_pretrained(directory), directory)
         # transformers 4.45's processor took the patch size and strategy from processor_config.json when
         # present and counted the CLS token of the CLIP tower; transformers 5 needs all three set
@@ -74,7 +80,7 @@ class OriginalLlavaEmbedder(Original):
 
     @torch.inference_mode()
     def encode_one(self, image: Image.Image | None, text: str | None, q_or_c: str, task_instruction: str | None = None,
-                   image_resize: tuple[int, int] | None = ORIGINAL_MLLM_RESIZE) -> np.ndarray:
+                   image_resize: tuple[int, int] | None = ORIGINAL_MLLM_RESIZE) -> NDArray[Any]:
         if image is not None:
             image = (image.resize(image_resize) if image_resize else image).convert("RGB")
         prompt = original_prompt(text, image is not None, q_or_c, task_instruction)
@@ -83,14 +89,14 @@ class OriginalLlavaEmbedder(Original):
         return torch.nn.functional.normalize(hidden[:, -1, :], dim=-1)[0].numpy().astype(np.float32)
 
     def encode(self, items: Sequence[tuple[Image.Image | None, str | None, str]], task_instruction: str | None = None,
-               image_resize: tuple[int, int] | None = ORIGINAL_MLLM_RESIZE) -> np.ndarray:
+               image_resize: tuple[int, int] | None = ORIGINAL_MLLM_RESIZE) -> NDArray[Any]:
         """One embedding per (image or None, text or None, "query"/"candidate") item; queries carry
         ``task_instruction``."""
         return np.stack([
             self.encode_one(image, text, role, task_instruction if role in ("q", "query") else None, image_resize)
             for image, text, role in items])
 
-    def probe_embeddings(self, probes: Any, task_instruction: str | None = None) -> dict[str, np.ndarray]:
+    def probe_embeddings(self, probes: ProbeSet, task_instruction: str | None = None) -> dict[str, NDArray[Any]]:
         """The original's embeddings of a ``bgevl.core.probes.ProbeSet``: image-only and text-only candidates,
         composed queries with ``task_instruction``."""
         return {"images": self.encode([(im, None, "candidate") for im in probes.images]),
@@ -98,7 +104,7 @@ class OriginalLlavaEmbedder(Original):
                 "composed": self.encode([(probes.images[i], probes.texts[j], "query") for i, j in probes.composed],
                                         task_instruction)}
 
-    def embed(self, request: Request) -> np.ndarray:
+    def embed(self, request: Request) -> NDArray[Any]:
         """Items of a request pair up; images or texts may be None per item."""
         n = len(request)
         role = request.role or "candidate"

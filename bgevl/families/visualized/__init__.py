@@ -14,13 +14,15 @@ fp32 embeddings), ``preprocessing`` (EVA-CLIP transform, tokenizer and position 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from bgevl.core.errors import BgevlError
 from bgevl.core.family import (
-    Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Request, Steps,
+    Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Original, Preprocessor, Request, Steps, TorchBaseline,
+    TritonModels,
 )
 from bgevl.families.visualized.models import MODELS
 from bgevl.families.visualized.graphs import EMBEDDING, IMAGE_TOKENS, TEXT_GRAPH, VISION_GRAPH, visualized_graph_specs
@@ -28,6 +30,16 @@ from bgevl.core.specs import (
     ATTENTION_MASK, DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, INPUT_IDS, PIXEL_VALUES, SERVING_IMAGE, SERVING_TEXT,
     GraphSpec, ModelSpec,
 )
+
+if TYPE_CHECKING:  # pragma: no cover  (types only)
+    import onnx
+    import torch
+
+    from bgevl.core.options import ExportOptions
+    from bgevl.core.preprocessing import InputLimits
+    from bgevl.core.probes import ProbeSet
+    from bgevl.families.visualized.modeling import VisualizedBGE
+    from bgevl.families.visualized.preprocessing import TextLayout
 
 
 #: The manifest's recipe section names where the semantics come from.
@@ -56,7 +68,8 @@ class VisualizedFamily(Family):
         from bgevl.checkpoints import download_repository
         from bgevl.families.visualized.checkpoint import TEXT_PATTERNS
 
-        weights = download_repository(spec, (spec.architecture["weights_file"],)) / spec.architecture["weights_file"]
+        weights: Path = (download_repository(spec, (spec.architecture["weights_file"],))
+                         / spec.architecture["weights_file"])
         download_repository(spec, TEXT_PATTERNS, spec.architecture["text_hub_id"])
         return weights
 
@@ -83,19 +96,19 @@ class VisualizedFamily(Family):
 
         return load_visualized(path, spec, attn_implementation)
 
-    def original(self, path: Path):
+    def original(self, path: Path) -> Original:
         from bgevl.families.visualized.reference import OriginalVisualized
 
         return OriginalVisualized(path)
 
     # --- export ------------------------------------------------------------------------
-    def check_export_options(self, spec: ModelSpec, options: Any) -> None:
+    def check_export_options(self, spec: ModelSpec, options: ExportOptions) -> None:
         if options.calibration_data is not None:
             raise BgevlError("--calibration-data does not apply to Visualized-BGE: its int8 forms need no calibration "
                              "(weight-only QDQ, or ONNX Runtime's dynamic quantization)")
 
     @staticmethod
-    def layout_of(model: Any, max_sequence_length: int) -> Any:
+    def layout_of(model: Any, max_sequence_length: int) -> TextLayout:
         from bgevl.families.visualized.preprocessing import TextLayout
 
         positions = int(model.text_config.max_position_embeddings)
@@ -105,19 +118,21 @@ class VisualizedFamily(Family):
                           min(text_only, int(max_sequence_length)))
 
     @staticmethod
-    def graph_specs(model: Any, layout: Any, opt_batch: int, max_batch: int) -> dict[str, GraphSpec]:
+    def graph_specs(model: Any, layout: TextLayout, opt_batch: int, max_batch: int) -> dict[str, GraphSpec]:
         """The graphs of a loaded model (``modeling.VisualizedBGE``) with its text layout."""
         return visualized_graph_specs(image_size=layout.image_size, image_tokens=layout.image_tokens,
                                       hidden=int(model.text_config.hidden_size),
                                       vocab_size=int(model.text_config.vocab_size), max_text_length=layout.max_text_length,
                                       opt_batch=opt_batch, max_batch=max_batch)
 
-    def prepare_export(self, path: Path, spec: ModelSpec, options: Any) -> ExportedModel:
+    def prepare_export(self, path: Path, spec: ModelSpec, options: ExportOptions) -> ExportedModel:
         from bgevl.families.visualized.preprocessing import VisualizedPreprocessor
 
         model, tokenizer = self.load(path, spec, options.attn_implementation)
         layout = self.layout_of(model, options.max_sequence_length)
         hidden = int(model.text_config.hidden_size)
+        # the export driver resolves the batch range (None: the family default) before prepare_export
+        assert options.opt_batch is not None and options.max_batch is not None
         graphs = self.graph_specs(model, layout, options.opt_batch, options.max_batch)
         # the stored, unused parts (pooler, EVA final norm and CLIP head, logit scale) are not counted
         unused = ("bge_pooler.", "model_visual.logit_scale", "model_visual.visual.norm.", "model_visual.visual.head.")
@@ -132,12 +147,12 @@ class VisualizedFamily(Family):
                     f"{layout.text_model_type} text model), embedding dim {hidden}; texts up to "
                     f"{layout.multimodal_limit} tokens beside an image, {layout.text_only_limit} alone")
 
-    def graph_modules(self, exported: ExportedModel) -> dict[str, Any]:
+    def graph_modules(self, exported: ExportedModel) -> dict[str, torch.nn.Module]:
         from bgevl.families.visualized.modeling import graph_modules
 
-        return graph_modules(exported.model)
+        return graph_modules(cast("VisualizedBGE", exported.model))  # what prepare_export loaded
 
-    def example_feeds(self, graphs: Mapping[str, GraphSpec], modules: Mapping[str, Any],
+    def example_feeds(self, graphs: Mapping[str, GraphSpec], modules: Mapping[str, torch.nn.Module],
                       requests: Sequence[Feeds]) -> dict[str, Feeds]:
         """A composed request (two items or more): the text graph traced with the image tokens of the
         vision module (image-token count and sequence stay symbolic)."""
@@ -151,11 +166,11 @@ class VisualizedFamily(Family):
                 TEXT_GRAPH: {INPUT_IDS: example[INPUT_IDS][:2], ATTENTION_MASK: example[ATTENTION_MASK][:2],
                              IMAGE_TOKENS: tokens}}
 
-    def validation_requests(self, probes: Any) -> list[Request]:
+    def validation_requests(self, probes: ProbeSet) -> list[Request]:
         return [Request(images=list(probes.images)), Request(texts=list(probes.texts)),
                 Request(images=probes.composed_images(), texts=probes.composed_texts())]
 
-    def fp16_keep_float32(self, graph: GraphSpec, model: Any) -> dict[str, list[str]]:
+    def fp16_keep_float32(self, graph: GraphSpec, model: onnx.ModelProto) -> dict[str, list[str]]:
         """EVA-02's 2D rotary: the products with the stored cos/sin tables and their sum stay float32, the
         tables with them (plain elementwise ops; TensorRT users report trouble with EVA-02's rotary in fp16)."""
         tables = {init.name for init in model.graph.initializer if ".rope.freqs_" in init.name}
@@ -174,7 +189,7 @@ class VisualizedFamily(Family):
                         "(TensorRT weight-only INT8, ONNX Runtime)", calibrated=False)
 
     def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
-                      calibration: Callable[[], list[Feeds]] | None) -> dict:
+                      calibration: Callable[[], list[Feeds]] | None) -> dict[str, Any]:
         from bgevl.graphs import onnx_passes
 
         if mode == "dynamic":
@@ -190,13 +205,14 @@ class VisualizedFamily(Family):
             tokens = np.asarray(vision[IMAGE_TOKENS], np.float32)
         else:
             hidden = graphs[TEXT_GRAPH].input(IMAGE_TOKENS).shape[-1]
+            assert isinstance(hidden, int)  # a fixed axis (visualized_graph_specs)
             tokens = np.zeros((len(feeds[INPUT_IDS]), 0, hidden), np.float32)
         text = {INPUT_IDS: feeds[INPUT_IDS], ATTENTION_MASK: feeds[ATTENTION_MASK], IMAGE_TOKENS: tokens}
         (out,) = yield [Call(TEXT_GRAPH, text, (EMBEDDING,))]
         return out[EMBEDDING]
 
-    def open_preprocessor(self, processor_dir: Path, recipe: Mapping[str, Any], max_text_length: int, limits: Any,
-                          text_overflow: str = "error", **options: Any):
+    def open_preprocessor(self, processor_dir: Path, recipe: Mapping[str, Any], max_text_length: int,
+                          limits: InputLimits, text_overflow: str = "error", **options: Any) -> Preprocessor:
         """``text_overflow``: ``"error"`` (default) refuses a text over the position limit, ``"truncate"`` cuts
         it with a warning."""
         from bgevl.families.visualized.preprocessing import TextLayout, VisualizedPreprocessor
@@ -207,7 +223,7 @@ class VisualizedFamily(Family):
                                                       text_overflow, limits)
 
     # --- Triton ------------------------------------------------------------------------
-    def write_triton_models(self, writer: Any) -> None:
+    def write_triton_models(self, writer: TritonModels) -> None:
         """``<name>_preprocess`` (one request per execution: token lengths differ between requests),
         ``<name>_vision``, ``<name>_text`` and the entry ``<name>``."""
         from bgevl.core.specs import TensorSpec
@@ -225,15 +241,15 @@ class VisualizedFamily(Family):
     def preprocess_outputs(self, present: set[str]) -> list[str]:
         return ([PIXEL_VALUES] if SERVING_IMAGE in present else []) + [INPUT_IDS, ATTENTION_MASK]
 
-    def serving_preprocess_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def serving_preprocess_inputs(self, inputs: dict[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
         """IMAGE and TEXT ([batch, 1]) as one value per item."""
         return {name: values.reshape(-1) for name, values in inputs.items()}
 
     # --- benchmarks --------------------------------------------------------------------
-    def bench_request(self, workload: str, images: list | None, texts: list | None) -> Request:
+    def bench_request(self, workload: str, images: list[Any] | None, texts: list[Any] | None) -> Request:
         return Request(images=images, texts=texts)
 
-    def torch_baseline(self, checkpoint: Path, threads: int) -> Any:
+    def torch_baseline(self, checkpoint: Path, threads: int) -> TorchBaseline:
         from bgevl.runtime.baseline import GraphModulesBaseline
 
         return GraphModulesBaseline(self, checkpoint, threads)

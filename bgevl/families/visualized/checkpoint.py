@@ -22,11 +22,16 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from bgevl.checkpoints import listed, read_json
 from bgevl.core.errors import CheckpointError
 from bgevl.core.specs import ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover  (types only)
+    import torch
+
+    from bgevl.families.visualized.modeling import EvaVisionConfig
 
 #: Persistent buffers of transformers < 4.31's embeddings that FE's save may hold; accepted and dropped.
 LEGACY_OPTIONAL_KEYS = ("bge_embeddings.position_ids", "bge_embeddings.token_type_ids")
@@ -46,9 +51,9 @@ class VisualizedFiles:
 
 # --- the published layout -------------------------------------------------------------------
 
-def _text_keys(cfg: Any) -> "OrderedDict[str, tuple]":
+def _text_keys(cfg: Any) -> "OrderedDict[str, tuple[int, ...]]":
     h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    out: OrderedDict[str, tuple] = OrderedDict()
+    out: OrderedDict[str, tuple[int, ...]] = OrderedDict()
     for i in range(layers):  # transformers' Bert/XLMRobertaLayer parameter names
         p = f"bge_encoder.layer.{i}."
         for m in ("query", "key", "value"):
@@ -74,10 +79,10 @@ def _text_keys(cfg: Any) -> "OrderedDict[str, tuple]":
     return out
 
 
-def _vision_keys(v: Any) -> "OrderedDict[str, tuple]":
+def _vision_keys(v: EvaVisionConfig) -> "OrderedDict[str, tuple[int, ...]]":
     c, patch, head, mlp = v.width, v.patch_size, v.head_width, v.mlp_hidden
     attn = v.num_heads * v.head_width
-    out: OrderedDict[str, tuple] = OrderedDict()
+    out: OrderedDict[str, tuple[int, ...]] = OrderedDict()
     out["model_visual.logit_scale"] = ()
     p = "model_visual.visual."
     out[p + "cls_token"] = (1, 1, c)
@@ -117,7 +122,7 @@ def _vision_keys(v: Any) -> "OrderedDict[str, tuple]":
     return out
 
 
-def expected_keys(vision: Any, text_config: Any) -> "OrderedDict[str, tuple]":
+def expected_keys(vision: EvaVisionConfig, text_config: Any) -> "OrderedDict[str, tuple[int, ...]]":
     """key -> shape in the order FE's ``Visualized_BGE.state_dict()`` emits them (488 keys for base)."""
     out = _text_keys(text_config)
     out.update(_vision_keys(vision))
@@ -186,7 +191,7 @@ TEXT_PATTERNS = ("config.json", "tokenizer.json", "tokenizer_config.json", "spec
                   "sentencepiece.bpe.model")
 
 
-def read_state_dict(weights: Path) -> dict:
+def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     """``torch.load(weights_only=True)``: the published files hold only an OrderedDict of fp16 tensors;
     anything else (a pickle needing arbitrary code, a truncated download) is refused."""
     import pickle
@@ -206,7 +211,8 @@ def read_state_dict(weights: Path) -> dict:
     return state
 
 
-def check_state_dict(state: dict, expected: "OrderedDict[str, tuple]", weights: Path) -> None:
+def check_state_dict(state: Mapping[str, torch.Tensor], expected: "OrderedDict[str, tuple[int, ...]]",
+                     weights: Path) -> None:
     """One line on missing, unexpected or mis-shaped tensors, or rope tables that differ between copies."""
     import torch
 
@@ -245,9 +251,9 @@ def read_text_config(text_dir: Path) -> Any:
 @dataclass(frozen=True)
 class LoadedCheckpoint:
     files: VisualizedFiles
-    state: dict
-    text_config: Any
-    vision: Any  # modeling.EvaVisionConfig
+    state: dict[str, torch.Tensor]
+    text_config: Any  # the text model's transformers config
+    vision: EvaVisionConfig
 
 
 def inspect_visualized(path: Path, spec: ModelSpec | None = None) -> LoadedCheckpoint:
@@ -346,9 +352,10 @@ def _write_xlmr_tokenizer(out: Path) -> int:
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     tokenizer.save(str(out / "tokenizer.json"))
-    PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), bos_token="<s>", eos_token="</s>", sep_token="</s>",
-                            cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-                            model_max_length=8192).save_pretrained(str(out))
+    PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]  # transformers leaves its __init__ unannotated
+        tokenizer_file=str(out / "tokenizer.json"), bos_token="<s>", eos_token="</s>", sep_token="</s>",
+        cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+        model_max_length=8192).save_pretrained(str(out))
     config_file = out / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config["tokenizer_class"] = "XLMRobertaTokenizer"
@@ -359,7 +366,7 @@ def _write_xlmr_tokenizer(out: Path) -> int:
 _NORM_MODULES = {"LayerNorm", "norm1", "norm2", "norm", "inner_attn_ln", "ffn_ln"}
 
 
-def random_state_dict(vision: Any, text_config: Any, seed: int) -> "OrderedDict[str, Any]":
+def random_state_dict(vision: EvaVisionConfig, text_config: Any, seed: int) -> "OrderedDict[str, torch.Tensor]":
     """Random fp16 tensors for every expected key, in the published order; the rope tables are the real
     ones fp16-rounded, one tensor shared by every copy (as ``torch.save`` stores FE's shared module).
     Padding rows of the embeddings are random too, so a wrong position offset shows."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,13 +75,14 @@ class EvaVisionConfig:
                    mlp_hidden=int(width * 2.6667), clip_embed_dim=32)
 
     @classmethod
-    def from_state_dict(cls, sd: dict, prefix: str = "model_visual.visual.", **overrides) -> "EvaVisionConfig":
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], prefix: str = "model_visual.visual.",
+                        **overrides: Any) -> "EvaVisionConfig":
         """Infer the geometry from tensor shapes (head_dim from the stored rope table width)."""
         pw = sd[prefix + "patch_embed.proj.weight"]
         n_tok = sd[prefix + "pos_embed"].shape[1]
         grid = math.isqrt(n_tok - 1)
         layers = 1 + max(int(k[len(prefix) + 7:].split(".")[0]) for k in sd if k.startswith(prefix + "blocks."))
-        kw = dict(
+        kw: dict[str, Any] = dict(
             image_size=grid * pw.shape[-1], patch_size=pw.shape[-1], width=pw.shape[0], layers=layers,
             head_width=sd[prefix + "rope.freqs_cos"].shape[-1],
             mlp_hidden=sd[prefix + "blocks.0.mlp.w1.weight"].shape[0],
@@ -113,13 +114,16 @@ def compute_rope_tables(cfg: EvaVisionConfig) -> tuple[torch.Tensor, torch.Tenso
 def rotate_half_interleaved(x: torch.Tensor) -> torch.Tensor:
     """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) (FE rope.py rotate_half, einops-free)."""
     d = x.shape[-1]
-    x = x.unflatten(-1, (d // 2, 2))
+    x = x.unflatten(-1, (d // 2, 2))  # type: ignore[no-untyped-call]  # torch leaves Tensor.unflatten unannotated
     return torch.stack((-x[..., 1], x[..., 0]), dim=-1).flatten(-2)
 
 
 class EvaRope(nn.Module):
     """Shared 2D rotary table; persistent buffers -> `rope.freqs_*` and `blocks.i.attn.rope.freqs_*` keys.
     The rotation is computed in fp32 with plain elementwise ops whatever the module dtype."""
+
+    freqs_cos: torch.Tensor  # buffers (register_buffer)
+    freqs_sin: torch.Tensor
 
     def __init__(self, cfg: EvaVisionConfig):
         super().__init__()
@@ -153,13 +157,16 @@ class EvaAttention(nn.Module):
         q = F.linear(x, self.q_proj.weight, self.q_bias)
         k = F.linear(x, self.k_proj.weight)                     # no k bias
         v = F.linear(x, self.v_proj.weight, self.v_bias)
-        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+        # torch leaves Tensor.unflatten unannotated
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # type: ignore[no-untyped-call]
+                   for t in (q, k, v))
         # rope on the patch tokens only: token 0 (EVA CLS) is left as is
         q = torch.cat((q[:, :, :1], self.rope(q[:, :, 1:])), dim=2)
         k = torch.cat((k[:, :, :1], self.rope(k[:, :, 1:])), dim=2)
         attn = torch.matmul(q * self.scale, k.transpose(-2, -1)).softmax(dim=-1)   # no mask
         out = torch.matmul(attn, v).transpose(1, 2).flatten(2)
-        return self.proj(self.inner_attn_ln(out))
+        projected: torch.Tensor = self.proj(self.inner_attn_ln(out))
+        return projected
 
 
 class EvaSwiGLU(nn.Module):
@@ -173,7 +180,8 @@ class EvaSwiGLU(nn.Module):
         self.w3 = nn.Linear(cfg.mlp_hidden, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(self.ffn_ln(F.silu(self.w1(x)) * self.w2(x)))
+        out: torch.Tensor = self.w3(self.ffn_ln(F.silu(self.w1(x)) * self.w2(x)))
+        return out
 
 
 class EvaBlock(nn.Module):
@@ -186,7 +194,8 @@ class EvaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pre-norm, no layer scale, no drop path at eval
         x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        out: torch.Tensor = x + self.mlp(self.norm2(x))
+        return out
 
 
 class EvaPatchEmbed(nn.Module):
@@ -195,7 +204,8 @@ class EvaPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        tokens: torch.Tensor = self.proj(x).flatten(2).transpose(1, 2)
+        return tokens
 
 
 class EvaVisionTower(nn.Module):
@@ -213,7 +223,7 @@ class EvaVisionTower(nn.Module):
         self.head = nn.Linear(cfg.width, cfg.clip_embed_dim)     # stored, unused
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # -> [B, 1+N, C] incl. EVA CLS
-        x = self.patch_embed(pixel_values)
+        x: torch.Tensor = self.patch_embed(pixel_values)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
@@ -232,21 +242,22 @@ class EvaClipVisualOnly(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Visualized-BGE
 # ----------------------------------------------------------------------------------------------------------
-def _build_text_model(text_config, attn_implementation: str = "eager"):
+def _build_text_model(text_config: Any, attn_implementation: str = "eager") -> Any:
     """The transformers text model of the config; eager attention (plain MatMul/Softmax, the same math as
     FE's eager BERT) for the export, SDPA for the PyTorch baseline of the benchmarks."""
     from transformers import AutoModel
 
     cfg = text_config.__class__.from_dict(text_config.to_dict())
     cfg._attn_implementation = attn_implementation
-    return AutoModel.from_config(cfg, attn_implementation=attn_implementation)
+    # transformers leaves from_config unannotated
+    return AutoModel.from_config(cfg, attn_implementation=attn_implementation)  # type: ignore[no-untyped-call]
 
 
 class VisualizedBGE(nn.Module):
     """Holds the weights in the published layout (`bge_encoder`, `bge_embeddings`, `bge_pooler`,
     `model_visual`, `visual_proj`); forward paths are `image_tokens` and `text_embed`."""
 
-    def __init__(self, vision_config: EvaVisionConfig, text_config, attn_implementation: str = "eager"):
+    def __init__(self, vision_config: EvaVisionConfig, text_config: Any, attn_implementation: str = "eager"):
         super().__init__()
         text = _build_text_model(text_config, attn_implementation)
         self.text_config = text.config
@@ -263,7 +274,8 @@ class VisualizedBGE(nn.Module):
     # -- vision ------------------------------------------------------------------------------------------
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """FE encode_mm lines 1-3: EVA tokens, drop EVA CLS, visual_proj. [B, N, C_text]."""
-        return self.visual_proj(self.model_visual.visual(pixel_values)[:, 1:])
+        tokens: torch.Tensor = self.visual_proj(self.model_visual.visual(pixel_values)[:, 1:])
+        return tokens
 
     # -- text / fusion -----------------------------------------------------------------------------------
     def text_embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -299,7 +311,7 @@ class VisualizedBGE(nn.Module):
         # FE get_extended_attention_mask: (1 - m) * finfo(fp16).min, i.e. 0 or finfo(fp16).min; as a Where, no
         # int->float Cast (which the fp16 converter leaves typed float32)
         ext = torch.where(mask[:, None, None, :] > 0, 0.0, FP16_MIN).to(hidden.dtype)
-        out = self.bge_encoder(hidden, attention_mask=ext)[0]
+        out: torch.Tensor = self.bge_encoder(hidden, attention_mask=ext)[0]
         return out[:, 0]
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 
 from bgevl.core.errors import InputError
@@ -79,15 +80,16 @@ def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, 
     return left, top, left + size, top + size
 
 
-def pixel_values(image: Image.Image, size: int) -> np.ndarray:
+def pixel_values(image: Image.Image, size: int) -> NDArray[Any]:
     """One image -> float32 [3, size, size]."""
     new = resized_size(*image.size, size)
     if new != image.size:
-        image = image.resize(new, Image.BICUBIC)
+        image = image.resize(new, Image.Resampling.BICUBIC)  # = Image.BICUBIC (not in Pillow's types)
     image = image.crop(center_crop_box(*image.size, size)).convert("RGB")
     array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
     mean, std = (np.asarray(v, np.float32)[:, None, None] for v in (OPENAI_MEAN, OPENAI_STD))
-    return (array - mean) / std
+    normalized: NDArray[Any] = (array - mean) / std
+    return normalized
 
 
 class VisualizedPreprocessor(Preprocessor):
@@ -108,7 +110,7 @@ class VisualizedPreprocessor(Preprocessor):
         self.image_model_size = layout.image_size
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, layout: TextLayout, text_overflow: str = "error",
+    def from_pretrained(cls, directory: str | os.PathLike[str], layout: TextLayout, text_overflow: str = "error",
                         limits: InputLimits = DEFAULT_LIMITS) -> "VisualizedPreprocessor":
         from transformers import AutoTokenizer
 
@@ -131,7 +133,7 @@ class VisualizedPreprocessor(Preprocessor):
             check_texts(request.texts, self.limits)
         return request
 
-    def tokens(self, texts: Sequence[Any], composed: bool, start: int = 0) -> dict[str, np.ndarray]:
+    def tokens(self, texts: Sequence[Any], composed: bool, start: int = 0) -> dict[str, NDArray[Any]]:
         texts = [check_text(t, f"text[{start + i}]", self.limits) for i, t in enumerate(texts)]
         limit = self.layout.multimodal_limit if composed else self.layout.text_only_limit
         encoded = self.tokenizer(texts, add_special_tokens=True, verbose=False)

@@ -20,15 +20,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import NDArray
 from PIL import Image
 
 from bgevl.core.family import Original, Request
+
+if TYPE_CHECKING:  # pragma: no cover  (types only)
+    from bgevl.core.probes import ProbeSet
 
 FP16_MIN = torch.finfo(torch.float16).min
 
@@ -45,7 +50,7 @@ def _rotate_half_matrix(d: int) -> torch.Tensor:
 class VisualizedBGEReference:
     """The computation of FE's ``Visualized_BGE`` on a raw state dict (torch tensors in, torch tensors out)."""
 
-    def __init__(self, state_dict: dict, text_config: dict, tokenizer=None):
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], text_config: dict[str, Any], tokenizer: Any = None):
         self.sd = {k: v.float() for k, v in state_dict.items()}
         self.tc = text_config
         self.tokenizer = tokenizer
@@ -59,16 +64,17 @@ class VisualizedBGEReference:
         self.width = self.sd[p + "pos_embed"].shape[-1]
         self.patch = self.sd[p + "patch_embed.proj.weight"].shape[-1]
         self.rot = _rotate_half_matrix(self.head_dim)
-        self.rope_calls: list[tuple] = []   # shapes seen by the rotary (tests: patch tokens only)
+        self.rope_calls: list[tuple[int, ...]] = []   # shapes seen by the rotary (tests: patch tokens only)
 
     @classmethod
-    def from_files(cls, pth, text_dir, tokenizer=None):
+    def from_files(cls, pth: str | os.PathLike[str], text_dir: str | os.PathLike[str],
+                   tokenizer: Any = None) -> "VisualizedBGEReference":
         sd = torch.load(pth, map_location="cpu", weights_only=True)
         cfg = json.loads((Path(text_dir) / "config.json").read_text())
         return cls(sd, cfg, tokenizer)
 
     # -------------------------------------------------------------------------------------------- EVA
-    def _rope(self, t):
+    def _rope(self, t: torch.Tensor) -> torch.Tensor:
         self.rope_calls.append(tuple(t.shape))
         return t * self.freqs_cos + (t @ self.rot) * self.freqs_sin
 
@@ -104,18 +110,18 @@ class VisualizedBGEReference:
         return x
 
     # -------------------------------------------------------------------------------------------- BERT
-    def _ln(self, x, name):
+    def _ln(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.sd[name + ".weight"], self.sd[name + ".bias"],
                             self.tc["layer_norm_eps"])
 
-    def _embeddings(self, input_ids, position_ids):
+    def _embeddings(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         W = self.sd
         e = W["bge_embeddings.word_embeddings.weight"][input_ids]
         e = e + W["bge_embeddings.token_type_embeddings.weight"][0]          # token_type_ids = zeros
         e = e + W["bge_embeddings.position_embeddings.weight"][position_ids]
         return self._ln(e, "bge_embeddings.LayerNorm")
 
-    def _encoder(self, h, attention_mask_01):
+    def _encoder(self, h: torch.Tensor, attention_mask_01: torch.Tensor) -> torch.Tensor:
         assert self.tc.get("hidden_act", "gelu") == "gelu", "reference implements exact-erf GELU only"
         # FE get_extended_attention_mask: (1 - m) * finfo(fp16).min, cast to the model dtype (fp32)
         ext = (1.0 - attention_mask_01[:, None, None, :].to(torch.float16)) * FP16_MIN
@@ -137,7 +143,7 @@ class VisualizedBGEReference:
         return h
 
     # -------------------------------------------------------------------------------------------- paths
-    def encode_text(self, input_ids, attention_mask):
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """FE encode_text: the plain text model (default position ids), CLS, L2."""
         B, T = input_ids.shape
         if self.kind in ("xlm-roberta", "roberta"):
@@ -155,11 +161,11 @@ class VisualizedBGEReference:
         h = self._encoder(self._embeddings(input_ids, position_ids), attention_mask)
         return F.normalize(h[:, 0], dim=-1)
 
-    def image_tokens(self, images):
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = self.eva_tokens(images)[:, 1:]     # EVA CLS not used
         return F.linear(x, self.sd["visual_proj.weight"], self.sd["visual_proj.bias"])
 
-    def encode_mm(self, images, input_ids, attention_mask):
+    def encode_mm(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         W = self.sd
         img = self.image_tokens(images)
         B, N, _ = img.shape
@@ -173,7 +179,7 @@ class VisualizedBGEReference:
         h = self._encoder(seq, mask)
         return F.normalize(h[:, 0], dim=-1)
 
-    def encode_image(self, images, prompt_ids: Optional[Sequence[int]] = None):
+    def encode_image(self, images: torch.Tensor, prompt_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
         """FE encode_image: encode_mm with the prompt "" ([CLS][SEP]) for every image."""
         B = images.shape[0]
         if prompt_ids is None:
@@ -184,14 +190,15 @@ class VisualizedBGEReference:
             mask = torch.ones_like(ids)
         return self.encode_mm(images, ids, mask)
 
-    def _tok(self, text):
+    def _tok(self, text: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text``: texts, or a tokenizer's output (a dict or ``BatchEncoding``) passed through."""
         if isinstance(text, dict) or hasattr(text, "keys"):
             return text["input_ids"], text["attention_mask"]
         t = self.tokenizer(text, return_tensors="pt", padding=True)   # FE: padding=True, no truncation
         return t["input_ids"], t["attention_mask"]
 
     @torch.no_grad()
-    def encode(self, images: Optional[torch.Tensor] = None, text=None):
+    def encode(self, images: Optional[torch.Tensor] = None, text: Any = None) -> Optional[torch.Tensor]:
         """FE Visualized_BGE.encode: image-only, text-only or composed (image + text); None if neither."""
         if images is not None:
             if text is not None:
@@ -208,7 +215,7 @@ def _fe_image_transform(image: Image.Image, size: int) -> torch.Tensor:
     width, height = image.size
     new = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
     if new != (width, height):
-        image = image.resize(new, Image.BICUBIC)
+        image = image.resize(new, Image.Resampling.BICUBIC)  # = Image.BICUBIC (not in Pillow's types)
     width, height = image.size
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     image = image.crop((left, top, left + size, top + size)).convert("RGB")
@@ -238,13 +245,16 @@ class OriginalVisualized(Original):
     def _images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return torch.stack([_fe_image_transform(im, self.image_size) for im in images])
 
-    def encode(self, images: Sequence[Image.Image] | None = None, text: Sequence[str] | None = None) -> np.ndarray:
+    def encode(self, images: Sequence[Image.Image] | None = None, text: Sequence[str] | None = None) -> NDArray[Any]:
         pixels = self._images(images) if images is not None else None
-        return self.model.encode(pixels, list(text) if text is not None else None).numpy().astype(np.float32)
+        out = self.model.encode(pixels, list(text) if text is not None else None)
+        if out is None:
+            raise ValueError("nothing to encode: pass images, text or both")
+        return out.numpy().astype(np.float32)
 
-    def embed(self, request: Request) -> np.ndarray:
+    def embed(self, request: Request) -> NDArray[Any]:
         return self.encode(request.images, request.texts)
 
-    def probe_embeddings(self, probes: Any) -> dict[str, np.ndarray]:
+    def probe_embeddings(self, probes: ProbeSet) -> dict[str, NDArray[Any]]:
         return {"images": self.encode(images=probes.images), "texts": self.encode(text=probes.texts),
                 "composed": self.encode(images=probes.composed_images(), text=probes.composed_texts())}
