@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import re
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -157,27 +156,13 @@ def _message_item(messages) -> ParsedItem:
     return ParsedItem("messages", "\n".join(texts) if texts else None, images[0] if images else None)
 
 
-_ITEM_REF = re.compile(r"\b(images|text)\[(\d+)\](?: (?:<\d+ bytes>|'[^']*'))?")
-
-
 def renamed(exc: InputError, items: list[ParsedItem]) -> ApiError:
-    """A backend's input error naming ``images[j]`` / ``text[j]`` of a group -> the request's item."""
-    message, param = str(exc), None
-
-    def rename(match: re.Match) -> str:
-        nonlocal param
-        index = int(match.group(2))
-        if index >= len(items):
-            return match.group(0)
-        name = f"{items[index].label}.{'image' if match.group(1) == 'images' else 'text'}"
-        param = param or name
-        return name
-
-    message = _ITEM_REF.sub(rename, message)
-    if param is None:
-        head = re.match(r"\s*(\w+)", message)
-        param = {"instruction": "instruction", "role": "input_type"}.get(head.group(1) if head else "")
-    return ApiError(400, message, param=param)
+    """A backend's input error about item ``exc.index`` of a group (``InputError.field``/``index``) -> the
+    request's own item (``input[3].image``), or the request field it is about."""
+    if exc.index is not None and 0 <= exc.index < len(items) and exc.field in ("images", "text"):
+        param = f"{items[exc.index].label}.{'image' if exc.field == 'images' else 'text'}"
+        return ApiError(400, f"{param}: {exc.reason}", param=param)
+    return ApiError(400, str(exc), param={"instruction": "instruction", "role": "input_type"}.get(exc.field or ""))
 
 
 # --- the app ----------------------------------------------------------------------------------

@@ -240,8 +240,12 @@ def triton_error(exc, start: int) -> Exception:
 
     status, message = str(exc.status() or ""), exc.message() or str(exc)
     if "INVALID_ARG" in status:
-        message = re.sub(r"\b(images|text)\[(\d+)\]", lambda m: f"{m.group(1)}[{int(m.group(2)) + start}]", message)
-        return InputError(message)
+        # the preprocess model's InputError crossed the process boundary as text: its item, read once here
+        item = re.search(r"\b(images|text)\[(\d+)\](?: <\d+ bytes>| '[^']*')?: (.*)", message, re.S)
+        if item is None:
+            return InputError(message, field=message.split(":", 1)[0].split()[0] if message.strip() else None)
+        field, index, reason = item.group(1), int(item.group(2)) + start, item.group(3)
+        return InputError(f"{field}[{index}]: {reason}", field=field, index=index, reason=reason)
     if "UNAVAILABLE" in status or "DEADLINE" in status:
         return BackendUnavailable(f"Triton did not answer: {message.splitlines()[0] if message else status}")
     return RuntimeError(f"Triton: {status} {message}")

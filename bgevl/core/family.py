@@ -58,7 +58,7 @@ def normalize_role(role: str) -> str:
     try:
         return ROLES[role]
     except (KeyError, TypeError):
-        raise InputError(f"role {role!r}: use 'query' (or 'q') or 'candidate' (or 'c')") from None
+        raise InputError(f"role {role!r}: use 'query' (or 'q') or 'candidate' (or 'c')", field="role") from None
 
 
 @dataclass

@@ -104,6 +104,15 @@ def load_image(item: ImageInput, index: int = 0, convert_rgb: bool = True, limit
     draft decode of very large images.
     """
     where = f"images[{index}] {_describe(item)}"
+    try:
+        return _load_image(item, where, convert_rgb, limits, model_size)
+    except InputError as exc:  # the messages name the item as ``where``; the error says which item it is
+        raise InputError(str(exc), field="images", index=index, reason=str(exc).removeprefix(f"{where}: ")) \
+            from exc.__cause__
+
+
+def _load_image(item: ImageInput, where: str, convert_rgb: bool, limits: InputLimits,
+                model_size: tuple[int, int] | int | None) -> Image.Image:
     if isinstance(item, Image.Image):
         _check_size(item, where, limits)
         image = item
@@ -197,23 +206,26 @@ def as_list(value: Any, kind: str) -> list[Any] | None:
     return items
 
 
-def check_text(text: Any, label: str, limits: InputLimits = DEFAULT_LIMITS, empty_hint: str = "") -> str:
-    """One text item, named ``label`` in errors ("text[3]", "instruction"): a str of valid Unicode (no
-    lone surrogates), not empty, within ``max_text_bytes``."""
+def check_text(text: Any, field: str = "text", index: int | None = None, limits: InputLimits = DEFAULT_LIMITS,
+               empty_hint: str = "") -> str:
+    """One text item, named ``field[index]`` in errors ("text[3]"; ``field`` alone for a request-wide text such
+    as "instruction"): a str of valid Unicode (no lone surrogates), not empty, within ``max_text_bytes``."""
     if not isinstance(text, str):
-        raise InputError(f"{label}: expected a string, got {type(text).__name__}")
+        raise InputError.of_item(field, index, f"expected a string, got {type(text).__name__}")
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise InputError(f"{label}: not valid Unicode ({exc.reason} at character {exc.start}); remove the lone "
-                         f"surrogate (decode the source with errors='replace')") from None
+        raise InputError.of_item(field, index, f"not valid Unicode ({exc.reason} at character {exc.start}); remove "
+                                               f"the lone surrogate (decode the source with errors='replace')") from None
     if size > limits.max_text_bytes:
-        raise InputError(f"{label}: {size} bytes, over the limit of {limits.max_text_bytes} bytes per text; "
-                         f"shorten it (the model keeps only its first tokens) or raise max_text_bytes")
+        raise InputError.of_item(field, index, f"{size} bytes, over the limit of {limits.max_text_bytes} bytes per "
+                                               f"text; shorten it (the model keeps only its first tokens) or raise "
+                                               f"max_text_bytes")
     if not text.strip():
-        raise InputError(f"{label}: empty text; every text needs at least one non-space character{empty_hint}")
+        raise InputError.of_item(field, index, f"empty text; every text needs at least one non-space character"
+                                               f"{empty_hint}")
     return text
 
 
 def check_texts(texts: Sequence[Any], limits: InputLimits = DEFAULT_LIMITS) -> list[str]:
-    return [check_text(t, f"text[{i}]", limits) for i, t in enumerate(texts)]
+    return [check_text(t, "text", i, limits) for i, t in enumerate(texts)]

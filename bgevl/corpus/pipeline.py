@@ -16,7 +16,6 @@ inference, so memory stays bounded by the pool's depth whatever the corpus size;
 from __future__ import annotations
 
 import queue
-import re
 import sys
 import threading
 import time
@@ -35,13 +34,10 @@ from bgevl.corpus.readers import Item, Source, read_bytes, url_to_fs
 #: decoded pixels a worker holds before it turns them into feeds (about 200 MB of RGB): a batch of
 #: 64 photos of 12 M pixels would otherwise be 2.3 GB per batch in flight
 PIXEL_BUDGET = 64_000_000
-_WHERE = re.compile(r"^(images|text)\[\d+\]( '[^']*'| <[^>]*>)?: ")
-
-
 def reason_of(exc: BaseException) -> str:
-    """One line: the runtime's message without its ``images[3] <123 bytes>:`` prefix (a batch position)."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return _WHERE.sub("", text)
+    """One line: an item's input error without its batch position (``InputError.reason``), else the message."""
+    text = exc.reason if isinstance(exc, InputError) else str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def needs(kinds: list[str]) -> tuple[bool, bool]:

@@ -63,7 +63,7 @@ class DualEncoderPreprocessor(Preprocessor):
         limit with ``pad_to_max_length`` (fixed shapes, which Triton's dynamic batcher needs to merge requests)
         or where the model declares a fixed length. ``start``: index of the first text in the caller's list
         (error messages name items by it)."""
-        texts = [check_text(t, f"text[{start + i}]", self.limits) for i, t in enumerate(texts)]
+        texts = [check_text(t, "text", start + i, self.limits) for i, t in enumerate(texts)]
         pad_to_max_length = pad_to_max_length or self.text.fixed_length is not None
         padding = "max_length" if pad_to_max_length else True
         enc = self.tokenizer(texts, add_special_tokens=True, verbose=False)
@@ -74,10 +74,8 @@ class DualEncoderPreprocessor(Preprocessor):
         else:
             listed = ", ".join(f"text[{i}] ({n} tokens)" for i, n in over)
             if self.text_overflow == "error":
-                raise InputError(
-                    f"{listed} over the model's limit of {self.max_text_length} tokens; shorten it or "
-                    f"use text_overflow='truncate'"
-                )
+                reason = f"over the model's limit of {self.max_text_length} tokens; shorten it or use text_overflow='truncate'"
+                raise InputError(f"{listed} {reason}", field="text", index=over[0][0], reason=f"{over[0][1]} tokens, {reason}")
             log.warning("truncating %s to the model's limit of %d tokens", listed, self.max_text_length)
             # re-tokenized by the tokenizer itself so truncation keeps <|endoftext|> last (EOS pooling)
             enc = self.tokenizer(texts, padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="np")
@@ -87,8 +85,8 @@ class DualEncoderPreprocessor(Preprocessor):
         """A dual encoder encodes queries and candidates alike: a role is accepted and has no effect, an
         instruction is an error (BGE-VL's CLIP models take none); every text is checked before any work."""
         if request.instruction is not None:
-            raise InputError("instruction: this dual encoder takes no task instruction (BGE-VL's CLIP models take "
-                             "none; only the MLLM does)")
+            raise InputError.of_item("instruction", None, "this dual encoder takes no task instruction (BGE-VL's CLIP "
+                                                          "models take none; only the MLLM does)")
         if request.role is not None:
             normalize_role(request.role)
         if request.texts is not None:

@@ -234,18 +234,19 @@ class MllmPreprocessor(Preprocessor):
             raise InputError("a request needs images, texts or both")
         role = normalize_role(role)
         if instruction is not None:
-            check_text(instruction, "instruction", self.limits)
+            check_text(instruction, "instruction", None, self.limits)
         if role == QUERY and instruction is None:
             log.warning("MLLM query without a task instruction: BGE-VL-MLLM expects one for best results, e.g. "
                         "%r for composed image retrieval", CIR_INSTRUCTION)
         if role == CANDIDATE and instruction is not None:
-            raise InputError("instruction applies to queries only; BGE-VL-MLLM's candidate prompt has none")
+            raise InputError("instruction applies to queries only; BGE-VL-MLLM's candidate prompt has none",
+                             field="instruction")
         out = []
         for i in range(n):
             text = texts[i] if texts is not None else None
             image = images[i] if images is not None else None
             if text is not None:
-                check_text(text, f"text[{start + i}]", self.limits, " (pass None for an image-only item)")
+                check_text(text, "text", start + i, self.limits, " (pass None for an image-only item)")
             if text is None and image is None:
                 raise InputError(f"item {start + i}: needs an image, a text or both")
             out.append(build_prompt(text, image is not None, role, instruction))

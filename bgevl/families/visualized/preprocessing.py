@@ -118,14 +118,15 @@ class VisualizedPreprocessor(Preprocessor):
 
     def check(self, request: Request) -> Request:
         if request.instruction is not None:
-            raise InputError("instruction: Visualized-BGE takes no task instruction; put the task into the text")
+            raise InputError.of_item("instruction", None, "Visualized-BGE takes no task instruction; put the task into "
+                                                          "the text")
         if request.role is not None:
             normalize_role(request.role)
         for name, items in (("images", request.images), ("text", request.texts)):
             missing = [i for i, item in enumerate(items or []) if item is None]
             if missing:
-                raise InputError(f"{name}[{missing[0]}] is None: a request is all images, all texts or all "
-                                 f"image+text pairs; send items of different kinds as separate requests")
+                raise InputError.of_item(name, missing[0], "is None: a request is all images, all texts or all "
+                                         "image+text pairs; send items of different kinds as separate requests")
         if request.images is not None and request.texts is not None and len(request.images) != len(request.texts):
             raise InputError(f"{len(request.images)} images and {len(request.texts)} texts: composed items pair "
                              f"one image with one text")
@@ -134,7 +135,7 @@ class VisualizedPreprocessor(Preprocessor):
         return request
 
     def tokens(self, texts: Sequence[Any], composed: bool, start: int = 0) -> dict[str, NDArray[Any]]:
-        texts = [check_text(t, f"text[{start + i}]", self.limits) for i, t in enumerate(texts)]
+        texts = [check_text(t, "text", start + i, self.limits) for i, t in enumerate(texts)]
         limit = self.layout.multimodal_limit if composed else self.layout.text_only_limit
         encoded = self.tokenizer(texts, add_special_tokens=True, verbose=False)
         over = [(start + i, len(ids)) for i, ids in enumerate(encoded["input_ids"]) if len(ids) > limit]
@@ -142,9 +143,9 @@ class VisualizedPreprocessor(Preprocessor):
             listed = ", ".join(f"text[{i}] ({n} tokens)" for i, n in over)
             where = "beside the image tokens" if composed else "alone"
             if self.text_overflow == "error":
-                raise InputError(f"{listed} over the limit of {limit} tokens for a text {where} (the text model's "
-                                 f"{self.layout.max_position_embeddings} positions); shorten it or use "
-                                 f"text_overflow='truncate'")
+                reason = (f"over the limit of {limit} tokens for a text {where} (the text model's "
+                          f"{self.layout.max_position_embeddings} positions); shorten it or use text_overflow='truncate'")
+                raise InputError(f"{listed} {reason}", field="text", index=over[0][0], reason=f"{over[0][1]} tokens, {reason}")
             log.warning("truncating %s to the limit of %d tokens for a text %s", listed, limit, where)
             encoded = self.tokenizer(texts, truncation=True, max_length=limit, verbose=False)  # keeps [SEP] last
         padded = self.tokenizer.pad(encoded, padding=True, return_tensors="np")
