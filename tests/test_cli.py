@@ -246,3 +246,32 @@ sys.exit(run_cli("tool", body, "interrupted; cleaned up"))
     assert done.returncode == 130, done.stderr
     assert done.stdout.splitlines() == ["after the finalizer"]
     assert done.stderr.strip().splitlines() == ["tool: interrupted; cleaned up"]  # no "Exception ignored" traceback
+
+
+def test_every_command_line_ends_an_error_the_same_way():
+    """run_cli is the one error path: a BgevlError is '<tool>: error: <message>' and exit 2, in every tool."""
+    import ast
+
+    import bgevl
+    from bgevl.core.errors import BgevlError
+    from bgevl.core.interrupts import run_cli
+
+    def body() -> int:
+        raise BgevlError("the message")
+
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run_cli("bgevl-tool", body) == 2
+    assert err.getvalue() == "bgevl-tool: error: the message\n"
+    # no tool prints its own 'error:' line for a BgevlError any more
+    cli_modules = [Path(bgevl.__file__).parent / p for p in ("export/cli.py", "api/cli.py", "corpus/cli.py",
+                                                           "quality/cli.py", "serving/cli.py", "benchmarks/cli.py",
+                                                           "benchmarks/corpus.py")]
+    for path in cli_modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ExceptHandler) and isinstance(node.type, ast.Name) and node.type.id == "BgevlError":
+                printed = any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "print" for n in ast.walk(node))
+                assert not printed, f"{path}:{node.lineno} prints its own error line; raise to run_cli instead"

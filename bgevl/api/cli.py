@@ -10,12 +10,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from bgevl.api.app import ApiOptions, create_app
 from bgevl.api.backends import EmbedderBackend, EmbeddingBackend, TritonBackend
 from bgevl.api.images import FetchPolicy
 from bgevl.core.errors import BgevlError
+from bgevl.core.interrupts import run_cli
 from bgevl.runtime.runners import BACKENDS
 
 DEFAULT_HOST = "127.0.0.1"
@@ -153,28 +154,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load(args: argparse.Namespace, ready: dict[str, Any]) -> int:
+    """The options and the backend, loaded before the server listens (errors in one line, and ready as soon as
+    it listens)."""
+    if (args.export_dir is None) == (args.triton_url is None):
+        raise BgevlError("give an export directory or --triton-url HOST:PORT (one of them)")
+    ready["options"] = api_options(args)
+    if args.triton_url:
+        ready["backend"] = TritonBackend(args.triton_url, model=args.triton_model, name=args.model_name,
+                                         timeout_s=args.api_timeout)
+        return 0
+    if not (args.export_dir / "manifest.json").is_file():
+        raise BgevlError(f"{args.export_dir}: no manifest.json; pass an export directory written by bgevl-export")
+    backend = EmbedderBackend(args.export_dir, name=args.model_name, workers=args.workers, load_options={
+        "backend": args.backend, "provider": args.provider, "threads": args.threads})
+    print(f"bgevl-api: loading {args.export_dir} ...", flush=True)
+    backend.load()
+    ready["backend"] = backend
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if (args.export_dir is None) == (args.triton_url is None):
-            raise BgevlError("give an export directory or --triton-url HOST:PORT (one of them)")
-        options = api_options(args)
-        if args.triton_url:
-            backend: EmbeddingBackend = TritonBackend(args.triton_url, model=args.triton_model, name=args.model_name,
-                                                      timeout_s=args.api_timeout)
-        else:
-            if not (args.export_dir / "manifest.json").is_file():
-                raise BgevlError(f"{args.export_dir}: no manifest.json; pass an export directory written by bgevl-export")
-            backend = EmbedderBackend(args.export_dir, name=args.model_name, workers=args.workers, load_options={
-                "backend": args.backend, "provider": args.provider, "threads": args.threads})
-            print(f"bgevl-api: loading {args.export_dir} ...", flush=True)
-            backend.load()  # before listening: errors in one line, and ready as soon as it listens
-    except BgevlError as exc:
-        print(f"bgevl-api: error: {exc}", file=sys.stderr)
-        return 2
+    ready: dict[str, Any] = {}
+    code = run_cli("bgevl-api", lambda: _load(args, ready))  # then uvicorn handles the signals (graceful shutdown)
+    if code:
+        return code
+    backend, options = ready["backend"], ready["options"]
     app = create_app(backend, options)
     host = "localhost" if args.api_host in ("127.0.0.1", "0.0.0.0", "::") else args.api_host
     print(f"bgevl-api: model {backend.name!r} at http://{host}:{args.api_port}/v1/embeddings (listening on "

@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["profile"]:  # per-operator profile of one graph (bgevl.benchmarks.profile)
         from bgevl.benchmarks.profile import main as profile_main
 
-        return profile_main(argv[1:])
+        return run_cli("bgevl-bench profile", lambda: profile_main(argv[1:]))
     args = build_parser().parse_args(argv)
     # Ctrl-C, SIGTERM: exports in progress, temporary folders, servers and the baseline process are cleaned up
     # by the context managers and finally blocks on the way out; what was measured is already written
@@ -644,24 +644,15 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     log = Progress()
     models = [m for m in args.models.split(",") if m]
     if args.model_path and len(models) != 1:
-        print("bgevl-bench: error: --model-path needs exactly one --models entry", file=sys.stderr)
-        return 2
-    try:  # unknown backends and models are refused before the peaks are measured (seconds)
-        _backends(args.backends)
-        for key in models:
-            get_model_spec(key)
-    except BgevlError as exc:
-        print(f"bgevl-bench: error: {exc}", file=sys.stderr)
-        return 2
+        raise BgevlError("--model-path needs exactly one --models entry")
+    _backends(args.backends)  # unknown backends and models are refused before the peaks are measured (seconds)
+    for key in models:
+        get_model_spec(key)
     quality_data = None
     if args.quality_data is not None:  # malformed data is refused before anything is measured
         from bgevl.quality.data import load_data
 
-        try:
-            quality_data = load_data(args.quality_data, "--quality-data")
-        except BgevlError as exc:
-            print(f"bgevl-bench: error: {exc}", file=sys.stderr)
-            return 2
+        quality_data = load_data(args.quality_data, "--quality-data")
     args.output.mkdir(parents=True, exist_ok=True)
     from bgevl.benchmarks.measure import tune_allocator
 
@@ -677,16 +668,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "hardware"},
         "results": [], "triton_sweep": [], "notes": [],
     }
-    try:
-        with MemorySampler() as sampler:
-            for key in models:
-                bench_model(key, args, log, sampler, data["results"], data["triton_sweep"], data["notes"])
-                if quality_data is not None:
-                    data.setdefault("quality", {})[key] = bench_quality(key, quality_data, data["results"], args, log)
-                write_reports(data, args.output)  # after each model: a crash keeps what was measured
-    except BgevlError as exc:
-        print(f"bgevl-bench: error: {exc}", file=sys.stderr)
-        return 2
+    with MemorySampler() as sampler:
+        for key in models:
+            bench_model(key, args, log, sampler, data["results"], data["triton_sweep"], data["notes"])
+            if quality_data is not None:
+                data.setdefault("quality", {})[key] = bench_quality(key, quality_data, data["results"], args, log)
+            write_reports(data, args.output)  # after each model: a crash keeps what was measured
     log("measuring the matmul peaks again (end of run)")
     from bgevl.benchmarks.hardware import matmul_peaks
 

@@ -160,12 +160,14 @@ def report(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bgevl.core.interrupts import run_cli
+
     args = build_parser().parse_args(argv)
-    try:
-        data = run(args)
-    except BgevlError as exc:
-        print(f"bgevl-bench corpus: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli("bgevl-bench corpus", lambda: _measure(args))
+
+
+def _measure(args: argparse.Namespace) -> int:
+    data = run(args)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     (args.output / "report.md").write_text(report(data))

@@ -49,14 +49,30 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
-def run_cli(tool: str, body: Callable[[], int], interrupted: str = "interrupted") -> int:
-    """``body()`` with the signals above handled: an interrupt prints ``<tool>: <interrupted>`` and returns
-    130; a closed stdout returns 141 (what a shell reports for SIGPIPE) without a traceback."""
+def run_cli(tool: str, body: Callable[[], int], interrupted: str | None = "interrupted", *,
+            os_errors: str | None = None) -> int:
+    """Every command line's one error path: ``body()`` with the signals above handled. A
+    :class:`~bgevl.core.errors.BgevlError` prints ``<tool>: error: <message>`` and returns 2; an interrupt
+    prints ``<tool>: <interrupted>`` and returns 130; a closed stdout returns 141 (what a shell reports for
+    SIGPIPE); with ``os_errors`` (what was kept, e.g. "nothing was written"), an ``OSError`` (a full disk, a
+    folder that became unwritable) is one line too, returning 2. No traceback in any of these. The signal
+    handlers in place before are put back (a test may call a tool's ``main`` in its own process).
+    ``interrupted=None``: an interrupt is how the tool is stopped (a server); ``body`` handles it and returns
+    its own code."""
+    from bgevl.core.errors import BgevlError
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)} \
+        if main_thread else {}
     interrupt_on_signals()
     try:
         code = body()
-        raise_if_interrupted()  # a signal whose exception was lost: still the run of an interrupted tool
+        if interrupted is not None:
+            raise_if_interrupted()  # a signal whose exception was lost: still the run of an interrupted tool
         return code
+    except BgevlError as exc:
+        print(f"{tool}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{tool}: {interrupted}", file=sys.stderr)
         return 130
@@ -64,3 +80,12 @@ def run_cli(tool: str, body: Callable[[], int], interrupted: str = "interrupted"
         # the reader went away: point stdout at /dev/null so the interpreter's final flush does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        if os_errors is None:
+            raise
+        print(f"{tool}: error: {exc.strerror or exc}: {exc.filename or ''}; {os_errors}", file=sys.stderr)
+        return 2
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)

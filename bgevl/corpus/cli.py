@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from bgevl.core.errors import BgevlError
+from bgevl.core.interrupts import run_cli
 from bgevl.corpus.job import DEFAULT_PARTITION_SIZE, DTYPES, CorpusOptions, embed_corpus
 from bgevl.corpus.readers import INPUT_FORMATS
 from bgevl.core.family import KINDS
@@ -86,10 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(signum, frame):  # SIGTERM ends the job like Ctrl-C: nothing half-written, complete partitions kept
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kinds = [] if args.kinds == "auto" else [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -101,20 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads, triton=args.triton, triton_model=args.triton_model, ray_address=args.ray_address, ray_workers=args.ray_workers,
         ray_cpus_per_worker=args.ray_cpus_per_worker, ray_gpus_per_worker=args.ray_gpus_per_worker,
         log_interval=args.log_interval, progress=not args.quiet, allow_image_hosts=tuple(args.allow_image_host))
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        summary = embed_corpus(options)
-    except BgevlError as exc:
-        print(f"bgevl-embed: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"bgevl-embed: interrupted; complete partitions are kept in {args.output}: run the same command to resume",
-              file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_cli("bgevl-embed", lambda: _embed(options), f"interrupted; complete partitions are kept in "
+                                                             f"{args.output}: run the same command to resume")
+
+
+def _embed(options: CorpusOptions) -> int:
+    summary = embed_corpus(options)
     print(f"embedded {summary['embedded']} items ({summary['embedded_now']} now), failed {summary['failed']} "
-          f"(listed in {args.output}/failures), skipped {summary['skipped']} already in {args.output}; "
+          f"(listed in {options.output}/failures), skipped {summary['skipped']} already in {options.output}; "
           f"{summary['partitions']} partitions, kinds {','.join(summary['kinds'])}, {summary['seconds']:.1f} s")
     print(json.dumps(summary))
     return 0

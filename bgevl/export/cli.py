@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bgevl.core.errors import BgevlError
-from bgevl.core.interrupts import interrupt_on_signals
+from bgevl.core.interrupts import run_cli
 from bgevl.core.registry import all_models, families
 from bgevl.export.driver import INT8_MODES
 from bgevl.quality.gate import DEFAULT_MAX_RECALL_DROP
@@ -165,11 +165,7 @@ def build_engines_main(argv: list[str]) -> int:
     from bgevl.graphs.engines import build_engines
 
     args = build_engines_parser().parse_args(argv)
-    try:
-        print(build_engines(args.export_dir, _engine_options_from(args, standalone=True)))
-    except BgevlError as exc:
-        print(f"bgevl-export build-engines: error: {exc}", file=sys.stderr)
-        return 2
+    print(build_engines(args.export_dir, _engine_options_from(args, standalone=True)))
     return 0
 
 
@@ -237,11 +233,7 @@ def _repository_options(args, output: Path, overwrite: bool):
 
 def triton_main(argv: list[str]) -> int:
     args = build_triton_parser().parse_args(argv)
-    try:
-        print(_repository_options(args, args.output, args.overwrite).write(args.export_dir))
-    except BgevlError as exc:
-        print(f"bgevl-export triton-repo: error: {exc}", file=sys.stderr)
-        return 2
+    print(_repository_options(args, args.output, args.overwrite).write(args.export_dir))
     return 0
 
 
@@ -269,9 +261,8 @@ def check_main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory(prefix="bgevl-check-") as work:
             ckpt = resolve_checkpoint(spec, model_path=args.model_path, random_weights=False, workdir=Path(work))
             check_checkpoint(spec, ckpt.path)
-    except BgevlError as exc:
-        print(f"bgevl-export check: error: {exc}", file=sys.stderr)
-        return 2
+    except BgevlError:
+        raise
     except (OSError, RuntimeError) as exc:  # what the checks could not foresee: one line all the same
         print(f"bgevl-export check: error: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
@@ -332,12 +323,8 @@ def deploy_main(argv: list[str]) -> int:
                          cpu=args.cpu, memory=args.memory, shm_size=args.shm_size, queue_delay_us=args.queue_delay_us,
                          queue_target_factor=args.queue_target_factor, api=not args.no_api, api_port=args.api_port,
                          image_digest=args.image_digest, triton_digest=args.triton_digest)
-    try:
-        print(write_deployment(args.output, opts, wheel=args.wheel, overwrite=args.overwrite, sink=lambda m: None))
-        print(client_endpoint(opts))
-    except BgevlError as exc:
-        print(f"bgevl-export deploy: error: {exc}", file=sys.stderr)
-        return 2
+    print(write_deployment(args.output, opts, wheel=args.wheel, overwrite=args.overwrite, sink=lambda m: None))
+    print(client_endpoint(opts))
     return 0
 
 
@@ -417,21 +404,20 @@ def main(argv: list[str] | None = None) -> int:
         build_tool_parser().parse_args([argv[0], "--help"])  # the command's options, what it does, an example
     if argv and argv[0] == "export":
         argv = argv[1:]
-    if argv and argv[0] in SUBCOMMANDS:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        interrupt_on_signals()  # SIGTERM cleans up like Ctrl-C: staging and temporary directories go
-        return SUBCOMMANDS[argv[0]](argv[1:])
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    interrupt_on_signals()
+    if argv and argv[0] in SUBCOMMANDS:  # SIGTERM cleans up like Ctrl-C: staging and temporary directories go
+        command, rest = argv[0], argv[1:]
+        return run_cli(f"bgevl-export {command}", lambda: SUBCOMMANDS[command](rest))
+    args = build_parser().parse_args(argv)
+    return run_cli("bgevl-export", lambda: _export(args, argv), "interrupted; nothing was written",
+                   os_errors="nothing was written")  # a full disk, a folder that became unwritable
+
+
+def _export(args: argparse.Namespace, argv: list[str]) -> int:
     from bgevl.export.driver import ExportOptions, build_artifacts
 
     if args.model is None:
-        try:
-            args.model = _inferred_model(args.model_path, args.quiet)
-        except BgevlError as exc:
-            print(f"bgevl-export: error: {exc}", file=sys.stderr)
-            return 2
+        args.model = _inferred_model(args.model_path, args.quiet)
 
     output = args.output or Path("out") / f"{args.model}-{args.precision}"
     opts = ExportOptions(
@@ -444,18 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         max_recall_drop=args.max_recall_drop, family_options=_family_option_values(args),
     )
     repository = _repository_options(args, args.triton_repo, args.overwrite) if args.triton_repo is not None else None
-    try:
-        out = build_artifacts(opts, format=args.format, engines=_engine_options_from(args, standalone=False),
-                              repository=repository, quiet=args.quiet)
-    except BgevlError as exc:
-        print(f"bgevl-export: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full disk, a directory that became unwritable: one line, nothing half-written
-        print(f"bgevl-export: error: {exc.strerror or exc}: {exc.filename or ''}; nothing was written", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bgevl-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    out = build_artifacts(opts, format=args.format, engines=_engine_options_from(args, standalone=False),
+                          repository=repository, quiet=args.quiet)
     print(out)
     return 0
 

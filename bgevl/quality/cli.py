@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import tempfile
 from pathlib import Path
 
 from bgevl.core.errors import BgevlError
+from bgevl.core.interrupts import run_cli
 from bgevl.corpus.cli import reader_options
 from bgevl.quality.data import QualityData, load_data, read_pairs, read_triplets
 from bgevl.quality.evaluate import I2T_INSTRUCTION, T2I_INSTRUCTION, EvalOptions, RunSpec, evaluate, markdown, worst_drop
@@ -139,41 +139,31 @@ def runs_of(args: argparse.Namespace) -> list[RunSpec]:
     return runs
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = EvalOptions(recall_k=args.recall_k, map_k=args.map_k, resamples=args.bootstrap, seed=args.seed,
                           instruction=args.instruction, t2i_instruction=args.t2i_instruction,
                           i2t_instruction=args.i2t_instruction, workers=args.workers, progress=not args.quiet,
                           log_interval=args.log_interval)
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        options.check()
-        if args.max_recall_drop is not None and args.max_recall_drop < 0:
-            raise BgevlError(f"--max-recall-drop {args.max_recall_drop:g}: give a drop in points, 0 or more")
-        from bgevl.core.manifest import read_manifest
+    return run_cli("bgevl-eval", lambda: _evaluate(args, options), "interrupted; no report was written")
 
-        for run in {r.export for r in runs_of(args)}:  # every export readable before the data is read
-            read_manifest(run)
-        data = read_data(args)
-        report = evaluate(data, runs_of(args), options, say=say)
-        text = markdown(report)
-        if args.json is not None:
-            write_atomic(args.json, json.dumps(report, indent=1) + "\n")
-        if args.markdown is not None:
-            write_atomic(args.markdown, text)
-    except BgevlError as exc:
-        print(f"bgevl-eval: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bgevl-eval: interrupted; no report was written", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+def _evaluate(args: argparse.Namespace, options: EvalOptions) -> int:
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    options.check()
+    if args.max_recall_drop is not None and args.max_recall_drop < 0:
+        raise BgevlError(f"--max-recall-drop {args.max_recall_drop:g}: give a drop in points, 0 or more")
+    from bgevl.core.manifest import read_manifest
+
+    for run in {r.export for r in runs_of(args)}:  # every export readable before the data is read
+        read_manifest(run)
+    data = read_data(args)
+    report = evaluate(data, runs_of(args), options, say=say)
+    text = markdown(report)
+    if args.json is not None:
+        write_atomic(args.json, json.dumps(report, indent=1) + "\n")
+    if args.markdown is not None:
+        write_atomic(args.markdown, text)
     print(text, end="")
     worst = worst_drop(report)
     if args.max_recall_drop is not None and worst is not None and -worst["delta"] > args.max_recall_drop:

@@ -4,12 +4,12 @@ and the embeddings API (:mod:`bgevl.api`) in front of it."""
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
 
 from bgevl.core.errors import BgevlError
+from bgevl.core.interrupts import run_cli
 from bgevl.serving.server import ADMIN_HEADER, DEFAULT_HOST, RESTRICTED_APIS, TritonServer, _port_in_use
 
 
@@ -68,13 +68,11 @@ def start_api(server: TritonServer, args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (docker stop, kill), SIGHUP (a closed terminal) and Ctrl-C stop the server: exit 0
+    return run_cli("bgevl-serve", lambda: _serve(args), interrupted=None)
 
-    def on_signal(signum, frame):  # SIGTERM (docker stop, kill), SIGHUP (a closed terminal): as Ctrl-C
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`cmd &`)
+def _serve(args: argparse.Namespace) -> int:
     server = api = None
     try:
         if not args.no_api and hasattr(args, "api_port") and _port_in_use(args.api_port):
@@ -126,9 +124,6 @@ def main(argv: list[str] | None = None) -> int:
             code = server.stop()
             print(f"stopped (exit code {code})", flush=True)
         return 0
-    except BgevlError as exc:
-        print(f"bgevl-serve: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         if api is not None:
             api.stop()
