@@ -76,3 +76,32 @@ def test_auto_leaves_out_what_misses_its_gate(export_dir, monkeypatch):
     assert embedder.backend_choice.refused == {
         "onnxruntime": "CPUExecutionProvider on x misses the parity gate (min cosine 0.5 < 0.99999):"}
     assert embedder.runners["text"].providers[0].startswith("OpenVINO ")
+
+
+def test_auto_closes_the_candidates_it_does_not_keep_and_an_embedder_closes_its_runners(export_dir, monkeypatch):
+    """The losers' sessions and compiled models are freed when the choice is made, not when the garbage collector
+    gets to them; ``with Embedder.load(...)`` frees the chosen ones at the end of the block."""
+    pytest.importorskip("openvino", reason="needs the openvino extra: pip install '.[openvino]'")
+    from bgevl.runtime import auto, runners
+
+    closed: list[str] = []
+    close = runners.close_runners
+
+    def recording(opened):
+        closed.extend(type(r).__name__ for r in opened.values())
+        close(opened)
+
+    monkeypatch.setattr(runners, "close_runners", recording)
+    monkeypatch.setattr(auto, "candidates", lambda manifest: [auto.Candidate("onnxruntime", "onnxruntime"),
+                                                              auto.Candidate("openvino-f32", "openvino",
+                                                                             {"openvino_precision": "f32"})])
+    monkeypatch.setattr(auto, "choose", lambda seconds, refused=None: auto.BackendChoice("openvino-f32", "forced",
+                                                                                          dict(seconds)))
+    with Embedder.load(export_dir("fp32"), backend="auto", threads=1) as embedder:
+        assert closed == ["OnnxRunner", "OnnxRunner"]  # the loser's two graphs, as soon as it lost
+        kept = dict(embedder.runners)
+        assert embedder.encode(text=["a red square"]).shape == (1, 16)
+    assert closed[2:] == ["OpenVinoRunner", "OpenVinoRunner"] and embedder.runners == {}
+    assert all(r.compiled is None for r in kept.values())
+    with pytest.raises(BgevlError, match="was closed; load it again"):
+        embedder.encode(text=["a red square"])

@@ -77,6 +77,7 @@ class EmbedderBackend(EmbeddingBackend):
         self.load_options = dict(load_options or {})
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bgevl-api-encode")
         self.embedder = embedder
+        self._owns_embedder = False  # one it loaded itself is closed with it; one given to it is the caller's
         self.error: str | None = None
         self._loading: asyncio.Future | None = None
 
@@ -89,6 +90,7 @@ class EmbedderBackend(EmbeddingBackend):
         from bgevl.runtime import Embedder
 
         self.embedder = Embedder.load(self.export_dir, **self.load_options)
+        self._owns_embedder = True
 
     async def start(self) -> None:
         if self.embedder is not None:
@@ -107,6 +109,13 @@ class EmbedderBackend(EmbeddingBackend):
 
     async def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.embedder is not None and self._owns_embedder:
+            # its runners are freed once the calls still in the pool's threads have ended
+            await asyncio.get_running_loop().run_in_executor(None, self._close_when_idle, self.embedder)
+
+    def _close_when_idle(self, embedder: Any) -> None:
+        self.pool.shutdown(wait=True)
+        embedder.close()
 
     async def ready(self) -> bool:
         return self.embedder is not None

@@ -127,12 +127,13 @@ def embed_corpus(options: CorpusOptions, say: Any = None) -> dict[str, Any]:
             embed_local(source, output, TritonBatchEmbedder(model, kinds, options.role, options.instruction, fetch_policy(options)),
                         options.partition_size, options.batch_size or model.max_batch, options.workers, progress)
         else:
-            embedder = Embedder.load(options.export, provider=options.provider, threads=options.threads,
-                                     backend=options.backend)
-            batch = options.batch_size or embedder.max_batch
-            progress.begin()
-            embed_local(source, output, BatchEmbedder(embedder, kinds, options.role, options.instruction, fetch_policy(options)),
-                        options.partition_size, batch, options.workers, progress)
+            with Embedder.load(options.export, provider=options.provider, threads=options.threads,
+                               backend=options.backend) as embedder:
+                batch = options.batch_size or embedder.max_batch
+                progress.begin()
+                embed_local(source, output, BatchEmbedder(embedder, kinds, options.role, options.instruction,
+                                                          fetch_policy(options)),
+                            options.partition_size, batch, options.workers, progress)
     finally:
         progress.close()
     output.save(complete=True)

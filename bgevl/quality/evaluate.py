@@ -149,6 +149,7 @@ def embed_run(spec: RunSpec, data: QualityData, options: EvalOptions, embedder: 
 
     say = say or (lambda msg: print(msg, file=sys.stderr))
     start = time.monotonic()
+    loaded = embedder is None  # one loaded here is closed here; one given is the caller's
     embedder = embedder if embedder is not None else spec.load()
     sets, instructions = embedding_sets(data, embedder, options)
     manifest = embedder.manifest
@@ -186,6 +187,8 @@ def embed_run(spec: RunSpec, data: QualityData, options: EvalOptions, embedder: 
                 result.vectors[spec_set.name] = vectors
     finally:
         progress.close()
+        if loaded:
+            embedder.close()
     info["seconds"] = round(time.monotonic() - start, 3)
     return result
 

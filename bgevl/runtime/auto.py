@@ -133,12 +133,13 @@ def open_fastest(manifest: Any, **options: Any) -> tuple[dict, BackendChoice]:
     engine_cache_dir) go to ``open_runners`` for every candidate; OpenVINO candidates are opened without their
     own gate, :func:`_gate` runs the same one."""
     from bgevl.runtime.openvino import open_openvino
-    from bgevl.runtime.runners import Runner, open_runners
+    from bgevl.runtime.runners import Runner, close_runners, open_runners
 
     seconds: dict[str, float] = {}
     refused: dict[str, str] = {}
     opened: dict[str, dict] = {}
     for candidate in candidates(manifest):
+        runners = None
         try:
             if candidate.backend == "openvino":
                 # OpenVINO's runners are Runners (the dict is only read)
@@ -150,6 +151,8 @@ def open_fastest(manifest: Any, **options: Any) -> tuple[dict, BackendChoice]:
             _gate(manifest, runners, candidate)  # the gate's run is the warm-up
         except (BgevlError, ImportError, RuntimeError) as exc:
             refused[candidate.name] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if runners is not None:  # opened, but it missed its gate
+                close_runners(runners)
             continue
         opened[candidate.name] = runners
     feeds = _timed_feeds(manifest) if opened else []
@@ -157,6 +160,14 @@ def open_fastest(manifest: Any, **options: Any) -> tuple[dict, BackendChoice]:
         for name, runners in opened.items():
             elapsed = _timed_probe(manifest, runners, feeds)
             seconds[name] = min(seconds.get(name, elapsed), elapsed)
-    choice = choose(seconds, refused)
+    try:
+        choice = choose(seconds, refused)
+    except BgevlError:
+        for runners in opened.values():
+            close_runners(runners)
+        raise
+    for name, runners in opened.items():  # the losers' sessions, compiled models and device memory go now
+        if name != choice.chosen:
+            close_runners(runners)
     log.info("backend 'auto' for %s: %s, %s", manifest.directory.name, choice.chosen, choice.reason)
     return opened[choice.chosen], choice

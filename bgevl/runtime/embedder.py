@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bgevl.core.errors import InputError
+from bgevl.core.errors import BgevlError, InputError
 from bgevl.core.registry import get_family
 from bgevl.core.family import Feeds, Request, run_steps
 from bgevl.core.manifest import Manifest, read_manifest
@@ -58,6 +58,20 @@ class Embedder:
         #: (``bgevl.runtime.auto.BackendChoice``; ``None`` where the backend was asked for by name)
         self.backend: str = ""
         self.backend_choice: Any = None
+
+    def close(self) -> None:
+        """Free the runners (sessions, compiled models, TensorRT device memory) now; the Embedder is unusable
+        after. ``with Embedder.load(...) as embedder:`` closes it at the end of the block."""
+        from bgevl.runtime.runners import close_runners
+
+        close_runners(self.runners)
+        self.runners = {}
+
+    def __enter__(self) -> "Embedder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def load(cls, directory: str | os.PathLike, provider: str = "auto", text_overflow: str | None = None,
@@ -121,6 +135,8 @@ class Embedder:
         ``role``: ``"query"`` or ``"candidate"`` (MLLM: default ``"query"`` when an ``instruction`` is
         given, else ``"candidate"``; CLIP: no effect). ``on_feeds``: called with each batch's
         preprocessed feeds (the embeddings API counts prompt tokens with it)."""
+        if not self.runners:
+            raise BgevlError(f"this Embedder of {self.manifest.directory} was closed; load it again")
         image_list, text_list = as_list(images, "images"), as_list(text, "text")
         if image_list is None and text_list is None:
             raise InputError("encode() needs images, text or both")

@@ -78,6 +78,10 @@ class OpenVinoRunner(Runner):
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # an infer request serves one call at a time
 
+    def close(self) -> None:
+        with self._lock:  # not under a call in progress
+            self._request = self.compiled = None
+
     @property
     def providers(self) -> list[str]:
         return [f"OpenVINO {self.version} CPU ({self.precision})"]

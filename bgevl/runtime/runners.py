@@ -39,6 +39,16 @@ class Runner(ABC):
     def run_once(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
         """One backend call on the whole feed."""
 
+    def close(self) -> None:
+        """Free what the backend holds (a session, a compiled model, device memory); the runner is unusable
+        after. Default: drop the references and let the backend's objects go. Idempotent."""
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """``outputs`` by name; batch-aligned graphs in chunks of their max batch. The feed is checked
         against the graph's declaration first (``GraphSpec.check_feed``), whatever the backend."""
@@ -50,6 +60,14 @@ class Runner(ABC):
         parts = [self.run_once({k: v[s:s + self.max_batch] for k, v in feed.items()}, outputs)
                  for s in range(0, n, self.max_batch)]
         return {name: np.concatenate(chunks) for name, chunks in zip(outputs, zip(*parts))}
+
+
+def close_runners(runners: Mapping[str, Any]) -> None:
+    """``close()`` every runner of a set (each once, whatever fails)."""
+    for runner in runners.values():
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
 
 
 def runner_call(runners: Mapping[str, Runner]) -> Callable[["Call"], dict[str, np.ndarray]]:
@@ -64,8 +82,11 @@ class OnnxRunner(Runner):
         from bgevl.runtime.providers import create_session
 
         self.spec = spec
-        self.session = create_session(path, providers, threads)
+        self.session: Any = create_session(path, providers, threads)
         self.max_batch = spec.batch.max
+
+    def close(self) -> None:
+        self.session = None  # ONNX Runtime frees the session's memory when its last reference goes
 
     @property
     def providers(self) -> list[str]:

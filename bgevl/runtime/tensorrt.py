@@ -223,11 +223,20 @@ class TensorRTRunner(Runner):
         _check(cudart.cudaStreamSynchronize(self.stream))
         return [results[name].astype(np.float32, copy=False) for name in outputs]
 
-    def __del__(self):
+    def close(self) -> None:
+        """Device buffers and the stream freed now (``with`` or ``Embedder.close``), not whenever the garbage
+        collector gets to the runner; then the context and engine. Idempotent."""
+        if getattr(self, "stream", None) is None:
+            return
+        self.buffers.free()
+        _check(self.cudart.cudaStreamDestroy(self.stream))
+        self.stream = None
+        self.context = self.engine = None
+
+    def __del__(self) -> None:  # a runner never closed: best effort (the interpreter may be shutting down)
         try:
-            self.buffers.free()
-            self.cudart.cudaStreamDestroy(self.stream)
-        except Exception:  # noqa: BLE001 - interpreter shutdown
+            self.close()
+        except Exception:  # noqa: BLE001
             pass
 
 
