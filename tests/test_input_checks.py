@@ -90,3 +90,17 @@ def test_the_declaration_travels_in_the_manifest_and_old_manifests_still_load(ex
     old.check_feed(feed)
     with pytest.raises(InputError, match="sequence 78 is outside the served range 1..77"):
         old.check_feed(valid_feed(old, 78))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_pixels_sent_straight_to_a_vision_graph_are_refused(export_dir, backend):
+    """NaN pixels sent to the vision encoder directly gave a NaN embedding with a 200."""
+    manifest = read_manifest(export_dir("fp32"))
+    spec = manifest.graph_spec("vision")
+    runner = open_runners(manifest, backend=backend, openvino_precision="f32")["vision"]
+    feed = valid_feed(spec)
+    assert np.isfinite(runner.run(feed, ["image_embeds"])["image_embeds"]).all()
+    for bad in (np.nan, np.inf, -np.inf):
+        feed["pixel_values"][0, 0, 0, :3] = bad
+        with pytest.raises(InputError, match=r"graph 'vision' input 'pixel_values': 3 non-finite value\(s\)"):
+            runner.run(feed, ["image_embeds"])

@@ -168,6 +168,10 @@ class GraphSpec:
                 seen = sizes.setdefault(dim.name, (size, tensor.name))
                 if seen[0] != size:
                     raise InputError(f"{where}: {dim.name} {size} differs from {seen[1]!r}'s {seen[0]}")
+            if np.issubdtype(value.dtype, np.floating) and value.size and not np.isfinite(value).all():
+                bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+                raise InputError(f"{where}: {bad} non-finite value(s) (NaN or infinity); a model fed them answers NaN "
+                                 f"embeddings: send finite values")
             if tensor.values is not None and value.size:
                 low, high = int(value.min()), int(value.max())
                 if low < tensor.values[0] or high > tensor.values[1]:
