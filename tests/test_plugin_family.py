@@ -114,3 +114,28 @@ def test_a_broken_plugin_is_one_line_and_the_others_keep_working(tmp_path):
     assert asked.returncode == 1 and asked.stderr.strip().splitlines()[-1].endswith(
         "BgevlError: model family plug-in 'broken' (no_such_module:Family) could not be loaded: ModuleNotFoundError: "
         "No module named 'no_such_module'")
+
+
+def test_a_plugin_cannot_take_a_built_in_familys_name_or_end_the_tools(tmp_path):
+    """A plug-in registering the entry-point name 'clip' silently replaced the built-in family; one whose family is
+    named 'clip' made the built-in be reported broken; one calling sys.exit(7) at import made every tool exit 7."""
+    (tmp_path / "takeover.py").write_text(
+        "from bgevl.families.clip import ClipFamily\n"
+        "class Takeover(ClipFamily):\n    description = 'not the built-in'\n    models = ()\n")
+    (tmp_path / "leaving.py").write_text("import sys\nsys.exit(7)\n")
+    info = tmp_path / "bgevl_hostile-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bgevl-hostile\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[bgevl.families]\nclip = takeover:Takeover\nsame-name = takeover:Takeover\n"
+                                           "leaving = leaving:Family\n")
+    done = _run(["-m", "bgevl.export.cli", "--help"], tmp_path)
+    assert done.returncode == 0 and "tiny-mllm" in done.stdout, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 3, lines
+    assert "plug-in 'clip' (takeover:Takeover) was not loaded: 'clip' is a built-in family's entry-point name" in lines[0]
+    assert any("plug-in 'same-name' (takeover:Takeover) could not be loaded: BgevlError: model family 'clip' is "
+               "registered twice" in line for line in lines)
+    assert any("plug-in 'leaving' (leaving:Family) could not be loaded: SystemExit: 7" in line for line in lines)
+    which = _run(["-c", "from bgevl.core.registry import get_family; f = get_family('clip'); "
+                        "print(type(f).__module__, len(f.models))"], tmp_path)
+    assert which.returncode == 0 and which.stdout.split() == ["bgevl.families.clip", "3"]

@@ -44,26 +44,41 @@ def register(family: Family) -> Family:
     return family
 
 
-def _load_entry_point(entry: EntryPoint) -> None:
+def _is_builtin(entry: EntryPoint) -> bool:
+    return entry.value.startswith("bgevl.families.")
+
+
+def _load_entry_point(entry: EntryPoint, key: str) -> None:
     try:
         loaded = entry.load()
         register(loaded() if isinstance(loaded, type) else loaded)
-    except Exception as error:  # a broken plug-in is reported, the others keep working
+    except (Exception, SystemExit) as error:  # a broken plug-in is reported, the others keep working (sys.exit too)
         reason = str(error).splitlines()[0] if str(error) else ""
-        _BROKEN[entry.name] = (f"model family plug-in {entry.name!r} ({entry.value}) could not be loaded: "
-                               f"{type(error).__name__}{': ' + reason if reason else ''}")
-        print(f"bgevl: {_BROKEN[entry.name]}", file=sys.stderr)
+        _BROKEN[key] = (f"model family plug-in {entry.name!r} ({entry.value}) could not be loaded: "
+                        f"{type(error).__name__}{': ' + reason if reason else ''}")
+        print(f"bgevl: {_BROKEN[key]}", file=sys.stderr)
 
 
 def _load() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        seen: set[str] = set()
-        for entry in entry_points(group=ENTRY_POINT_GROUP):
-            if entry.name not in seen:  # a package on sys.path twice lists its entry points twice
-                seen.add(entry.name)
-                _load_entry_point(entry)
+        # the built-in families first, so that a plug-in cannot take their names: one that registers the
+        # entry-point name or the family name of a built-in one is reported broken, and the built-in one serves
+        entries = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: not _is_builtin(e))
+        seen: set[tuple[str, str]] = set()
+        builtin_names = {e.name for e in entries if _is_builtin(e)}
+        for entry in entries:
+            if (entry.name, entry.value) in seen:  # a package on sys.path twice lists its entry points twice
+                continue
+            seen.add((entry.name, entry.value))
+            if entry.name in builtin_names and not _is_builtin(entry):
+                key = f"{entry.name} ({entry.value})"
+                _BROKEN[key] = (f"model family plug-in {entry.name!r} ({entry.value}) was not loaded: {entry.name!r} "
+                                f"is a built-in family's entry-point name; register the plug-in under another name")
+                print(f"bgevl: {_BROKEN[key]}", file=sys.stderr)
+                continue
+            _load_entry_point(entry, entry.name if entry.name not in _BROKEN else f"{entry.name} ({entry.value})")
         if not _FAMILIES and not _BROKEN:
             raise BgevlError(f"no model family is registered (entry-point group {ENTRY_POINT_GROUP!r}): "
                              "install the package (`pip install -e .`) so its entry points exist")
