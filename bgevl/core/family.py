@@ -202,15 +202,32 @@ class ExportedModel:
     summary: str = ""
 
 
+#: The int8 passes of the graph services (``bgevl.graphs.precision``) a family's forms are written by.
+INT8_METHODS = ("static-qdq", "static-qdq-u8", "dynamic", "weight-only-qdq", "weight-only-dynamic")
+
+
 @dataclass(frozen=True)
 class Int8Form:
-    """How a family quantizes to int8: what the manifest records per graph and what TensorRT builds."""
+    """One int8 form a family declares (``GraphExport.int8_forms``): the ``--int8-mode`` that selects it,
+    what the manifest records per graph and what TensorRT builds, and the graph pass that writes it."""
 
     #: "static-qdq", "weight-only-qdq" (the forms TensorRT builds: ``bgevl.graphs.engines.precision_plan``),
     #: "dynamic", "weight-only-dynamic" (ONNX Runtime CPU only)
     name: str
     description: str
     calibrated: bool
+    #: the ``--int8-mode`` value that selects it
+    mode: str = "qdq"
+    #: the pass that writes it (one of :data:`INT8_METHODS`; default: ``name``)
+    method: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.method or self.name) not in INT8_METHODS:
+            raise ValueError(f"int8 form {self.name!r}: method {self.method or self.name!r} is none of {INT8_METHODS}")
+
+    @property
+    def pass_name(self) -> str:
+        return self.method or self.name
 
 
 class CheckpointSource(ABC):
@@ -256,7 +273,7 @@ class GraphExport(ABC):
     #: (opt, max) batch of the exported graphs when the command line gives none
     default_batch: ClassVar[tuple[int, int]]
     #: whether ``--precision fp8`` applies: FP8 E4M3 Q/DQ on the weight GEMMs from a calibration set
-    #: (``quantize_fp8`` and ``calibration_feeds``), for TensorRT on GPUs of compute capability 8.9+
+    #: (``bgevl.graphs.precision`` with ``calibration_feeds``), for TensorRT on GPUs of compute capability 8.9+
     supports_fp8: ClassVar[bool] = False
     #: dynamic axes (beyond batch and sequence) whose TensorRT profile maximum ``bgevl-export build-engines``
     #: may override: axis name -> what it counts; each becomes an option ``--max-<axis>``
@@ -301,24 +318,28 @@ class GraphExport(ABC):
         """Extra facts about how the probes were preprocessed, for the manifest."""
         return {}
 
-    @abstractmethod
+    #: the family's int8 forms, one per ``--int8-mode`` it takes; the graph services write them
+    #: (``bgevl.graphs.precision``), with the float32 islands of :meth:`fp16_keep_float32` and, for calibrated
+    #: forms, the feeds of :meth:`calibration_feeds`
+    int8_forms: ClassVar[tuple[Int8Form, ...]] = ()
+    #: why a mode the family does not declare is refused, when there is more to say than its list of modes
+    int8_refusal: ClassVar[str] = ""
+
     def int8_form(self, mode: str) -> Int8Form:
-        """The int8 form of ``--int8-mode`` for this family."""
+        """The int8 form of ``--int8-mode`` for this family; a mode it does not declare is one line naming its own."""
+        from bgevl.core.errors import BgevlError
+
+        for form in self.int8_forms:
+            if form.mode == mode:
+                return form
+        modes = ", ".join(f.mode for f in self.int8_forms)
+        raise BgevlError(f"--int8-mode {mode}: " + (self.int8_refusal or f"the {getattr(self, 'name', type(self).__name__)} "
+                                                    f"family's int8 forms are {modes or 'none'}; use one of them"))
 
     def fp16_keep_float32(self, graph: GraphSpec, model: "onnx.ModelProto") -> dict[str, list[str]]:
         """Nodes of the fp32 ONNX ``model`` the fp16 pass keeps in float32 beyond the generic ones
         (``bgevl.graphs.onnx_passes.fp16_graph``), by what they are (for the manifest)."""
         return {}
-
-    @abstractmethod
-    def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
-                      calibration: Callable[[], list[Feeds]] | None) -> dict[str, Any]:
-        """Write the int8 graph; returns what was done, for the manifest."""
-
-    def quantize_fp8(self, graph: GraphSpec, src: Path, dst: Path,
-                     calibration: Callable[[], list[Feeds]]) -> dict[str, Any]:
-        """Write the fp8 graph (families with ``supports_fp8``); returns what was done, for the manifest."""
-        raise NotImplementedError(f"{type(self).__name__} has no fp8 form")
 
     def calibration_feeds(self, preprocessor: Preprocessor, graph: GraphSpec, images: list[Any], texts: list[Any],
                           batch: int) -> list[Feeds]:

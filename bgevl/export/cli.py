@@ -11,7 +11,7 @@ from pathlib import Path
 from bgevl.core.errors import BgevlError
 from bgevl.core.interrupts import run_cli
 from bgevl.core.registry import all_models, families
-from bgevl.export.driver import INT8_MODES
+from bgevl.export.driver import int8_modes
 from bgevl.quality.gate import DEFAULT_MAX_RECALL_DROP
 from bgevl.core.specs import DEFAULT_MAX_SEQUENCE, PRECISIONS
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16: float16 with LayerNorm/Softmax/final norm in float32; int8: see --int8-mode; fp8 ("
                         f"{', '.join(f.name for f in known.values() if f.supports_fp8) or 'no family'}: TensorRT on compute "
                         "capability 8.9+): FP8 E4M3 Q/DQ on the weight GEMMs, float16 elsewhere")
-    e.add_argument("--int8-mode", default="qdq", choices=INT8_MODES,
+    e.add_argument("--int8-mode", default="qdq", choices=int8_modes(),
                    help="the int8 form of each family (declared by its int8_form): " + _int8_forms(known))
     e.add_argument("--calibration-data", type=Path, default=None,
                    help="directory of images plus a .txt file of captions (one per line) for int8/fp8 calibration; default: the built-in synthetic set")
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _int8_forms(known: dict) -> str:
     """``--int8-mode`` help: per mode, the form each family writes (or that it has none)."""
     parts = []
-    for mode in INT8_MODES:
+    for mode in int8_modes():
         forms = []
         for family in known.values():
             try:

@@ -34,9 +34,16 @@ from bgevl.core.preprocessing import load_image
 from bgevl.core.options import ExportOptions
 from bgevl.core.specs import ONNX_OPSET, PRECISIONS, GraphSpec, ModelSpec
 
-INT8_MODES = ("qdq", "qdq-u8", "dynamic")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CALIBRATION_BATCH = 8
+
+
+def int8_modes() -> tuple[str, ...]:
+    """The ``--int8-mode`` values: the union of what the registered families declare."""
+    from bgevl.core.registry import families
+    from bgevl.graphs.precision import int8_modes as declared
+
+    return declared(list(families().values()))
 
 
 class Progress:
@@ -76,8 +83,9 @@ class Progress:
 def _check_options(opts: ExportOptions) -> None:
     if opts.precision not in PRECISIONS:
         raise BgevlError(f"--precision {opts.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if opts.int8_mode not in INT8_MODES:
-        raise BgevlError(f"--int8-mode {opts.int8_mode!r}: choose one of {', '.join(INT8_MODES)}")
+    modes = int8_modes()
+    if opts.int8_mode not in modes:
+        raise BgevlError(f"--int8-mode {opts.int8_mode!r}: choose one of {', '.join(modes)}")
     spec = get_model_spec(opts.model)
     family = family_of(spec)
     default_opt, default_max = family.default_batch
@@ -258,8 +266,8 @@ def _calibration(run: ExportRun, int8_form: Int8Form | None) -> tuple[list[Any],
 
 @dataclass(frozen=True)
 class _Quantize:
-    """The family's int8 or fp8 pass on one graph (``convert_graph``'s ``quantize``), with its calibration
-    feeds prepared only when the pass runs."""
+    """The int8 form or fp8 the family declares, written by the graph services (``bgevl.graphs.precision``) on
+    one graph (``convert_graph``'s ``quantize``), its calibration feeds prepared only when the pass runs."""
 
     run: ExportRun
     graph: GraphSpec
@@ -274,14 +282,15 @@ class _Quantize:
                                                  CALIBRATION_BATCH)
 
     def __call__(self) -> dict[str, Any]:
-        family, opts = self.run.family, self.run.opts
+        from bgevl.graphs import precision
+
+        kept = partial(self.run.family.fp16_keep_float32, self.graph)  # the family's float32 islands
         feeds = self.feeds if self.calibration is not None else None
-        if opts.precision == "fp8":
+        if self.run.opts.precision == "fp8":
             assert feeds is not None
-            return family.quantize_fp8(self.graph, self.src, self.dst, feeds)
+            return precision.write_fp8(self.graph, self.src, self.dst, feeds, kept)
         assert self.int8_form is not None
-        return {**family.quantize_int8(self.graph, self.src, self.dst, opts.int8_mode, feeds),
-                "int8_form": self.int8_form.name, "int8_form_description": self.int8_form.description}
+        return precision.write_int8(self.int8_form, self.graph, self.src, self.dst, feeds, kept)
 
 
 def _convert(run: ExportRun) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from bgevl.checkpoints import HubCheckpoints
 from bgevl.core.family import (
@@ -59,6 +59,15 @@ class DualEncoderFamily(HubCheckpoints, Family):
     default_batch = (DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH)
     supports_fp8 = True  # static FP8 Q/DQ on the towers' weight GEMMs, calibrated like the static int8 form
     serving_inputs = (SERVING_IMAGE, SERVING_TEXT)
+    int8_forms = (
+        Int8Form("static-qdq", "static QuantizeLinear/DequantizeLinear, int8 weights and activations from a "
+                 "calibration set (TensorRT explicit quantization, ONNX Runtime)", calibrated=True, mode="qdq"),
+        Int8Form("static-qdq-u8", "static QuantizeLinear/DequantizeLinear with uint8 activations and int8 per-channel "
+                 "weights from a calibration set (the CPU form: ONNX Runtime CPU and OpenVINO run every quantized "
+                 "MatMul in int8; not for TensorRT)", calibrated=True, mode="qdq-u8"),
+        Int8Form("dynamic", "ONNX Runtime dynamic quantization (int8 weights, activations quantized at run time; CPU "
+                 "only)", calibrated=False, mode="dynamic"),
+    )
 
     # --- hooks -------------------------------------------------------------------------
     @abstractmethod
@@ -121,32 +130,6 @@ class DualEncoderFamily(HubCheckpoints, Family):
         if self.composed:
             requests.append(Request(images=probes.composed_images(), texts=probes.composed_texts()))
         return requests
-
-    def int8_form(self, mode: str) -> Int8Form:
-        if mode == "dynamic":
-            return Int8Form("dynamic", "ONNX Runtime dynamic quantization (int8 weights, activations quantized at run "
-                            "time; CPU only)", calibrated=False)
-        if mode == "qdq-u8":
-            return Int8Form("static-qdq-u8", "static QuantizeLinear/DequantizeLinear with uint8 activations and int8 "
-                            "per-channel weights from a calibration set (the CPU form: ONNX Runtime CPU and OpenVINO run "
-                            "every quantized MatMul in int8; not for TensorRT)", calibrated=True)
-        return Int8Form("static-qdq", "static QuantizeLinear/DequantizeLinear, int8 weights and activations from a "
-                        "calibration set (TensorRT explicit quantization, ONNX Runtime)", calibrated=True)
-
-    def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
-                      calibration: Callable[[], list[Feeds]] | None) -> dict[str, Any]:
-        from bgevl.graphs import onnx_passes
-
-        feeds = calibration() if calibration is not None and self.int8_form(mode).calibrated else None
-        return onnx_passes.quantize_int8(src, dst, mode, feeds, graph.normalized_output,
-                                        lambda model: self.fp16_keep_float32(graph, model))
-
-    def quantize_fp8(self, graph: GraphSpec, src: Path, dst: Path,
-                     calibration: Callable[[], list[Feeds]]) -> dict[str, Any]:
-        from bgevl.graphs import onnx_passes
-
-        return onnx_passes.quantize_fp8(src, dst, calibration(), graph.normalized_output,
-                                       lambda model: self.fp16_keep_float32(graph, model))
 
     def calibration_feeds(self, preprocessor: Preprocessor, graph: GraphSpec, images: list[Any], texts: list[Any],
                           batch: int) -> list[Feeds]:

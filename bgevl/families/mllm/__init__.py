@@ -16,7 +16,7 @@ SmoothQuant), so W8A8 from a MinMax calibration costs far more accuracy than wei
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -121,6 +121,13 @@ class MllmFamily(HubCheckpoints, Family):
     description = "LLaVA-NeXT embedders (BGE-VL-MLLM-S1/-S2, BGE-VL-v1.5): last-token hidden state, task instructions"
     models = MODELS
     default_batch = (MLLM_OPT_BATCH, MLLM_MAX_BATCH)  # a 7B prefill of ~3k tokens per item is far heavier than a tower
+    int8_refusal = "the MLLM's int8 is weight-only; use qdq or dynamic"
+    int8_forms = (
+        Int8Form("weight-only-qdq", "int8 weights + DequantizeLinear into the MatMuls, float activations (TensorRT "
+                 "weight-only INT8, ONNX Runtime)", calibrated=False, mode="qdq"),
+        Int8Form("weight-only-dynamic", "int8 weights in ONNX Runtime's MatMulNBits (CPU), float activations",
+                 calibrated=False, mode="dynamic"),
+    )
     profile_axes = {"tiles": "image tiles per batch"}  # build-engines --max-tiles
     bench_grows_max_batch = False
     checkpoint_kind = CheckpointKind(
@@ -221,21 +228,6 @@ class MllmFamily(HubCheckpoints, Family):
     def probe_description(self, exported: ExportedModel) -> dict[str, Any]:
         resize = exported.recipe["image_resize"]
         return {"batch": VALIDATION_BATCH, "image_resize": f"{resize[0]}x{resize[1]} before RGB, as the original"}
-
-    def int8_form(self, mode: str) -> Int8Form:
-        if mode not in ("qdq", "dynamic"):
-            raise BgevlError(f"--int8-mode {mode}: the MLLM's int8 is weight-only; use qdq or dynamic")
-        if mode == "dynamic":
-            return Int8Form("weight-only-dynamic", "int8 weights in ONNX Runtime's MatMulNBits (CPU), float activations",
-                            calibrated=False)
-        return Int8Form("weight-only-qdq", "int8 weights + DequantizeLinear into the MatMuls, float activations "
-                        "(TensorRT weight-only INT8, ONNX Runtime)", calibrated=False)
-
-    def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
-                      calibration: Callable[[], list[Feeds]] | None) -> dict[str, Any]:
-        from bgevl.graphs import onnx_passes
-
-        return onnx_passes.quantize_weights_int8(src, dst, mode)
 
     # --- the embedding recipe ----------------------------------------------------------
     def steps(self, feeds: Feeds, graphs: Mapping[str, GraphSpec]) -> Steps:

@@ -52,6 +52,13 @@ class VisualizedFamily(Family):
                    "BGE text encoder, CLS pooling")
     models = MODELS
     default_batch = (DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH)
+    int8_refusal = "Visualized-BGE's int8 is weight-only QDQ or dynamic; use qdq or dynamic"
+    int8_forms = (
+        Int8Form("weight-only-qdq", "int8 weights + DequantizeLinear into the MatMuls, float activations (TensorRT "
+                 "weight-only INT8, ONNX Runtime)", calibrated=False, mode="qdq"),
+        Int8Form("dynamic", "ONNX Runtime dynamic quantization (int8 weights, activations quantized at run time; CPU "
+                 "only)", calibrated=False, mode="dynamic"),
+    )
     checkpoint_kind = CheckpointKind(
         "visualized-bge", "Visualized-BGE (.pth + text model config and tokenizer)", "", (), ())
     serving_inputs = (SERVING_IMAGE, SERVING_TEXT)
@@ -178,23 +185,6 @@ class VisualizedFamily(Family):
         outputs = {o for n in products for o in n.output}
         sums = [n for n in model.graph.node if n.op_type == "Add" and outputs.issuperset(n.input)]
         return {"2D rotary (cos/sin tables)": [n.name for n in products + sums]} if products else {}
-
-    def int8_form(self, mode: str) -> Int8Form:
-        if mode not in ("qdq", "dynamic"):
-            raise BgevlError(f"--int8-mode {mode}: Visualized-BGE's int8 is weight-only QDQ or dynamic; use qdq or dynamic")
-        if mode == "dynamic":
-            return Int8Form("dynamic", "ONNX Runtime dynamic quantization (int8 weights, activations quantized at run "
-                            "time; CPU only)", calibrated=False)
-        return Int8Form("weight-only-qdq", "int8 weights + DequantizeLinear into the MatMuls, float activations "
-                        "(TensorRT weight-only INT8, ONNX Runtime)", calibrated=False)
-
-    def quantize_int8(self, graph: GraphSpec, src: Path, dst: Path, mode: str,
-                      calibration: Callable[[], list[Feeds]] | None) -> dict[str, Any]:
-        from bgevl.graphs import onnx_passes
-
-        if mode == "dynamic":
-            return onnx_passes.quantize_int8(src, dst, mode, None)
-        return onnx_passes.quantize_weights_int8(src, dst, "qdq")
 
     # --- the embedding recipe ----------------------------------------------------------
     def steps(self, feeds: Feeds, graphs: Mapping[str, GraphSpec]) -> Steps:
