@@ -758,3 +758,45 @@ def test_a_model_unloaded_under_the_api_is_503_with_retry_after_then_served_agai
             assert_matches([d["embedding"] for d in body["data"]], embedder.encode(text=TEXTS))
     finally:
         triton.stop()
+
+
+def test_request_bodies_are_bounded_across_requests_before_the_in_flight_limit(embedders):
+    """64 concurrent 31 MiB bodies took 1.7 GB before the in-flight limit applied: the bytes of bodies held at once
+    are bounded (--max-buffered-bytes), a body past the bound is a 503 with Retry-After while the others arrive,
+    and the budget comes back when they are answered."""
+    import socket
+    import urllib.parse
+
+    embedder = embedders("tiny")
+    declared = 2 * 2 ** 20
+    with serving(backend_of(embedder), max_body_bytes=declared, max_buffered_bytes=3 * 2 ** 20) as server:
+        address = urllib.parse.urlsplit(server.url)
+
+        def start() -> socket.socket:
+            conn = socket.create_connection((address.hostname, address.port), timeout=20)
+            conn.sendall(f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {declared}\r\n\r\n".encode() + b'{"input": ["' + b"a" * 1000)
+            return conn
+
+        def status(conn: socket.socket) -> int:
+            return int(conn.recv(4096).split(b" ", 2)[1])
+
+        first, second = start(), start()
+        first.settimeout(3)
+        second.settimeout(3)
+        statuses = {}
+        for name, conn in (("first", first), ("second", second)):
+            try:
+                statuses[name] = status(conn)
+            except socket.timeout:
+                statuses[name] = None  # still waiting for its body: it holds its 2 MiB
+        assert sorted(statuses.values(), key=str) == [503, None], statuses
+        waiting = first if statuses["first"] is None else second
+        waiting.settimeout(60)
+        waiting.sendall(b"a" * (declared - 1000 - len(b'{"input": ["') - len(b'"]}')) + b'"]}')
+        assert status(waiting) == 400  # a text over the 32 KiB limit: what matters is that it was read and answered
+        first.close()
+        second.close()
+        result = post(f"{server.url}/v1/embeddings", {"input": TEXTS, "pad": "x" * (declared - 2000)})
+        assert result[0] == 400 and "pad" in result[2]["error"]["message"]  # the budget came back: read, then refused
+        assert post(f"{server.url}/v1/embeddings", {"input": TEXTS})[0] == 200

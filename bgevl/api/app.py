@@ -38,13 +38,16 @@ MAX_ITEMS = 2048
 @dataclass(frozen=True)
 class ApiOptions:
     """What the server admits: ``max_in_flight`` requests embedding at once, ``queue`` more waiting (then
-    429), each answered within ``timeout_s`` (then 504), bodies up to ``max_body_bytes`` (then 413)."""
+    429), each answered within ``timeout_s`` (then 504), bodies up to ``max_body_bytes`` (then 413), and at
+    most ``max_buffered_bytes`` of request bodies held across all requests, read or being read (then 503
+    with Retry-After: the bound applies while bodies arrive, before the in-flight limit)."""
 
     api_key: str | None = None
     max_in_flight: int = 8
     queue: int = 64
     timeout_s: float = 60.0
     max_body_bytes: int = 32 * 1024 * 1024
+    max_buffered_bytes: int = 256 * 1024 * 1024
     max_items: int = MAX_ITEMS
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
     retry_after_s: int = 1
@@ -211,6 +214,25 @@ class CountRequests:
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
+class BodyBudget:
+    """The bytes of request bodies the server holds at once (``ApiOptions.max_buffered_bytes``): a request
+    takes its declared length before its body is read (or each chunk as it comes, without a declared length)
+    and gives it back when it is answered. One event loop: no lock."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    def take(self, size: int, retry_after_s: int) -> None:
+        if self.held + size > self.limit:
+            raise ApiError(503, f"the server holds {self.held} bytes of request bodies, and this one would pass its "
+                                f"limit of {self.limit}; retry after {retry_after_s} s", type_="server_error",
+                           code="busy", headers={"Retry-After": str(retry_after_s)})
+        self.held += size
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
 class Admission:
     """``max_in_flight`` slots and a queue of ``queue`` waiting requests; beyond it: 429."""
 
@@ -262,6 +284,7 @@ class EmbeddingsService:
     def __init__(self, backend: EmbeddingBackend, options: ApiOptions, metrics: Metrics):
         self.backend, self.options, self.metrics = backend, options, metrics
         self.admission: Admission | None = None  # made in the app's lifespan, on its event loop
+        self.bodies = BodyBudget(options.max_buffered_bytes)
 
     def check_key(self, request: Request) -> None:
         if self.options.api_key is None:
@@ -272,18 +295,26 @@ class EmbeddingsService:
             raise ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    async def read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request, held: list[int]) -> bytes:
+        """The body, under its size limit and the server's body budget (what it takes is added to ``held``,
+        given back by the caller when the request is answered)."""
         limit = self.options.max_body_bytes
         declared = request.headers.get("content-length")
         too_big = ApiError(413, f"the request body is over the limit of {limit} bytes; send fewer or "
                                 f"smaller images per request", code="body_too_large")
         if declared and declared.isdigit() and int(declared) > limit:
             raise too_big
+        if declared and declared.isdigit():
+            self.bodies.take(int(declared), self.options.retry_after_s)
+            held[0] += int(declared)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise too_big
+            if size > held[0]:  # no declared length, or more than it said
+                self.bodies.take(size - held[0], self.options.retry_after_s)
+                held[0] = size
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -330,7 +361,7 @@ class EmbeddingsService:
             self.metrics.items.labels(kind).inc(len(indices))
         return out, tokens
 
-    async def parse(self, request: Request) -> EmbeddingRequest:
+    async def parse(self, request: Request, held: list[int]) -> EmbeddingRequest:
         """The request's body, checked against what this server serves. Only JSON bodies: a web page may POST
         text/plain, form or multipart bodies to any origin without a CORS preflight, and would reach the
         model (and its API key's quota) from a user's browser."""
@@ -339,7 +370,7 @@ class EmbeddingsService:
             raise ApiError(415, f"Content-Type {media_type or 'missing'}: send the body as JSON with the header "
                                 f"'Content-Type: application/json'", code="unsupported_media_type")
         try:
-            body = EmbeddingRequest.model_validate_json(await self.read_body(request))
+            body = EmbeddingRequest.model_validate_json(await self.read_body(request, held))
         except ValidationError as exc:
             raise validation_error(exc) from None
         backend = self.backend
@@ -376,8 +407,12 @@ class EmbeddingsService:
                                 f"send fewer items per request", type_="server_error", code="timeout") from None
 
     async def answer(self, request: Request) -> JSONResponse:
-        body = await self.parse(request)
-        vectors, tokens = await self.admitted(body, parse_items(body, self.options.max_items))
+        held = [0]  # bytes of the body budget this request holds until it is answered
+        try:
+            body = await self.parse(request, held)
+            vectors, tokens = await self.admitted(body, parse_items(body, self.options.max_items))
+        finally:
+            self.bodies.give(held[0])
         self.metrics.tokens.inc(tokens)
         if body.encoding_format == "base64":
             data = [{"object": "embedding", "index": i,

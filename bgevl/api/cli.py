@@ -118,13 +118,16 @@ def add_api_options(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT
     g.add_argument(f"--{prefix}timeout" if prefix else "--timeout", dest="api_timeout", type=float, default=60.0,
                    help="seconds to answer one request (then 504)")
     g.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="largest request body (then 413)")
+    g.add_argument("--max-buffered-bytes", type=int, default=256 * 1024 * 1024,
+                   help="request bodies held at once across all requests, read or being read (then 503 with "
+                        "Retry-After; bounds memory before the in-flight limit applies)")
     g.add_argument("--allow-image-host", action="append", default=[], metavar="HOST",
                    help="fetch http(s) image URLs from this host (repeatable; none: URLs are refused)")
     g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest fetched image")
 
 
 def api_options(args: argparse.Namespace) -> ApiOptions:
-    for name in ("max_in_flight", "max_body_bytes", "max_image_bytes"):
+    for name in ("max_in_flight", "max_body_bytes", "max_buffered_bytes", "max_image_bytes"):
         if getattr(args, name) < 1:
             raise BgevlError(f"--{name.replace('_', '-')}: must be at least 1")
     if args.queue < 0 or args.api_timeout <= 0:
@@ -132,6 +135,7 @@ def api_options(args: argparse.Namespace) -> ApiOptions:
     hosts = frozenset(h.lower().strip() for h in args.allow_image_host)
     return ApiOptions(api_key=read_api_key(args.api_key_file), max_in_flight=args.max_in_flight, queue=args.queue,
                       timeout_s=args.api_timeout, max_body_bytes=args.max_body_bytes,
+                      max_buffered_bytes=args.max_buffered_bytes,
                       fetch=FetchPolicy(hosts=hosts, max_bytes=args.max_image_bytes))
 
 
