@@ -93,3 +93,37 @@ def test_a_repository_rechecks_its_output_and_names_the_flag_it_came_from(tmp_pa
         write_repository(export_dir("fp32"), repo, sink=None)
     write_repository(export_dir("fp32"), repo, overwrite=True, sink=None)
     assert os.stat(repo / "bgevl" / "config.pbtxt").st_ino != first
+
+
+def test_overwrite_of_an_earlier_export_never_deletes_the_users_own_files_in_it(tmp_path):
+    """--overwrite over an earlier export deleted the user's files inside it (one written during the run too) and
+    exited 0: now it replaces only what bgevl wrote, and refuses in one line while anything else is there."""
+    out = tmp_path / "out"
+    run_export(ExportOptions(output=out, model="tiny", precision="fp32", validate=False), sink=lambda m: None)
+    (out / "processor" / "mine.json").write_text("{}")  # inside a folder the export owns: its to replace
+    run_export(ExportOptions(output=out, model="tiny", precision="fp32", validate=False, overwrite=True),
+               sink=lambda m: None)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    (out / "notes.txt").write_text("mine")
+    (out / "eval").mkdir()
+    (out / "eval" / "report.md").write_text("mine too")
+    with pytest.raises(BgevlError, match=rf"^--output {out} holds a bgevl export \(manifest.json\) and files it did "
+                                         rf"not write \(eval/report.md, notes.txt\); --overwrite replaces only what "
+                                         rf"bgevl wrote, so nothing was deleted"):
+        run_export(ExportOptions(output=out, model="tiny", precision="fp32", validate=False, overwrite=True),
+                   sink=lambda m: None)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "eval" / "report.md").read_text() == "mine too"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(before + ["notes.txt", "eval",
+                                                                                         "eval/report.md"])
+
+    (out / "notes.txt").unlink()
+    (out / "eval" / "report.md").unlink()
+    (out / "eval").rmdir()
+
+    def sink(message: str) -> None:
+        if "exporting" in message:  # during the run, the user writes into the export being replaced
+            (out / "late.txt").write_text("mine")
+
+    with pytest.raises(BgevlError, match="changed while this ran and now holds files it did not write"):
+        run_export(ExportOptions(output=out, model="tiny", precision="fp32", validate=False, overwrite=True), sink=sink)
+    assert (out / "late.txt").read_text() == "mine"

@@ -27,9 +27,11 @@ def _umask() -> int:
     return mask
 
 
-def check_replaceable(final: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str, option: str) -> None:
+def check_replaceable(final: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str, option: str,
+                      foreign: Callable[[Path], list[str]] | None = None) -> None:
     """Refuse to write over a non-empty ``final`` unless ``overwrite`` and it holds ``what`` (``is_ours``):
-    ``--overwrite`` must never delete a directory of someone else's files."""
+    ``--overwrite`` must never delete a directory of someone else's files, nor a file of someone else's that
+    was put into one of ours (``foreign``: the files in ``final`` that ``what`` did not write)."""
     if final.exists() and not final.is_dir():
         raise BgevlError(f"{option} {final} is a file; pass a directory path")
     if not final.is_dir() or not any(final.iterdir()):
@@ -39,6 +41,11 @@ def check_replaceable(final: Path, overwrite: bool, is_ours: Callable[[Path], bo
     if not is_ours(final):
         raise BgevlError(f"{option} {final} is not empty and does not hold {what}; --overwrite replaces only {what} "
                          f"or an empty directory, so nothing was deleted: choose another {option}")
+    others = foreign(final) if foreign is not None else []
+    if others:
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise BgevlError(f"{option} {final} holds {what} and files it did not write ({listed}); --overwrite replaces "
+                         f"only what bgevl wrote, so nothing was deleted: move those files away or choose another {option}")
 
 
 #: Outputs this process holds the lock of, with how often (a driver locks what its steps lock again).
@@ -110,7 +117,8 @@ def output_lock(final: str | os.PathLike[str], option: str) -> Iterator[None]:
 
 @contextmanager
 def staged_directory(final: Path, *, option: str = "--output", overwrite: bool = False,
-                     is_ours: Callable[[Path], bool] | None = None, what: str = "") -> Iterator[Path]:
+                     is_ours: Callable[[Path], bool] | None = None, what: str = "",
+                     foreign: Callable[[Path], list[str]] | None = None) -> Iterator[Path]:
     """Yield a fresh ``.<name>.partial-*`` directory beside ``final``; when the block succeeds it
     replaces ``final``, when anything fails (Ctrl-C and SIGTERM included) it is removed and ``final``
     is untouched. The result gets the user's umask (``mkdtemp`` makes 0700, which a server running as
@@ -122,7 +130,7 @@ def staged_directory(final: Path, *, option: str = "--output", overwrite: bool =
     final = _resolved(final)
     with output_lock(final, option):
         if is_ours is not None:
-            check_replaceable(final, overwrite, is_ours, what, option)
+            check_replaceable(final, overwrite, is_ours, what, option, foreign)
         try:
             staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
         except OSError as exc:
@@ -133,7 +141,7 @@ def staged_directory(final: Path, *, option: str = "--output", overwrite: bool =
             os.chmod(staging, 0o777 & ~_umask())
             if is_ours is not None:
                 try:
-                    check_replaceable(final, overwrite, is_ours, what, option)
+                    check_replaceable(final, overwrite, is_ours, what, option, foreign)
                 except BgevlError:
                     raise BgevlError(f"{option} {final} changed while this ran and now holds files it did not write; "
                                      f"nothing there was replaced or deleted: move them away and run again, or choose "

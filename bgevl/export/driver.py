@@ -95,7 +95,7 @@ def _check_options(opts: ExportOptions) -> None:
         raise BgevlError(f"need 1 <= --opt-batch <= --max-batch, got {opts.opt_batch} and {opts.max_batch}")
     if opts.max_sequence_length < 16:
         raise BgevlError(f"--max-sequence-length {opts.max_sequence_length}: need at least 16 tokens")
-    check_replaceable(Path(opts.output), opts.overwrite, is_export, EXPORT_WHAT, "--output")
+    check_replaceable(Path(opts.output), opts.overwrite, is_export, EXPORT_WHAT, "--output", export_foreign_files)
     if opts.calibration_data is not None and opts.precision not in ("int8", "fp8"):
         raise BgevlError("--calibration-data only applies to --precision int8 and fp8")
     if opts.precision == "fp8" and not family.supports_fp8:
@@ -174,6 +174,25 @@ EXPORT_WHAT = "a bgevl export (manifest.json)"
 
 def is_export(directory: Path) -> bool:
     return (directory / MANIFEST_NAME).is_file()
+
+
+def export_foreign_files(directory: Path) -> list[str]:
+    """The files in an earlier export that it did not write (its manifest, graphs, processor files, validation
+    arrays and TensorRT engines are its own): a user's notes put there, which ``--overwrite`` must not delete."""
+    from bgevl.core.manifest import read_manifest
+    from bgevl.graphs.engines import ENGINE_DIR
+
+    directory = Path(directory)
+    try:
+        manifest = read_manifest(directory)
+    except BgevlError:
+        return []  # not readable as an export: is_export and the manifest's own checks answer for it
+    owned = {MANIFEST_NAME, manifest.validation.arrays or ""}
+    owned |= {str(p.relative_to(directory)) for name in manifest.graphs for p in manifest.graph_files(name)}
+    trees = (manifest.processor.rstrip("/") + "/", ENGINE_DIR + "/")
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and str(p.relative_to(directory)) not in owned
+                  and not str(p.relative_to(directory)).startswith(trees))
 
 
 @dataclass
@@ -389,7 +408,8 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
         quality_data = load_data(opts.quality_data, "--quality-data")
     steps = [step for step in EXPORT_STEPS if step.applies(opts)]
     progress = Progress(total=len(steps) + 1, sink=sink)
-    with staged_directory(out, option="--output", overwrite=opts.overwrite, is_ours=is_export, what=EXPORT_WHAT) as staging, \
+    with staged_directory(out, option="--output", overwrite=opts.overwrite, is_ours=is_export, what=EXPORT_WHAT,
+                          foreign=export_foreign_files) as staging, \
             tempfile.TemporaryDirectory(prefix="bgevl-export-") as work_dir:
         run = ExportRun(opts, spec, family_of(spec), staging, Path(work_dir), progress, quality_data)
         for step in steps:
