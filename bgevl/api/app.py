@@ -28,6 +28,7 @@ from bgevl.api.backends import BackendUnavailable, EmbeddingBackend
 from bgevl.api.images import FetchPolicy, decode_reference, fetch, is_image_data_url, is_url
 from bgevl.api.schemas import INPUT_TYPES, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Item, ModelCard, ModelList
 from bgevl.core.errors import InputError
+from bgevl.core.family import Kind
 
 log = logging.getLogger("bgevl.api")
 
@@ -107,8 +108,8 @@ class ParsedItem:
     image_bytes: bytes | None = None
 
     @property
-    def kind(self) -> tuple[bool, bool]:
-        return self.image is not None, self.text is not None
+    def kind(self) -> Kind:
+        return Kind.of(self.image is not None, self.text is not None)
 
 
 def parse_items(body: EmbeddingRequest, max_items: int) -> list[ParsedItem]:
@@ -335,14 +336,13 @@ class EmbeddingsService:
         """The items' vectors in item order and their tokens: one backend call per kind of item."""
         await self.resolve_images(items)
         role = INPUT_TYPES[body.input_type] if body.input_type else None
-        groups: dict[tuple[bool, bool], list[int]] = {}
+        groups: dict[Kind, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(item.kind, []).append(i)
 
-        async def one(kind: tuple[bool, bool], indices: list[int]) -> tuple[list[int], Any]:
-            has_image, has_text = kind
-            images = [cast(bytes, items[i].image_bytes) for i in indices] if has_image else None  # resolved above
-            texts = [cast(str, items[i].text) for i in indices] if has_text else None
+        async def one(kind: Kind, indices: list[int]) -> tuple[list[int], Any]:
+            images = [cast(bytes, items[i].image_bytes) for i in indices] if kind.has_image else None  # resolved above
+            texts = [cast(str, items[i].text) for i in indices] if kind.has_text else None
             try:
                 return indices, await self.backend.embed(images, texts, role, body.instruction)
             except InputError as exc:
@@ -356,9 +356,8 @@ class EmbeddingsService:
         for indices, done in results:
             out[indices] = done.vectors
             tokens += done.tokens
-        for (has_image, has_text), indices in groups.items():
-            kind = "composed" if has_image and has_text else "image" if has_image else "text"
-            self.metrics.items.labels(kind).inc(len(indices))
+        for kind, indices in groups.items():
+            self.metrics.items.labels(kind.value).inc(len(indices))
         return out, tokens
 
     async def parse(self, request: Request, held: list[int]) -> EmbeddingRequest:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Generator, Mapping, Protocol, Sequence
 
@@ -42,9 +43,31 @@ if TYPE_CHECKING:  # pragma: no cover  (types only: these modules are not import
 
 Feeds = dict[str, NDArray[Any]]
 
-#: The kinds of item every family embeds; validation figures and benchmark workloads use these names.
-IMAGE, TEXT, COMPOSED = "image", "text", "composed"
-KINDS = (IMAGE, TEXT, COMPOSED)
+class Kind(StrEnum):
+    """The kinds of item a family embeds: an image, a text, or both as one composed query. Their values are the
+    names validation figures, benchmark workloads, corpus folders and metrics use (a ``str``: ``Kind.IMAGE ==
+    "image"``)."""
+
+    IMAGE = "image"
+    TEXT = "text"
+    COMPOSED = "composed"
+
+    @classmethod
+    def of(cls, has_image: bool, has_text: bool) -> "Kind":
+        """The kind of an item with or without an image and a text (one of them at least)."""
+        return cls.COMPOSED if has_image and has_text else cls.IMAGE if has_image else cls.TEXT
+
+    @property
+    def has_image(self) -> bool:
+        return self is not Kind.TEXT
+
+    @property
+    def has_text(self) -> bool:
+        return self is not Kind.IMAGE
+
+
+IMAGE, TEXT, COMPOSED = Kind.IMAGE, Kind.TEXT, Kind.COMPOSED
+KINDS = tuple(Kind)
 
 
 #: Roles of a retrieval request (BGE-VL-MLLM's ``q_or_c``); families without roles accept and ignore them.
@@ -75,14 +98,10 @@ class Request:
     def __len__(self) -> int:
         return len(self.images if self.images is not None else self.texts or [])
 
-    def kinds(self) -> list[str]:
+    def kinds(self) -> list[Kind]:
         """The kind of each item: image-only, text-only or composed."""
-        out = []
-        for i in range(len(self)):
-            image = self.images is not None and self.images[i] is not None
-            text = self.texts is not None and self.texts[i] is not None
-            out.append(COMPOSED if image and text else IMAGE if image else TEXT)
-        return out
+        return [Kind.of(self.images is not None and self.images[i] is not None,
+                        self.texts is not None and self.texts[i] is not None) for i in range(len(self))]
 
     def slice(self, start: int, stop: int) -> "Request":
         return Request(self.images[start:stop] if self.images is not None else None,

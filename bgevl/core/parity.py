@@ -168,9 +168,9 @@ def parity(family: Recipe, graphs: Mapping[str, GraphSpec], arrays: Mapping[str,
         got.append(np.asarray(run_steps(family.steps(feeds, graphs), run), np.float32))
         i += 1
     got_all, ref, kinds = np.concatenate(got), arrays["ref/embeddings"], arrays["kinds"]
-    figures = {}
+    figures: dict[str, dict[str, Any]] = {}
     for kind in KINDS:
-        sel = kinds == kind
+        sel = kinds == kind.value
         if not np.any(sel):
             continue
         gallery = ref[kinds == (TEXT if kind == IMAGE else IMAGE)]

@@ -65,7 +65,7 @@ def choose_kinds(source: Source, kinds: list[str], say: Any) -> list[str]:
         if unknown:
             raise BgevlError(f"--kinds {','.join(kinds)}: {', '.join(unknown)} unknown; choose from {', '.join(KINDS)}")
         return list(dict.fromkeys(kinds))
-    chosen = [k for k in (IMAGE, TEXT) if k in source.available]
+    chosen: list[str] = [k.value for k in (IMAGE, TEXT) if k in source.available]
     if isinstance(source, FolderSource) and 0 < source.with_captions < source.count:
         say(f"{source.count - source.with_captions} of {source.count} images have no caption (.txt): embedding the "
             f"images only (captions kept in the metadata); --kinds image,text embeds captions too and lists the "

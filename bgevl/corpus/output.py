@@ -39,7 +39,7 @@ from bgevl.corpus.readers import url_to_fs
 FORMAT = "bgevl-corpus/1"
 MANIFEST = "manifest.json"
 #: kind -> (folder, file prefix): clip-retrieval's names for images and texts
-FOLDERS = {IMAGE: ("img_emb", "img_emb"), TEXT: ("text_emb", "text_emb"), COMPOSED: ("composed_emb", "composed_emb")}
+FOLDERS: dict[str, tuple[str, str]] = {IMAGE: ("img_emb", "img_emb"), TEXT: ("text_emb", "text_emb"), COMPOSED: ("composed_emb", "composed_emb")}
 PAD = 5
 PARTIAL = ".partial"
 

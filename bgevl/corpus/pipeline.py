@@ -27,7 +27,7 @@ import numpy as np
 
 from bgevl.api.images import FetchPolicy, fetch
 from bgevl.core.errors import BgevlError, InputError
-from bgevl.core.family import COMPOSED, IMAGE, KINDS, TEXT, Request
+from bgevl.core.family import COMPOSED, IMAGE, KINDS, TEXT, Kind, Request
 from bgevl.corpus.output import CorpusOutput, Partition
 from bgevl.corpus.readers import Item, Source, read_bytes, url_to_fs
 
@@ -42,7 +42,7 @@ def reason_of(exc: BaseException) -> str:
 
 def needs(kinds: list[str]) -> tuple[bool, bool]:
     """(needs an image, needs a text) for the kinds embedded."""
-    return any(k in (IMAGE, COMPOSED) for k in kinds), any(k in (TEXT, COMPOSED) for k in kinds)
+    return any(Kind(k).has_image for k in kinds), any(Kind(k).has_text for k in kinds)
 
 
 @dataclass
