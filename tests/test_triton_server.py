@@ -97,6 +97,11 @@ def mllm_served(export_dir, tmp_path_factory):
 
 # --- the repository on disk --------------------------------------------------------------
 
+
+def _ready(server, path: str) -> bool:
+    """Triton's readiness at one of its paths (/v2/health/ready, /v2/models/<name>/ready), through the server's client."""
+    return server.ready(None if path == "/v2/health/ready" else path.split("/")[3])
+
 @pytest.mark.parametrize("backend", ["python", "onnxruntime"])
 def test_repository_configs_parse_and_follow_the_manifest(clip_export, tmp_path, backend):
     repo = write_repository(clip_export, tmp_path / "repo", backend=backend, sink=None)
@@ -406,7 +411,7 @@ def test_a_killed_stub_is_seen_reported_and_its_model_reloaded_under_load(clip_e
     def watch_ready():
         while not stop.is_set():
             for path in [f"/v2/models/{victim}/ready", *READINESS]:
-                if server._get(path) != 200:
+                if not _ready(server, path):
                     not_ready[path] = not_ready.get(path, 0) + 1
             time.sleep(0.05)
 
@@ -473,7 +478,7 @@ def test_the_pod_probe_fails_on_a_dead_stub_that_tritons_health_endpoints_do_not
         deadline = time.monotonic() + 10
         while pid in server.stub_processes() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert server._get("/v2/health/live") == 200 and server._get("/v2/health/ready") == 200  # Triton does not see it
+        assert server.live() and server.ready()  # Triton does not see it
         want = f"python-backend stub(s) of bgevl_text (pid {pid}) died"
         for extra in ((), ("--ready",), ()):
             code, line = probe(*extra)

@@ -150,8 +150,10 @@ def _export(key: str, precision: str, args, log, int8_mode: str | None = None) -
                                     max_batch=max_batch, overwrite=True), sink=lambda msg: None)
 
 
-class Progress:
-    def __init__(self):
+class TimedLog:
+    """bgevl-bench's progress: one line per message on stderr, with the seconds since the start."""
+
+    def __init__(self) -> None:
         self.start = time.perf_counter()
 
     def __call__(self, message: str) -> None:
@@ -641,7 +643,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from bgevl.benchmarks.measure import MemorySampler
     from bgevl.benchmarks.report import write_reports
 
-    log = Progress()
+    log = TimedLog()
     models = [m for m in args.models.split(",") if m]
     if args.model_path and len(models) != 1:
         raise BgevlError("--model-path needs exactly one --models entry")

@@ -12,7 +12,7 @@ from typing import Any
 from bgevl.core.errors import BgevlError
 from bgevl.core.family import IMAGE, KINDS, TEXT
 from bgevl.corpus.output import CorpusOutput
-from bgevl.corpus.pipeline import BatchEmbedder, Progress, embed_local, needs
+from bgevl.corpus.pipeline import BatchEmbedder, ItemProgress, embed_local, needs
 from bgevl.corpus.readers import FolderSource, Source, open_source
 
 #: items per partition (one .npy per kind, one metadata file): clip-retrieval's default is 10**6 per
@@ -112,7 +112,7 @@ def embed_corpus(options: CorpusOptions, say: Any = None) -> dict[str, Any]:
         say(f"resuming: {len(output.done)} partitions of {options.output} are complete and are kept")
     from bgevl.runtime import Embedder
 
-    progress = Progress(source.count, options.log_interval, enabled=options.progress)
+    progress = ItemProgress(source.count, options.log_interval, enabled=options.progress)
     try:
         if engine == "ray":
             from bgevl.corpus.ray_engine import embed_ray

@@ -219,7 +219,7 @@ def plan(source: Source, partition_size: int, batch_size: int, done: set[int],
             yield number, None, count
 
 
-class Progress:
+class ItemProgress:
     """A tqdm bar (items/s, ETA, failures) on a terminal; a plain line every ``interval`` seconds otherwise."""
 
     def __init__(self, total: int | None, interval: float = 30.0, stream: Any = None, enabled: bool = True):
@@ -293,7 +293,7 @@ class PartitionBuffer:
 
 
 def embed_local(source: Source, output: CorpusOutput, embedder: BatchEmbedder, partition_size: int,
-                batch_size: int, workers: int, progress: Progress) -> None:
+                batch_size: int, workers: int, progress: ItemProgress) -> None:
     """The one-machine engine: a producer thread walks the plan and submits batches to ``workers``
     preparing threads; the main thread runs the model on them in order and writes each partition as
     it ends. At most ``2 * workers + 1`` batches are read ahead."""

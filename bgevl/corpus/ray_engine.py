@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from bgevl.core.errors import BgevlError
-from bgevl.corpus.pipeline import BatchResult, PartitionBuffer, Progress, plan
+from bgevl.corpus.pipeline import BatchResult, ItemProgress, PartitionBuffer, plan
 from bgevl.corpus.readers import Item
 
 _FIELDS = ("id", "source", "image", "image_uri", "text", "text_uri", "error")
@@ -81,7 +81,7 @@ def start_ray(address: str, cpus: int) -> Any:
     return ray
 
 
-def embed_ray(source: Any, output: Any, options: Any, kinds: list[str], progress: Progress) -> None:
+def embed_ray(source: Any, output: Any, options: Any, kinds: list[str], progress: ItemProgress) -> None:
     workers = max(1, options.ray_workers)
     ray = start_ray(options.ray_address, int(max(1, workers * options.ray_cpus_per_worker)))
     from ray.data import ActorPoolStrategy, DataContext

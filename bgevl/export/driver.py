@@ -46,7 +46,7 @@ def int8_modes() -> tuple[str, ...]:
     return declared(list(families().values()))
 
 
-class Progress:
+class StepLog:
     """The export's numbered steps: one line each for the user, and a :class:`PipelineStep` record each
     (name, status, seconds) for the manifest."""
 
@@ -205,7 +205,7 @@ class ExportRun:
     family: Family
     staging: Path
     work: Path
-    progress: Progress
+    progress: StepLog
     quality_data: Any = None
     ckpt: ResolvedCheckpoint | None = None
     exported: ExportedModel | None = None
@@ -407,7 +407,7 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
 
         quality_data = load_data(opts.quality_data, "--quality-data")
     steps = [step for step in EXPORT_STEPS if step.applies(opts)]
-    progress = Progress(total=len(steps) + 1, sink=sink)
+    progress = StepLog(total=len(steps) + 1, sink=sink)
     with staged_directory(out, option="--output", overwrite=opts.overwrite, is_ours=is_export, what=EXPORT_WHAT,
                           foreign=export_foreign_files) as staging, \
             tempfile.TemporaryDirectory(prefix="bgevl-export-") as work_dir:
@@ -423,7 +423,7 @@ def run_export(opts: ExportOptions, sink: Callable[[str], None] | None = None) -
 
 
 def _quality_gate(opts: ExportOptions, data: Any, manifest: Manifest, fp32_dir: Path, processor: Any,
-                  progress: Progress) -> dict:
+                  progress: StepLog) -> dict:
     """Retrieval quality of the staged export against the fp32 graphs exported on the way (an export of
     their own in ``fp32_dir``); refused over ``--max-recall-drop`` (``bgevl.quality.gate``)."""
     import dataclasses

@@ -145,7 +145,7 @@ def _batches(items: list, size: int) -> Iterable[list]:
 def embed_run(spec: RunSpec, data: QualityData, options: EvalOptions, embedder: Any = None,
               say: Callable[[str], None] | None = None) -> RunResult:
     """Embed every set of ``data`` with one run (``embedder``: one already loaded for it)."""
-    from bgevl.corpus.pipeline import BatchEmbedder, Progress
+    from bgevl.corpus.pipeline import BatchEmbedder, ItemProgress
 
     say = say or (lambda msg: print(msg, file=sys.stderr))
     start = time.monotonic()
@@ -159,7 +159,7 @@ def embed_run(spec: RunSpec, data: QualityData, options: EvalOptions, embedder: 
             "instructions": instructions}
     result = RunResult(spec, info)
     total = sum(len(s.items) for s in sets)
-    progress = Progress(total, options.log_interval, enabled=options.progress)
+    progress = ItemProgress(total, options.log_interval, enabled=options.progress)
     say(f"{spec.label}: embedding {total} items ({', '.join(f'{len(s.items)} {s.name}' for s in sets)})")
     size = embedder.max_batch * 4
     try:

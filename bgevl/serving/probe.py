@@ -81,6 +81,8 @@ def dead_stubs(previous: dict[int, str], current: dict[int, str], still_ready: C
 
 
 def _status(url: str) -> int:
+    """HTTP status of a GET (urllib, not tritonclient: the probe runs in the serving image, whose requirements
+    are the runtime's, without the serving extra)."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status

@@ -30,9 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 from bgevl.core.errors import BgevlError
 
@@ -330,18 +329,31 @@ class TritonServer:
 
         return stub_processes(self.process.pid) if self.process is not None else {}
 
-    def _post(self, path: str, timeout: float, body: dict | None = None) -> tuple[int, str]:
-        import json
+    def _client(self, timeout: float) -> Any:
+        """tritonclient's HTTP client of this server (the serving extra installs it), for its control calls."""
+        import tritonclient.http as http
 
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=json.dumps(body or {}).encode(), method="POST",
-                                     headers={ADMIN_HEADER: self.admin_key, "Content-Type": "application/json"})
+        return http.InferenceServerClient(self.http_url, connection_timeout=timeout, network_timeout=timeout)
+
+    def _control(self, action: str, model: str, timeout: float, config: str | None = None) -> tuple[int, str]:
+        """``load`` or ``unload`` ``model`` through the repository API (restricted: the admin header); (HTTP status,
+        Triton's message); status 0 when the server did not answer."""
+        from tritonclient.utils import InferenceServerException
+
+        client = self._client(timeout)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                return response.status, ""
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")
-        except (urllib.error.URLError, OSError) as exc:
+            if action == "load":
+                client.load_model(model, headers={ADMIN_HEADER: self.admin_key}, config=config)
+            else:
+                client.unload_model(model, headers={ADMIN_HEADER: self.admin_key})
+            return 200, ""
+        except InferenceServerException as exc:
+            status = str(exc.status() or "")
+            return (int(status) if status.isdigit() else 0), exc.message() or str(exc)
+        except (OSError, ConnectionError) as exc:
             return 0, str(exc)
+        finally:
+            client.close()
 
     #: Reload attempts for a model whose stub died, and the pause before the first retry (doubled each time).
     RELOAD_ATTEMPTS, RELOAD_BACKOFF_S = 3, 1.0
@@ -361,7 +373,7 @@ class TritonServer:
         current = self.stub_processes()
         # a stub that went while Triton still calls its model ready died; one whose model an admin
         # unloaded or reloaded through the repository API went on purpose
-        dead = dead_stubs(self._stubs, current, lambda model: self._get(f"/v2/models/{model}/ready") == 200)
+        dead = dead_stubs(self._stubs, current, self._model_ready)
         reloaded = []
         for model, pid in dead.items():
             start = time.monotonic()
@@ -379,8 +391,8 @@ class TritonServer:
                 status, body = self._reload_in_place(model, timeout) if in_place else self._reload(model, timeout)
                 for caller in callers:
                     if status == 200:
-                        status, body = self._post(f"/v2/repository/models/{caller}/load", timeout)
-                if status == 200 and all(self._get(f"/v2/models/{m}/ready") == 200 for m in (model, *callers)):
+                        status, body = self._control("load", caller, timeout)
+                if status == 200 and all(self._model_ready(m) for m in (model, *callers)):
                     report(f"bgevl-serve: model {model!r} is serving again ({time.monotonic() - start:.1f} s)")
                     reloaded.append(model)
                     break
@@ -399,9 +411,9 @@ class TritonServer:
 
     def _unload(self, model: str, timeout: float) -> tuple[int, str]:
         """Unload ``model`` and wait until Triton no longer calls it ready."""
-        status, body = self._post(f"/v2/repository/models/{model}/unload", timeout)
+        status, body = self._control("unload", model, timeout)
         deadline = time.monotonic() + timeout
-        while status == 200 and self._get(f"/v2/models/{model}/ready") == 200 and time.monotonic() < deadline:
+        while status == 200 and self._model_ready(model) and time.monotonic() < deadline:
             time.sleep(0.1)
         return status, body
 
@@ -410,7 +422,7 @@ class TritonServer:
         not change is a no-op in Triton 2.51, so the unload comes first)."""
         status, body = self._unload(model, timeout)
         if status == 200:
-            status, body = self._post(f"/v2/repository/models/{model}/load", timeout)
+            status, body = self._control("load", model, timeout)
         return status, body
 
     def _reload_in_place(self, model: str, timeout: float) -> tuple[int, str]:
@@ -418,23 +430,41 @@ class TritonServer:
         it is not a no-op): Triton loads new instances while the running ones serve, then swaps them."""
         import json
 
+        from tritonclient.utils import InferenceServerException
+
+        client = self._client(timeout)
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/config", timeout=timeout) as response:
-                config = json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+            config = client.get_model_config(model)
+        except (InferenceServerException, OSError, ConnectionError, ValueError) as exc:
             return 0, f"reading the configuration of {model!r}: {exc}"
+        finally:
+            client.close()
         self._generation += 1
         config.setdefault("parameters", {})["bgevl_reload"] = {"string_value": str(self._generation)}
-        return self._post(f"/v2/repository/models/{model}/load", timeout, {"parameters": {"config": json.dumps(config)}})
+        return self._control("load", model, timeout, config=json.dumps(config))
 
-    def _get(self, path: str) -> int:
+    def ready(self, model: str | None = None) -> bool:
+        """Whether Triton calls ``model`` (None: the server) ready; False when it does not answer."""
+        return self._model_ready(model)
+
+    def live(self) -> bool:
+        """Whether Triton calls itself live (its health endpoint: a dead python-backend stub does not change it)."""
+        client = self._client(2.0)
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as response:
-                return response.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except (urllib.error.URLError, OSError):
-            return 0
+            return bool(client.is_server_live())
+        except Exception:  # noqa: BLE001 - the client raises its own exception types, and socket errors
+            return False
+        finally:
+            client.close()
+
+    def _model_ready(self, model: str | None = None) -> bool:
+        client = self._client(2.0)
+        try:
+            return bool(client.is_model_ready(model) if model is not None else client.is_server_ready())
+        except Exception:  # noqa: BLE001 - the client raises its own exception types, and socket errors
+            return False
+        finally:
+            client.close()
 
     def _wait_ready(self, timeout: float, progress) -> None:
         assert self.process is not None  # start() launched it
@@ -443,7 +473,7 @@ class TritonServer:
             if self.process.poll() is not None:
                 raise BgevlError(f"tritonserver exited with code {self.process.returncode} while loading "
                                  f"{self.repository}: {self.load_failures()} (server log: {self.log_file})")
-            if self._get("/v2/health/ready") == 200 and all(self._get(f"/v2/models/{m}/ready") == 200 for m in self.models):
+            if self._model_ready() and all(self._model_ready(m) for m in self.models):
                 return
             if progress and time.monotonic() - last > 5:
                 progress(f"waiting for {len(self.models)} models to load ...")
