@@ -4,6 +4,13 @@ cosine check of served embeddings against the runtime's."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
@@ -40,3 +47,31 @@ def jobs_with_bad_ones(bad: str, valid: int = 30, at: tuple[int, ...] = (7, 21))
     for position in at:
         jobs.insert(position, (bad, None))
     return jobs
+
+
+@contextmanager
+def api_process(export: Path, env: dict[str, str], timeout: float = 120) -> Iterator[Any]:
+    """``bgevl-api EXPORT`` in a process of its own (``env``: e.g. a plug-in on PYTHONPATH), ready: an ``openai``
+    client of it; the process is stopped at the end."""
+    import openai
+
+    from bgevl.serving.server import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bgevl.api.cli", str(export), "--port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read() if server.poll() else "timeout"
+            time.sleep(0.3)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -8,8 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -65,31 +63,12 @@ def test_the_plugin_exports_and_validates_at_its_own_image_size(plugin_export):
 
 
 def test_the_plugin_is_served_by_the_embeddings_api(plugin_export):
-    import openai
+    from samples import api_process
 
-    from bgevl.serving.server import free_port
-
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bgevl.api.cli", str(plugin_export), "--port", str(port)],
-                              env=_env(PLUGINS), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read() if server.poll() else "timeout"
-            time.sleep(0.3)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-        texts = ["a photo of a cat", "two dogs on a beach"]
+    texts = ["a photo of a cat", "two dogs on a beach"]
+    with api_process(plugin_export, _env(PLUGINS)) as client:
         served = np.array([d.embedding for d in client.embeddings.create(model=client.models.list().data[0].id,
                                                                           input=texts, encoding_format="float").data])
-    finally:
-        server.terminate()
-        server.wait(30)
     # the runtime's embeddings of the same texts, computed in another process with the plug-in on its path
     script = ("import json, sys; from bgevl.runtime import Embedder; "
               f"e = Embedder.load({str(plugin_export)!r}); "

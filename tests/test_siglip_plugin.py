@@ -9,8 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -110,31 +108,11 @@ def test_a_composed_request_is_refused_in_one_line(export):
 
 
 def test_the_embeddings_api_serves_siglip_to_the_openai_client(export):
-    import openai
+    from samples import api_process
 
-    from bgevl.serving.server import free_port
-
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bgevl.api.cli", str(export), "--port", str(port)],
-                              env={**os.environ, "PYTHONPATH": str(PLUGINS)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read() if server.poll() else "timeout"
-            time.sleep(0.3)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    with api_process(export, {**os.environ, "PYTHONPATH": str(PLUGINS)}) as client:
         served = np.array([d.embedding for d in client.embeddings.create(model=client.models.list().data[0].id,
                                                                           input=TEXTS, encoding_format="float").data])
-    finally:
-        server.terminate()
-        server.wait(30)
     direct = np.array(json.loads(_ok(_run(["-c", "import json; from bgevl.runtime import Embedder; "
                                                  f"print(json.dumps(Embedder.load({str(export)!r}).encode(text={TEXTS!r}).tolist()))"]))))
     assert served.shape == (3, 32) and np.min(np.sum(served * direct, axis=1)) >= 0.9999
