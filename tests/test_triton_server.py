@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -623,13 +624,15 @@ def test_mllm_bad_requests_name_the_problem(mllm_served, extra, message):
 
 # --- bgevl-serve -------------------------------------------------------------------------
 
-def launch_serve(repo, *extra: str, preexec_fn=None):
-    """``bgevl-serve REPO`` as a subprocess, read until it says it is ready: (process, its output, ports)."""
+def launch_serve(repo, *extra: str, preexec_fn=None, tmpdir: Path | None = None):
+    """``bgevl-serve REPO`` as a subprocess, read until it says it is ready: (process, its output, ports).
+    ``tmpdir``: its TMPDIR (where the server's working directory goes)."""
     ports = free_ports(4)
     cmd = [sys.executable, "-m", "bgevl.serving.cli", str(repo), "--http-port", str(ports[0]),
            "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--api-port", str(ports[3]), *extra]
+    env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir is not None else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=preexec_fn or os.setsid)
+                            preexec_fn=preexec_fn or os.setsid, env=env)
     lines = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -721,9 +724,13 @@ def test_default_server_listens_on_loopback_only_and_restricts_admin_apis(clip_s
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGHUP"])
-def test_no_server_outlives_its_launcher(clip_export, tmp_path, how):
+def test_no_server_outlives_its_launcher(clip_export, tmp_path, how, monkeypatch):
     repo = write_repository(clip_export, tmp_path / "repo", sink=None)
-    proc, out, _ = launch_serve(repo)
+    # a TMPDIR of its own: a server started meanwhile by another test run on this machine would otherwise
+    # remove the orphaned working directory this test looks for (it did, once, in a CI run beside another)
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    proc, out, _ = launch_serve(repo, tmpdir=private_tmp)
     try:
         assert "ready: 6 models" in out, out
         server_pid = server_pid_of(out)
@@ -743,7 +750,8 @@ def test_no_server_outlives_its_launcher(clip_export, tmp_path, how):
         from bgevl.serving.server import remove_stale_workdirs
 
         workdir = Path(out.split(", log ")[1].split()[0]).parent
-        assert workdir.is_dir()
+        assert workdir.is_dir() and workdir.parent == private_tmp
+        monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
         remove_stale_workdirs()
         assert not workdir.exists()
 
