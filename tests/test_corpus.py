@@ -550,3 +550,32 @@ def test_a_shard_member_declaring_a_huge_size_is_not_read_into_memory(export, tm
     assert any("over the" in r and "limit of one item" in r or "shard unreadable" in r
                for r in _failures(tmp_path / "out").values())
     assert len(shards) == 2
+
+
+def test_a_full_output_is_one_line_and_the_complete_partitions_are_kept(export, tmp_path, monkeypatch, capsys):
+    """A full or read-only output was a traceback; now one line saying what is kept and how to resume."""
+    import errno
+
+    from bgevl.corpus.cli import main
+    from bgevl.corpus.output import CorpusOutput
+
+    folder = write_folder(tmp_path / "in", make_items(30))
+    write = CorpusOutput.write
+    calls = []
+
+    def full_after_one(self, part, items):
+        calls.append(part.number)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "img_emb"))
+        return write(self, part, items)
+
+    monkeypatch.setattr(CorpusOutput, "write", full_after_one)
+    code = main(["--export", str(export), "--input", str(folder), "--output", str(tmp_path / "out"),
+                 "--partition-size", "10", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("bgevl-embed: error: No space left on device: ") and "complete partitions are kept" in err
+    monkeypatch.setattr(CorpusOutput, "write", write)
+    summary = embed_corpus(CorpusOptions(export=export, input=str(folder), output=str(tmp_path / "out"),
+                                         partition_size=10, progress=False))
+    assert summary["skipped"] == 10 and summary["embedded"] == 30  # the first partition kept, the rest resumed

@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads, triton=args.triton, triton_model=args.triton_model, ray_address=args.ray_address, ray_workers=args.ray_workers,
         ray_cpus_per_worker=args.ray_cpus_per_worker, ray_gpus_per_worker=args.ray_gpus_per_worker,
         log_interval=args.log_interval, progress=not args.quiet, allow_image_hosts=tuple(args.allow_image_host))
-    return run_cli("bgevl-embed", lambda: _embed(options), f"interrupted; complete partitions are kept in "
-                                                             f"{args.output}: run the same command to resume")
+    kept = f"complete partitions are kept in {args.output}: run the same command to resume"
+    return run_cli("bgevl-embed", lambda: _embed(options), f"interrupted; {kept}",
+                   os_errors=f"{kept} once there is room or it is writable")  # a full or read-only output
 
 
 def _embed(options: CorpusOptions) -> int:
