@@ -365,6 +365,7 @@ def test_a_backend_that_is_not_ready_is_503_and_health_says_so():
         assert get(f"{server.url}/health/live")[0] == 200
         status, body = get(f"{server.url}/health/ready")
         assert status == 503 and "does not answer" in json.loads(body)["reason"]
+        assert get(f"{server.url}/v1/health/live")[0] == 200 and get(f"{server.url}/v1/health/ready")[0] == 503  # NIM's
         status, headers, body = post(f"{server.url}/v1/embeddings", {"input": TEXTS})
         assert_error((status, headers, body), 503, None, "not ready", code="not_ready")
         assert headers["retry-after"] == "5"

@@ -512,10 +512,12 @@ def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) ->
         return ModelList(data=[ModelCard(id=backend.name, created=int(app.state.started))])
 
     @app.get("/health/live")
+    @app.get("/v1/health/live")  # NIM's path of the same probe
     async def live() -> dict[str, str]:
         return {"status": "live"}
 
     @app.get("/health/ready")
+    @app.get("/v1/health/ready")  # NIM's path of the same probe
     async def ready() -> Any:
         if await backend.ready():
             return {"status": "ready", "model": backend.name}
