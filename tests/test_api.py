@@ -801,3 +801,35 @@ def test_request_bodies_are_bounded_across_requests_before_the_in_flight_limit(e
         result = post(f"{server.url}/v1/embeddings", {"input": TEXTS, "pad": "x" * (declared - 2000)})
         assert result[0] == 400 and "pad" in result[2]["error"]["message"]  # the budget came back: read, then refused
         assert post(f"{server.url}/v1/embeddings", {"input": TEXTS})[0] == 200
+
+
+class ImageGatedBackend(EmbedderBackend):
+    """Holds each encode call with images until ``gate`` opens (bounded); texts run at once."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.gate, self.entered = threading.Event(), threading.Semaphore(0)
+
+    def _encode(self, images, *args):
+        if images is not None:
+            self.entered.release()
+            assert self.gate.wait(60), "the test never opened the gate"
+        return super()._encode(images, *args)
+
+
+def test_a_one_text_request_does_not_wait_behind_image_requests_that_hold_every_worker(embedders):
+    """Two requests of near-limit images held both encode workers for seconds, and a one-text request waited
+    behind them (19.4 s measured): texts run in a pool of their own."""
+    embedder = embedders("tiny")
+    backend = backend_of(embedder, cls=ImageGatedBackend)
+    with serving(backend) as server, ThreadPoolExecutor(2) as pool:
+        url = f"{server.url}/v1/embeddings"
+        images = [pool.submit(post, url, {"input": [{"image": data_url(IMAGES[i])}]}) for i in range(2)]
+        assert backend.entered.acquire(timeout=30) and backend.entered.acquire(timeout=30)  # both workers held
+        started = time.monotonic()
+        status, _, body = post(url, {"input": TEXTS[:1], "encoding_format": "float"})
+        assert status == 200 and time.monotonic() - started < 30
+        assert_matches([body["data"][0]["embedding"]], embedder.encode(text=TEXTS[:1]))
+        assert not any(f.done() for f in images)  # the image requests were still held meanwhile
+        backend.gate.set()
+        assert all(f.result(timeout=60)[0] == 200 for f in images)

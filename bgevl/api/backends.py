@@ -67,7 +67,9 @@ class EmbeddingBackend(ABC):
 class EmbedderBackend(EmbeddingBackend):
     """``bgevl.runtime.Embedder`` in this process. Encode calls block (ONNX Runtime, OpenVINO, TensorRT
     release the GIL while they run), so they run in a thread pool of ``workers`` threads; the event loop
-    only parses, decodes base64 and answers."""
+    only parses, decodes base64 and answers. Text-only groups run in a pool of their own: a request of a
+    few texts costs milliseconds and never waits behind images being decoded and run (two requests of
+    near-limit images held every worker for seconds while one-text requests queued behind them)."""
 
     def __init__(self, export_dir: str | os.PathLike, *, name: str | None = None, workers: int = 2,
                  load_options: dict[str, Any] | None = None, embedder: Any = None):
@@ -76,6 +78,7 @@ class EmbedderBackend(EmbeddingBackend):
         self.name = name or self.export_dir.resolve().name
         self.load_options = dict(load_options or {})
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bgevl-api-encode")
+        self.text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bgevl-api-text")
         self.embedder = embedder
         self._owns_embedder = False  # one it loaded itself is closed with it; one given to it is the caller's
         self.error: str | None = None
@@ -109,12 +112,14 @@ class EmbedderBackend(EmbeddingBackend):
 
     async def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.text_pool.shutdown(wait=False, cancel_futures=True)
         if self.embedder is not None and self._owns_embedder:
             # its runners are freed once the calls still in the pool's threads have ended
             await asyncio.get_running_loop().run_in_executor(None, self._close_when_idle, self.embedder)
 
     def _close_when_idle(self, embedder: Any) -> None:
         self.pool.shutdown(wait=True)
+        self.text_pool.shutdown(wait=True)
         embedder.close()
 
     async def ready(self) -> bool:
@@ -133,7 +138,8 @@ class EmbedderBackend(EmbeddingBackend):
     async def embed(self, images, texts, role, instruction) -> Embedded:
         if self.embedder is None:
             raise BackendUnavailable(self.error or f"the model is still loading from {self.export_dir}")
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, images, texts, role, instruction)
+        pool = self.text_pool if images is None else self.pool
+        return await asyncio.get_running_loop().run_in_executor(pool, self._encode, images, texts, role, instruction)
 
 
 class TritonBackend(EmbeddingBackend):
