@@ -11,6 +11,7 @@ import base64
 import http.server
 import io
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -833,3 +834,43 @@ def test_a_one_text_request_does_not_wait_behind_image_requests_that_hold_every_
         assert not any(f.done() for f in images)  # the image requests were still held meanwhile
         backend.gate.set()
         assert all(f.result(timeout=60)[0] == 200 for f in images)
+
+
+def test_slow_heads_are_closed_and_connections_are_bounded_with_one_log_line_per_condition(embedders, caplog):
+    """A client sending a header byte a second held its connection for ever, and 1,100 of them exhausted the
+    descriptors (a traceback per refused accept). Now a head must arrive within --header-timeout, connections
+    over --max-connections are closed when accepted, and each condition is one log line, not one per connection."""
+    import socket
+    import urllib.parse
+
+    embedder = embedders("tiny")
+    with caplog.at_level(logging.WARNING, logger="bgevl.api"), \
+            serving(backend_of(embedder), header_timeout_s=1.0, max_connections=4) as server:
+        address = urllib.parse.urlsplit(server.url)
+        slow = []
+        for _ in range(8):  # a head that never ends
+            conn = socket.create_connection((address.hostname, address.port), timeout=10)
+            conn.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n")
+            slow.append(conn)
+        def closed(conn: socket.socket) -> bool:
+            try:
+                return conn.recv(1024) == b""
+            except ConnectionResetError:  # closed with the unread head in its buffer
+                return True
+
+        started = time.monotonic()
+        for conn in slow:
+            assert closed(conn)  # closed by the server: at once over the limit, or after 1 s
+        assert time.monotonic() - started < 8
+        assert post(f"{server.url}/v1/embeddings", {"input": TEXTS})[0] == 200  # a healthy client is served
+        keep_alive = socket.create_connection((address.hostname, address.port), timeout=10)
+        body = json.dumps({"input": TEXTS[:1]}).encode()
+        keep_alive.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert keep_alive.recv(65536).startswith(b"HTTP/1.1 200")
+        keep_alive.sendall(b"GET /v1/models HTTP/1.1\r\n")  # the next head on the kept-alive connection: too slow
+        started = time.monotonic()
+        assert closed(keep_alive) and time.monotonic() - started < 8
+    lines = [r.getMessage() for r in caplog.records if r.name == "bgevl.api"]
+    assert sum("request head was not complete within 1 s" in line for line in lines) == 1, lines
+    assert sum("over the limit of 4 open connections" in line for line in lines) == 1, lines

@@ -49,6 +49,10 @@ class ApiOptions:
     timeout_s: float = 60.0
     max_body_bytes: int = 32 * 1024 * 1024
     max_buffered_bytes: int = 256 * 1024 * 1024
+    #: a request's head must be complete within this many seconds (``bgevl.api.connections``)
+    header_timeout_s: float = 10.0
+    #: open connections at most (None: the descriptor limit less a margin)
+    max_connections: int | None = None
     max_items: int = MAX_ITEMS
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
     retry_after_s: int = 1

@@ -24,6 +24,17 @@ DEFAULT_PORT = 8080
 API_KEY_ENV = "BGEVL_API_KEY"
 
 
+def uvicorn_config(app: Any, options: ApiOptions, **settings: Any) -> Any:
+    """uvicorn's settings for the API: its HTTP/1.1 protocol with a deadline for a request's head and a bound
+    on open connections (``bgevl.api.connections``), no access log."""
+    import uvicorn
+
+    from bgevl.api.connections import default_max_connections, guarded_protocol
+
+    protocol = guarded_protocol(options.header_timeout_s, options.max_connections or default_max_connections())
+    return uvicorn.Config(app, http=protocol, access_log=False, **settings)
+
+
 class ApiServer:
     """uvicorn serving the API in a thread of this process (tests, ``bgevl-serve``, ``bgevl-bench``); ``stop``
     is uvicorn's graceful shutdown: no new connections, in-flight requests finish (up to ``grace_s``)."""
@@ -37,8 +48,8 @@ class ApiServer:
         self.backend, self.host = backend, host
         self.port = port or free_port()
         self.app = create_app(backend, options)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=self.port, log_level=log_level,
-                                                    timeout_graceful_shutdown=grace_s, access_log=False))
+        self.server = uvicorn.Server(uvicorn_config(self.app, options, host=host, port=self.port, log_level=log_level,
+                                                    timeout_graceful_shutdown=grace_s))
         self.thread: threading.Thread | None = None
 
     @property
@@ -118,6 +129,12 @@ def add_api_options(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT
     g.add_argument(f"--{prefix}timeout" if prefix else "--timeout", dest="api_timeout", type=float, default=60.0,
                    help="seconds to answer one request (then 504)")
     g.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="largest request body (then 413)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request's head (request line and headers) to arrive; then the connection is "
+                        "closed (a client sending a byte a second held it for ever)")
+    g.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most; more are closed when accepted (default: the descriptor limit "
+                        "less 128)")
     g.add_argument("--max-buffered-bytes", type=int, default=256 * 1024 * 1024,
                    help="request bodies held at once across all requests, read or being read (then 503 with "
                         "Retry-After; bounds memory before the in-flight limit applies)")
@@ -132,10 +149,13 @@ def api_options(args: argparse.Namespace) -> ApiOptions:
             raise BgevlError(f"--{name.replace('_', '-')}: must be at least 1")
     if args.queue < 0 or args.api_timeout <= 0:
         raise BgevlError("--queue must be >= 0 and --timeout > 0")
+    if args.header_timeout <= 0 or (args.max_connections is not None and args.max_connections < 1):
+        raise BgevlError("--header-timeout must be > 0 and --max-connections at least 1")
     hosts = frozenset(h.lower().strip() for h in args.allow_image_host)
     return ApiOptions(api_key=read_api_key(args.api_key_file), max_in_flight=args.max_in_flight, queue=args.queue,
                       timeout_s=args.api_timeout, max_body_bytes=args.max_body_bytes,
-                      max_buffered_bytes=args.max_buffered_bytes,
+                      max_buffered_bytes=args.max_buffered_bytes, header_timeout_s=args.header_timeout,
+                      max_connections=args.max_connections,
                       fetch=FetchPolicy(hosts=hosts, max_bytes=args.max_image_bytes))
 
 
@@ -192,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     host = "localhost" if args.api_host in ("127.0.0.1", "0.0.0.0", "::") else args.api_host
     print(f"bgevl-api: model {backend.name!r} at http://{host}:{args.api_port}/v1/embeddings (listening on "
           f"{args.api_host}; OpenAPI page /docs){'; API key required' if options.api_key else ''}", flush=True)
-    config = uvicorn.Config(app, host=args.api_host, port=args.api_port, log_level="info", access_log=False,
+    config = uvicorn_config(app, options, host=args.api_host, port=args.api_port, log_level="info",
                             timeout_graceful_shutdown=int(args.api_timeout) + 5)
     server = uvicorn.Server(config)
     server.run()
