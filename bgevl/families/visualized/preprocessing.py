@@ -125,8 +125,9 @@ class VisualizedPreprocessor(Preprocessor):
         for name, items in (("images", request.images), ("text", request.texts)):
             missing = [i for i, item in enumerate(items or []) if item is None]
             if missing:
-                raise InputError.of_item(name, missing[0], "is None: a request is all images, all texts or all "
-                                         "image+text pairs; send items of different kinds as separate requests")
+                reason = ("is None: a request is all images, all texts or all image+text pairs; send items of "
+                          "different kinds as separate requests")
+                raise InputError(f"{name}[{missing[0]}] {reason}", field=name, index=missing[0], reason=reason)
         if request.images is not None and request.texts is not None and len(request.images) != len(request.texts):
             raise InputError(f"{len(request.images)} images and {len(request.texts)} texts: composed items pair "
                              f"one image with one text")
