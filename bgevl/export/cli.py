@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(f.name for f in known.values() if f.supports_fp8) or 'no family'}: TensorRT on compute "
                         "capability 8.9+): FP8 E4M3 Q/DQ on the weight GEMMs, float16 elsewhere")
     e.add_argument("--int8-mode", default="qdq", choices=int8_modes(),
-                   help="the int8 form of each family (declared by its int8_form): " + _int8_forms(known))
+                   help="the int8 form of each family (declared by its int8_forms): " + _int8_forms(known))
     e.add_argument("--calibration-data", type=Path, default=None,
                    help="directory of images plus a .txt file of captions (one per line) for int8/fp8 calibration; default: the built-in synthetic set")
     e.add_argument("--calibration-size", type=int, default=32, help="images and captions in the built-in calibration set")
