@@ -867,7 +867,14 @@ def test_slow_heads_are_closed_and_connections_are_bounded_with_one_log_line_per
         body = json.dumps({"input": TEXTS[:1]}).encode()
         keep_alive.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        assert keep_alive.recv(65536).startswith(b"HTTP/1.1 200")
+        answer = b""
+        while b"\r\n\r\n" not in answer:  # the whole response: its head, then the body it declares
+            answer += keep_alive.recv(65536)
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(rest) < length:
+            rest += keep_alive.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200")
         keep_alive.sendall(b"GET /v1/models HTTP/1.1\r\n")  # the next head on the kept-alive connection: too slow
         started = time.monotonic()
         assert closed(keep_alive) and time.monotonic() - started < 8

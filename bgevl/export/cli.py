@@ -6,7 +6,9 @@ import argparse
 import logging
 import shlex
 import sys
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 from bgevl.core.errors import BgevlError
 from bgevl.core.interrupts import run_cli
@@ -250,8 +252,6 @@ def build_check_parser() -> argparse.ArgumentParser:
 
 
 def check_main(argv: list[str]) -> int:
-    import tempfile
-
     from bgevl.checkpoints import check_checkpoint, resolve_checkpoint
     from bgevl.core.registry import get_model_spec
 
@@ -409,8 +409,20 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = argv[0], argv[1:]
         return run_cli(f"bgevl-export {command}", lambda: SUBCOMMANDS[command](rest))
     args = build_parser().parse_args(argv)
-    return run_cli("bgevl-export", lambda: _export(args, argv), "interrupted; nothing was written",
+    return run_cli("bgevl-export", lambda: _in_private_tmp(lambda: _export(args, argv)), "interrupted; nothing was written",
                    os_errors="nothing was written")  # a full disk, a folder that became unwritable
+
+
+def _in_private_tmp(body: Callable[[], int]) -> int:
+    """``body()`` with the process's temporary files in a folder of its own, removed at the end, an interrupt
+    included: what the libraries make there (torch's exporter and its caches make folders under TMPDIR that
+    an interrupt at the wrong moment left behind) goes with it. The command line's process is this run alone."""
+    with tempfile.TemporaryDirectory(prefix="bgevl-export-tmp-") as private:
+        tempfile.tempdir = private
+        try:
+            return body()
+        finally:
+            tempfile.tempdir = None
 
 
 def _export(args: argparse.Namespace, argv: list[str]) -> int:
