@@ -389,7 +389,7 @@ def infer_model_specs(path: Path) -> list[ModelSpec]:
         if not family.checkpoint_kind.config_class:
             try:
                 family.local_checkpoint(path)
-            except (CheckpointError, BgevlError):
+            except BgevlError:  # CheckpointError included: not this family's layout
                 continue
             return [any_size_spec(family)]
     known = sorted({f.checkpoint_kind.model_type for f in families().values() if f.checkpoint_kind.config_class})

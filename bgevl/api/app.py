@@ -307,9 +307,9 @@ class EmbeddingsService:
         declared = request.headers.get("content-length")
         too_big = ApiError(413, f"the request body is over the limit of {limit} bytes; send fewer or "
                                 f"smaller images per request", code="body_too_large")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise too_big
         if declared and declared.isdigit():
+            if int(declared) > limit:
+                raise too_big
             self.bodies.take(int(declared), self.options.retry_after_s)
             held[0] += int(declared)
         chunks, size = [], 0

@@ -48,15 +48,21 @@ def _is_builtin(entry: EntryPoint) -> bool:
     return entry.value.startswith("bgevl.families.")
 
 
-def _load_entry_point(entry: EntryPoint, key: str) -> None:
+def _report_broken(entry: EntryPoint, why: str, own_name: bool = True) -> None:
+    """One stderr line for a plug-in that is not used, kept for ``get_family`` and ``broken_plugins`` under its
+    entry-point name (``name (value)`` where that name is taken or is not its own to claim)."""
+    key = entry.name if own_name and entry.name not in _BROKEN else f"{entry.name} ({entry.value})"
+    _BROKEN[key] = f"model family plug-in {entry.name!r} ({entry.value}) {why}"
+    print(f"bgevl: {_BROKEN[key]}", file=sys.stderr)
+
+
+def _load_entry_point(entry: EntryPoint) -> None:
     try:
         loaded = entry.load()
         register(loaded() if isinstance(loaded, type) else loaded)
     except (Exception, SystemExit) as error:  # a broken plug-in is reported, the others keep working (sys.exit too)
         reason = str(error).splitlines()[0] if str(error) else ""
-        _BROKEN[key] = (f"model family plug-in {entry.name!r} ({entry.value}) could not be loaded: "
-                        f"{type(error).__name__}{': ' + reason if reason else ''}")
-        print(f"bgevl: {_BROKEN[key]}", file=sys.stderr)
+        _report_broken(entry, f"could not be loaded: {type(error).__name__}{': ' + reason if reason else ''}")
 
 
 def _load() -> None:
@@ -73,12 +79,10 @@ def _load() -> None:
                 continue
             seen.add((entry.name, entry.value))
             if entry.name in builtin_names and not _is_builtin(entry):
-                key = f"{entry.name} ({entry.value})"
-                _BROKEN[key] = (f"model family plug-in {entry.name!r} ({entry.value}) was not loaded: {entry.name!r} "
-                                f"is a built-in family's entry-point name; register the plug-in under another name")
-                print(f"bgevl: {_BROKEN[key]}", file=sys.stderr)
+                _report_broken(entry, f"was not loaded: {entry.name!r} is a built-in family's entry-point name; "
+                                      f"register the plug-in under another name", own_name=False)
                 continue
-            _load_entry_point(entry, entry.name if entry.name not in _BROKEN else f"{entry.name} ({entry.value})")
+            _load_entry_point(entry)
         if not _FAMILIES and not _BROKEN:
             raise BgevlError(f"no model family is registered (entry-point group {ENTRY_POINT_GROUP!r}): "
                              "install the package (`pip install -e .`) so its entry points exist")
@@ -105,6 +109,12 @@ def get_family(name: str) -> Family:
         if name in _BROKEN:
             raise BgevlError(_BROKEN[name]) from None
         raise BgevlError(f"unknown model family {name!r}; known families: {', '.join(_FAMILIES)}") from None
+
+
+def int8_modes() -> tuple[str, ...]:
+    """Every ``--int8-mode`` a registered family declares (``GraphExport.int8_forms``), in declaration order:
+    the command line's choices."""
+    return tuple(dict.fromkeys(form.mode for family in families().values() for form in family.int8_forms))
 
 
 def all_models() -> dict[str, ModelSpec]:

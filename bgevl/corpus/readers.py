@@ -70,7 +70,9 @@ MAX_FILE_BYTES = 256 * 1024 * 1024
 def read_bytes(fs: Any, path: str, limit: int = MAX_FILE_BYTES) -> bytes:
     """One item's file, refused (``InputError``: the item's failure) when it is not a regular file or is
     over ``limit`` bytes; at most ``limit + 1`` bytes are read whatever its size claims."""
-    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or type(fs).__name__ == "LocalFileSystem":
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
         try:
             info = os.stat(path)
         except OSError as exc:
@@ -81,8 +83,8 @@ def read_bytes(fs: Any, path: str, limit: int = MAX_FILE_BYTES) -> bytes:
     else:
         try:
             size = fs.size(path)
-        except (OSError, NotImplementedError, ValueError):
-            size = None
+        except (OSError, NotImplementedError, ValueError):  # a store that cannot tell (an HTTP server without
+            size = None  # Content-Length): the bounded read below refuses it all the same
     if size is not None and size > limit:
         raise InputError(f"{path} is {size} bytes, over the {limit}-byte limit of one item")
     with fs.open(path, "rb") as fh:

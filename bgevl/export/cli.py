@@ -12,8 +12,7 @@ from typing import Callable
 
 from bgevl.core.errors import BgevlError
 from bgevl.core.interrupts import run_cli
-from bgevl.core.registry import all_models, families
-from bgevl.export.driver import int8_modes
+from bgevl.core.registry import all_models, families, int8_modes
 from bgevl.quality.gate import DEFAULT_MAX_RECALL_DROP
 from bgevl.core.specs import DEFAULT_MAX_SEQUENCE, PRECISIONS
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from bgevl import __version__
 from bgevl.checkpoints import ResolvedCheckpoint, resolve_checkpoint
 from bgevl.core.errors import BgevlError
-from bgevl.core.registry import family_of, get_model_spec
+from bgevl.core.registry import family_of, get_model_spec, int8_modes
 from bgevl.core.family import KINDS, ExportedModel, Family, Feeds, Int8Form, Request
 from bgevl.core.interrupts import raise_if_interrupted
 from bgevl.core.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, PipelineStep, Validation, write_manifest
@@ -36,14 +36,6 @@ from bgevl.core.specs import ONNX_OPSET, PRECISIONS, GraphSpec, ModelSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CALIBRATION_BATCH = 8
-
-
-def int8_modes() -> tuple[str, ...]:
-    """The ``--int8-mode`` values: the union of what the registered families declare."""
-    from bgevl.core.registry import families
-    from bgevl.graphs.precision import int8_modes as declared
-
-    return declared(list(families().values()))
 
 
 class StepLog:

@@ -13,27 +13,26 @@ import numpy as np
 
 from bgevl.core.family import INT8_METHODS, Int8Form
 from bgevl.core.specs import GraphSpec
+from bgevl.graphs import onnx_passes
 from bgevl.graphs.onnx_passes import FamilyKept
 
-Feeds = Sequence[Mapping[str, np.ndarray]]
-#: pass name -> (src, dst, calibration feeds or None, the graph's normalized outputs, the family's float32 islands)
-Int8Pass = Callable[[Path, Path, "Feeds | None", "tuple[str, str] | None", "FamilyKept | None"], dict[str, Any]]
+#: the calibration batches of one graph (each a feed)
+CalibrationBatches = Sequence[Mapping[str, np.ndarray]]
+#: pass name -> (src, dst, calibration batches or None, the graph's normalized outputs, the family's float32 islands)
+Int8Pass = Callable[[Path, Path, "CalibrationBatches | None", "tuple[str, str] | None", "FamilyKept | None"],
+                    dict[str, Any]]
 
 
 def _ort(mode: str) -> Int8Pass:
-    def run(src: Path, dst: Path, feeds: Feeds | None, normalized: tuple[str, str] | None,
+    def run(src: Path, dst: Path, feeds: CalibrationBatches | None, normalized: tuple[str, str] | None,
             kept: FamilyKept | None) -> dict[str, Any]:
-        from bgevl.graphs import onnx_passes
-
         return onnx_passes.quantize_int8(src, dst, mode, feeds, normalized, kept)
     return run
 
 
 def _weight_only(mode: str) -> Int8Pass:
-    def run(src: Path, dst: Path, feeds: Feeds | None, normalized: tuple[str, str] | None,
+    def run(src: Path, dst: Path, feeds: CalibrationBatches | None, normalized: tuple[str, str] | None,
             kept: FamilyKept | None) -> dict[str, Any]:
-        from bgevl.graphs import onnx_passes
-
         return onnx_passes.quantize_weights_int8(src, dst, mode)
     return run
 
@@ -61,11 +60,5 @@ def write_int8(form: Int8Form, graph: GraphSpec, src: Path, dst: Path, feeds: Ca
 
 def write_fp8(graph: GraphSpec, src: Path, dst: Path, feeds: Callable[[], list[Any]], kept: FamilyKept | None) -> dict[str, Any]:
     """The FP8 (E4M3) Q/DQ graph of a family with ``supports_fp8``, calibrated on ``feeds``."""
-    from bgevl.graphs import onnx_passes
-
     return onnx_passes.quantize_fp8(src, dst, feeds(), graph.normalized_output, kept)
 
-
-def int8_modes(families: Sequence[Any]) -> tuple[str, ...]:
-    """Every ``--int8-mode`` some family declares, in declaration order (the command line's choices)."""
-    return tuple(dict.fromkeys(form.mode for family in families for form in family.int8_forms))

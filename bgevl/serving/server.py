@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bgevl.core.errors import BgevlError
 
@@ -373,7 +373,7 @@ class TritonServer:
         current = self.stub_processes()
         # a stub that went while Triton still calls its model ready died; one whose model an admin
         # unloaded or reloaded through the repository API went on purpose
-        dead = dead_stubs(self._stubs, current, self._model_ready)
+        dead = dead_stubs(self._stubs, current, self.ready)
         reloaded = []
         for model, pid in dead.items():
             start = time.monotonic()
@@ -392,7 +392,7 @@ class TritonServer:
                 for caller in callers:
                     if status == 200:
                         status, body = self._control("load", caller, timeout)
-                if status == 200 and all(self._model_ready(m) for m in (model, *callers)):
+                if status == 200 and all(self.ready(m) for m in (model, *callers)):
                     report(f"bgevl-serve: model {model!r} is serving again ({time.monotonic() - start:.1f} s)")
                     reloaded.append(model)
                     break
@@ -413,7 +413,7 @@ class TritonServer:
         """Unload ``model`` and wait until Triton no longer calls it ready."""
         status, body = self._control("unload", model, timeout)
         deadline = time.monotonic() + timeout
-        while status == 200 and self._model_ready(model) and time.monotonic() < deadline:
+        while status == 200 and self.ready(model) and time.monotonic() < deadline:
             time.sleep(0.1)
         return status, body
 
@@ -445,22 +445,17 @@ class TritonServer:
 
     def ready(self, model: str | None = None) -> bool:
         """Whether Triton calls ``model`` (None: the server) ready; False when it does not answer."""
-        return self._model_ready(model)
+        return self._asks(lambda client: client.is_model_ready(model) if model is not None else client.is_server_ready())
 
     def live(self) -> bool:
         """Whether Triton calls itself live (its health endpoint: a dead python-backend stub does not change it)."""
-        client = self._client(2.0)
-        try:
-            return bool(client.is_server_live())
-        except Exception:  # noqa: BLE001 - the client raises its own exception types, and socket errors
-            return False
-        finally:
-            client.close()
+        return self._asks(lambda client: client.is_server_live())
 
-    def _model_ready(self, model: str | None = None) -> bool:
+    def _asks(self, question: Callable[[Any], Any]) -> bool:
+        """One yes/no health question to the server; False when it does not answer."""
         client = self._client(2.0)
         try:
-            return bool(client.is_model_ready(model) if model is not None else client.is_server_ready())
+            return bool(question(client))
         except Exception:  # noqa: BLE001 - the client raises its own exception types, and socket errors
             return False
         finally:
@@ -473,7 +468,7 @@ class TritonServer:
             if self.process.poll() is not None:
                 raise BgevlError(f"tritonserver exited with code {self.process.returncode} while loading "
                                  f"{self.repository}: {self.load_failures()} (server log: {self.log_file})")
-            if self._model_ready() and all(self._model_ready(m) for m in self.models):
+            if self.ready() and all(self.ready(m) for m in self.models):
                 return
             if progress and time.monotonic() - last > 5:
                 progress(f"waiting for {len(self.models)} models to load ...")

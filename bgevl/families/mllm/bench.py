@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
 from numpy.typing import NDArray
 
 from bgevl.core.family import Feeds, Request
