@@ -248,6 +248,35 @@ sys.exit(run_cli("tool", body, "interrupted; cleaned up"))
     assert done.stderr.strip().splitlines() == ["tool: interrupted; cleaned up"]  # no "Exception ignored" traceback
 
 
+def test_an_interrupt_that_passed_through_embedded_code_still_exits_130(tmp_path):
+    """A signal that lands while a C extension runs code through ``PyRun_String`` (Cython modules do when
+    imported, and an export imports lazily) left CPython's unhandled-interrupt flag set: the tool printed its
+    line, returned 130, and the interpreter then killed itself with SIGINT (-2; seen in CI). The script below
+    raises the interrupt inside ``PyRun_String`` the same way, by the handler of a real SIGTERM, and runs as
+    ``python -m`` (the interpreter checks the flag on that path; a script file's SystemExit ends it before)."""
+    import subprocess
+    import sys
+
+    script = """
+import ctypes, os, signal, sys
+from bgevl.core.interrupts import run_cli
+
+run = ctypes.pythonapi.PyRun_StringFlags
+run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object, ctypes.c_void_p]
+
+def body():
+    run(b"import os, signal; os.kill(os.getpid(), signal.SIGTERM)\\nfor _ in range(1000): pass", 257, {}, {}, None)
+    return 0
+
+sys.exit(run_cli("tool", body, "interrupted"))
+"""
+    (tmp_path / "interrupted_tool.py").write_text(script)
+    done = subprocess.run([sys.executable, "-m", "interrupted_tool"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == ["tool: interrupted"]
+
+
 def test_every_command_line_ends_an_error_the_same_way():
     """run_cli is the one error path: a BgevlError is '<tool>: error: <message>' and exit 2, in every tool."""
     import ast

@@ -31,6 +31,20 @@ def _unraisable(report: sys.UnraisableHookArgs) -> None:
     sys.__unraisablehook__(report)
 
 
+def _forget_interrupts_seen_in_embedded_code() -> None:
+    """An interrupt raised while a C extension ran code through ``PyRun_String`` (Cython modules do, when
+    imported: an export imports lazily) sets CPython 3.11's ``_Py_UnhandledKeyboardInterrupt`` even though
+    the exception is then caught here, and the interpreter ends by killing itself with SIGINT instead of
+    returning the tool's code (exit -2 instead of 130, seen in CI). Once the interrupt is handled, the flag
+    is cleared. Python 3.12 keeps it in the runtime state instead, and has no such symbol: nothing to do."""
+    import ctypes
+
+    try:
+        ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0
+    except ValueError:  # not this interpreter's symbol
+        pass
+
+
 def interrupt_on_signals() -> None:
     """SIGTERM and SIGHUP raise ``KeyboardInterrupt`` in the main thread, and SIGINT does too even when the
     tool was started with it ignored (``cmd &`` in a non-interactive shell)."""
@@ -86,6 +100,8 @@ def run_cli(tool: str, body: Callable[[], int], interrupted: str | None = "inter
         print(f"{tool}: error: {exc.strerror or exc}: {exc.filename or ''}; {os_errors}", file=sys.stderr)
         return 2
     finally:
+        if _interrupted.is_set():
+            _forget_interrupts_seen_in_embedded_code()
         for signum, handler in previous.items():
             if handler is not None:
                 signal.signal(signum, handler)
