@@ -46,7 +46,7 @@ def test_the_grep_catches_what_it_is_meant_to_catch():
 
 
 def test_each_family_lives_in_its_own_package_and_declares_its_models():
-    assert set(families()) == {"clip", "mllm", "visualized"}
+    assert set(families()) == {"clip", "mllm", "screenshot", "visualized"}
     for name, family in families().items():
         assert (PACKAGE / "families" / name / "__init__.py").is_file()
         assert family.models and all(spec.family == name for spec in family.models)
@@ -54,7 +54,7 @@ def test_each_family_lives_in_its_own_package_and_declares_its_models():
 
 
 def test_an_unknown_family_is_an_error_listing_the_known_ones():
-    with pytest.raises(BgevlError, match=r"unknown model family 'blip'; known families: clip, mllm, visualized"):
+    with pytest.raises(BgevlError, match=r"unknown model family 'blip'; known families: clip, mllm, screenshot, visualized"):
         get_family("blip")
 
 

@@ -51,6 +51,23 @@ def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.argmax(positions[None, :] * attention_mask, dim=1)
 
 
+def causal_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype, sliding_window: int | None = None) -> torch.Tensor:
+    """Additive [batch, 1, seq, seq] mask of a decoder embedder: causal, padding keys hidden, a sliding window
+    when the config has one. Built here rather than by transformers' mask helpers so that every query row
+    keeps its own position: a padding query then never has a fully masked softmax row (NaN in fp16 builds,
+    which would leak into real tokens through padding values). Real tokens never attend to padding, so their
+    results are unchanged."""
+    seq = attention_mask.shape[1]
+    q = torch.arange(seq, device=attention_mask.device)[:, None]
+    k = torch.arange(seq, device=attention_mask.device)[None, :]
+    allowed = (k <= q)[None, None] & (attention_mask[:, None, None, :] > 0)
+    if sliding_window:
+        allowed = allowed & ((q - k) < sliding_window)[None, None]
+    allowed = allowed | (q == k)[None, None]
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
 class MllmLanguage(torch.nn.Module):
     def __init__(self, llava: Any):
         super().__init__()
@@ -59,20 +76,7 @@ class MllmLanguage(torch.nn.Module):
         self.sliding_window = getattr(llava.config.text_config, "sliding_window", None)
 
     def attention_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Additive [batch, 1, seq, seq] mask: causal, padding keys hidden, Mistral's sliding window
-        when the config has one. Built here rather than by transformers' mask helpers so that every
-        query row keeps its own position: a padding query then never has a fully masked softmax row
-        (NaN in fp16 builds, which would leak into real tokens through padding values). Real tokens
-        never attend to padding, so their results are unchanged."""
-        seq = attention_mask.shape[1]
-        q = torch.arange(seq, device=attention_mask.device)[:, None]
-        k = torch.arange(seq, device=attention_mask.device)[None, :]
-        allowed = (k <= q)[None, None] & (attention_mask[:, None, None, :] > 0)
-        if self.sliding_window:
-            allowed = allowed & ((q - k) < self.sliding_window)[None, None]
-        allowed = allowed | (q == k)[None, None]
-        zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)
+        return causal_padding_bias(attention_mask, dtype, self.sliding_window)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tile_features: torch.Tensor,
                 image_feature_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,152 @@
+"""The screenshot family (BGE-VL-Screenshot, Qwen2.5-VL) on its generated tiny checkpoint: the host-side layouts
+against transformers' own functions, the exports against transformers' own forward (the independent reference:
+``OriginalScreenshot`` reads the safetensors itself and runs ``Qwen2_5_VLModel`` with ``get_rope_index``), images
+of many sizes in one call, and the recipe's refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bgevl.core.errors import InputError
+from bgevl.core.family import CANDIDATE, QUERY, Request
+from bgevl.core.registry import get_family, get_model_spec
+from bgevl.families.screenshot.layout import VisionGeometry, image_layout, rope_positions
+from bgevl.families.screenshot.preprocessing import SCREENSHOT_QUERY_INSTRUCTION
+from bgevl.runtime import Embedder
+
+#: (height, width): sizes whose grids cover one window and several, full and cut windows, both aspect ratios,
+#: and an image the processor scales down to the pixel bound
+SIZES = [(60, 100), (200, 300), (400, 90), (56, 56), (1000, 800), (130, 61)]
+TEXTS = ["a page", "search results table with a blue title", "menu button", "the title", "a chart", "red"]
+
+
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(7)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+
+
+@pytest.fixture(scope="session")
+def screenshot_checkpoint(tmp_path_factory):
+    family = get_family("screenshot")
+    return family.generate_checkpoint(get_model_spec("tiny-screenshot"), tmp_path_factory.mktemp("ckpt") / "tiny-screenshot")
+
+
+@pytest.fixture(scope="session")
+def original(screenshot_checkpoint):
+    return get_family("screenshot").original(screenshot_checkpoint)
+
+
+@pytest.mark.parametrize("grid", [(1, 4, 8), (1, 12, 18), (1, 2, 2), (1, 8, 8), (1, 10, 6), (1, 16, 34), (2, 6, 4)])
+@pytest.mark.parametrize("window_size", [56, 112])
+def test_vision_layout_is_transformers_window_order_rotary_ids_and_segments(grid, window_size):
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    layout = image_layout(grid, VisionGeometry(14, 2, window_size))
+    window_index, cu_window = get_vision_window_index(torch.tensor([grid]), 2, window_size, 14)
+    positions = get_vision_position_ids(torch.tensor([grid]), 2).numpy()
+    order = (window_index.numpy()[:, None] * 4 + np.arange(4)).reshape(-1)
+    np.testing.assert_array_equal(layout.order, order)
+    np.testing.assert_array_equal(layout.positions.reshape(-1, 2), positions[order])
+    # each image token's window: the segment of cu_window_seqlens its patches fall in
+    patch_window = np.searchsorted(cu_window.numpy()[1:], np.arange(len(order)), side="right")
+    np.testing.assert_array_equal(np.repeat(layout.windows, 4), patch_window)
+    np.testing.assert_array_equal(layout.restore, np.argsort(window_index.numpy()))
+
+
+def test_rope_positions_are_get_rope_index_under_left_padding(screenshot_checkpoint, original):
+    """A batch of a composed query, an image-only item, a text-only item and an item of a tall image, left-padded:
+    every real token's (t, row, column) position is get_rope_index's."""
+    processor = original.processor
+    items = [("a page", 0), (None, 1), ("just some text", None), ("tall", 2)]
+    prompts = [processor.apply_chat_template(original.prompts.messages(t, i is not None, SCREENSHOT_QUERY_INSTRUCTION),
+                                             tokenize=False, add_generation_prompt=True) for t, i in items]
+    imgs = [images()[i] for _, i in items if i is not None]
+    enc = processor(text=prompts, images=imgs, padding=True, return_tensors="pt")
+    want, _ = original.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"], enc["image_grid_thw"],
+                                            attention_mask=enc["attention_mask"])
+    got = rope_positions(enc["input_ids"].numpy(), enc["attention_mask"].numpy(),
+                         [tuple(g) for g in enc["image_grid_thw"].tolist()], processor.image_token_id, 2)
+    real = enc["attention_mask"].numpy() > 0
+    assert not real.all()  # padded
+    np.testing.assert_array_equal(got[:, real], want.numpy()[:, real])
+
+
+def test_the_generated_checkpoint_has_the_released_file_layout(screenshot_checkpoint):
+    from safetensors import safe_open
+
+    with safe_open(str(screenshot_checkpoint / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "visual.patch_embed.proj.weight" in names and "model.embed_tokens.weight" in names
+    assert not any(n.startswith(("model.visual.", "model.language_model.", "lm_head.")) for n in names)
+    pre = json.loads((screenshot_checkpoint / "preprocessor_config.json").read_text())
+    assert pre["image_processor_type"] == "Qwen2VLImageProcessor" and {"min_pixels", "max_pixels"} <= set(pre)
+    assert "<|image_pad|>" in json.loads((screenshot_checkpoint / "chat_template.json").read_text())["chat_template"]
+    config = json.loads((screenshot_checkpoint / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl" and config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+
+
+def _items(n: int):
+    imgs = images()
+    return imgs[:n], TEXTS[:n]
+
+
+@pytest.mark.parametrize("precision,mode,bound", [("fp32", None, 0.99999), ("fp16", None, 0.999),
+                                                  ("int8", "qdq", 0.999), ("int8", "dynamic", 0.999)])
+def test_exports_match_the_original_on_images_of_many_sizes_in_one_call(precision, mode, bound, export_dir, original):
+    kw = {"int8_mode": mode} if mode else {}
+    directory = export_dir(precision, model="tiny-screenshot", **kw)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["validation"]["passed"]
+    imgs, texts = _items(len(SIZES))
+    with Embedder.load(directory, provider="cpu") as embedder:
+        got = {
+            "image": embedder.encode(images=imgs),
+            "text": embedder.encode(text=texts, role=QUERY, instruction=SCREENSHOT_QUERY_INSTRUCTION),
+            "composed": embedder.encode(images=imgs, text=texts, role=QUERY, instruction=SCREENSHOT_QUERY_INSTRUCTION),
+        }
+    want = {
+        "image": original.embed(Request(imgs, None, CANDIDATE)),
+        "text": original.embed(Request(None, texts, QUERY, SCREENSHOT_QUERY_INSTRUCTION)),
+        "composed": original.embed(Request(imgs, texts, QUERY, SCREENSHOT_QUERY_INSTRUCTION)),
+    }
+    for kind in got:
+        cos = np.sum(got[kind] * want[kind], axis=1)
+        assert cos.min() >= bound, (kind, cos)
+        assert (np.argmax(got[kind] @ want[kind].T, axis=1) == np.arange(len(SIZES))).all(), kind
+
+
+def test_items_together_and_one_at_a_time_give_the_same_vectors(export_dir):
+    imgs, texts = _items(len(SIZES))
+    with Embedder.load(export_dir("fp32", model="tiny-screenshot"), provider="cpu") as embedder:
+        mixed_images = [imgs[0], None, imgs[2], imgs[3], None, imgs[5]]
+        mixed_texts = [texts[0], texts[1], None, texts[3], texts[4], None]
+        together = embedder.encode(images=mixed_images, text=mixed_texts, role=QUERY, instruction=SCREENSHOT_QUERY_INSTRUCTION)
+        alone = np.concatenate([embedder.encode(images=[i], text=[t], role=QUERY, instruction=SCREENSHOT_QUERY_INSTRUCTION)
+                                for i, t in zip(mixed_images, mixed_texts)])
+    assert np.sum(together * alone, axis=1).min() >= 0.99999
+
+
+def test_a_query_and_a_candidate_embed_differently_and_instructions_only_on_queries(export_dir):
+    with Embedder.load(export_dir("fp32", model="tiny-screenshot"), provider="cpu") as embedder:
+        query = embedder.encode(text=["a page"], role=QUERY, instruction=SCREENSHOT_QUERY_INSTRUCTION)
+        candidate = embedder.encode(text=["a page"], role=CANDIDATE)
+        assert float(query[0] @ candidate[0]) < 0.99999
+        with pytest.raises(InputError, match="instruction applies to queries only"):
+            embedder.encode(text=["a page"], role=CANDIDATE, instruction="x")
+        with pytest.raises(InputError, match="item 1: needs an image, a text or both"):
+            embedder.encode(images=[images()[0], None], text=["a", None])
+
+
+def test_an_over_long_prompt_is_refused_in_one_line(export_dir):
+    with Embedder.load(export_dir("fp32", model="tiny-screenshot", max_sequence_length=256), provider="cpu") as embedder:
+        embedder.encode(images=[images()[4]], text=["a chart"])  # 64 image tokens and a prompt: fits
+        with pytest.raises(InputError) as info:
+            embedder.encode(images=[images()[4], images()[3]], text=["a chart", "red " * 250])
+    message = str(info.value)
+    assert message.startswith("item 1 (") and "over the exported sequence limit of 256 tokens" in message
+    assert "\n" not in message
