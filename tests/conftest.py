@@ -52,7 +52,8 @@ def tiny_mllm_reference(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory):
-    """Export factory: ``export_dir("fp16")`` -> directory, cached per option set."""
+    """Export factory: ``export_dir("fp16")`` -> directory, cached per option set (``family_options`` as a tuple
+    of pairs)."""
     cache: dict = {}
     root = tmp_path_factory.mktemp("exports")
 
@@ -60,7 +61,8 @@ def export_dir(tmp_path_factory):
         key = (model, precision, tuple(sorted(kw.items())))
         if key not in cache:
             name = "-".join([model, precision] + [f"{k}_{v}" for k, v in sorted(kw.items())])
-            cache[key] = run_export(ExportOptions(output=root / name, model=model, precision=precision, **kw),
+            options = {k: dict(v) if k == "family_options" else v for k, v in kw.items()}  # passed as pairs: hashable
+            cache[key] = run_export(ExportOptions(output=root / name, model=model, precision=precision, **options),
                                     sink=lambda msg: None)
         return cache[key]
 

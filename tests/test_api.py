@@ -141,7 +141,7 @@ def _direct(embedder, role=None, instruction=None) -> np.ndarray:
                            embedder.encode(images=[IMAGES[1]], **kw), embedder.encode(text=[TEXTS[0]], **kw)])
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-mllm", "tiny-visualized"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-mllm", "tiny-visualized", "tiny-screenshot"])
 def test_openai_client_gets_the_runtimes_embeddings(embedders, model):
     embedder = embedders(model)
     with serving(backend_of(embedder, name=model)) as server:

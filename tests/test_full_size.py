@@ -76,3 +76,30 @@ def test_full_size_base_in_the_hub_layout_exports_float32(tmp_path):
         assert {o.type.tensor_type.elem_type for o in graph.output} == {onnx.TensorProto.FLOAT}
     assert all(f["min_cosine"] >= 0.99999 for f in manifest["validation"]["figures"].values())
     print(json.dumps(manifest["validation"]["figures"], indent=1))
+
+
+@pytest.mark.slow
+def test_full_width_qwen2_5_vl_screenshot_exports_and_validates(tmp_path, monkeypatch):
+    """BGE-VL-Screenshot's architecture at full width: the whole Qwen2.5-VL-3B vision tower (32 blocks of 1280,
+    windows of 112 px, full attention at 7, 15, 23, 31, the 5120 -> 2048 merger), the 151936 x 2048 token
+    embeddings and Qwen2.5-3B decoder layers (GQA 16/2 heads, MLP 11008, M-RoPE 16/24/24), random weights, with 2
+    of the 36 decoder layers (identical blocks: the graph's structure is the same apart from the repeat count)
+    and the base model's pixel bounds."""
+    import copy
+    import dataclasses
+
+    from bgevl.core.registry import family_of, get_model_spec
+
+    full = get_model_spec("screenshot")
+    arch = copy.deepcopy(dict(full.architecture))
+    arch["text_config"]["num_hidden_layers"] = 2
+    spec = dataclasses.replace(full, key="screenshot-2layers", architecture=arch, fp32_too_large=False)
+    family = family_of(full)
+    monkeypatch.setattr(family, "models", family.models + (spec,))  # a --model key of the family, for this test
+    out = run_export(ExportOptions(output=tmp_path / "screenshot", model=spec.key, random_weights=True,
+                                   precision="fp32", probe_count=2, max_batch=4, opt_batch=2), sink=print)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["embedding_dim"] == 2048 and manifest["validation"]["passed"] is True
+    for kind in ("image", "text", "composed"):
+        assert manifest["validation"]["figures"][kind]["min_cosine"] >= 0.99999
+    print(json.dumps(manifest["validation"]["figures"], indent=1))

@@ -150,3 +150,144 @@ def test_an_over_long_prompt_is_refused_in_one_line(export_dir):
     message = str(info.value)
     assert message.startswith("item 1 (") and "over the exported sequence limit of 256 tokens" in message
     assert "\n" not in message
+
+
+def test_one_vision_call_over_several_images_equals_a_call_per_image(export_dir):
+    """The image segments keep images apart in the full-attention blocks and the window ids in the windowed ones:
+    two images' tokens in one feed give what two calls give. The graph is declared not splittable, so no runner
+    cuts a feed longer than its declared maximum into chunks (its tokens attend to each other): it is refused."""
+    from bgevl.core.manifest import read_manifest
+    from bgevl.families.screenshot.graphs import IMAGE_FEATURES, SCREENSHOT_VISION_GRAPH
+    from bgevl.families.screenshot.preprocessing import vision_feeds
+    from bgevl.runtime.runners import OnnxRunner
+
+    directory = export_dir("fp32", model="tiny-screenshot")
+    spec = read_manifest(directory).graph_spec(SCREENSHOT_VISION_GRAPH)
+    assert not spec.splittable and not spec.batch_aligned
+    runner = OnnxRunner(spec, directory / spec.filename)
+    with Embedder.load(directory, provider="cpu") as embedder:
+        pre = embedder.preprocessor
+        enc = pre.processor(text=["<|image_pad|>", "<|image_pad|>"], images=[images()[0], images()[5]], return_tensors="np")
+    grids = [tuple(int(v) for v in g) for g in enc["image_grid_thw"]]
+    feeds = vision_feeds(enc["pixel_values"], grids, pre.geometry)
+    inputs = [n.name for n in spec.inputs]
+    together = runner.run({n: feeds[n] for n in inputs}, [IMAGE_FEATURES])[IMAGE_FEATURES]
+    first = int(feeds["image_token_counts"][0])
+    apart = np.concatenate([runner.run({n: feeds[n][:first] for n in inputs}, [IMAGE_FEATURES])[IMAGE_FEATURES],
+                            runner.run({n: feeds[n][first:] for n in inputs}, [IMAGE_FEATURES])[IMAGE_FEATURES]])
+    np.testing.assert_allclose(together, apart, atol=1e-5)
+    assert first > 1 and len(together) - first > 1
+    doubled = {n: np.concatenate([feeds[n]] * 4) for n in inputs}
+    with pytest.raises(InputError, match="image_tokens .* is outside the served range 1..64"):
+        runner.run(doubled, [IMAGE_FEATURES])
+
+
+def test_batches_are_cut_by_a_token_budget_and_give_the_same_vectors(export_dir):
+    """An item's cost is its prompt's tokens, its image's counted from the header by the processor's resize rule
+    (exactly what ``prepare`` then produces); a batch holds at most the budget once padded to its longest item."""
+    from bgevl.core.family import batch_spans
+
+    assert batch_spans(5, 8) == [(0, 5)]
+    assert batch_spans(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert batch_spans(4, 8, [10, 10, 50, 10], 60) == [(0, 2), (2, 3), (3, 4)]
+    assert batch_spans(3, 8, [100, 5, 5], 60) == [(0, 1), (1, 3)]  # over the budget alone: alone
+    directory = export_dir("fp32", model="tiny-screenshot")
+    imgs, texts = _items(len(SIZES))
+    with Embedder.load(directory, provider="cpu") as whole, Embedder.load(directory, provider="cpu", token_budget=200) as cut:
+        request = Request(imgs, texts, QUERY, SCREENSHOT_QUERY_INSTRUCTION)
+        costs = cut.preprocessor.item_costs(request)
+        seen: list = []
+        got = cut.encode(images=imgs, text=texts, role=QUERY, instruction=SCREENSHOT_QUERY_INSTRUCTION,
+                         on_feeds=lambda f: seen.append(f["attention_mask"]))
+        want = whole.encode(images=imgs, text=texts, role=QUERY, instruction=SCREENSHOT_QUERY_INSTRUCTION)
+    assert [int(n) for mask in seen for n in mask.sum(axis=1)] == costs  # the estimate is the real prompt length
+    assert len(seen) > 1 and all(mask.size <= 200 or len(mask) == 1 for mask in seen)
+    assert np.sum(got * want, axis=1).min() >= 0.99999
+
+
+def test_bgevl_embed_and_bgevl_eval_work_unchanged(export_dir, tmp_path, capsys):
+    """The corpus job (images of several sizes) and the retrieval evaluation on
+    pairs and composed triplets, through the generic command lines."""
+    from bgevl.corpus.cli import main as embed_main
+    from bgevl.quality.cli import main as eval_main
+    from bgevl.quality.synthetic import write_quality_data
+
+    directory = export_dir("fp32", model="tiny-screenshot")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    paths = []
+    for i, image in enumerate(images()):
+        paths.append(folder / f"{i}.png")
+        image.save(paths[-1])
+    assert embed_main(["--export", str(directory), "--input", str(folder), "--output", str(tmp_path / "out"),
+                       "--quiet"]) == 0
+    vectors = np.load(tmp_path / "out" / "img_emb" / "img_emb_00000.npy")
+    with Embedder.load(directory, provider="cpu") as embedder:
+        direct = embedder.encode(images=[str(p) for p in paths])
+    assert np.sum(vectors * direct, axis=1).min() >= 0.99999
+    write_quality_data(str(tmp_path / "data"), bases=6, variants=2, pairs=12)
+    assert eval_main(["--export", str(directory), "--pairs", str(tmp_path / "data" / "pairs"), "--triplets",
+                      str(tmp_path / "data" / "triplets.json"), "--gallery", str(tmp_path / "data" / "gallery"),
+                      "--json", str(tmp_path / "report.json"), "--quiet"]) == 0
+    (run,) = json.loads((tmp_path / "report.json").read_text())["runs"]
+    assert run["family"] == "screenshot" and {"t2i", "i2t"} <= set(run["tasks"]) and len(run["tasks"]) == 3
+
+
+def test_bgevl_bench_measures_the_screenshot_family_against_transformers(tmp_path):
+    """The PyTorch baseline is transformers' own batched, left-padded forward with get_rope_index positions: the
+    export agrees with it (min cosine reported per row) and every row is timed."""
+    from bgevl.benchmarks.cli import main as bench_main
+
+    assert bench_main(["--models", "tiny-screenshot", "--backends", "pytorch,onnxruntime-fp32", "--workloads",
+                       "image,text,composed", "--batch-sizes", "2", "--warmup", "1", "--min-repeats", "2",
+                       "--min-seconds", "0", "--peak-sizes", "256", "--output", str(tmp_path / "bench")]) == 0
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())["results"]
+    onnx_rows = [r for r in rows if r["backend"] == "onnxruntime-fp32"]
+    assert {r["workload"] for r in onnx_rows} == {"image", "text", "composed"}
+    assert all(r["min_cosine_vs_pytorch"] >= 0.99999 for r in onnx_rows), onnx_rows
+
+
+def test_the_recipe_s_inferred_facts_are_export_options_the_reference_follows(export_dir):
+    """A user who has read the real files corrects a declaration by an option: the manifest records it, the
+    reference computes with it (validation passes) and the embeddings change."""
+    options = {"screenshot_content_order": "image-first", "screenshot_instruction_role": "user",
+               "screenshot_candidate_instruction": "Represent the given input.", "screenshot_max_pixels": 20000}
+    directory = export_dir("fp32", model="tiny-screenshot", family_options=tuple(options.items()))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["validation"]["passed"]
+    assert manifest["recipe"]["prompts"] == {"instruction_role": "user", "candidate_instruction": "Represent the given input.",
+                                             "content_order": "image-first", "add_generation_prompt": True}
+    assert manifest["recipe"]["pixel_bounds"]["max_pixels"] == 20000
+    imgs, texts = _items(2)
+    with Embedder.load(directory, provider="cpu") as changed, \
+            Embedder.load(export_dir("fp32", model="tiny-screenshot"), provider="cpu") as default:
+        kw = dict(images=imgs, text=texts, role=QUERY, instruction=SCREENSHOT_QUERY_INSTRUCTION)
+        assert np.sum(changed.encode(**kw) * default.encode(**kw), axis=1).max() < 0.9999
+        feeds = changed.preprocessor.prepare(Request([imgs[1]], None, CANDIDATE))
+        assert len(feeds["image_token_counts"]) == 1 and int(feeds["image_token_counts"][0]) * 784 <= 20000
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "chat_template.json").unlink(), "no chat template"),
+    (lambda d: _edit_json(d / "config.json", image_token_id=3), "<|image_pad|> is"),
+    (lambda d: _edit_json(d / "preprocessor_config.json", patch_size=16), "patch_size 16 in preprocessor_config.json"),
+])
+def test_processor_files_that_contradict_the_model_are_refused_in_one_line(damage, message, screenshot_checkpoint, tmp_path):
+    import shutil
+
+    from bgevl.core.errors import BgevlError
+    from bgevl.export import ExportOptions, run_export
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(screenshot_checkpoint, copy)
+    damage(copy)
+    with pytest.raises(BgevlError) as info:
+        run_export(ExportOptions(output=tmp_path / "out", model="tiny-screenshot", model_path=copy), sink=lambda m: None)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _edit_json(path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))

@@ -622,6 +622,39 @@ def test_mllm_bad_requests_name_the_problem(mllm_served, extra, message):
     assert_matches(embed(server, "http", texts=TEXTS[:1]), embedder.encode(text=TEXTS[:1]))
 
 
+@pytest.fixture(scope="module")
+def screenshot_served(export_dir, tmp_path_factory):
+    export = export_dir("fp32", model="tiny-screenshot")
+    server = started(write_repository(export, tmp_path_factory.mktemp("triton") / "screenshot", sink=None))
+    yield server, Embedder.load(export, provider="cpu")
+    stopped(server)
+
+
+def test_screenshot_embeddings_match_the_runtime_with_images_of_different_sizes(screenshot_served):
+    """BGE-VL-Screenshot through Triton: the entry model's recipe calls the vision model once per image (each
+    image its own number of tokens; the vision model never batches two requests' tokens together), then the
+    language model on the request."""
+    from bgevl.families.screenshot.preprocessing import SCREENSHOT_QUERY_INSTRUCTION
+
+    server, embedder = screenshot_served
+    images = [png_of(Image.new("RGB", size, color)) for size, color in
+              (((100, 60), "red"), ((300, 200), "blue"), ((90, 400), "green"))]
+    texts = TEXTS
+    config = parse_pbtxt((server.repository / "bgevl_screenshot_vision" / "config.pbtxt").read_text())
+    assert config.max_batch_size == 0
+    cases = [
+        ({"images": images, "role": "candidate"}, dict(images=images, role="candidate")),
+        ({"texts": texts, "images": images, "role": "query", "instruction": SCREENSHOT_QUERY_INSTRUCTION},
+         dict(images=images, text=texts, role="query", instruction=SCREENSHOT_QUERY_INSTRUCTION)),
+        ({"texts": texts}, dict(text=texts)),
+    ]
+    for protocol in ("http", "grpc"):
+        for request_kw, runtime_kw in cases:
+            assert_matches(embed(server, protocol, **request_kw), embedder.encode(**runtime_kw))
+    with pytest.raises(InferenceServerException, match="instruction applies to queries only"):
+        embed(server, "http", texts=texts[:1], role="candidate", instruction="x")
+
+
 # --- bgevl-serve -------------------------------------------------------------------------
 
 def launch_serve(repo, *extra: str, preexec_fn=None, tmpdir: Path | None = None):

@@ -172,6 +172,32 @@ class Preprocessor(ABC):
         with the family's defaults filled in."""
         return request
 
+    #: the most tokens one batch may hold, padding included (items x the longest item), for families whose
+    #: items cost a varying number of tokens (an image of any size); ``None``: batches by item count only
+    token_budget: int | None = None
+
+    def item_costs(self, request: Request, start: int = 0) -> list[int] | None:
+        """Each item's tokens, estimated before it is decoded (from an image's header), for batching by
+        :attr:`token_budget`; ``None`` where every item costs alike."""
+        return None
+
+
+def batch_spans(n: int, max_items: int, costs: Sequence[int] | None = None, budget: int | None = None) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of ``n`` items in order: at most ``max_items`` items, and with ``costs`` and
+    ``budget``, at most ``budget`` tokens once padded to the batch's longest item (an item over the budget alone
+    goes alone)."""
+    spans, start = [], 0
+    while start < n:
+        stop, longest = start + 1, costs[start] if costs is not None else 0
+        while stop < n and stop - start < max_items:
+            if costs is not None and budget is not None and (stop - start + 1) * max(longest, costs[stop]) > budget:
+                break
+            longest = max(longest, costs[stop]) if costs is not None else 0
+            stop += 1
+        spans.append((start, stop))
+        start = stop
+    return spans
+
 
 class Original(ABC):
     """The independent fp32 reference of a family (``bgevl.reference``): the original code's computation."""
@@ -281,8 +307,10 @@ class CheckpointSource(ABC):
         """The checked float32 (model, processor) of a checkpoint directory."""
 
     @abstractmethod
-    def original(self, path: Path) -> Original:
-        """The independent fp32 reference on a checkpoint directory."""
+    def original(self, path: Path, recipe: Mapping[str, Any] | None = None) -> Original:
+        """The independent fp32 reference on a checkpoint directory. ``recipe``: the export's (its manifest's
+        ``recipe`` section), for families whose declarations a user may change at export (prompts, pixel
+        bounds): the reference then computes with the same ones; ``None``: the family's defaults."""
 
 
 class GraphExport(ABC):

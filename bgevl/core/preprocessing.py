@@ -111,6 +111,23 @@ def load_image(item: ImageInput, index: int = 0, convert_rgb: bool = True, limit
             from exc.__cause__
 
 
+def header_size(item: ImageInput) -> tuple[int, int] | None:
+    """An image's (width, height) from its header, nothing decoded; ``None`` for what is not a readable image
+    (``load_image`` says what is wrong with it, in one line, when the item is loaded)."""
+    try:
+        if isinstance(item, Image.Image):
+            return item.size
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            with Image.open(io.BytesIO(bytes(item)), formats=IMAGE_FORMATS) as image:
+                return image.size
+        if isinstance(item, (str, os.PathLike)) and Path(item).expanduser().is_file():
+            with Image.open(Path(item).expanduser(), formats=IMAGE_FORMATS) as image:
+                return image.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return None
+
+
 def _load_image(item: ImageInput, where: str, convert_rgb: bool, limits: InputLimits,
                 model_size: tuple[int, int] | int | None) -> Image.Image:
     if isinstance(item, Image.Image):
@@ -229,3 +246,12 @@ def check_text(text: Any, field: str = "text", index: int | None = None, limits:
 
 def check_texts(texts: Sequence[Any], limits: InputLimits = DEFAULT_LIMITS) -> list[str]:
     return [check_text(t, "text", i, limits) for i, t in enumerate(texts)]
+
+
+def one_value_per_request(values: Any, name: str) -> Any:
+    """A serving input that arrives per item (``[batch, 1]``: INSTRUCTION, ROLE) but holds one value per request
+    (one prompt per request): the first, after checking that every item sent the same."""
+    flat = values.reshape(-1)
+    if any(v != flat[0] for v in flat[1:]):
+        raise InputError(f"{name} differs between the items of one request; send one request per {name.lower()}")
+    return flat[:1]

@@ -32,6 +32,9 @@ DEFAULT_MAX_BATCH = 64
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 
+#: The name of the dynamic axis that counts a request's items
+BATCH_AXIS = "batch"
+
 #: Minimum cosine similarity to the PyTorch reference an export must reach, per precision.
 #: Enforced on pretrained checkpoints; on random weights the figures are reported (see
 #: ``bgevl.core.parity``).
@@ -107,6 +110,10 @@ class GraphSpec:
     #: (normalized output, unnormalized output) when the graph ends in an L2 normalization: the
     #: exporter keeps the nodes between the two in float32 at every precision.
     normalized_output: tuple[str, str] | None = None
+    #: whether the rows of the first axis are computed independently of each other, so that a feed may be
+    #: split or merged along it; not so for a vision tower whose rows are one image's patches attending to
+    #: each other (Qwen2.5-VL's): a runner must run such a feed whole
+    splittable: bool = True
 
     @property
     def filename(self) -> str:
@@ -193,7 +200,13 @@ class GraphSpec:
         or merged along it (runners chunk such graphs; Triton's dynamic batching owns the axis).
         Not so for the MLLM language graph: ``tile_features`` is indexed by tile, not by item."""
         first = {t.shape[0].name if isinstance(t.shape[0], Dim) else None for t in self.inputs + self.outputs}
-        return len(first) == 1 and None not in first
+        return self.splittable and len(first) == 1 and None not in first
+
+    @property
+    def counts_items(self) -> bool:
+        """Whether the first axis counts the request's items (named :data:`BATCH_AXIS`), rather than tiles,
+        image tokens or patches."""
+        return self.batch.name == BATCH_AXIS
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -203,6 +216,7 @@ class GraphSpec:
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
             "normalized_output": list(self.normalized_output) if self.normalized_output else None,
+            **({} if self.splittable else {"splittable": False}),
         }
 
     @classmethod
@@ -213,7 +227,15 @@ class GraphSpec:
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
             description=data.get("description", ""),
             normalized_output=tuple(data["normalized_output"]) if data.get("normalized_output") else None,
+            splittable=bool(data.get("splittable", True)),
         )
+
+
+def items_per_step(graphs: Mapping[str, GraphSpec]) -> int:
+    """How many items a recipe step takes at most: the smallest maximum of the graphs' item batch axes (the
+    axes of tiles or image tokens count other things)."""
+    item_graphs = [g for g in graphs.values() if g.counts_items] or list(graphs.values())
+    return min(g.batch.max for g in item_graphs)
 
 
 #: Default longest sequence a language graph serves (``--max-sequence-length``; MLLM: prompt + image
@@ -258,7 +280,7 @@ def token_ids(vocab_size: int | None) -> tuple[int, int] | None:
 
 
 def batch_dim(opt: int = DEFAULT_OPT_BATCH, max_batch: int = DEFAULT_MAX_BATCH) -> Dim:
-    return Dim("batch", 1, min(opt, max_batch), max_batch)
+    return Dim(BATCH_AXIS, 1, min(opt, max_batch), max_batch)
 
 
 # ---------------------------------------------------------------------------------------

@@ -145,12 +145,22 @@ class BatchEmbedder:
             items, images, texts = map(list, zip(*good))
             result.parts.append((items, texts, self._feeds(pre, images, texts)))
 
+    def _cost(self, pre: Any, image: Any, text: str | None) -> int:
+        """An item's tokens for the preprocessor's token budget (0 where it has none): the costliest of the
+        kinds embedded."""
+        if pre.token_budget is None:
+            return 0
+        costs = [pre.item_costs(Request([image] if kind in (IMAGE, COMPOSED) else None,
+                                        [text] if kind in (TEXT, COMPOSED) else None, self.role, self.instruction))
+                 for kind in self.kinds]
+        return max((c[0] for c in costs if c), default=0)
+
     def prepare(self, batch: list[Item]) -> BatchResult:
         """Read, decode and preprocess a batch; failures are recorded, not raised."""
         pre = self.preprocessor()
         result = BatchResult(vectors={k: [] for k in self.kinds})
         pending: list = []
-        pixels = 0
+        pixels = longest = 0
         for item in batch:
             try:
                 image, text = self._load(item, pre)
@@ -160,12 +170,17 @@ class BatchEmbedder:
             except OSError as exc:
                 result.failed.append((item, f"cannot read it ({exc.strerror or exc})"))
                 continue
+            cost = self._cost(pre, image, text)
+            if pending and pre.token_budget is not None and (len(pending) + 1) * max(longest, cost) > pre.token_budget:
+                self._flush(pending, result, pre)  # items of a varying number of tokens: cut by the family's budget
+                pending, pixels, longest = [], 0, 0
             pending.append((item, image, text))
+            longest = max(longest, cost)
             size = getattr(image, "size", None)  # a PIL image; the Triton engine keeps the encoded bytes
             pixels += size[0] * size[1] if isinstance(size, tuple) else 0
             if pixels > PIXEL_BUDGET or len(pending) >= self.embedder.max_batch:
                 self._flush(pending, result, pre)
-                pending, pixels = [], 0
+                pending, pixels, longest = [], 0, 0
         self._flush(pending, result, pre)
         return result
 

@@ -25,7 +25,7 @@ from bgevl.core.errors import BgevlError, InputError
 from bgevl.core.registry import get_family
 from bgevl.core.family import COMPOSED, IMAGE, TEXT, Request
 from bgevl.corpus.pipeline import BatchEmbedder, BatchResult, reason_of
-from bgevl.core.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
+from bgevl.core.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT, items_per_step
 
 
 #: how long a server that went away (unreachable, or its model not ready) is waited for before the job ends
@@ -53,7 +53,7 @@ class TritonModel:
         self.open_preprocessor = functools.partial(family.open_preprocessor, manifest.processor_dir, manifest.recipe,
                                                    manifest.max_text_length, limits or DEFAULT_LIMITS)
         self.preprocessor = self.open_preprocessor()
-        self.max_batch = min(spec.batch.max for spec in manifest.graph_specs().values())
+        self.max_batch = items_per_step(manifest.graph_specs())
         self.dim = manifest.embedding_dim
         self.client = httpclient.InferenceServerClient(url.split("://", 1)[-1])
         self.httpclient = httpclient

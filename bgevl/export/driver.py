@@ -332,7 +332,7 @@ def _validate(run: ExportRun) -> None:
     assert probes is not None and run.ckpt is not None
     run.progress(f"validating against the original's fp32 embeddings on {_kind_counts(run.requests)} items "
                  f"(images {', '.join(sorted({im.mode for im in probes.images}))})", step="validation")
-    original = run.family.original(run.ckpt.path)
+    original = run.family.original(run.ckpt.path, run.recipe)  # computed with the export's declarations
     arrays = reference_arrays(run.prepared, [r.kinds() for r in run.requests], [original.embed(r) for r in run.requests])
     reference = original.DESCRIPTION
     del original

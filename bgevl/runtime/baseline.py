@@ -40,9 +40,16 @@ class GraphModulesBaseline:
     def gflop(self, request: Request, feeds: Feeds) -> float:
         """FLOPs of one call from torch's own counter on the baseline modules, which compute what the
         exported graphs compute; counted on the first item (same padded length) and scaled."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         first = {k: v[:1] for k, v in feeds.items()}
-        with FlopCounterMode(display=False) as counter:
-            self.call(request, first)()
-        return counter.get_total_flops() * len(request) / 1e9
+        return call_gflop(self.call(request, first)) * len(request)
+
+
+def call_gflop(call: Callable[[], Any]) -> float:
+    """The GFLOP of one ``call()`` by torch's own counter (the PyTorch baselines of the decoder families, whose
+    prepared call runs transformers' forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    flops: int = counter.get_total_flops()
+    return flops / 1e9

@@ -29,8 +29,9 @@ import numpy as np
 
 from bgevl.core.errors import BgevlError, InputError
 from bgevl.core.registry import get_family
-from bgevl.core.family import Feeds, Request, run_steps
+from bgevl.core.family import Feeds, Request, batch_spans, run_steps
 from bgevl.core.manifest import Manifest, read_manifest
+from bgevl.core.specs import items_per_step
 from bgevl.core.preprocessing import DEFAULT_LIMITS, InputLimits, as_list
 from bgevl.runtime.runners import BACKENDS, open_runners, runner_call
 
@@ -50,7 +51,7 @@ class Embedder:
         self.default_instruction = self.family.default_instruction(manifest.recipe)
         #: items preprocessed and run per step: the smallest batch axis of the graphs (memory stays bounded by
         #: it, whatever the number of inputs: 2000 images decoded at once took 6.8 GB)
-        self.max_batch = min(spec.batch.max for spec in self.graphs.values())
+        self.max_batch = items_per_step(self.graphs)
         #: a new preprocessor like ``preprocessor`` (same options), for threads that prepare batches side by side
         #: (tokenizers are not safe to share between threads); ``None`` where the Embedder was built by hand
         self.open_preprocessor = open_preprocessor
@@ -150,10 +151,12 @@ class Embedder:
         if not_embedded:  # the family's declared item kinds (Recipe.kinds)
             raise InputError(f"{' and '.join(not_embedded)} items: this model does not embed them (it embeds "
                              f"{', '.join(self.family.kinds)} items)")
-        # decoded and preprocessed one batch at a time
+        # decoded and preprocessed one batch at a time: at most max_batch items, and at most the preprocessor's
+        # token budget where items cost a varying number of tokens
         out = []
-        for start in range(0, len(request), self.max_batch):
-            feeds = self.preprocessor.prepare(request.slice(start, start + self.max_batch), start)
+        spans = batch_spans(len(request), self.max_batch, self.preprocessor.item_costs(request), self.preprocessor.token_budget)
+        for start, stop in spans:
+            feeds = self.preprocessor.prepare(request.slice(start, stop), start)
             if on_feeds is not None:
                 on_feeds(feeds)
             out.append(self.run(feeds))

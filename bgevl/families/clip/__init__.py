@@ -8,7 +8,7 @@ tokenizer), ``reference`` (the original's fp32 embeddings, as BGE-VL's remote co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from bgevl.core.family import CheckpointKind, Original
 from bgevl.core.specs import ModelSpec
@@ -79,7 +79,7 @@ class ClipFamily(DualEncoderFamily):
 
         return generate_clip_checkpoint(spec, directory)
 
-    def original(self, path: Path) -> Original:
+    def original(self, path: Path, recipe: Mapping[str, Any] | None = None) -> Original:
         from bgevl.families.clip.reference import OriginalClip
 
         return OriginalClip(path)

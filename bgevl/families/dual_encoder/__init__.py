@@ -100,7 +100,7 @@ class DualEncoderFamily(HubCheckpoints, Family):
         check_tokenizer(processor.tokenizer, Path(path))
         return model, processor
 
-    def original(self, path: Path) -> Original:
+    def original(self, path: Path, recipe: Mapping[str, Any] | None = None) -> Original:
         from bgevl.families.dual_encoder.reference import OriginalDualEncoder
 
         return OriginalDualEncoder(path, self.model_class, self.text_padding, fusion=self.composed)

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from bgevl.core.errors import BgevlError, InputError
+from bgevl.core.errors import BgevlError
 from bgevl.checkpoints import HubCheckpoints
+from bgevl.core.preprocessing import one_value_per_request
 from bgevl.core.family import (
     CANDIDATE, QUERY, Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Original, Preprocessor, Request,
     Steps, TorchBaseline, TritonModels,
@@ -108,14 +109,6 @@ MODELS = (
 )
 
 
-def _one_value(values: NDArray[Any], name: str) -> NDArray[Any]:
-    """INSTRUCTION / ROLE arrive per item ([batch, 1]); the prompt takes one value per request."""
-    flat = values.reshape(-1)
-    if any(v != flat[0] for v in flat[1:]):
-        raise InputError(f"{name} differs between the items of one request; send one request per {name.lower()}")
-    return flat[:1]
-
-
 class MllmFamily(HubCheckpoints, Family):
     name = "mllm"
     description = "LLaVA-NeXT embedders (BGE-VL-MLLM-S1/-S2, BGE-VL-v1.5): last-token hidden state, task instructions"
@@ -151,7 +144,7 @@ class MllmFamily(HubCheckpoints, Family):
 
         return load_mllm(path, attn_implementation, spec)
 
-    def original(self, path: Path) -> Original:
+    def original(self, path: Path, recipe: Mapping[str, Any] | None = None) -> Original:
         from bgevl.families.mllm.reference import OriginalLlavaEmbedder
 
         return OriginalLlavaEmbedder(path)
@@ -289,7 +282,7 @@ class MllmFamily(HubCheckpoints, Family):
         """IMAGE and TEXT flattened to one value per item; INSTRUCTION and ROLE to one value per request."""
         out = {}
         for name, values in inputs.items():
-            out[name] = values.reshape(-1) if name in (SERVING_IMAGE, SERVING_TEXT) else _one_value(values, name)
+            out[name] = values.reshape(-1) if name in (SERVING_IMAGE, SERVING_TEXT) else one_value_per_request(values, name)
         return out
 
     # --- benchmarks --------------------------------------------------------------------

@@ -36,10 +36,6 @@ class MllmBaseline:
         return lambda: reference_embeddings(self.model, inputs)
 
     def gflop(self, request: Request, feeds: Feeds) -> float:
-        from torch.utils.flop_counter import FlopCounterMode
+        from bgevl.runtime.baseline import call_gflop
 
-        call = self.call(request, feeds)
-        with FlopCounterMode(display=False) as counter:
-            call()
-        flops: int = counter.get_total_flops()
-        return flops / 1e9
+        return call_gflop(self.call(request, feeds))

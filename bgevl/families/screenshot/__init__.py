@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from bgevl.checkpoints import HubCheckpoints
 from bgevl.core.errors import BgevlError
@@ -23,7 +24,10 @@ from bgevl.core.family import (
     CANDIDATE, QUERY, Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Original, Preprocessor, Request,
     Steps, TorchBaseline, TritonModels,
 )
-from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS, GraphSpec, ModelSpec
+from bgevl.core.preprocessing import one_value_per_request
+from bgevl.core.specs import (
+    ATTENTION_MASK, INPUT_IDS, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT, GraphSpec, ModelSpec,
+)
 from bgevl.families.screenshot.graphs import (
     EMBEDDING, IMAGE_FEATURE_INDEX, IMAGE_FEATURES, IMAGE_RESTORE, IMAGE_SEGMENTS, IMAGE_TOKEN_COUNTS, PIXEL_PATCHES,
     ROPE_POSITIONS, SCREENSHOT_LANGUAGE_GRAPH, SCREENSHOT_MAX_BATCH, SCREENSHOT_OPT_BATCH, SCREENSHOT_VISION_GRAPH,
@@ -31,6 +35,8 @@ from bgevl.families.screenshot.graphs import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover  (types only)
+    import argparse
+
     import torch
 
     from bgevl.core.options import ExportOptions
@@ -40,6 +46,10 @@ if TYPE_CHECKING:  # pragma: no cover  (types only)
 VISION_INPUTS = (PIXEL_PATCHES, VISION_POSITIONS, WINDOW_SEGMENTS, IMAGE_SEGMENTS)
 #: Items per validation request: image-only, text-only and composed items mixed
 VALIDATION_BATCH = 4
+#: The tokens one batch holds at most by default, padding included (items x the longest prompt): a 1080p
+#: screenshot is ~1,200 image tokens at Qwen2.5-VL's class default bound and 2,700 at the base's, a text query
+#: a few dozen, so batches are cut by tokens as well as by items
+SCREENSHOT_TOKEN_BUDGET = 8192
 
 
 def _qwen2_5_vl_arch(*, vision: dict[str, Any], text: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +115,7 @@ class ScreenshotFamily(HubCheckpoints, Family):
         ("vision_config.depth", "vision_config.hidden_size", "vision_config.window_size", "text_config.hidden_size",
          "text_config.num_hidden_layers", "text_config.num_key_value_heads", "text_config.intermediate_size"),
     )
-    serving_inputs = ()
+    serving_inputs = (SERVING_IMAGE, SERVING_TEXT, SERVING_INSTRUCTION, SERVING_ROLE)
     roles_matter = True  # a query carries the task instruction as its system message, a candidate does not
 
     # --- checkpoints -------------------------------------------------------------------
@@ -119,36 +129,80 @@ class ScreenshotFamily(HubCheckpoints, Family):
 
         return load_screenshot(path, attn_implementation, spec)
 
-    def original(self, path: Path) -> Original:
+    def original(self, path: Path, recipe: Mapping[str, Any] | None = None) -> Original:
+        """With an export's ``recipe``: its prompts and pixel bounds (the options it was made with)."""
+        from bgevl.families.screenshot.preprocessing import ScreenshotPrompts
         from bgevl.families.screenshot.reference import OriginalScreenshot
 
-        return OriginalScreenshot(path)
+        if recipe is None:
+            return OriginalScreenshot(path)
+        return OriginalScreenshot(path, ScreenshotPrompts.from_json(recipe["prompts"]), **recipe["pixel_bounds"])
 
     # --- export ------------------------------------------------------------------------
+    def add_export_arguments(self, group: argparse._ArgumentGroup) -> None:
+        """The recipe's inferred facts, each correctable without code by a user who has read the real files
+        (``ScreenshotPrompts``; defaults: the reconstruction cited there), and the pixel bounds."""
+        from bgevl.families.screenshot.preprocessing import ScreenshotPrompts
+
+        default = ScreenshotPrompts()
+        group.add_argument("--screenshot-instruction-role", choices=("system", "user"), default=default.instruction_role,
+                           help="where a query's task instruction goes: the system message, or before the text in the "
+                                "user turn")
+        group.add_argument("--screenshot-content-order", choices=("text-first", "image-first"),
+                           default=default.content_order, help="the order of a composed item's text and image in the "
+                                                               "user turn")
+        group.add_argument("--screenshot-candidate-instruction", default=default.candidate_instruction, metavar="TEXT",
+                           help="a system message for candidates; None: the chat template's default system line")
+        group.add_argument("--screenshot-no-generation-prompt", action="store_true",
+                           help="end prompts after the user turn, not after the assistant turn's opening (whose "
+                                "last token is pooled by default)")
+        group.add_argument("--screenshot-min-pixels", type=int, default=None, metavar="N",
+                           help="the images' smallest area after resizing; None: the checkpoint's "
+                                "preprocessor_config.json")
+        group.add_argument("--screenshot-max-pixels", type=int, default=None, metavar="N",
+                           help="the images' largest area after resizing: the main speed and memory knob, which changes "
+                                "the embeddings; None: the checkpoint's preprocessor_config.json")
+
     def check_export_options(self, spec: ModelSpec, options: ExportOptions) -> None:
         if options.calibration_data is not None:
             raise BgevlError("--calibration-data does not apply to the screenshot family: its int8 is weight-only")
+        low, high = (options.family_options.get(f"screenshot_{n}_pixels") for n in ("min", "max"))
+        if any(b is not None and b < 28 * 28 for b in (low, high)) or (low is not None and high is not None and low > high):
+            raise BgevlError(f"--screenshot-min-pixels {low} / --screenshot-max-pixels {high}: each at least 784 (one "
+                             f"28x28 merge block) and min at most max")
 
     def prepare_export(self, path: Path, spec: ModelSpec, options: ExportOptions) -> ExportedModel:
         from bgevl.families.screenshot.graphs import screenshot_graph_specs
         from bgevl.families.screenshot.layout import VisionGeometry
         from bgevl.families.screenshot.preprocessing import SCREENSHOT_QUERY_INSTRUCTION, ScreenshotPreprocessor, ScreenshotPrompts
 
+        from bgevl.families.screenshot.checkpoint import check_processor
+
         model, processor = self.load(path, spec, options.attn_implementation)
         config = model.config
+        check_processor(processor, config, path)
         assert options.opt_batch is not None and options.max_batch is not None
+        chosen = options.family_options
+        processor.set_pixel_bounds(chosen.get("screenshot_min_pixels"), chosen.get("screenshot_max_pixels"))
         min_pixels, max_pixels = processor.pixel_bounds
         graphs = screenshot_graph_specs(config, max_pixels=max_pixels, opt_batch=options.opt_batch,
                                         max_batch=options.max_batch, max_sequence=options.max_sequence_length)
-        geometry, prompts = VisionGeometry.from_config(config.vision_config), ScreenshotPrompts()
+        geometry = VisionGeometry.from_config(config.vision_config)
+        prompts = ScreenshotPrompts(
+            instruction_role=chosen.get("screenshot_instruction_role", "system"),
+            candidate_instruction=chosen.get("screenshot_candidate_instruction"),
+            content_order=chosen.get("screenshot_content_order", "text-first"),
+            add_generation_prompt=not chosen.get("screenshot_no_generation_prompt", False))
         hidden = int(config.text_config.hidden_size)
         parameters = sum(p.numel() for p in model.model.parameters())
         return ExportedModel(
-            model, processor, graphs, ScreenshotPreprocessor(processor, geometry, prompts, options.max_sequence_length),
+            model, processor, graphs, ScreenshotPreprocessor(processor, geometry, prompts, options.max_sequence_length,
+                                                             token_budget=SCREENSHOT_TOKEN_BUDGET),
             embedding_dim=hidden, max_text_length=int(options.max_sequence_length), parameters=int(parameters),
             recipe={"vision_geometry": geometry.to_json(), "prompts": prompts.to_json(),
                     "default_query_instruction": SCREENSHOT_QUERY_INSTRUCTION, "hidden_size": hidden,
                     "pixel_bounds": {"min_pixels": min_pixels, "max_pixels": max_pixels},
+                    "token_budget": SCREENSHOT_TOKEN_BUDGET,
                     "padding_side": processor.tokenizer.padding_side},
             summary=f"{parameters / 1e6:.1f}M parameters without the LM head, embedding dim {hidden}, pixels "
                     f"{min_pixels}..{max_pixels}, tokenizer padding side {processor.tokenizer.padding_side}")
@@ -161,17 +215,18 @@ class ScreenshotFamily(HubCheckpoints, Family):
 
     def example_feeds(self, graphs: Mapping[str, GraphSpec], modules: Mapping[str, torch.nn.Module],
                       requests: Sequence[Feeds]) -> dict[str, Feeds]:
-        """The first image of a request with two items and an image or more; the language graph's image features
-        are the vision module's output on all of that request's images."""
+        """The first image of a request whose first two items have images; the language graph's example is those
+        two items, with the vision module's output on their images (the first in the batch's image order)."""
         import torch
 
-        example = next(f for f in requests if IMAGE_TOKEN_COUNTS in f and len(f[INPUT_IDS]) >= 2)
+        example = next(f for f in requests if IMAGE_TOKEN_COUNTS in f and (f[IMAGE_FEATURE_INDEX][:2] >= 0).any(axis=1).all())
         with torch.inference_mode():
             features = modules[SCREENSHOT_VISION_GRAPH](*(torch.from_numpy(example[n]) for n in VISION_INPUTS)).numpy()
         first = int(example[IMAGE_TOKEN_COUNTS][0])
         vision = {n: example[n][:first] for n in VISION_INPUTS}
-        language = {n: example[n] for n in (INPUT_IDS, ATTENTION_MASK, ROPE_POSITIONS, IMAGE_FEATURE_INDEX)}
-        language[IMAGE_FEATURES] = features[example[IMAGE_RESTORE]]
+        language = {n: example[n][:2] for n in (INPUT_IDS, ATTENTION_MASK, IMAGE_FEATURE_INDEX)}
+        language[ROPE_POSITIONS] = example[ROPE_POSITIONS][:, :2]
+        language[IMAGE_FEATURES] = features[example[IMAGE_RESTORE]][:int(language[IMAGE_FEATURE_INDEX].max()) + 1]
         return {SCREENSHOT_VISION_GRAPH: vision, SCREENSHOT_LANGUAGE_GRAPH: language}
 
     def validation_requests(self, probes: ProbeSet) -> list[Request]:
@@ -209,9 +264,11 @@ class ScreenshotFamily(HubCheckpoints, Family):
         return out[EMBEDDING]
 
     def open_preprocessor(self, processor_dir: Path, recipe: Mapping[str, Any], max_text_length: int,
-                          limits: InputLimits, text_overflow: str = "truncate", **options: Any) -> Preprocessor:
-        """``text_overflow`` does not apply: an over-long prompt is refused (truncation would cut the image tokens
-        or the final token the embedding is read from)."""
+                          limits: InputLimits, text_overflow: str = "truncate", token_budget: int | None = None,
+                          **options: Any) -> Preprocessor:
+        """``token_budget``: the most tokens of one batch (default the manifest's). ``text_overflow`` does not
+        apply: an over-long prompt is refused (truncation would cut the image tokens or the final token the
+        embedding is read from)."""
         from bgevl.families.screenshot.layout import VisionGeometry
         from bgevl.families.screenshot.preprocessing import ScreenshotPreprocessor, ScreenshotPrompts
         from bgevl.families.screenshot.processor import ImageTextQwenProcessor
@@ -222,18 +279,46 @@ class ScreenshotFamily(HubCheckpoints, Family):
         processor = ImageTextQwenProcessor.from_directory(processor_dir, min_pixels=bounds["min_pixels"],
                                                           max_pixels=bounds["max_pixels"])
         return ScreenshotPreprocessor(processor, VisionGeometry(**recipe["vision_geometry"]),
-                                      ScreenshotPrompts.from_json(recipe["prompts"]), max_text_length, limits)
+                                      ScreenshotPrompts.from_json(recipe["prompts"]), max_text_length, limits,
+                                      token_budget=token_budget or recipe.get("token_budget"))
 
     def default_instruction(self, recipe: Mapping[str, Any]) -> str | None:
         return recipe.get("default_query_instruction")
 
     # --- Triton ------------------------------------------------------------------------
     def write_triton_models(self, writer: TritonModels) -> None:
-        raise BgevlError("--triton-repo: the screenshot family has no Triton repository yet (its per-image vision "
-                         "calls need a BLS entry model of their own); serve the export with bgevl-api instead")
+        """``<name>_preprocess`` (prompts, the processor, the host layouts; one request per execution: its outputs
+        are not aligned on one batch axis), ``<name>_screenshot_vision`` (declared not splittable, so Triton never
+        merges two requests' image tokens: max_batch_size 0), ``<name>_screenshot_language`` and the entry
+        ``<name>``, whose recipe calls the vision model once per image by BLS."""
+        from bgevl.core.specs import TensorSpec
+
+        manifest = writer.manifest
+        vision, language = manifest.graph_spec(SCREENSHOT_VISION_GRAPH), manifest.graph_spec(SCREENSHOT_LANGUAGE_GRAPH)
+        graph_models = {SCREENSHOT_VISION_GRAPH: writer.encoder(SCREENSHOT_VISION_GRAPH),
+                        SCREENSHOT_LANGUAGE_GRAPH: writer.encoder(SCREENSHOT_LANGUAGE_GRAPH)}
+        matrix = (-1, -1)
+        patches, positions = vision.input(PIXEL_PATCHES), vision.input(VISION_POSITIONS)
+        outputs = [TensorSpec(INPUT_IDS, "int64", matrix), TensorSpec(ATTENTION_MASK, "int64", matrix),
+                   TensorSpec(ROPE_POSITIONS, "int64", (3, -1, -1)), TensorSpec(IMAGE_FEATURE_INDEX, "int64", matrix),
+                   TensorSpec(PIXEL_PATCHES, "float32", (-1, *patches.shape[1:])),
+                   TensorSpec(VISION_POSITIONS, "int64", (-1, *positions.shape[1:])),
+                   *(TensorSpec(name, "int64", (-1,)) for name in (WINDOW_SEGMENTS, IMAGE_SEGMENTS, IMAGE_TOKEN_COUNTS,
+                                                                  IMAGE_RESTORE))]
+        pre = writer.preprocess(
+            [TensorSpec(SERVING_IMAGE, "bytes", (-1,)), TensorSpec(SERVING_TEXT, "bytes", (-1,)),
+             TensorSpec(SERVING_INSTRUCTION, "bytes", (1,)), TensorSpec(SERVING_ROLE, "bytes", (1,))],
+            outputs, writer.batching(0, instances=writer.preprocess_instances))
+        writer.entry(writer.batching(language.batch), graph_models, pre)
 
     def preprocess_outputs(self, present: set[str]) -> list[str]:
-        return []
+        vision = [*VISION_INPUTS, IMAGE_TOKEN_COUNTS, IMAGE_RESTORE] if SERVING_IMAGE in present else []
+        return [INPUT_IDS, ATTENTION_MASK, ROPE_POSITIONS, IMAGE_FEATURE_INDEX, *vision]
+
+    def serving_preprocess_inputs(self, inputs: dict[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
+        """IMAGE and TEXT flattened to one value per item; INSTRUCTION and ROLE to one value per request."""
+        return {name: values.reshape(-1) if name in (SERVING_IMAGE, SERVING_TEXT) else one_value_per_request(values, name)
+                for name, values in inputs.items()}
 
     # --- benchmarks --------------------------------------------------------------------
     def bench_request(self, workload: str, images: list[Any] | None, texts: list[Any] | None) -> Request:
@@ -245,4 +330,6 @@ class ScreenshotFamily(HubCheckpoints, Family):
         return Request(images, texts, QUERY, SCREENSHOT_QUERY_INSTRUCTION)
 
     def torch_baseline(self, checkpoint: Path, threads: int) -> TorchBaseline:
-        raise BgevlError("bgevl-bench: the screenshot family has no PyTorch baseline yet")
+        from bgevl.families.screenshot.bench import ScreenshotBaseline
+
+        return ScreenshotBaseline(self, checkpoint, threads)

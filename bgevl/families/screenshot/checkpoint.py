@@ -160,3 +160,30 @@ def load_screenshot(path: Path, attn_implementation: str = "eager", spec: ModelS
     processor = ImageTextQwenProcessor.from_directory(path)
     check_tokenizer(processor.tokenizer, Path(path))
     return model, processor
+
+
+def check_processor(processor: Any, config: Any, path: Path) -> None:
+    """Refuse, in one line, processor files that contradict the model: no chat template, a template that does not
+    render an image as Qwen2.5-VL's vision tokens, token ids of the tokenizer other than ``config.json``'s, or an
+    image processor whose patches and merge differ from the vision tower's."""
+    from bgevl.core.errors import CheckpointError
+
+    if not processor.chat_template:
+        raise CheckpointError(f"{path}: no chat template (chat_template.json); copy it from the hub repository")
+    rendered = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+    if "<|vision_start|><|image_pad|><|vision_end|>" not in rendered:
+        raise CheckpointError(f"{path}: the chat template does not render an image as "
+                              f"<|vision_start|><|image_pad|><|vision_end|> (Qwen2.5-VL's); copy chat_template.json from "
+                              f"the hub repository")
+    tokenizer, vc = processor.tokenizer, config.vision_config
+    ids = {"image_token_id": "<|image_pad|>", "vision_start_token_id": "<|vision_start|>",
+           "vision_end_token_id": "<|vision_end|>"}
+    wrong = [f"{token} is {tokenizer.convert_tokens_to_ids(token)} in the tokenizer, {getattr(config, key)} in config.json"
+             for key, token in ids.items() if tokenizer.convert_tokens_to_ids(token) != getattr(config, key)]
+    ip = processor.image_processor
+    wrong += [f"{name} {getattr(ip, name)} in preprocessor_config.json, {want} in config.json"
+              for name, want in (("patch_size", vc.patch_size), ("merge_size", vc.spatial_merge_size),
+                                 ("temporal_patch_size", vc.temporal_patch_size)) if getattr(ip, name) != want]
+    if wrong:
+        raise CheckpointError(f"{path}: the processor files contradict the model ({'; '.join(wrong)}); they belong to "
+                              f"another checkpoint: copy them from this model's hub repository")

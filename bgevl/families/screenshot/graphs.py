@@ -49,6 +49,7 @@ def screenshot_graph_specs(config: Any, *, max_pixels: int, opt_batch: int, max_
                             "merged image tokens in the input's window order, projected to the language model's width"),),
         description="Qwen2.5-VL vision tower: patch embedding -> windowed / full attention blocks (2-D rotary) -> "
                     "2x2 patch merger",
+        splittable=False,  # an image's tokens attend to each other: never split a feed along them
     )
     language = GraphSpec(
         SCREENSHOT_LANGUAGE_GRAPH,

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from bgevl.core.errors import InputError
 from bgevl.core.family import CANDIDATE, QUERY, Feeds, Preprocessor, Request, normalize_role
-from bgevl.core.preprocessing import DEFAULT_LIMITS, InputLimits, check_text, load_image
+from bgevl.core.preprocessing import DEFAULT_LIMITS, InputLimits, check_text, header_size, load_image
 from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS
 from bgevl.families.screenshot.graphs import (
     IMAGE_FEATURE_INDEX, IMAGE_RESTORE, IMAGE_SEGMENTS, IMAGE_TOKEN_COUNTS, PIXEL_PATCHES, ROPE_POSITIONS,
@@ -83,7 +83,7 @@ class ScreenshotPreprocessor(Preprocessor):
     """Chat prompts, the checkpoint's Qwen2.5-VL processor and the host-side layouts, for one batch."""
 
     def __init__(self, processor: Any, geometry: VisionGeometry, prompts: ScreenshotPrompts, max_sequence: int,
-                 limits: InputLimits = DEFAULT_LIMITS):
+                 limits: InputLimits = DEFAULT_LIMITS, token_budget: int | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.geometry = geometry
@@ -91,6 +91,9 @@ class ScreenshotPreprocessor(Preprocessor):
         self.max_sequence = max_sequence
         self.limits = limits
         self.image_token_id = int(processor.image_token_id)
+        #: a batch holds at most this many tokens, padding included (default: the sequence limit of the
+        #: language graph's optimal batch): an item's cost varies with its image's size, 5x and more
+        self.token_budget = token_budget
 
     def prompt(self, text: str | None, has_image: bool, role: str, instruction: str | None) -> str:
         if role == CANDIDATE:
@@ -112,7 +115,8 @@ class ScreenshotPreprocessor(Preprocessor):
             check_text(request.instruction, "instruction", None, self.limits)
         return Request(request.images, request.texts, role, request.instruction)
 
-    def _items(self, request: Request, start: int) -> tuple[list[str], list[Any]]:
+    def prompts_and_images(self, request: Request, start: int = 0) -> tuple[list[str], list[Any]]:
+        """A checked request's chat prompts and its decoded images (those of the items that have one)."""
         prompts, images = [], []
         for i in range(len(request)):
             text = request.texts[i] if request.texts is not None else None
@@ -127,11 +131,32 @@ class ScreenshotPreprocessor(Preprocessor):
             prompts.append(self.prompt(text, image is not None, request.role, request.instruction))
         return prompts, images
 
+    def item_costs(self, request: Request, start: int = 0) -> list[int]:
+        """Each item's tokens: its prompt's, with its image's tokens from the header size by the processor's own
+        resize rule (an unreadable image counts 0: ``prepare`` refuses it)."""
+        request = self.check(request)
+        assert request.role is not None  # check() sets it
+        costs = []
+        merge = self.geometry.merge_unit
+        for i in range(len(request)):
+            text = request.texts[i] if request.texts is not None else None
+            image = request.images[i] if request.images is not None else None
+            size = header_size(image) if image is not None else None
+            tokens = 0
+            if size is not None:
+                width, height = size
+                tokens = int(self.processor.image_processor.get_number_of_image_patches(height, width, {})) // merge - 1
+            prompt = self.prompt(text if isinstance(text, str) else None, image is not None, request.role, request.instruction)
+            # the Rust tokenizer itself: the transformers call would switch the shared tokenizer's padding off
+            # while another thread (bgevl-api's image and text pools) pads a batch with it
+            costs.append(len(self.tokenizer.backend_tokenizer.encode(prompt, add_special_tokens=False).ids) + max(tokens, 0))
+        return costs
+
     def prepare(self, request: Request, start: int = 0, *, serving: bool = False) -> Feeds:
         """Feeds of both graphs for one batch; the vision feeds (absent when no item has an image) hold every
         image's patches one after the other, with ``image_token_counts`` to split them per image."""
         request = self.check(request)
-        prompts, images = self._items(request, start)
+        prompts, images = self.prompts_and_images(request, start)
         enc = self.processor(text=prompts, images=images or None, padding=True, return_tensors="np")
         input_ids = np.asarray(enc["input_ids"], np.int64)
         attention_mask = np.asarray(enc["attention_mask"], np.int64)

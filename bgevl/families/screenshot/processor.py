@@ -32,14 +32,20 @@ class ImageTextQwenProcessor(Qwen2_5_VLProcessor):
         tokenizer's); ``min_pixels`` / ``max_pixels`` override the file's pixel bounds."""
         directory = Path(directory)
         image_processor = AutoImageProcessor.from_pretrained(directory, backend="pil")  # type: ignore[no-untyped-call]
-        if min_pixels is not None or max_pixels is not None:
-            size = dict(image_processor.size)
-            image_processor.size = type(image_processor.size)(**{**size, **(
-                {"shortest_edge": min_pixels} if min_pixels is not None else {}), **(
-                {"longest_edge": max_pixels} if max_pixels is not None else {})})
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                   chat_template=read_chat_template(directory) or tokenizer.chat_template)
+        processor = cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                        chat_template=read_chat_template(directory) or tokenizer.chat_template)
+        processor.set_pixel_bounds(min_pixels, max_pixels)
+        return processor
+
+    def set_pixel_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+        """``smart_resize``'s bounds (``None``: keep the one loaded)."""
+        size = dict(self.image_processor.size)
+        if min_pixels is not None:
+            size["shortest_edge"] = min_pixels
+        if max_pixels is not None:
+            size["longest_edge"] = max_pixels
+        self.image_processor.size = type(self.image_processor.size)(**size)
 
     @property
     def pixel_bounds(self) -> tuple[int, int]:

@@ -103,7 +103,7 @@ class VisualizedFamily(Family):
 
         return load_visualized(path, spec, attn_implementation)
 
-    def original(self, path: Path) -> Original:
+    def original(self, path: Path, recipe: Mapping[str, Any] | None = None) -> Original:
         from bgevl.families.visualized.reference import OriginalVisualized
 
         return OriginalVisualized(path)
