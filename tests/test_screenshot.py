@@ -291,3 +291,25 @@ def _edit_json(path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
+
+
+def test_tensorrt_profiles_and_build_engines_options_take_the_image_axes():
+    """The vision graph's one axis counts an image's tokens (patches are 4 per token by shape), the language graph's
+    image rows a batch's: both are profile axes of their own (``build-engines --max-image-tokens/--max-image-rows``)."""
+    from transformers import Qwen2_5_VLConfig
+
+    from bgevl.export.cli import build_engines_parser
+    from bgevl.families.screenshot.graphs import screenshot_graph_specs
+    from bgevl.graphs.engines import axis_ranges, profile_shapes
+
+    config = Qwen2_5_VLConfig(**get_model_spec("screenshot").architecture)
+    graphs = screenshot_graph_specs(config, max_pixels=12845056, opt_batch=2, max_batch=8, max_sequence=4096)
+    vision, language = graphs["screenshot_vision"], graphs["screenshot_language"]
+    assert vision.input("pixel_patches").concrete_shape("max") == (16384, 4, 1176)
+    shapes = profile_shapes(vision, axis_ranges(vision, max_image_tokens=4096))
+    assert shapes["pixel_patches"]["max"] == [4096, 4, 1176] and shapes["vision_positions"]["max"] == [4096, 4, 2]
+    assert shapes["window_segments"] == {"min": [1], "opt": [1024], "max": [4096]}
+    shapes = profile_shapes(language, axis_ranges(language, max_image_rows=8192, max_sequence=2048))
+    assert shapes["image_features"]["max"] == [8192, 2048] and shapes["rope_positions"]["max"] == [3, 8, 2048]
+    args = build_engines_parser().parse_args(["export", "--max-image-tokens", "4096", "--max-image-rows", "8192"])
+    assert (args.max_image_tokens, args.max_image_rows) == (4096, 8192)

@@ -141,7 +141,7 @@ def test_cli_format_auto_falls_back_to_onnx_with_one_line_and_tensorrt_fails_ear
     assert result.returncode == 0 and "TensorRT" not in result.stderr
 
 
-@pytest.mark.parametrize("model,precision", [("tiny", "fp16"), ("tiny-mllm", "fp32")])
+@pytest.mark.parametrize("model,precision", [("tiny", "fp16"), ("tiny-mllm", "fp32"), ("tiny-screenshot", "fp16")])
 def test_the_reference_set_reproduces_the_export_figures(export_dir, model, precision):
     """The engines are validated by the same code on the same arrays: with ONNX Runtime as the runner it must
     give the very figures the export recorded."""

@@ -543,8 +543,10 @@ class Family(CheckpointSource, GraphExport, Recipe, ServingLayout, BenchBaseline
     families (the command line's ``--model`` choices) stays cheap. Two intermediate bases: the dual-encoder
     base ``bgevl.families.dual_encoder.DualEncoderFamily`` (image and text towers from their declarations,
     composed queries by score fusion where declared; CLIP subclasses it, and a real SigLIP is two hooks:
-    ``tests/plugins/bgevl_siglip``) and ``bgevl.families.mllm.MllmFamily`` (a decoder embedder: the last
-    token's hidden state of a multimodal LLM; still LLaVA-NeXT-shaped: fixed anyres tiles, ``[INST]`` prompts)."""
+    ``tests/plugins/bgevl_siglip``) and the decoder-embedder base ``bgevl.families.decoder.DecoderEmbedderFamily``
+    (the last token's hidden state of a multimodal LLM, task instructions on queries, weight-only int8, the Triton
+    repository from the declared preprocess feeds; LLaVA-NeXT's ``MllmFamily`` with fixed anyres tiles and
+    Qwen2.5-VL's ``ScreenshotFamily`` with images of any size subclass it)."""
 
     name: ClassVar[str]
     description: ClassVar[str]

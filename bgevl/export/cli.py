@@ -134,7 +134,8 @@ def _engine_options(p: argparse.ArgumentParser, standalone: bool = False) -> Non
         g.add_argument("--min-cosine", type=float, default=None, help="override the validation threshold")
         g.add_argument("--no-validate", dest="validate", action="store_false", help="skip the engines' parity check")
     for axis, what in _profile_axes().items():  # declared by the families (GraphExport.profile_axes)
-        g.add_argument(f"--max-{axis}", type=int, default=None, help=f"profile max {what} (unset: the manifest's)")
+        g.add_argument(f"--max-{axis.replace('_', '-')}", type=int, default=None,  # dest max_<axis>
+                       help=f"profile max {what} (unset: the manifest's)")
     g.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB, help="TensorRT builder workspace limit")
     g.add_argument("--timing-cache", type=Path, default=None,
                    help="timing cache file to reuse and update (default: <export>/tensorrt/timing.cache)")

@@ -1,8 +1,9 @@
 """The MLLM family: BGE-VL-MLLM-S1 / -S2 and BGE-VL-v1.5, LLaVA-NeXT (Mistral-7B) embedders.
 
 The embedding is the L2-normalized last-layer hidden state of the last token; queries carry a
-task instruction. Files: ``graphs``, ``checkpoint``, ``modules``, ``reference``,
-``preprocessing`` (prompts, anyres layout, image-feature index), ``bench``.
+task instruction (a decoder embedder: ``bgevl.families.decoder``, which it shares with BGE-VL-Screenshot).
+Files: ``graphs``, ``checkpoint``, ``modules``, ``reference``, ``preprocessing`` (prompts, anyres
+layout, image-feature index), ``bench``.
 
 Precisions: fp32 as exported (the 7B models declare ``fp32_too_large``: refused unless
 ``--force-fp32``); fp16 with LayerNorm, Softmax, every RMSNorm, the rotary angles and the final
@@ -19,23 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-from numpy.typing import NDArray
 
-from bgevl.core.errors import BgevlError
-from bgevl.checkpoints import HubCheckpoints
-from bgevl.core.preprocessing import one_value_per_request
-from bgevl.core.family import (
-    CANDIDATE, QUERY, Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Original, Preprocessor, Request,
-    Steps, TorchBaseline, TritonModels,
-)
+from bgevl.core.family import CANDIDATE, QUERY, Call, CheckpointKind, ExportedModel, Feeds, Original, Preprocessor, Request, Steps, TorchBaseline
+from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS, GraphSpec, ModelSpec
+from bgevl.families.decoder import DecoderEmbedderFamily
 from bgevl.families.mllm.graphs import (
     EMBEDDING, IMAGE_FEATURE_INDEX, IMAGE_TILES, MLLM_LANGUAGE_GRAPH, MLLM_MAX_BATCH, MLLM_OPT_BATCH, MLLM_VISION_GRAPH,
     TILE_FEATURES, mllm_graph_specs_from_config,
 )
-from bgevl.core.specs import (
-    ATTENTION_MASK, INPUT_IDS, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT,
-    GraphSpec, ModelSpec,
-)
+from bgevl.families.mllm.preprocessing import CIR_INSTRUCTION
 
 if TYPE_CHECKING:  # pragma: no cover  (types only)
     import torch
@@ -109,20 +102,14 @@ MODELS = (
 )
 
 
-class MllmFamily(HubCheckpoints, Family):
+class MllmFamily(DecoderEmbedderFamily):
     name = "mllm"
     description = "LLaVA-NeXT embedders (BGE-VL-MLLM-S1/-S2, BGE-VL-v1.5): last-token hidden state, task instructions"
     models = MODELS
-    default_batch = (MLLM_OPT_BATCH, MLLM_MAX_BATCH)  # a 7B prefill of ~3k tokens per item is far heavier than a tower
-    int8_refusal = "the MLLM's int8 is weight-only; use qdq or dynamic"
-    int8_forms = (
-        Int8Form("weight-only-qdq", "int8 weights + DequantizeLinear into the MatMuls, float activations (TensorRT "
-                 "weight-only INT8, ONNX Runtime)", calibrated=False, mode="qdq"),
-        Int8Form("weight-only-dynamic", "int8 weights in ONNX Runtime's MatMulNBits (CPU), float activations",
-                 calibrated=False, mode="dynamic"),
-    )
+    vision_graph, language_graph = MLLM_VISION_GRAPH, MLLM_LANGUAGE_GRAPH
+    query_instruction = CIR_INSTRUCTION
+    default_batch = (MLLM_OPT_BATCH, MLLM_MAX_BATCH)
     profile_axes = {"tiles": "image tiles per batch"}  # build-engines --max-tiles
-    bench_grows_max_batch = False
     checkpoint_kind = CheckpointKind(
         "llava_next", "LLaVA-NeXT embedder (LlavaNextForConditionalGeneration)", "LlavaNextConfig",
         (("tokenizer.json",), ("tokenizer.model",)),
@@ -130,8 +117,8 @@ class MllmFamily(HubCheckpoints, Family):
          "vision_config.image_size", "text_config.hidden_size", "text_config.num_hidden_layers",
          "text_config.num_key_value_heads", "text_config.intermediate_size"),
     )
-    serving_inputs = (SERVING_IMAGE, SERVING_TEXT, SERVING_INSTRUCTION, SERVING_ROLE)
-    roles_matter = True  # q_or_c: the query prompt holds the instruction, the candidate prompt does not
+    # prompts, anyres tiles and the feature index; the tiles only where a request has images
+    preprocess_feeds = ((INPUT_IDS, ATTENTION_MASK, IMAGE_FEATURE_INDEX), (IMAGE_TILES,))
 
     # --- checkpoints -------------------------------------------------------------------
     def generate_checkpoint(self, spec: ModelSpec, directory: Path) -> Path:
@@ -150,12 +137,8 @@ class MllmFamily(HubCheckpoints, Family):
         return OriginalLlavaEmbedder(path)
 
     # --- export ------------------------------------------------------------------------
-    def check_export_options(self, spec: ModelSpec, options: ExportOptions) -> None:
-        if options.calibration_data is not None:
-            raise BgevlError("--calibration-data does not apply to the MLLM: its int8 is weight-only and needs no calibration")
-
     def prepare_export(self, path: Path, spec: ModelSpec, options: ExportOptions) -> ExportedModel:
-        from bgevl.families.mllm.preprocessing import BGEVL_IMAGE_RESIZE, CIR_INSTRUCTION, ImageLayout, MllmPreprocessor
+        from bgevl.families.mllm.preprocessing import BGEVL_IMAGE_RESIZE, ImageLayout, MllmPreprocessor
 
         model, processor = self.load(path, spec)
         config = model.config
@@ -199,8 +182,6 @@ class MllmFamily(HubCheckpoints, Family):
     def validation_requests(self, probes: ProbeSet) -> list[Request]:
         """Image-only and text-only candidates, composed and text-only queries (with BGE-VL's CIR
         instruction), interleaved so that every request of ``VALIDATION_BATCH`` items is mixed."""
-        from bgevl.families.mllm.preprocessing import CIR_INSTRUCTION
-
         n = len(probes.images)
         items: list[tuple[Any, str | None, str]] = []
         for i in range(n):
@@ -252,54 +233,7 @@ class MllmFamily(HubCheckpoints, Family):
         return MllmPreprocessor.from_pretrained(processor_dir, ImageLayout.from_json(recipe["image_layout"]),
                                                 max_text_length, resize, limits)
 
-    def default_instruction(self, recipe: Mapping[str, Any]) -> str | None:
-        return recipe.get("default_query_instruction")
-
-    # --- Triton ------------------------------------------------------------------------
-    def write_triton_models(self, writer: TritonModels) -> None:
-        """``<name>_preprocess`` (prompts, anyres tiles, feature index; one request per execution: its
-        outputs are not aligned on one batch axis), ``<name>_mllm_vision``, ``<name>_mllm_language`` and
-        the entry ``<name>`` with INSTRUCTION and ROLE."""
-        from bgevl.core.specs import TensorSpec
-
-        manifest = writer.manifest
-        tiles, language = manifest.graph_spec(MLLM_VISION_GRAPH).inputs[0], manifest.graph_spec(MLLM_LANGUAGE_GRAPH)
-        graph_models = {MLLM_VISION_GRAPH: writer.encoder(MLLM_VISION_GRAPH),
-                        MLLM_LANGUAGE_GRAPH: writer.encoder(MLLM_LANGUAGE_GRAPH)}
-        matrix = (-1, -1)
-        pre = writer.preprocess(
-            [TensorSpec(SERVING_IMAGE, "bytes", (-1,)), TensorSpec(SERVING_TEXT, "bytes", (-1,)),
-             TensorSpec(SERVING_INSTRUCTION, "bytes", (1,)), TensorSpec(SERVING_ROLE, "bytes", (1,))],
-            [TensorSpec(INPUT_IDS, "int64", matrix), TensorSpec(ATTENTION_MASK, "int64", matrix),
-             TensorSpec(IMAGE_FEATURE_INDEX, "int64", matrix), TensorSpec(IMAGE_TILES, "float32", (-1, *tiles.shape[1:]))],
-            writer.batching(0, instances=writer.preprocess_instances))
-        writer.entry(writer.batching(language.batch), graph_models, pre)
-
-    def preprocess_outputs(self, present: set[str]) -> list[str]:
-        return [INPUT_IDS, ATTENTION_MASK, IMAGE_FEATURE_INDEX] + ([IMAGE_TILES] if SERVING_IMAGE in present else [])
-
-    def serving_preprocess_inputs(self, inputs: dict[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
-        """IMAGE and TEXT flattened to one value per item; INSTRUCTION and ROLE to one value per request."""
-        out = {}
-        for name, values in inputs.items():
-            out[name] = values.reshape(-1) if name in (SERVING_IMAGE, SERVING_TEXT) else one_value_per_request(values, name)
-        return out
-
     # --- benchmarks --------------------------------------------------------------------
-    def bench_request(self, workload: str, images: list[Any] | None, texts: list[Any] | None) -> Request:
-        """Images are candidates; texts and composed items are queries with BGE-VL's CIR instruction."""
-        from bgevl.families.mllm.preprocessing import CIR_INSTRUCTION
-
-        if workload == "image":
-            return Request(images, texts, CANDIDATE)
-        return Request(images, texts, QUERY, CIR_INSTRUCTION)
-
-    def serving_workloads(self, images: list[Any], texts: list[Any]) -> dict[str, Request]:
-        from bgevl.families.mllm.preprocessing import CIR_INSTRUCTION
-
-        return {"candidate_image": Request(images, None, CANDIDATE), "candidate_text": Request(None, texts, CANDIDATE),
-                "query": Request(images, texts, QUERY, CIR_INSTRUCTION)}
-
     def torch_baseline(self, checkpoint: Path, threads: int) -> TorchBaseline:
         from bgevl.families.mllm.bench import MllmBaseline
 

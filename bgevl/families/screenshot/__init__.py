@@ -16,23 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-from numpy.typing import NDArray
 
-from bgevl.checkpoints import HubCheckpoints
 from bgevl.core.errors import BgevlError
-from bgevl.core.family import (
-    CANDIDATE, QUERY, Call, CheckpointKind, ExportedModel, Family, Feeds, Int8Form, Original, Preprocessor, Request,
-    Steps, TorchBaseline, TritonModels,
-)
-from bgevl.core.preprocessing import one_value_per_request
-from bgevl.core.specs import (
-    ATTENTION_MASK, INPUT_IDS, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT, GraphSpec, ModelSpec,
-)
+from bgevl.core.family import CANDIDATE, QUERY, Call, CheckpointKind, ExportedModel, Feeds, Original, Preprocessor, Request, Steps, TorchBaseline
+from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS, GraphSpec, ModelSpec, TensorSpec
+from bgevl.families.decoder import DecoderEmbedderFamily
 from bgevl.families.screenshot.graphs import (
     EMBEDDING, IMAGE_FEATURE_INDEX, IMAGE_FEATURES, IMAGE_RESTORE, IMAGE_SEGMENTS, IMAGE_TOKEN_COUNTS, PIXEL_PATCHES,
     ROPE_POSITIONS, SCREENSHOT_LANGUAGE_GRAPH, SCREENSHOT_MAX_BATCH, SCREENSHOT_OPT_BATCH, SCREENSHOT_VISION_GRAPH,
     VISION_POSITIONS, WINDOW_SEGMENTS,
 )
+from bgevl.families.screenshot.preprocessing import SCREENSHOT_QUERY_INSTRUCTION
 
 if TYPE_CHECKING:  # pragma: no cover  (types only)
     import argparse
@@ -96,27 +90,26 @@ GENERATED_PIXEL_BOUNDS = {"tiny-screenshot": {"min_pixels": 56 * 56, "max_pixels
 QWEN2_5_VL_PIXEL_BOUNDS = {"min_pixels": 3136, "max_pixels": 12845056}
 
 
-class ScreenshotFamily(HubCheckpoints, Family):
+class ScreenshotFamily(DecoderEmbedderFamily):
     name = "screenshot"
     description = "Qwen2.5-VL screenshot embedders (BGE-VL-Screenshot): images of any size, last-token hidden state"
     models = MODELS
+    vision_graph, language_graph = SCREENSHOT_VISION_GRAPH, SCREENSHOT_LANGUAGE_GRAPH
+    query_instruction = SCREENSHOT_QUERY_INSTRUCTION
     default_batch = (SCREENSHOT_OPT_BATCH, SCREENSHOT_MAX_BATCH)
-    int8_refusal = "the screenshot family's int8 is weight-only; use qdq or dynamic"
-    int8_forms = (
-        Int8Form("weight-only-qdq", "int8 weights + DequantizeLinear into the MatMuls, float activations (TensorRT "
-                 "weight-only INT8, ONNX Runtime)", calibrated=False, mode="qdq"),
-        Int8Form("weight-only-dynamic", "int8 weights in ONNX Runtime's MatMulNBits (CPU), float activations",
-                 calibrated=False, mode="dynamic"),
-    )
-    bench_grows_max_batch = False
+    # build-engines --max-image-tokens / --max-image-rows
+    profile_axes = {"image_tokens": "image tokens of one vision call (one image)",
+                    "image_rows": "image tokens of one language call (a batch's images)"}
     checkpoint_kind = CheckpointKind(
         "qwen2_5_vl", "Qwen2.5-VL embedder (Qwen2_5_VLForConditionalGeneration)", "Qwen2_5_VLConfig",
         (("tokenizer.json",), ("vocab.json", "merges.txt")),
         ("vision_config.depth", "vision_config.hidden_size", "vision_config.window_size", "text_config.hidden_size",
          "text_config.num_hidden_layers", "text_config.num_key_value_heads", "text_config.intermediate_size"),
     )
-    serving_inputs = (SERVING_IMAGE, SERVING_TEXT, SERVING_INSTRUCTION, SERVING_ROLE)
-    roles_matter = True  # a query carries the task instruction as its system message, a candidate does not
+    # prompts, M-RoPE positions, the feature index; each image's patches and layout where a request has images
+    preprocess_feeds = ((INPUT_IDS, ATTENTION_MASK, ROPE_POSITIONS, IMAGE_FEATURE_INDEX),
+                        (*VISION_INPUTS, IMAGE_TOKEN_COUNTS, IMAGE_RESTORE))
+    host_feeds = tuple(TensorSpec(name, "int64", (-1,)) for name in (IMAGE_TOKEN_COUNTS, IMAGE_RESTORE))
 
     # --- checkpoints -------------------------------------------------------------------
     def generate_checkpoint(self, spec: ModelSpec, directory: Path) -> Path:
@@ -164,8 +157,7 @@ class ScreenshotFamily(HubCheckpoints, Family):
                                 "the embeddings; None: the checkpoint's preprocessor_config.json")
 
     def check_export_options(self, spec: ModelSpec, options: ExportOptions) -> None:
-        if options.calibration_data is not None:
-            raise BgevlError("--calibration-data does not apply to the screenshot family: its int8 is weight-only")
+        super().check_export_options(spec, options)
         low, high = (options.family_options.get(f"screenshot_{n}_pixels") for n in ("min", "max"))
         if any(b is not None and b < 28 * 28 for b in (low, high)) or (low is not None and high is not None and low > high):
             raise BgevlError(f"--screenshot-min-pixels {low} / --screenshot-max-pixels {high}: each at least 784 (one "
@@ -174,7 +166,7 @@ class ScreenshotFamily(HubCheckpoints, Family):
     def prepare_export(self, path: Path, spec: ModelSpec, options: ExportOptions) -> ExportedModel:
         from bgevl.families.screenshot.graphs import screenshot_graph_specs
         from bgevl.families.screenshot.layout import VisionGeometry
-        from bgevl.families.screenshot.preprocessing import SCREENSHOT_QUERY_INSTRUCTION, ScreenshotPreprocessor, ScreenshotPrompts
+        from bgevl.families.screenshot.preprocessing import ScreenshotPreprocessor, ScreenshotPrompts
 
         from bgevl.families.screenshot.checkpoint import check_processor
 
@@ -232,8 +224,6 @@ class ScreenshotFamily(HubCheckpoints, Family):
     def validation_requests(self, probes: ProbeSet) -> list[Request]:
         """Image-only and text-only candidates, composed and text-only queries with the usage example's
         instruction, images of the probe set's different sizes in each request."""
-        from bgevl.families.screenshot.preprocessing import SCREENSHOT_QUERY_INSTRUCTION
-
         n = len(probes.images)
         requests = []
         for start in range(0, n, VALIDATION_BATCH // 2):
@@ -282,53 +272,7 @@ class ScreenshotFamily(HubCheckpoints, Family):
                                       ScreenshotPrompts.from_json(recipe["prompts"]), max_text_length, limits,
                                       token_budget=token_budget or recipe.get("token_budget"))
 
-    def default_instruction(self, recipe: Mapping[str, Any]) -> str | None:
-        return recipe.get("default_query_instruction")
-
-    # --- Triton ------------------------------------------------------------------------
-    def write_triton_models(self, writer: TritonModels) -> None:
-        """``<name>_preprocess`` (prompts, the processor, the host layouts; one request per execution: its outputs
-        are not aligned on one batch axis), ``<name>_screenshot_vision`` (declared not splittable, so Triton never
-        merges two requests' image tokens: max_batch_size 0), ``<name>_screenshot_language`` and the entry
-        ``<name>``, whose recipe calls the vision model once per image by BLS."""
-        from bgevl.core.specs import TensorSpec
-
-        manifest = writer.manifest
-        vision, language = manifest.graph_spec(SCREENSHOT_VISION_GRAPH), manifest.graph_spec(SCREENSHOT_LANGUAGE_GRAPH)
-        graph_models = {SCREENSHOT_VISION_GRAPH: writer.encoder(SCREENSHOT_VISION_GRAPH),
-                        SCREENSHOT_LANGUAGE_GRAPH: writer.encoder(SCREENSHOT_LANGUAGE_GRAPH)}
-        matrix = (-1, -1)
-        patches, positions = vision.input(PIXEL_PATCHES), vision.input(VISION_POSITIONS)
-        outputs = [TensorSpec(INPUT_IDS, "int64", matrix), TensorSpec(ATTENTION_MASK, "int64", matrix),
-                   TensorSpec(ROPE_POSITIONS, "int64", (3, -1, -1)), TensorSpec(IMAGE_FEATURE_INDEX, "int64", matrix),
-                   TensorSpec(PIXEL_PATCHES, "float32", (-1, *patches.shape[1:])),
-                   TensorSpec(VISION_POSITIONS, "int64", (-1, *positions.shape[1:])),
-                   *(TensorSpec(name, "int64", (-1,)) for name in (WINDOW_SEGMENTS, IMAGE_SEGMENTS, IMAGE_TOKEN_COUNTS,
-                                                                  IMAGE_RESTORE))]
-        pre = writer.preprocess(
-            [TensorSpec(SERVING_IMAGE, "bytes", (-1,)), TensorSpec(SERVING_TEXT, "bytes", (-1,)),
-             TensorSpec(SERVING_INSTRUCTION, "bytes", (1,)), TensorSpec(SERVING_ROLE, "bytes", (1,))],
-            outputs, writer.batching(0, instances=writer.preprocess_instances))
-        writer.entry(writer.batching(language.batch), graph_models, pre)
-
-    def preprocess_outputs(self, present: set[str]) -> list[str]:
-        vision = [*VISION_INPUTS, IMAGE_TOKEN_COUNTS, IMAGE_RESTORE] if SERVING_IMAGE in present else []
-        return [INPUT_IDS, ATTENTION_MASK, ROPE_POSITIONS, IMAGE_FEATURE_INDEX, *vision]
-
-    def serving_preprocess_inputs(self, inputs: dict[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
-        """IMAGE and TEXT flattened to one value per item; INSTRUCTION and ROLE to one value per request."""
-        return {name: values.reshape(-1) if name in (SERVING_IMAGE, SERVING_TEXT) else one_value_per_request(values, name)
-                for name, values in inputs.items()}
-
     # --- benchmarks --------------------------------------------------------------------
-    def bench_request(self, workload: str, images: list[Any] | None, texts: list[Any] | None) -> Request:
-        """Images are candidates; texts and composed items are queries with the usage example's instruction."""
-        from bgevl.families.screenshot.preprocessing import SCREENSHOT_QUERY_INSTRUCTION
-
-        if workload == "image":
-            return Request(images, texts, CANDIDATE)
-        return Request(images, texts, QUERY, SCREENSHOT_QUERY_INSTRUCTION)
-
     def torch_baseline(self, checkpoint: Path, threads: int) -> TorchBaseline:
         from bgevl.families.screenshot.bench import ScreenshotBaseline
 

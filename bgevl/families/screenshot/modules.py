@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bgevl.families.mllm.modules import causal_padding_bias, last_token_positions
+from bgevl.families.decoder.modules import causal_padding_bias, last_token_positions
 
 
 def _segment_bias(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
