@@ -881,3 +881,83 @@ def test_slow_heads_are_closed_and_connections_are_bounded_with_one_log_line_per
     lines = [r.getMessage() for r in caplog.records if r.name == "bgevl.api"]
     assert sum("request head was not complete within 1 s" in line for line in lines) == 1, lines
     assert sum("over the limit of 4 open connections" in line for line in lines) == 1, lines
+
+
+# --- compact embeddings: vLLM's embed_dtype, Cohere's /v2/embed --------------------------------
+
+def test_embed_dtype_sends_float16_and_bfloat16_base64_vectors(clip):
+    from bgevl.core.compact import quantize
+
+    server, embedder = clip
+    direct = embedder.encode(text=TEXTS)
+    for dtype, numpy_type in (("float16", "<f2"), ("bfloat16", "<u2"), ("float32", "<f4")):
+        status, _, body = post(f"{server.url}/v1/embeddings", {"input": TEXTS, "encoding_format": "base64",
+                                                                 "embed_dtype": dtype})
+        assert status == 200, body
+        got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), numpy_type) for d in body["data"]])
+        np.testing.assert_array_equal(got, quantize(direct, dtype))
+    assert_error(post(f"{server.url}/v1/embeddings", {"input": TEXTS, "embed_dtype": "float16"}), 400, "embed_dtype",
+                 "applies to base64 output")
+    assert_error(post(f"{server.url}/v1/embeddings", {"input": TEXTS, "encoding_format": "base64", "embed_dtype": "int4"}),
+                 400, "embed_dtype")
+
+
+@pytest.fixture(scope="module")
+def clip_with_ranges(embedders, tmp_path_factory):
+    """The API with the export's calibration ranges (bgevl-export ranges, on the built-in set)."""
+    from bgevl.core.compact import EmbeddingRanges
+    from bgevl.runtime.ranges import compute_ranges
+
+    embedder = embedders("tiny")
+    directory = tmp_path_factory.mktemp("ranges")
+    import shutil
+
+    shutil.copytree(embedder.manifest.directory, directory / "export")
+    compute_ranges(directory / "export", size=16)
+    ranges = EmbeddingRanges.load(directory / "export")
+    with serving(backend_of(embedder), ranges=ranges) as server:
+        yield server, embedder, ranges
+
+
+def test_cohere_v2_embed_answers_every_embedding_type_as_the_runtime_quantized(clip_with_ranges):
+    from bgevl.core.compact import quantize
+
+    server, embedder, ranges = clip_with_ranges
+    types = ["float", "int8", "uint8", "binary", "ubinary", "base64"]
+    cases = [
+        ({"texts": TEXTS}, embedder.encode(text=TEXTS)),
+        ({"images": [data_url(i) for i in IMAGES]}, embedder.encode(images=IMAGES)),
+        ({"inputs": [{"content": [{"type": "text", "text": TEXTS[0]},
+                                  {"type": "image_url", "image_url": {"url": data_url(IMAGES[0])}}]},
+                     {"content": [{"type": "text", "text": TEXTS[1]}]}]},
+         np.concatenate([embedder.encode(images=IMAGES[:1], text=TEXTS[:1]), embedder.encode(text=TEXTS[1:2])])),
+    ]
+    for request, direct in cases:
+        status, _, body = post(f"{server.url}/v2/embed", {"model": "bgevl", "input_type": "search_document",
+                                                          "embedding_types": types, **request})
+        assert status == 200, body
+        assert body["id"].startswith("embd-") and body["meta"]["api_version"] == {"version": "2"}
+        assert body["meta"]["billed_units"]["input_tokens"] >= 0 and set(body["embeddings"]) == set(types)
+        assert_matches(body["embeddings"]["float"], direct)
+        for kind, output in (("int8", "int8"), ("uint8", "uint8"), ("binary", "binary"), ("ubinary", "ubinary")):
+            np.testing.assert_array_equal(np.array(body["embeddings"][kind]), quantize(direct, output, ranges))
+        floats = np.stack([np.frombuffer(base64.b64decode(v), "<f4") for v in body["embeddings"]["base64"]])
+        assert_matches(floats, direct)
+    assert body["texts"] == [TEXTS[0], TEXTS[1]]
+    assert body["meta"]["billed_units"]["images"] == 1
+
+
+@pytest.mark.parametrize("body,param,fragment", [
+    ({"texts": TEXTS, "embedding_types": ["int8"]}, "embedding_types", "bgevl-export ranges"),
+    ({"texts": TEXTS, "truncate": "END"}, "truncate", "truncate: END is not applied"),
+    ({"texts": TEXTS, "output_dimension": 7}, "output_dimension", "not trained for truncated"),
+    ({"texts": TEXTS, "images": [data_url(IMAGES[0])]}, "texts", "one of 'texts', 'images' or 'inputs'"),
+    ({"texts": TEXTS, "embedding_types": ["float", "int4"]}, "embedding_types[1]", "Input should be"),
+    ({"texts": TEXTS, "dimensions": 7}, "dimensions", "unknown field 'dimensions'"),
+    ({"inputs": [{"content": [{"type": "image_url", "image_url": {"url": data_url(IMAGES[0])}}] * 2}]}, "inputs[0]",
+     "at most one image_url part"),
+    ({"images": ["data:image/png;base64,bm90IGFuIGltYWdl"]}, "images[0].image", "images[0].image"),
+])
+def test_cohere_v2_embed_refuses_bad_requests_naming_the_field(clip, body, param, fragment):
+    server, _ = clip
+    assert_error(post(f"{server.url}/v2/embed", body), 400, param, fragment)

@@ -530,8 +530,10 @@ def test_perf_analyzer_runs_with_the_shipped_input_data(clip_served, perf_analyz
     from bgevl.serving import perf_analyzer
 
     server, _ = clip_served
+    # any stability: this checks that the shipped input data runs, not the timings (on a busy machine
+    # perf_analyzer's default check failed: "Failed to obtain stable measurement within 6 measurement windows")
     rows = perf_analyzer.run(model, server.grpc_url, server.repository / f"perf_analyzer_{workload}.json", [1, 2],
-                             measurement_ms=500, binary=perf_analyzer_binary)
+                             measurement_ms=500, binary=perf_analyzer_binary, stability_percentage=1000)
     assert [r["concurrency"] for r in rows] == [1, 2]
     assert all(r["requests_per_s"] > 0 and 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in rows)
 
@@ -542,7 +544,7 @@ def test_perf_analyzer_runs_on_the_mllm_entry(mllm_served, perf_analyzer_binary)
     server, _ = mllm_served
     for workload in ("candidate_image", "candidate_text", "query"):
         [row] = perf_analyzer.run("bgevl", server.grpc_url, server.repository / f"perf_analyzer_{workload}.json", [1],
-                                  measurement_ms=500, binary=perf_analyzer_binary)
+                                  measurement_ms=500, binary=perf_analyzer_binary, stability_percentage=1000)
         assert row["requests_per_s"] > 0
 
 

@@ -10,13 +10,12 @@ item order. Errors are OpenAI's error object; an input error names the request's
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, cast
+from typing import Any, AsyncIterator, Awaitable, Callable, cast
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -25,8 +24,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bgevl.api.backends import BackendUnavailable, EmbeddingBackend
+from bgevl.api.parsing import ApiError, ParsedItem
 from bgevl.api.images import FetchPolicy, decode_reference, fetch, is_image_data_url, is_url
 from bgevl.api.schemas import INPUT_TYPES, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Item, ModelCard, ModelList
+from bgevl.core.compact import EmbeddingRanges, needs_ranges, quantize, to_base64
 from bgevl.core.errors import InputError
 from bgevl.core.family import Kind
 
@@ -56,26 +57,16 @@ class ApiOptions:
     max_items: int = MAX_ITEMS
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
     retry_after_s: int = 1
-
-
-class ApiError(Exception):
-    """An answer in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+    #: the export's int8/uint8 calibration ranges (``embedding_ranges.json``), for those output types
+    ranges: EmbeddingRanges | None = None
 
 
 # --- parsing ----------------------------------------------------------------------------------
 
 _LOC_FIELDS = {"input", "messages", "content", "text", "image", "image_url", "url", "type", "model", "encoding_format",
-               "dimensions", "input_type", "instruction", "user", "role"}
+               "dimensions", "input_type", "instruction", "user", "role", "embed_dtype",
+               # Cohere's /v2/embed
+               "texts", "images", "inputs", "embedding_types", "output_dimension", "truncate", "max_tokens"}
 
 
 def _param(loc: tuple) -> str | None:
@@ -88,32 +79,21 @@ def _param(loc: tuple) -> str | None:
     return out or None
 
 
-def validation_error(exc: ValidationError) -> ApiError:
+def validation_error(exc: ValidationError, schema: Any = None) -> ApiError:
     """pydantic's errors -> one 400 naming the most specific field (union branches give one error each)."""
+    schema = schema or EmbeddingRequest
     errors = exc.errors(include_url=False)
     best = max(errors, key=lambda e: (e["type"] in ("extra_forbidden", "missing"), len(e["loc"])))
     param = _param(best["loc"])
     if best["type"] == "extra_forbidden":
         param = _param(best["loc"][:-1]) or str(best["loc"][-1])
-        known = ", ".join(EmbeddingRequest.model_fields) if len(best["loc"]) == 1 else "text, image"
+        known = ", ".join(schema.model_fields) if len(best["loc"]) == 1 else "text, image"
         message = f"unknown field {best['loc'][-1]!r} (the fields are: {known})"
     elif best["type"] == "json_invalid":
         message = f"the body is not valid JSON ({best.get('ctx', {}).get('error', best['msg'])})"
     else:
         message = best["msg"]
     return ApiError(400, f"{param}: {message}" if param else message, param=param)
-
-
-@dataclass
-class ParsedItem:
-    label: str  # how errors name it: input[3], messages
-    text: str | None
-    image: str | None  # the reference as sent; bytes after resolve
-    image_bytes: bytes | None = None
-
-    @property
-    def kind(self) -> Kind:
-        return Kind.of(self.image is not None, self.text is not None)
 
 
 def parse_items(body: EmbeddingRequest, max_items: int) -> list[ParsedItem]:
@@ -190,7 +170,7 @@ class Metrics:
         self.queued = Gauge("bgevl_api_queued", "Embedding requests waiting for a slot", registry=self.registry)
 
 
-ROUTES = {"/v1/embeddings", "/v1/models", "/health/live", "/health/ready", "/metrics"}
+ROUTES = {"/v1/embeddings", "/v2/embed", "/v1/models", "/health/live", "/health/ready", "/metrics"}
 
 
 class CountRequests:
@@ -336,10 +316,9 @@ class EmbeddingsService:
             except InputError as exc:
                 raise ApiError(400, str(exc), param=label) from None
 
-    async def embed(self, body: EmbeddingRequest, items: list[ParsedItem]) -> tuple[np.ndarray, int]:
+    async def embed(self, items: list[ParsedItem], role: str | None, instruction: str | None) -> tuple[np.ndarray, int]:
         """The items' vectors in item order and their tokens: one backend call per kind of item."""
         await self.resolve_images(items)
-        role = INPUT_TYPES[body.input_type] if body.input_type else None
         groups: dict[Kind, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(item.kind, []).append(i)
@@ -348,7 +327,7 @@ class EmbeddingsService:
             images = [cast(bytes, items[i].image_bytes) for i in indices] if kind.has_image else None  # resolved above
             texts = [cast(str, items[i].text) for i in indices] if kind.has_text else None
             try:
-                return indices, await self.backend.embed(images, texts, role, body.instruction)
+                return indices, await self.backend.embed(images, texts, role, instruction)
             except InputError as exc:
                 raise renamed(exc, [items[i] for i in indices]) from None
 
@@ -364,7 +343,7 @@ class EmbeddingsService:
             self.metrics.items.labels(kind.value).inc(len(indices))
         return out, tokens
 
-    async def parse(self, request: Request, held: list[int]) -> EmbeddingRequest:
+    async def parse(self, request: Request, held: list[int], schema: Any = EmbeddingRequest) -> Any:
         """The request's body, checked against what this server serves. Only JSON bodies: a web page may POST
         text/plain, form or multipart bodies to any origin without a CORS preflight, and would reach the
         model (and its API key's quota) from a user's browser."""
@@ -373,9 +352,9 @@ class EmbeddingsService:
             raise ApiError(415, f"Content-Type {media_type or 'missing'}: send the body as JSON with the header "
                                 f"'Content-Type: application/json'", code="unsupported_media_type")
         try:
-            body = EmbeddingRequest.model_validate_json(await self.read_body(request, held))
+            body = schema.model_validate_json(await self.read_body(request, held))
         except ValidationError as exc:
-            raise validation_error(exc) from None
+            raise validation_error(exc, schema) from None
         backend = self.backend
         if body.model not in (None, "", backend.name):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {backend.name!r} "
@@ -383,19 +362,21 @@ class EmbeddingsService:
         if backend.dim is None and not await backend.ready():
             raise ApiError(503, f"the model is not ready ({backend.state}); retry shortly", type_="server_error",
                            code="not_ready", headers={"Retry-After": "5"})
-        if body.dimensions is not None and body.dimensions != backend.dim:
-            raise ApiError(400, f"dimensions: {body.dimensions} requested, but {backend.name!r} has {backend.dim} and "
-                                f"BGE-VL is not trained for truncated (Matryoshka) embeddings; leave 'dimensions' out",
-                           param="dimensions")
+        param = "dimensions" if "dimensions" in schema.model_fields else "output_dimension"
+        asked = getattr(body, param)
+        if asked is not None and asked != backend.dim:
+            raise ApiError(400, f"{param}: {asked} requested, but {backend.name!r} has {backend.dim} and "
+                                f"BGE-VL is not trained for truncated (Matryoshka) embeddings; leave '{param}' out",
+                           param=param)
         return body
 
-    async def admitted(self, body: EmbeddingRequest, items: list[ParsedItem]) -> tuple[np.ndarray, int]:
+    async def admitted(self, items: list[ParsedItem], role: str | None, instruction: str | None) -> tuple[np.ndarray, int]:
         """:meth:`embed` in an admission slot, answered within the timeout; the slot is held until the work
         ends, also past a timeout."""
         admission = self.admission
         assert admission is not None, "the app's lifespan has not started"
         await admission.acquire()
-        task = asyncio.ensure_future(self.embed(body, items))
+        task = asyncio.ensure_future(self.embed(items, role, instruction))
 
         def done(t: asyncio.Future) -> None:
             admission.release()
@@ -410,21 +391,44 @@ class EmbeddingsService:
                                 f"send fewer items per request", type_="server_error", code="timeout") from None
 
     async def answer(self, request: Request) -> JSONResponse:
+        """``POST /v1/embeddings``: OpenAI's answer; ``embed_dtype`` (vLLM's) sets the base64 vectors' type."""
         held = [0]  # bytes of the body budget this request holds until it is answered
         try:
             body = await self.parse(request, held)
-            vectors, tokens = await self.admitted(body, parse_items(body, self.options.max_items))
+            if body.embed_dtype != "float32" and body.encoding_format != "base64":
+                raise ApiError(400, f"embed_dtype: {body.embed_dtype} applies to base64 output; send "
+                                    f"'encoding_format': 'base64' with it", param="embed_dtype")
+            role = INPUT_TYPES[body.input_type] if body.input_type else None
+            vectors, tokens = await self.admitted(parse_items(body, self.options.max_items), role, body.instruction)
         finally:
             self.bodies.give(held[0])
         self.metrics.tokens.inc(tokens)
         if body.encoding_format == "base64":
-            data = [{"object": "embedding", "index": i,
-                     "embedding": base64.b64encode(np.ascontiguousarray(v, "<f4").tobytes()).decode("ascii")}
-                    for i, v in enumerate(vectors)]
+            data = [{"object": "embedding", "index": i, "embedding": to_base64(v)}
+                    for i, v in enumerate(quantize(vectors, body.embed_dtype))]
         else:
             data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors.tolist())]
         return JSONResponse({"object": "list", "data": data, "model": self.backend.name,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def answer_cohere(self, request: Request) -> JSONResponse:
+        """``POST /v2/embed``: Cohere's Embed v2 request and answer (``bgevl.api.cohere``)."""
+        from bgevl.api.cohere import CohereEmbedRequest, cohere_items, cohere_response, cohere_role
+
+        held = [0]
+        try:
+            body = await self.parse(request, held, CohereEmbedRequest)
+            needs = [t for t in body.embedding_types if needs_ranges(t)]
+            if needs and self.options.ranges is None:
+                raise ApiError(400, f"embedding_types: {', '.join(needs)} need this model's calibration ranges, which "
+                                    f"the server was not given; compute them once with 'bgevl-export ranges EXPORT_DIR "
+                                    f"--data DIR' and restart it", param="embedding_types")
+            items = cohere_items(body, self.options.max_items)
+            vectors, tokens = await self.admitted(items, cohere_role(body.input_type), body.instruction)
+        finally:
+            self.bodies.give(held[0])
+        self.metrics.tokens.inc(tokens)
+        return JSONResponse(cohere_response(body, items, vectors, tokens, self.options.ranges))
 
 
 #: The documented error answers of ``POST /v1/embeddings``.
@@ -464,14 +468,30 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
             from fastapi.openapi.utils import get_openapi
 
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            request_schema = EmbeddingRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            from bgevl.api.cohere import CohereEmbedRequest
+
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(request_schema.pop("$defs", {}))
-            components["EmbeddingRequest"] = request_schema
+            for model in (EmbeddingRequest, CohereEmbedRequest):
+                request_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(request_schema.pop("$defs", {}))
+                components[model.__name__] = request_schema
             app.openapi_schema = schema
         return app.openapi_schema
 
     return openapi
+
+
+async def _answered(route: str, answer: Awaitable[Response]) -> Response:
+    """An embeddings route's answer; an unexpected error is one line to the client and its traceback in the log."""
+    try:
+        return await answer
+    except (ApiError, BackendUnavailable):
+        raise
+    except Exception as exc:
+        log.exception("bgevl-api: internal error on %s", route)
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return ApiError(500, f"internal error: {type(exc).__name__}{': ' + line if line else ''}",
+                        type_="server_error", code="internal_error").response()
 
 
 def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) -> FastAPI:
@@ -501,15 +521,15 @@ def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) ->
                   "application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}}})
     async def embeddings(request: Request) -> Response:
         """Embeddings of texts, images and composed image+text items (OpenAI's shape)."""
-        try:
-            return await service.answer(request)
-        except (ApiError, BackendUnavailable):
-            raise
-        except Exception as exc:  # one line to the client, the traceback to the log
-            log.exception("bgevl-api: internal error on /v1/embeddings")
-            line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return ApiError(500, f"internal error: {type(exc).__name__}{': ' + line if line else ''}",
-                            type_="server_error", code="internal_error").response()
+        return await _answered("/v1/embeddings", service.answer(request))
+
+    @app.post("/v2/embed", responses=EMBEDDINGS_ERRORS, dependencies=authorized,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/CohereEmbedRequest"}}}}})
+    async def cohere_embed(request: Request) -> Response:
+        """Cohere's Embed v2 (``texts``, ``images``, ``inputs``; ``embedding_types`` float, int8, uint8, binary,
+        ubinary, base64), as vLLM's compatible endpoint serves it."""
+        return await _answered("/v2/embed", service.answer_cohere(request))
 
     @app.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}}, dependencies=authorized)
     async def models() -> ModelList:

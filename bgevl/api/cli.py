@@ -4,6 +4,7 @@ or in front of a running Triton server (``--triton-url``). See docs/api.md."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bgevl.api.app import ApiOptions, create_app
+from bgevl.core.compact import EmbeddingRanges
 from bgevl.api.backends import EmbedderBackend, EmbeddingBackend, TritonBackend
 from bgevl.api.images import FetchPolicy
 from bgevl.core.errors import BgevlError
@@ -190,6 +192,9 @@ def _load(args: argparse.Namespace, ready: dict[str, Any]) -> int:
         return 0
     if not (args.export_dir / "manifest.json").is_file():
         raise BgevlError(f"{args.export_dir}: no manifest.json; pass an export directory written by bgevl-export")
+    ranges = EmbeddingRanges.load(args.export_dir)  # bgevl-export ranges: for int8/uint8 output
+    if ranges is not None:
+        ready["options"] = dataclasses.replace(ready["options"], ranges=ranges)
     backend = EmbedderBackend(args.export_dir, name=args.model_name, workers=args.workers, load_options={
         "backend": args.backend, "provider": args.provider, "threads": args.threads})
     print(f"bgevl-api: loading {args.export_dir} ...", flush=True)

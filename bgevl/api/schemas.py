@@ -72,6 +72,8 @@ class EmbeddingRequest(BaseModel):
     messages: Optional[list[Message]] = Field(None, description="vLLM's chat form: one item of text and image parts")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: little-endian float32, what the openai client asks for by default")
+    embed_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="vLLM's: the type of base64 vectors (bfloat16: its 16-bit patterns)")
     dimensions: Optional[int] = Field(None, description="must be the model's dimension (no truncation)")
     input_type: Optional[Literal["query", "document", "passage"]] = Field(
         None, description="query -> the family's query prompt; document/passage -> its candidate prompt")

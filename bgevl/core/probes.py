@@ -13,6 +13,7 @@ built-in set is synthetic and gives usable but not optimal INT8 ranges.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,3 +138,27 @@ def builtin_calibration_set(n: int = 32) -> tuple[list[Image.Image], list[str]]:
     """The documented built-in INT8 calibration set (synthetic images, fixed captions)."""
     texts = [CALIBRATION_TEXTS[i % len(CALIBRATION_TEXTS)] for i in range(n)]
     return synthetic_images(n, CALIBRATION_SEED), texts
+
+
+#: The image files a calibration directory's images are read from
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def load_calibration_dir(directory: Path) -> tuple[list[Any], list[str]]:
+    """Images (any common format) and captions (``*.txt``, one per line) from a directory (``--calibration-data``,
+    ``bgevl-export ranges --data``)."""
+    from bgevl.core.errors import BgevlError
+    from bgevl.core.preprocessing import load_image
+
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise BgevlError(f"--calibration-data {directory}: no such directory")
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    image_files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    texts = [line.strip() for p in files if p.suffix.lower() == ".txt" for line in p.read_text().splitlines() if line.strip()]
+    if not image_files or not texts:
+        raise BgevlError(
+            f"--calibration-data {directory}: found {len(image_files)} images and {len(texts)} captions; "
+            f"INT8 calibration needs both: image files (png/jpg/...) and a .txt file with one caption per line"
+        )
+    return [load_image(p, i) for i, p in enumerate(image_files)], texts

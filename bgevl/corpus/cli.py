@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--role", default=None, help="query or candidate (families where roles matter: default candidate unless "
                                                  "--instruction is given; others: no effect)")
     e.add_argument("--instruction", default=None, help="task instruction of queries (families where roles matter)")
-    e.add_argument("--dtype", default="float32", choices=DTYPES, help="of the stored vectors (clip-retrieval stores float16)")
+    e.add_argument("--embedding-dtype", "--dtype", dest="dtype", default="float32", choices=DTYPES,
+                   help="of the stored vectors: float16 (what clip-retrieval stores), int8/uint8 (with the export's "
+                        "calibration ranges: bgevl-export ranges), binary/ubinary (sign bits, 8 per byte)")
     e.add_argument("--partition-size", type=int, default=DEFAULT_PARTITION_SIZE,
                    help="items per partition: the unit of output files and of resuming")
     r = p.add_argument_group("runtime (one machine)")

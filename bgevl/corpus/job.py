@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bgevl.core.compact import EmbeddingRanges, needs_ranges
 from bgevl.core.errors import BgevlError
 from bgevl.core.family import IMAGE, KINDS, TEXT
 from bgevl.corpus.output import CorpusOutput
@@ -18,7 +19,9 @@ from bgevl.corpus.readers import FolderSource, Source, open_source
 #: items per partition (one .npy per kind, one metadata file): clip-retrieval's default is 10**6 per
 #: partition; 10,000 keeps a killed job's lost work to seconds or minutes and a partition's memory small
 DEFAULT_PARTITION_SIZE = 10_000
-DTYPES = ("float32", "float16")
+#: the stored vectors' types (``bgevl.core.compact``; bfloat16 is left out: numpy and the readers of clip-retrieval's
+#: layout have no such dtype)
+DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 
 
 @dataclass
@@ -77,7 +80,7 @@ def embed_corpus(options: CorpusOptions, say: Any = None) -> dict[str, Any]:
     """Embed ``options.input`` into ``options.output``; returns the summary (counts, output, engine)."""
     say = say or (lambda msg: print(msg, file=sys.stderr))
     if options.dtype not in DTYPES:
-        raise BgevlError(f"--dtype {options.dtype}: choose float32 or float16")
+        raise BgevlError(f"--embedding-dtype {options.dtype}: choose one of {', '.join(DTYPES)}")
     if options.partition_size < 1 or (options.batch_size is not None and options.batch_size < 1) or options.workers < 1:
         raise BgevlError("--partition-size, --batch-size and --workers must be at least 1")
     from bgevl.core.manifest import read_manifest
@@ -85,6 +88,11 @@ def embed_corpus(options: CorpusOptions, say: Any = None) -> dict[str, Any]:
     if "://" not in options.output:
         options.output = os.path.abspath(os.path.expanduser(options.output))
     manifest = read_manifest(options.export)  # refused in one line before the input is read
+    ranges = EmbeddingRanges.load(Path(options.export)) if needs_ranges(options.dtype) else None
+    if needs_ranges(options.dtype) and ranges is None:
+        raise BgevlError(f"--embedding-dtype {options.dtype} needs the export's calibration ranges, and {options.export} "
+                         f"has none: compute them once with 'bgevl-export ranges {options.export} --data DIR' (a sample "
+                         f"of this corpus), so that queries and the corpus quantize alike")
     source = open_source(options.input, options.input_format, options.id_column, options.image_column, options.text_column)
     kinds = choose_kinds(source, options.kinds, say)
     need_image, need_text = needs(kinds)
@@ -96,7 +104,7 @@ def embed_corpus(options: CorpusOptions, say: Any = None) -> dict[str, Any]:
                 "precision": manifest.precision, "int8_mode": manifest.int8_mode,
                 "embedding_dim": manifest.embedding_dim, "kinds": kinds, "role": options.role,
                 "instruction": options.instruction, "dtype": options.dtype, "partition_size": options.partition_size,
-                "input": source.describe()}
+                "input": source.describe(), **({"ranges": ranges.fingerprint} if ranges is not None else {})}
     if options.ray_address and options.triton:
         raise BgevlError("--ray-address and --triton are two engines; choose one")
     engine = "ray" if options.ray_address else "triton" if options.triton else "local"
@@ -107,7 +115,7 @@ def embed_corpus(options: CorpusOptions, say: Any = None) -> dict[str, Any]:
             "input": source.describe(), "engine": engine, "partition_size": options.partition_size}
     captions = TEXT in source.available or need_text or bool(getattr(source, "with_captions", 0))
     output = CorpusOutput(options.output, identity, info, kinds, captions=captions, images=need_image,
-                          metadata_schema=source.metadata_schema, dtype=options.dtype)
+                          metadata_schema=source.metadata_schema, dtype=options.dtype, ranges=ranges)
     if output.done:
         say(f"resuming: {len(output.done)} partitions of {options.output} are complete and are kept")
     from bgevl.runtime import Embedder

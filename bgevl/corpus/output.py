@@ -2,13 +2,14 @@
 
 ::
 
-    OUT/img_emb/img_emb_00000.npy            # [n, dim] float32 (or float16), L2-normalized, one file per partition
+    OUT/img_emb/img_emb_00000.npy            # [n, dim] float32 (or --embedding-dtype's type), L2-normalized, one per partition
     OUT/text_emb/text_emb_00000.npy          # captions / texts, same rows
     OUT/composed_emb/composed_emb_00000.npy  # image+text items
     OUT/metadata/metadata_00000.parquet      # id, image_path, caption, the input's metadata columns: same rows
     OUT/embeddings/part_00000.parquet        # id, embedding (one kind) or id, <kind>_embedding (several)
     OUT/failures/failures_00000.parquet      # id, source, reason: items that could not be embedded
     OUT/manifest.json                        # export, input, options, partitions, counts
+    OUT/embedding_ranges.json                # int8/uint8: the export's calibration ranges the vectors were quantized with
 
 Row *i* of ``metadata_N`` is row *i* of every ``*_emb_N.npy`` (clip-retrieval's positional join; its
 ``clip index`` / autofaiss read ``img_emb`` and ``text_emb`` unchanged). Partition numbers are
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from bgevl.core.compact import RANGES_FILE, quantize
 from bgevl.core.errors import BgevlError
 from bgevl.core.family import COMPOSED, IMAGE, TEXT
 from bgevl.corpus.readers import url_to_fs
@@ -110,11 +112,13 @@ class CorpusOutput:
     (model, precision, kinds, role, instruction, dtype, partition size, the input); anything else is refused."""
 
     def __init__(self, url: str, identity: dict[str, Any], info: dict[str, Any], kinds: list[str],
-                 captions: bool, images: bool, metadata_schema: Any = None, dtype: str = "float32"):
+                 captions: bool, images: bool, metadata_schema: Any = None, dtype: str = "float32",
+                 ranges: Any = None):
+        """``dtype``: an output type of ``bgevl.core.compact`` (int8/uint8 with the export's ``ranges``)."""
         self.url = url
         self.fs, self.root = url_to_fs(url)
         self.root = self.root.rstrip("/")
-        self.identity, self.kinds, self.dtype = identity, kinds, dtype
+        self.identity, self.kinds, self.dtype, self.ranges = identity, kinds, dtype, ranges
         self.captions, self.images, self.metadata_schema = captions, images, metadata_schema
         self.done: dict[int, dict[str, Any]] = {}
         existing = self._path(MANIFEST)
@@ -136,6 +140,8 @@ class CorpusOutput:
             self.created = None
         self.info = info
         self.fs.makedirs(self.root, exist_ok=True)
+        if ranges is not None:  # beside the vectors: what a query must be quantized with to search them
+            self._write(RANGES_FILE, (json.dumps(ranges.to_json(), indent=1) + "\n").encode())
         self.save(complete=False)  # first: a folder with our manifest is ours to resume, whenever the job stops
         for folder in [FOLDERS[k][0] for k in kinds] + ["metadata", "embeddings", "failures"]:
             self.fs.makedirs(self._path(folder), exist_ok=True)
@@ -173,8 +179,7 @@ class CorpusOutput:
         files = []
         n = len(part)
         if n:
-            dtype = np.dtype(self.dtype)
-            arrays = {kind: np.concatenate(part.vectors[kind]).astype(dtype, copy=False) for kind in self.kinds}
+            arrays = {kind: quantize(np.concatenate(part.vectors[kind]), self.dtype, self.ranges) for kind in self.kinds}
             for kind, array in arrays.items():
                 folder, prefix = FOLDERS[kind]
                 sink = io.BytesIO()
@@ -195,11 +200,11 @@ class CorpusOutput:
                         columns[column] = values.cast(pa.string()) if pa.types.is_null(values.type) else values
             files.append(f"metadata/metadata_{name}.parquet")
             self._write(files[-1], self._parquet(pa.table(columns)))
-            value_type = pa.float16() if dtype == np.float16 else pa.float32()
             table = {"id": columns["id"]}
             for kind, array in arrays.items():
                 column = "embedding" if len(arrays) == 1 else f"{kind}_embedding"
-                table[column] = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), value_type), array.shape[1])
+                values = pa.array(array.reshape(-1), pa.from_numpy_dtype(array.dtype))
+                table[column] = pa.FixedSizeListArray.from_arrays(values, array.shape[1])
             files.append(f"embeddings/part_{name}.parquet")
             self._write(files[-1], self._parquet(pa.table(table)))
         if part.failures:

@@ -270,6 +270,31 @@ def check_main(argv: list[str]) -> int:
     return 0
 
 
+def build_ranges_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bgevl-export ranges",
+        description="Compute the calibration ranges of an export's int8 and uint8 embeddings (each dimension's "
+                    "min and max over its embeddings of a calibration set) into <export>/embedding_ranges.json, which "
+                    "bgevl-api (embedding_types int8/uint8) and bgevl-embed (--embedding-dtype int8/uint8) read.",
+    )
+    p.add_argument("export_dir", type=Path, help="a bgevl-export output directory (with manifest.json)")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="images and .txt captions of your own data (as --calibration-data; the ranges should cover "
+                        "what you embed); None: the built-in synthetic set")
+    p.add_argument("--size", type=int, default=256, help="images and texts of the built-in set")
+    return p
+
+
+def ranges_main(argv: list[str]) -> int:
+    from bgevl.core.manifest import read_manifest
+    from bgevl.runtime.ranges import compute_ranges
+
+    args = build_ranges_parser().parse_args(argv)
+    read_manifest(args.export_dir)  # an export, refused in one line otherwise
+    print(compute_ranges(args.export_dir, args.data, args.size, log=lambda m: print(m, file=sys.stderr)))
+    return 0
+
+
 def build_deploy_parser() -> argparse.ArgumentParser:
     from bgevl.serving.deploy import DeployOptions
 
@@ -329,7 +354,7 @@ def deploy_main(argv: list[str]) -> int:
 
 
 SUBCOMMANDS = {"triton-repo": triton_main, "build-engines": build_engines_main, "check": check_main,
-               "deploy": deploy_main}
+               "ranges": ranges_main, "deploy": deploy_main}
 
 
 #: The subcommands: what each does and one example (``bgevl-export --help`` and ``bgevl-export COMMAND --help``).
@@ -345,6 +370,8 @@ COMMANDS = {
                     build_triton_parser),
     "build-engines": ("build, validate and register TensorRT engines of an export (on a GPU machine)",
                       "bgevl-export build-engines out/large-fp16 --workspace-gb 8", build_engines_parser),
+    "ranges": ("compute the calibration ranges of an export's int8/uint8 embeddings (for bgevl-api and bgevl-embed)",
+               "bgevl-export ranges out/large-fp16 --data ./my-images-and-captions", build_ranges_parser),
     "deploy": ("write a serving image, Kubernetes and KServe manifests for a repository in object storage",
                "bgevl-export deploy --repository-uri s3://bucket/bgevl/repo --output deploy/", build_deploy_parser),
 }

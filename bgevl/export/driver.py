@@ -29,12 +29,10 @@ from bgevl.core.family import KINDS, ExportedModel, Family, Feeds, Int8Form, Req
 from bgevl.core.interrupts import raise_if_interrupted
 from bgevl.core.manifest import MANIFEST_NAME, GraphEntry, Manifest, ModelInfo, PipelineStep, Validation, write_manifest
 from bgevl.core.staging import check_replaceable, output_lock, staged_directory
-from bgevl.core.probes import ProbeSet, builtin_calibration_set, probe_set
-from bgevl.core.preprocessing import load_image
+from bgevl.core.probes import ProbeSet, builtin_calibration_set, load_calibration_dir, probe_set
 from bgevl.core.options import ExportOptions
 from bgevl.core.specs import ONNX_OPSET, PRECISIONS, GraphSpec, ModelSpec
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CALIBRATION_BATCH = 8
 
 
@@ -105,22 +103,6 @@ def _check_options(opts: ExportOptions) -> None:
     family.check_export_options(spec, opts)
     if opts.precision == "int8":
         family.int8_form(opts.int8_mode)  # a mode the family does not have is refused before loading
-
-
-def load_calibration_dir(directory: Path) -> tuple[list, list[str]]:
-    """Images (any common format) and captions (``*.txt``, one per line) from a directory."""
-    directory = Path(directory).expanduser()
-    if not directory.is_dir():
-        raise BgevlError(f"--calibration-data {directory}: no such directory")
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
-    image_files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    texts = [line.strip() for p in files if p.suffix.lower() == ".txt" for line in p.read_text().splitlines() if line.strip()]
-    if not image_files or not texts:
-        raise BgevlError(
-            f"--calibration-data {directory}: found {len(image_files)} images and {len(texts)} captions; "
-            f"INT8 calibration needs both: image files (png/jpg/...) and a .txt file with one caption per line"
-        )
-    return [load_image(p, i) for i, p in enumerate(image_files)], texts
 
 
 def _versions() -> dict[str, str]:

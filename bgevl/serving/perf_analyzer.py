@@ -154,16 +154,18 @@ def write_input_data(repository: Path, family) -> list[Path]:
 # --- running ------------------------------------------------------------------------------------
 
 def command(binary: Path, model: str, url: str, data: Path, concurrency: int, csv_path: Path,
-            measurement_ms: int = 2000, protocol: str = "grpc") -> list[str]:
+            measurement_ms: int = 2000, protocol: str = "grpc", stability_percentage: float = 50) -> list[str]:
     return [str(binary), "-m", model, "-u", url, "-i", protocol, "--input-data", str(data),
             "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(measurement_ms),
-            "--stability-percentage", "50", "--max-trials", "6", "-f", str(csv_path)]
+            "--stability-percentage", f"{stability_percentage:g}", "--max-trials", "6", "-f", str(csv_path)]
 
 
 def run(model: str, url: str, data: Path, concurrency: list[int], measurement_ms: int = 2000,
-        protocol: str = "grpc", binary: Path | None = None) -> list[dict[str, float]]:
+        protocol: str = "grpc", binary: Path | None = None, stability_percentage: float = 50) -> list[dict[str, float]]:
     """One perf_analyzer run per concurrency level; rows with concurrency, requests/s, p50/p90/p99 (ms)
-    and the server's queue and compute time per request (ms), from its CSV."""
+    and the server's queue and compute time per request (ms), from its CSV. ``stability_percentage``: how far
+    apart perf_analyzer's last three measurement windows may be (it fails after ``--max-trials`` windows
+    otherwise: on a busy machine, a check that the input data runs passes a large value)."""
     if binary is None:
         binary, why = find()
         if binary is None:
@@ -172,7 +174,7 @@ def run(model: str, url: str, data: Path, concurrency: list[int], measurement_ms
     with tempfile.TemporaryDirectory(prefix="bgevl-perf-") as work:
         for level in concurrency:
             csv_path = Path(work) / f"c{level}.csv"
-            cmd = command(binary, model, url, data, level, csv_path, measurement_ms, protocol)
+            cmd = command(binary, model, url, data, level, csv_path, measurement_ms, protocol, stability_percentage)
             try:
                 result = subprocess.run(cmd, capture_output=True, text=True, env=environment(binary.parent.parent),
                                         timeout=600)
