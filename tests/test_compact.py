@@ -113,3 +113,50 @@ def test_bgevl_embed_stores_the_corpus_as_the_api_quantizes_queries(dtype, expor
         assert (out / "embedding_ranges.json").read_text() == (export / "embedding_ranges.json").read_text()
     else:
         assert not (out / "embedding_ranges.json").exists()
+
+
+@pytest.mark.parametrize("output_type", ["uint8", "ubinary"])
+@pytest.mark.parametrize("rescore", [0, 3])
+def test_compact_ranking_is_sentence_transformers_faiss_search(output_type, rescore):
+    """bgevl-eval's first pass over compact codes and its float32 rescoring give sentence-transformers'
+    semantic_search_faiss's results (exact FAISS indexes), in the same order."""
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install '.[test]')")
+    from bgevl.quality.metrics import rank_compact
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((1, 64)).astype(np.float32)
+    gallery = l2_normalize(base + 0.7 * rng.standard_normal((300, 64)).astype(np.float32))
+    queries = l2_normalize(base + 0.7 * rng.standard_normal((40, 64)).astype(np.float32))
+    ranges = EmbeddingRanges.of(gallery, "gallery")
+    results, _ = st_quantization.semantic_search_faiss(
+        queries, corpus_embeddings=quantize(gallery, output_type, ranges), corpus_precision=output_type, top_k=10,
+        ranges=ranges.array, rescore=rescore > 0, rescore_multiplier=max(rescore, 1), exact=True)
+    want = np.array([[hit["corpus_id"] for hit in hits] for hits in results])
+    np.testing.assert_array_equal(rank_compact(queries, gallery, 10, output_type, ranges, rescore=rescore), want)
+
+
+def test_bgevl_eval_measures_recall_of_compact_embeddings_with_and_without_rescoring(export_dir, tmp_path):
+    import json
+    import shutil
+
+    from bgevl.export.cli import main as export_main
+    from bgevl.quality.cli import main as eval_main
+    from bgevl.quality.synthetic import write_quality_data
+
+    export = tmp_path / "export"
+    shutil.copytree(export_dir("fp32"), export)
+    write_quality_data(str(tmp_path / "data"), bases=8, variants=2, pairs=16)
+    args = ["--export", str(export), "--data", str(tmp_path / "data"), "--embedding-dtype", "int8,binary",
+            "--json", str(tmp_path / "report.json"), "--quiet"]
+    assert eval_main(args) == 2  # int8 without the export's ranges: refused in one line
+    assert export_main(["ranges", str(export), "--size", "16"]) == 0
+    assert eval_main(args) == 0
+    runs = json.loads((tmp_path / "report.json").read_text())["runs"]
+    labels = [run["label"] for run in runs]
+    assert labels == ["export", "export as int8", "export as int8, rescored x4", "export as binary",
+                      "export as binary, rescored x4"]
+    assert [run.get("embedding_dtype") for run in runs] == [None, "int8", "int8", "binary", "binary"]
+    for run in runs:
+        assert set(run["tasks"]) == {"t2i", "i2t", "composed"}
+        for task in run["tasks"].values():
+            assert all(0 <= f["value"] <= 100 for f in task["figures"])

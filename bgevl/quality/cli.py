@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("metrics and report")
     m.add_argument("--recall-k", type=_ks, default=(1, 5, 10), help="recall@k cut-offs")
     m.add_argument("--map-k", type=_ks, default=(5, 10, 25, 50), help="composed mAP@k cut-offs (CIRCO's)")
+    m.add_argument("--embedding-dtype", type=lambda t: tuple(v for v in t.split(",") if v), default=(),
+                   metavar="TYPES", help="also measure the reference's retrieval in these compact types (int8, uint8, "
+                                         "binary, ubinary; comma-separated): a first pass over the whole gallery in that "
+                                         "type, and with its top k x --rescore-multiplier rescored in float32 "
+                                         "(int8/uint8 with the export's ranges: bgevl-export ranges)")
+    m.add_argument("--rescore-multiplier", type=int, default=4, help="candidates rescored per result, as a multiple of k")
     m.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples of the queries")
     m.add_argument("--seed", type=int, default=0, help="bootstrap seed (the intervals are the same on every run)")
     m.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full report as JSON")
@@ -144,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     options = EvalOptions(recall_k=args.recall_k, map_k=args.map_k, resamples=args.bootstrap, seed=args.seed,
                           instruction=args.instruction, t2i_instruction=args.t2i_instruction,
                           i2t_instruction=args.i2t_instruction, workers=args.workers, progress=not args.quiet,
-                          log_interval=args.log_interval)
+                          log_interval=args.log_interval, embedding_dtypes=args.embedding_dtype,
+                          rescore_multiplier=args.rescore_multiplier)
     return run_cli("bgevl-eval", lambda: _evaluate(args, options), "interrupted; no report was written")
 
 

@@ -79,11 +79,22 @@ class EvalOptions:
     workers: int = 2
     progress: bool = True
     log_interval: float = 30.0
+    #: compact output types (``bgevl.core.compact``) the reference run is also measured in: a first pass over the
+    #: whole gallery in that type, then again with its top ``k * rescore_multiplier`` rescored in float32
+    embedding_dtypes: tuple[str, ...] = ()
+    rescore_multiplier: int = 4
 
     def check(self) -> None:
+        from bgevl.core.compact import OUTPUT_TYPES
+
         for name, ks in (("--recall-k", self.recall_k), ("--map-k", self.map_k)):
             if not ks or any(k < 1 for k in ks):
                 raise BgevlError(f"{name} {','.join(map(str, ks))}: give positive integers, e.g. 1,5,10")
+        searchable = [t for t in OUTPUT_TYPES if t in COMPACT_SEARCH]
+        unknown = [t for t in self.embedding_dtypes if t not in searchable]
+        if unknown or self.rescore_multiplier < 1:
+            raise BgevlError(f"--embedding-dtype {','.join(unknown) or '-'} / --rescore-multiplier "
+                             f"{self.rescore_multiplier}: types are {', '.join(searchable)}, the multiplier at least 1")
         if self.overlap_k < 1 or self.resamples < 10 or self.workers < 1:
             raise BgevlError("--overlap-k and --workers must be at least 1, --bootstrap at least 10")
 
@@ -99,12 +110,40 @@ class EmbeddingSet:
     instruction: str | None = None
 
 
+#: the compact types a retrieval is measured in (``metrics.rank_compact``: FAISS's flat indexes search these)
+COMPACT_SEARCH = ("int8", "uint8", "binary", "ubinary")
+
+
 @dataclass
 class RunResult:
     spec: RunSpec
     info: dict[str, Any]
     vectors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     failures: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: a run measured in a compact type: (type, rescore multiplier or 0, the calibration ranges)
+    compact: tuple[str, int, Any] | None = None
+
+
+def compact_results(reference: RunResult, options: EvalOptions) -> list[RunResult]:
+    """The reference run's vectors measured in each of ``options.embedding_dtypes``, without and with rescoring;
+    int8/uint8 with the ranges stored with its export (``bgevl-export ranges``), which a corpus and its queries
+    are quantized with."""
+    from bgevl.core.compact import EmbeddingRanges, needs_ranges
+
+    out = []
+    for dtype in options.embedding_dtypes:
+        ranges = EmbeddingRanges.load(Path(reference.spec.export)) if needs_ranges(dtype) else None
+        if needs_ranges(dtype) and ranges is None:
+            raise BgevlError(f"--embedding-dtype {dtype} needs the calibration ranges of {reference.spec.export}; compute "
+                             f"them once with 'bgevl-export ranges {reference.spec.export} --data DIR' (a sample of the "
+                             f"corpus, not of this evaluation's data)")
+        for rescore in (0, options.rescore_multiplier):
+            label = f"{reference.spec.label} as {dtype}" + (f", rescored x{rescore}" if rescore else "")
+            spec = RunSpec(reference.spec.export, reference.spec.backend, label=label)
+            info = {**reference.info, "label": label, "embedding_dtype": dtype, "rescore_multiplier": rescore,
+                    "ranges": ranges.source if ranges is not None else None}
+            out.append(RunResult(spec, info, reference.vectors, {}, (dtype, rescore, ranges)))
+    return out
 
 
 def embedding_sets(data: QualityData, embedder: Any, options: EvalOptions) -> tuple[list[EmbeddingSet], dict]:
@@ -277,8 +316,13 @@ def task_figures(task: Task, results: list[RunResult], options: EvalOptions) -> 
     per_run = []
     for result in results:
         dim = result.info["embedding_dim"]
-        ranking = M.rank(_vectors(result, task.query_set, task.query_ids, dim),
-                         _vectors(result, task.gallery_set, task.gallery_ids, dim), depth, task.exclude)
+        queries = _vectors(result, task.query_set, task.query_ids, dim)
+        gallery = _vectors(result, task.gallery_set, task.gallery_ids, dim)
+        if result.compact is None:
+            ranking = M.rank(queries, gallery, depth, task.exclude)
+        else:
+            dtype, rescore, ranges = result.compact
+            ranking = M.rank_compact(queries, gallery, depth, dtype, ranges, task.exclude, rescore)
         rel, count = M.relevance(ranking, recall_positives)
         values = {f"R@{k}": M.recall_at_k(rel, count, k) for k in options.recall_k}
         chance = chance or _chance(task, count, options.recall_k)
@@ -329,6 +373,7 @@ def evaluate(data: QualityData, runs: list[RunSpec], options: EvalOptions | None
     if len(dims) > 1:
         raise BgevlError(f"the exports have different embedding sizes ({sorted(dims)}): compare exports of one model")
     tasks = build_tasks(data, results, roles)
+    results += compact_results(results[0], options)
     failures: dict[str, str] = {}
     failures.update(getattr(data.pairs, "failures", {}) or {})
     failures.update(getattr(data.triplets, "failures", {}) or {})

@@ -22,7 +22,7 @@ Everything works per query, so two exports evaluated on the same items compare q
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -53,6 +53,35 @@ def rank(queries: np.ndarray, gallery: np.ndarray, k: int, exclude: Sequence[int
             order = order[~drop].reshape(len(order), width)
         out[start:start + chunk] = order
     return out
+
+
+def rank_compact(queries: np.ndarray, gallery: np.ndarray, k: int, output_type: str, ranges: Any = None,
+                 exclude: Sequence[int] | np.ndarray | None = None, rescore: int = 0) -> np.ndarray:
+    """:func:`rank` over compact embeddings (``bgevl.core.compact``), the way sentence-transformers'
+    ``semantic_search_faiss`` searches them: the queries quantized alike, then a first pass over the whole
+    gallery (int8/uint8: the inner product of the codes, FAISS's ``IndexFlatIP`` over them; binary/ubinary:
+    the fewest differing bits, ``IndexBinaryFlat``). ``rescore`` > 0: the first pass's top ``k * rescore``
+    re-ordered by the float32 query against the gallery's codes (int8/uint8 mapped back to the float range,
+    bits as 0/1), as its rescoring does."""
+    from bgevl.core.compact import quantize
+
+    width = k * rescore if rescore > 0 else k
+    if output_type in ("binary", "ubinary"):
+        # the Hamming distance of 0/1 bits q, g is |q| + |g| - 2 q.g: ranking by 2 q.g - |g| is its order
+        q_bits, g_bits = (np.unpackbits(quantize(v, "ubinary"), axis=-1).astype(np.float32) for v in (queries, gallery))
+        first = rank(np.hstack([2 * q_bits, -np.ones((len(q_bits), 1), np.float32)]),
+                     np.hstack([g_bits, g_bits.sum(axis=1, keepdims=True)]), width, exclude)
+        candidates = g_bits[:, :queries.shape[1]]
+    else:
+        codes = quantize(gallery, output_type, ranges).astype(np.float32)
+        first = rank(quantize(queries, output_type, ranges).astype(np.float32), codes, width, exclude)
+        steps = np.where(ranges.high - ranges.low == 0, 1, (ranges.high - ranges.low) / 255)
+        candidates = (codes + (128 if output_type == "int8" else 0)) * steps + ranges.low
+    if rescore <= 0:
+        return first
+    scores = np.einsum("qd,qkd->qk", np.asarray(queries, np.float32), candidates[first])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(first, order, axis=1)
 
 
 def relevance(ranking: np.ndarray, positives: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
