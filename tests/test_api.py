@@ -961,3 +961,50 @@ def test_cohere_v2_embed_answers_every_embedding_type_as_the_runtime_quantized(c
 def test_cohere_v2_embed_refuses_bad_requests_naming_the_field(clip, body, param, fragment):
     server, _ = clip
     assert_error(post(f"{server.url}/v2/embed", body), 400, param, fragment)
+
+
+# --- the embedding cache ---------------------------------------------------------------------
+
+def _metric(server, name: str) -> float:
+    _, text = get(f"{server.url}/metrics")
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name} ") or
+              line.startswith(f"{name}_total ")]
+    return values[0] if values else 0.0
+
+
+def test_a_cached_answer_is_the_computed_one_bit_for_bit_and_counted(embedders):
+    embedder = embedders("tiny")
+    items = _items()
+    with serving(backend_of(embedder), cache_bytes=1 << 20) as server:
+        body = {"input": items, "encoding_format": "base64", "input_type": "query"}
+        status, _, first = post(f"{server.url}/v1/embeddings", body)
+        assert status == 200 and _metric(server, "bgevl_api_cache_misses") == len(items)
+        assert_matches(np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in first["data"]]),
+                       _direct(embedder, role="query"))
+        status, _, again = post(f"{server.url}/v1/embeddings", body)
+        assert status == 200 and again["data"] == first["data"]  # the same bytes
+        assert _metric(server, "bgevl_api_cache_hits") == len(items) and again["usage"]["prompt_tokens"] == 0
+        # another role is another key (it changes the vector in families with roles)
+        post(f"{server.url}/v1/embeddings", {**body, "input_type": "document"})
+        assert _metric(server, "bgevl_api_cache_misses") == 2 * len(items)
+        assert 0 < _metric(server, "bgevl_api_cache_bytes") <= 1 << 20
+
+
+def test_the_cache_is_bounded_in_bytes_and_evicts_the_least_recently_used():
+    from bgevl.api.cache import ENTRY_OVERHEAD, EmbeddingCache, parse_size
+
+    vector = np.ones(32, np.float32)
+    cost = vector.nbytes + ENTRY_OVERHEAD
+    cache = EmbeddingCache(3 * cost)
+    keys = [EmbeddingCache.key("m", "text", f"t{i}", None, None, None) for i in range(4)]
+    for key in keys[:3]:
+        cache.put(key, vector * 1)
+    assert cache.get(keys[0]) is not None  # now the most recently used
+    cache.put(keys[3], vector)
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.held == 3 * cost
+    assert EmbeddingCache.key("m", "text", "a", None, "query", None) != EmbeddingCache.key("m", "text", "a", None, None, None)
+    assert EmbeddingCache.key("m", "text", "a", None, None, "") != EmbeddingCache.key("m", "text", "a", None, None, None)
+    assert EmbeddingCache.key("other", "text", "a", None, None, None) != EmbeddingCache.key("m", "text", "a", None, None, None)
+    assert (parse_size("512M"), parse_size("2G"), parse_size("1000"), parse_size("0")) == (512 << 20, 2 << 30, 1000, 0)
+    with pytest.raises(ValueError, match="give bytes or a size such as 512M"):
+        parse_size("lots")

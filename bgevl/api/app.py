@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bgevl.api.backends import BackendUnavailable, EmbeddingBackend
+from bgevl.api.cache import EmbeddingCache
 from bgevl.api.parsing import ApiError, ParsedItem
 from bgevl.api.images import FetchPolicy, decode_reference, fetch, is_image_data_url, is_url
 from bgevl.api.schemas import INPUT_TYPES, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Item, ModelCard, ModelList
@@ -59,6 +60,8 @@ class ApiOptions:
     retry_after_s: int = 1
     #: the export's int8/uint8 calibration ranges (``embedding_ranges.json``), for those output types
     ranges: EmbeddingRanges | None = None
+    #: bytes of the embedding cache (``bgevl.api.cache``); 0: no cache
+    cache_bytes: int = 0
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -168,6 +171,11 @@ class Metrics:
         self.tokens = Counter("bgevl_api_prompt_tokens", "Prompt tokens counted in usage", registry=self.registry)
         self.in_flight = Gauge("bgevl_api_in_flight", "Embedding requests being computed", registry=self.registry)
         self.queued = Gauge("bgevl_api_queued", "Embedding requests waiting for a slot", registry=self.registry)
+        self.cache_hits = Counter("bgevl_api_cache_hits", "Items answered from the embedding cache", registry=self.registry)
+        self.cache_misses = Counter("bgevl_api_cache_misses", "Items the embedding cache did not hold", registry=self.registry)
+        self.cache_evictions = Counter("bgevl_api_cache_evictions", "Embeddings evicted from the cache (LRU)",
+                                       registry=self.registry)
+        self.cache_bytes = Gauge("bgevl_api_cache_bytes", "Bytes the embedding cache holds", registry=self.registry)
 
 
 ROUTES = {"/v1/embeddings", "/v2/embed", "/v1/models", "/health/live", "/health/ready", "/metrics"}
@@ -270,6 +278,7 @@ class EmbeddingsService:
         self.backend, self.options, self.metrics = backend, options, metrics
         self.admission: Admission | None = None  # made in the app's lifespan, on its event loop
         self.bodies = BodyBudget(options.max_buffered_bytes)
+        self.cache = EmbeddingCache(options.cache_bytes, metrics) if options.cache_bytes > 0 else None
 
     def check_key(self, request: Request) -> None:
         if self.options.api_key is None:
@@ -317,10 +326,21 @@ class EmbeddingsService:
                 raise ApiError(400, str(exc), param=label) from None
 
     async def embed(self, items: list[ParsedItem], role: str | None, instruction: str | None) -> tuple[np.ndarray, int]:
-        """The items' vectors in item order and their tokens: one backend call per kind of item."""
+        """The items' vectors in item order and their tokens: one backend call per kind of item, for the items the
+        cache does not hold (their tokens are not counted again)."""
         await self.resolve_images(items)
+        dim = self.backend.dim
+        assert dim is not None, "a backend that has embedded knows its dimension"
+        out = np.empty((len(items), dim), np.float32)
+        keys: dict[int, bytes] = {}
         groups: dict[Kind, list[int]] = {}
         for i, item in enumerate(items):
+            if self.cache is not None:
+                keys[i] = self.cache.key(self.backend.name, item.kind.value, item.text, item.image_bytes, role, instruction)
+                cached = self.cache.get(keys[i])
+                if cached is not None:
+                    out[i] = cached
+                    continue
             groups.setdefault(item.kind, []).append(i)
 
         async def one(kind: Kind, indices: list[int]) -> tuple[list[int], Any]:
@@ -332,13 +352,13 @@ class EmbeddingsService:
                 raise renamed(exc, [items[i] for i in indices]) from None
 
         results = await asyncio.gather(*(one(k, v) for k, v in groups.items()))
-        dim = self.backend.dim
-        assert dim is not None, "a backend that has embedded knows its dimension"
-        out = np.empty((len(items), dim), np.float32)
         tokens = 0
         for indices, done in results:
             out[indices] = done.vectors
             tokens += done.tokens
+            if self.cache is not None:
+                for i, vector in zip(indices, np.asarray(done.vectors, np.float32)):
+                    self.cache.put(keys[i], vector)
         for kind, indices in groups.items():
             self.metrics.items.labels(kind.value).inc(len(indices))
         return out, tokens

@@ -143,6 +143,18 @@ def add_api_options(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT
     g.add_argument("--allow-image-host", action="append", default=[], metavar="HOST",
                    help="fetch http(s) image URLs from this host (repeatable; none: URLs are refused)")
     g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest fetched image")
+    g.add_argument("--cache-size", type=_cache_size, default=0, metavar="BYTES",
+                   help="an LRU cache of embeddings of this size (e.g. 512M, 2G), keyed by model, item content, role and "
+                        "instruction; hits, misses and evictions on /metrics; 0: none")
+
+
+def _cache_size(text: str) -> int:
+    from bgevl.api.cache import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def api_options(args: argparse.Namespace) -> ApiOptions:
@@ -157,7 +169,7 @@ def api_options(args: argparse.Namespace) -> ApiOptions:
     return ApiOptions(api_key=read_api_key(args.api_key_file), max_in_flight=args.max_in_flight, queue=args.queue,
                       timeout_s=args.api_timeout, max_body_bytes=args.max_body_bytes,
                       max_buffered_bytes=args.max_buffered_bytes, header_timeout_s=args.header_timeout,
-                      max_connections=args.max_connections,
+                      max_connections=args.max_connections, cache_bytes=args.cache_size,
                       fetch=FetchPolicy(hosts=hosts, max_bytes=args.max_image_bytes))
 
 
