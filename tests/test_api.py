@@ -890,6 +890,11 @@ def test_embed_dtype_sends_float16_and_bfloat16_base64_vectors(clip):
 
     server, embedder = clip
     direct = embedder.encode(text=TEXTS)
+    # the real openai client, asked for base64, hands the strings over as they came
+    response = client(server).embeddings.create(model="bgevl", input=TEXTS, encoding_format="base64",
+                                                extra_body={"embed_dtype": "float16"})
+    halves = np.stack([np.frombuffer(base64.b64decode(d.embedding), "<f2") for d in response.data])
+    assert halves.dtype == np.float16 and np.abs(halves.astype(np.float32) - direct).max() <= 2 ** -11
     for dtype, numpy_type in (("float16", "<f2"), ("bfloat16", "<u2"), ("float32", "<f4")):
         status, _, body = post(f"{server.url}/v1/embeddings", {"input": TEXTS, "encoding_format": "base64",
                                                                  "embed_dtype": dtype})
@@ -970,6 +975,31 @@ def _metric(server, name: str) -> float:
     values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name} ") or
               line.startswith(f"{name}_total ")]
     return values[0] if values else 0.0
+
+
+def test_the_cache_under_concurrent_load_answers_what_the_model_computes(embedders):
+    """8 distinct items asked once each, then 56 more times from 16 threads at once: every answer is the model's
+    vectors, bit for bit the same whether computed or cached, and every one of the 56 is a hit."""
+    embedder = embedders("tiny")
+    distinct = [[TEXTS[i % 3] + f" #{i}"] for i in range(8)]
+    direct = {i: embedder.encode(text=t) for i, t in enumerate(distinct)}
+    with serving(backend_of(embedder), cache_bytes=1 << 20) as server:
+        def one(n: int):
+            i = n % len(distinct)
+            status, _, body = post(f"{server.url}/v1/embeddings", {"input": distinct[i], "encoding_format": "float"})
+            return i, status, body
+        answers = [one(n) for n in range(len(distinct))]  # computed, in turn
+        with ThreadPoolExecutor(16) as pool:
+            answers += list(pool.map(one, range(len(distinct), 64)))
+        for i, status, body in answers:
+            assert status == 200, body
+            assert_matches([d["embedding"] for d in body["data"]], direct[i])
+        by_item: dict = {}
+        for i, _, body in answers:
+            by_item.setdefault(i, set()).add(json.dumps(body["data"]))
+        assert all(len(v) == 1 for v in by_item.values())  # bit for bit the same, hit or computed
+        hits, misses = _metric(server, "bgevl_api_cache_hits"), _metric(server, "bgevl_api_cache_misses")
+        assert (hits, misses) == (56, 8)
 
 
 def test_a_cached_answer_is_the_computed_one_bit_for_bit_and_counted(embedders):

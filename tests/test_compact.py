@@ -109,6 +109,15 @@ def test_bgevl_embed_stores_the_corpus_as_the_api_quantizes_queries(dtype, expor
     table = pq.read_table(out / "embeddings" / "part_00000.parquet")
     np.testing.assert_array_equal(np.array(table.column("embedding").to_pylist(), want.dtype), want)
     assert json.loads((out / "manifest.json").read_text())["dtype"] == dtype
+    faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install '.[test]')")
+    if dtype == "ubinary":  # FAISS's binary index reads the packed codes as they are stored
+        index = faiss.IndexBinaryFlat(stored.shape[1] * 8)
+        index.add(stored)
+        assert index.ntotal == len(stored) and index.search(stored[:1], 1)[1][0, 0] == 0
+    else:  # a flat inner-product index over the codes (sentence-transformers' int8/uint8 search)
+        index = faiss.IndexFlatIP(stored.shape[1])
+        index.add(stored.astype(np.float32))
+        assert index.ntotal == len(stored)
     if dtype == "int8":  # the ranges a query must be quantized with, beside the vectors
         assert (out / "embedding_ranges.json").read_text() == (export / "embedding_ranges.json").read_text()
     else:
