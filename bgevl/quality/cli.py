@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="bootstrap seed (the intervals are the same on every run)")
     m.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full report as JSON")
     m.add_argument("--markdown", type=Path, default=None, metavar="FILE", help="write the Markdown report")
+    m.add_argument("--html", type=Path, default=None, metavar="FILE",
+                   help="write a page to look at: the metric tables, and per run the queries whose top k changed most "
+                        "against the reference, with both ranked rows of thumbnails (one self-contained file)")
+    m.add_argument("--examples", type=int, default=5, help="queries shown per run and task in the HTML page")
     m.add_argument("--max-recall-drop", type=float, default=None, metavar="POINTS",
                    help=f"exit 1 when a recall@k or mAP@k of any run is this many points under the reference's "
                         f"(bgevl-export's gate uses {DEFAULT_MAX_RECALL_DROP})")
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                           instruction=args.instruction, t2i_instruction=args.t2i_instruction,
                           i2t_instruction=args.i2t_instruction, workers=args.workers, progress=not args.quiet,
                           log_interval=args.log_interval, embedding_dtypes=args.embedding_dtype,
-                          rescore_multiplier=args.rescore_multiplier)
+                          rescore_multiplier=args.rescore_multiplier, examples=args.examples)
     return run_cli("bgevl-eval", lambda: _evaluate(args, options), "interrupted; no report was written")
 
 
@@ -171,6 +175,15 @@ def _evaluate(args: argparse.Namespace, options: EvalOptions) -> int:
         write_atomic(args.json, json.dumps(report, indent=1) + "\n")
     if args.markdown is not None:
         write_atomic(args.markdown, text)
+    if args.html is not None:
+        from bgevl.corpus.readers import read_bytes, url_to_fs
+        from bgevl.quality.html import html_report
+
+        def read(uri: str) -> bytes:
+            fs, path = url_to_fs(uri)
+            return read_bytes(fs, path)
+
+        write_atomic(args.html, html_report(report, data, read))
     print(text, end="")
     worst = worst_drop(report)
     if args.max_recall_drop is not None and worst is not None and -worst["delta"] > args.max_recall_drop:

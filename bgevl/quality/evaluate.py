@@ -83,6 +83,8 @@ class EvalOptions:
     #: whole gallery in that type, then again with its top ``k * rescore_multiplier`` rescored in float32
     embedding_dtypes: tuple[str, ...] = ()
     rescore_multiplier: int = 4
+    #: per run and task, the queries whose top ``overlap_k`` changed most against the reference, in the report
+    examples: int = 5
 
     def check(self) -> None:
         from bgevl.core.compact import OUTPUT_TYPES
@@ -336,10 +338,28 @@ def task_figures(task: Task, results: list[RunResult], options: EvalOptions) -> 
                             seed=options.seed) for name, v in values.items()]
         for fig in figures:
             fig.chance = chance.get(fig.metric)
-        overlap = M.figure(f"top-{options.overlap_k} overlap", M.overlap_at_k(ranking, reference_ranking, options.overlap_k),
-                           resamples=options.resamples, seed=options.seed)
+        overlaps = M.overlap_at_k(ranking, reference_ranking, options.overlap_k)
+        overlap = M.figure(f"top-{options.overlap_k} overlap", overlaps, resamples=options.resamples, seed=options.seed)
         out.append({"figures": [f.to_json() for f in figures], "overlap": overlap.to_json(),
-                    "queries": len(task.query_ids), "gallery": len(task.gallery_ids)})
+                    "queries": len(task.query_ids), "gallery": len(task.gallery_ids),
+                    "query_set": task.query_set, "gallery_set": task.gallery_set,
+                    "changed": [] if n == 0 else _changed(task, ranking, reference_ranking, overlaps, options)})
+    return out
+
+
+def _changed(task: Task, ranking: np.ndarray, reference: np.ndarray, overlaps: np.ndarray,
+             options: EvalOptions) -> list[dict[str, Any]]:
+    """The queries whose top k changed most against the reference's (least overlap; ties in query order), with
+    both top-k lists and the relevant items, by id: what the HTML report shows."""
+    k = options.overlap_k
+    out = []
+    for q in np.argsort(overlaps, kind="stable")[:options.examples]:
+        if overlaps[q] >= 1:
+            break
+        out.append({"query": task.query_ids[q], "overlap": round(float(overlaps[q]), 4),
+                    "reference": [task.gallery_ids[g] for g in reference[q, :k]],
+                    "run": [task.gallery_ids[g] for g in ranking[q, :k]],
+                    "relevant": [task.gallery_ids[g] for g in task.positives[q]]})
     return out
 
 
