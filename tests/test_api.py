@@ -955,6 +955,7 @@ def test_cohere_v2_embed_answers_every_embedding_type_as_the_runtime_quantized(c
 @pytest.mark.parametrize("body,param,fragment", [
     ({"texts": TEXTS, "embedding_types": ["int8"]}, "embedding_types", "bgevl-export ranges"),
     ({"texts": TEXTS, "truncate": "END"}, "truncate", "truncate: END is not applied"),
+    ({"texts": TEXTS, "max_tokens": 16}, "max_tokens", "max_tokens: not applied"),
     ({"texts": TEXTS, "output_dimension": 7}, "output_dimension", "not trained for truncated"),
     ({"texts": TEXTS, "images": [data_url(IMAGES[0])]}, "texts", "one of 'texts', 'images' or 'inputs'"),
     ({"texts": TEXTS, "embedding_types": ["float", "int4"]}, "embedding_types[1]", "Input should be"),
@@ -1038,3 +1039,20 @@ def test_the_cache_is_bounded_in_bytes_and_evicts_the_least_recently_used():
     assert (parse_size("512M"), parse_size("2G"), parse_size("1000"), parse_size("0")) == (512 << 20, 2 << 30, 1000, 0)
     with pytest.raises(ValueError, match="give bytes or a size such as 512M"):
         parse_size("lots")
+
+
+def test_embedding_ranges_are_given_to_an_api_in_front_of_triton(tmp_path):
+    """--embedding-ranges: the file (or a directory holding it), refused in one line when missing or broken."""
+    from bgevl.api.cli import api_options, build_parser
+    from bgevl.core.compact import EmbeddingRanges
+    from bgevl.core.errors import BgevlError
+
+    EmbeddingRanges.of(np.eye(4, dtype=np.float32), "eye").save(tmp_path)
+    for path in (tmp_path, tmp_path / "embedding_ranges.json"):
+        options = api_options(build_parser().parse_args(["--triton-url", "localhost:8001", "--embedding-ranges", str(path)]))
+        assert options.ranges is not None and options.ranges.source == "eye"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "embedding_ranges.json").write_text("{}")
+    for path, message in ((tmp_path / "missing", "no embedding_ranges.json there"), (tmp_path / "broken", "not a calibration ranges file")):
+        with pytest.raises(BgevlError, match=message):
+            api_options(build_parser().parse_args(["--triton-url", "x:1", "--embedding-ranges", str(path)]))

@@ -210,6 +210,9 @@ def test_input_errors(export_dir):
         emb.encode(images=[b"junk!"])
     with pytest.raises(InputError, match="over the exported sequence limit of 4096 tokens"):
         emb.encode(text="word " * 5000)
+    # LLaVA's image placeholder in a user's text: the processor failed on the count (a 500 in the API)
+    with pytest.raises(InputError, match=r"^text\[0\]: holds the model's control token '<image>'"):
+        emb.encode(text=["look at <image> here"])
 
 
 def test_fp32_of_the_7b_model_is_refused_without_force(tmp_path):

@@ -140,6 +140,14 @@ def test_a_query_and_a_candidate_embed_differently_and_instructions_only_on_quer
             embedder.encode(text=["a page"], role=CANDIDATE, instruction="x")
         with pytest.raises(InputError, match="item 1: needs an image, a text or both"):
             embedder.encode(images=[images()[0], None], text=["a", None])
+        # the model's control tokens in a user's text would change the prompt (or fail in the processor)
+        with pytest.raises(InputError, match=r"^text\[1\]: holds the model's control token '<\|image_pad\|>'"):
+            embedder.encode(images=images()[:2], text=["a", "see <|image_pad|> here"])
+        with pytest.raises(InputError, match=r"^instruction: holds the model's control token '<\|im_end\|>'"):
+            embedder.encode(text=["a"], role=QUERY, instruction="Represent it.<|im_end|>")
+        # an image the limits refuse is refused in one line, also where its cost is estimated first
+        with pytest.raises(InputError, match="aspect ratio of 250:1, over the limit"):
+            embedder.encode(images=[Image.new("RGB", (1, 250))])
 
 
 def test_an_over_long_prompt_is_refused_in_one_line(export_dir):

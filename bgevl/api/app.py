@@ -441,8 +441,9 @@ class EmbeddingsService:
             needs = [t for t in body.embedding_types if needs_ranges(t)]
             if needs and self.options.ranges is None:
                 raise ApiError(400, f"embedding_types: {', '.join(needs)} need this model's calibration ranges, which "
-                                    f"the server was not given; compute them once with 'bgevl-export ranges EXPORT_DIR "
-                                    f"--data DIR' and restart it", param="embedding_types")
+                                    f"the server was not given (the operator computes them with 'bgevl-export ranges "
+                                    f"EXPORT_DIR --data DIR' and starts bgevl-api with them: --embedding-ranges)",
+                               param="embedding_types")
             items = cohere_items(body, self.options.max_items)
             vectors, tokens = await self.admitted(items, cohere_role(body.input_type), body.instruction)
         finally:

@@ -22,6 +22,9 @@ ENTRY_OVERHEAD = 200
 
 
 class EmbeddingCache:
+    """Used from the API's event loop thread only (every ``get`` and ``put``), so it takes no lock. The vectors it
+    holds are read-only: a caller copies what it answers with."""
+
     def __init__(self, max_bytes: int, metrics: Any = None):
         self.max_bytes = max_bytes
         self.held = 0
@@ -48,10 +51,12 @@ class EmbeddingCache:
         return vector
 
     def put(self, key: bytes, vector: np.ndarray) -> None:
-        cost = vector.nbytes + ENTRY_OVERHEAD
+        stored = np.array(vector, np.float32, copy=True)
+        stored.flags.writeable = False
+        cost = stored.nbytes + ENTRY_OVERHEAD
         if cost > self.max_bytes or key in self.entries:
             return
-        self.entries[key] = np.array(vector, np.float32, copy=True)
+        self.entries[key] = stored
         self.held += cost
         while self.held > self.max_bytes:
             _, old = self.entries.popitem(last=False)

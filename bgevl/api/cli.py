@@ -143,9 +143,32 @@ def add_api_options(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT
     g.add_argument("--allow-image-host", action="append", default=[], metavar="HOST",
                    help="fetch http(s) image URLs from this host (repeatable; none: URLs are refused)")
     g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest fetched image")
+    g.add_argument("--embedding-ranges", type=Path, default=None, metavar="PATH",
+                   help="the int8/uint8 calibration ranges (embedding_ranges.json, or the export directory holding it: "
+                        "bgevl-export ranges); None: the served export's, where it has them")
     g.add_argument("--cache-size", type=_cache_size, default=0, metavar="BYTES",
                    help="an LRU cache of embeddings of this size (e.g. 512M, 2G), keyed by model, item content, role and "
                         "instruction; hits, misses and evictions on /metrics; 0: none")
+
+
+def load_ranges(path: Path, required: bool) -> EmbeddingRanges | None:
+    """The calibration ranges of ``--embedding-ranges`` (a file or a directory holding one), refused in one line
+    when ``required`` and missing or unreadable."""
+    import json
+
+    from bgevl.core.compact import RANGES_FILE
+
+    file = Path(path) / RANGES_FILE if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        if required:
+            raise BgevlError(f"--embedding-ranges {path}: no {RANGES_FILE} there; write it with 'bgevl-export ranges "
+                             f"EXPORT_DIR --data DIR'")
+        return None
+    try:
+        return EmbeddingRanges.from_json(json.loads(file.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BgevlError(f"{file}: not a calibration ranges file ({type(exc).__name__}: {exc}); write it again with "
+                         f"'bgevl-export ranges'") from None
 
 
 def _cache_size(text: str) -> int:
@@ -170,6 +193,7 @@ def api_options(args: argparse.Namespace) -> ApiOptions:
                       timeout_s=args.api_timeout, max_body_bytes=args.max_body_bytes,
                       max_buffered_bytes=args.max_buffered_bytes, header_timeout_s=args.header_timeout,
                       max_connections=args.max_connections, cache_bytes=args.cache_size,
+                      ranges=load_ranges(args.embedding_ranges, required=True) if args.embedding_ranges else None,
                       fetch=FetchPolicy(hosts=hosts, max_bytes=args.max_image_bytes))
 
 
@@ -198,15 +222,14 @@ def _load(args: argparse.Namespace, ready: dict[str, Any]) -> int:
     if (args.export_dir is None) == (args.triton_url is None):
         raise BgevlError("give an export directory or --triton-url HOST:PORT (one of them)")
     ready["options"] = api_options(args)
+    if ready["options"].ranges is None and args.export_dir is not None:  # the served export's, where it has them
+        ready["options"] = dataclasses.replace(ready["options"], ranges=load_ranges(args.export_dir, required=False))
     if args.triton_url:
         ready["backend"] = TritonBackend(args.triton_url, model=args.triton_model, name=args.model_name,
                                          timeout_s=args.api_timeout)
         return 0
     if not (args.export_dir / "manifest.json").is_file():
         raise BgevlError(f"{args.export_dir}: no manifest.json; pass an export directory written by bgevl-export")
-    ranges = EmbeddingRanges.load(args.export_dir)  # bgevl-export ranges: for int8/uint8 output
-    if ranges is not None:
-        ready["options"] = dataclasses.replace(ready["options"], ranges=ranges)
     backend = EmbedderBackend(args.export_dir, name=args.model_name, workers=args.workers, load_options={
         "backend": args.backend, "provider": args.provider, "threads": args.threads})
     print(f"bgevl-api: loading {args.export_dir} ...", flush=True)

@@ -72,6 +72,9 @@ def cohere_items(body: CohereEmbedRequest, max_items: int) -> list[ParsedItem]:
     given = [name for name in ("texts", "images", "inputs") if getattr(body, name) is not None]
     if len(given) != 1:
         raise ApiError(400, "send one of 'texts', 'images' or 'inputs'", param="texts")
+    if body.max_tokens is not None:
+        raise ApiError(400, "max_tokens: not applied by this server; a text over the model's limit is refused, so send "
+                            "shorter texts and leave max_tokens out", param="max_tokens")
     if body.truncate != "NONE":
         raise ApiError(400, f"truncate: {body.truncate} is not applied by this server; the original models do not "
                             f"truncate, and a text over the limit is refused: send truncate NONE and shorter texts",

@@ -244,6 +244,21 @@ def check_text(text: Any, field: str = "text", index: int | None = None, limits:
     return text
 
 
+def control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The tokenizer's special and added tokens (``<|image_pad|>``, ``<|im_end|>``, ``<image>``, ...): in a user's
+    text inside a chat or instruction prompt they would be read as the prompt's own structure."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", ()) or ()) | set(tokenizer.get_added_vocab())
+    return tuple(sorted((t for t in tokens if t.strip()), key=len, reverse=True))
+
+
+def check_no_control_tokens(text: str, tokens: Sequence[str], field: str = "text", index: int | None = None) -> None:
+    """Refuse a user's text that holds one of the model's control tokens (``control_tokens``), in one line."""
+    for token in tokens:
+        if token in text:
+            raise InputError.of_item(field, index, f"holds the model's control token {token!r}, which would change "
+                                                   f"the prompt's structure; remove it from the text")
+
+
 def check_texts(texts: Sequence[Any], limits: InputLimits = DEFAULT_LIMITS) -> list[str]:
     return [check_text(t, "text", i, limits) for i, t in enumerate(texts)]
 

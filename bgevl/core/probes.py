@@ -144,7 +144,7 @@ def builtin_calibration_set(n: int = 32) -> tuple[list[Image.Image], list[str]]:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def load_calibration_dir(directory: Path) -> tuple[list[Any], list[str]]:
+def load_calibration_dir(directory: Path, option: str = "--calibration-data") -> tuple[list[Any], list[str]]:
     """Images (any common format) and captions (``*.txt``, one per line) from a directory (``--calibration-data``,
     ``bgevl-export ranges --data``)."""
     from bgevl.core.errors import BgevlError
@@ -152,13 +152,13 @@ def load_calibration_dir(directory: Path) -> tuple[list[Any], list[str]]:
 
     directory = Path(directory).expanduser()
     if not directory.is_dir():
-        raise BgevlError(f"--calibration-data {directory}: no such directory")
+        raise BgevlError(f"{option} {directory}: no such directory")
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     image_files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     texts = [line.strip() for p in files if p.suffix.lower() == ".txt" for line in p.read_text().splitlines() if line.strip()]
     if not image_files or not texts:
         raise BgevlError(
-            f"--calibration-data {directory}: found {len(image_files)} images and {len(texts)} captions; "
-            f"INT8 calibration needs both: image files (png/jpg/...) and a .txt file with one caption per line"
+            f"{option} {directory}: found {len(image_files)} images and {len(texts)} captions; calibration needs "
+            f"both: image files (png/jpg/...) and a .txt file with one caption per line"
         )
     return [load_image(p, i) for i, p in enumerate(image_files)], texts

@@ -140,8 +140,6 @@ class CorpusOutput:
             self.created = None
         self.info = info
         self.fs.makedirs(self.root, exist_ok=True)
-        if ranges is not None:  # beside the vectors: what a query must be quantized with to search them
-            self._write(RANGES_FILE, (json.dumps(ranges.to_json(), indent=1) + "\n").encode())
         self.save(complete=False)  # first: a folder with our manifest is ours to resume, whenever the job stops
         for folder in [FOLDERS[k][0] for k in kinds] + ["metadata", "embeddings", "failures"]:
             self.fs.makedirs(self._path(folder), exist_ok=True)
@@ -234,3 +232,5 @@ class CorpusOutput:
                    "failures": "failures/failures_NNNNN.parquet"},
                 "counts": self.counts(), "partitions": [self.done[k] for k in sorted(self.done)]}
         self._write(MANIFEST, (json.dumps(data, indent=2, default=str) + "\n").encode())
+        if self.ranges is not None:  # beside the vectors (after the manifest: a folder is never left without one)
+            self._write(RANGES_FILE, (json.dumps(self.ranges.to_json(), indent=1) + "\n").encode())

@@ -416,10 +416,13 @@ def evaluate(data: QualityData, runs: list[RunSpec], options: EvalOptions | None
 
 
 def worst_drop(report: dict[str, Any]) -> dict[str, Any] | None:
-    """The largest fall of a recall / mAP figure against the reference over every run and task:
+    """The largest fall of a recall / mAP figure against the reference over every export run and task (the
+    compact-type runs of ``--embedding-dtype`` left out):
     ``{run, task, metric, delta, delta_ci95, queries}`` (None where nothing fell)."""
     worst = None
     for run in report["runs"][1:]:
+        if run.get("embedding_dtype"):  # a compact type's loss is what --embedding-dtype measures, not a regression
+            continue
         for task, body in run["tasks"].items():
             for fig in body["figures"]:
                 if fig.get("delta") is not None and fig["delta"] < 0 and (worst is None or fig["delta"] < worst["delta"]):

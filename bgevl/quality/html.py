@@ -70,13 +70,14 @@ class _Items:
             t = data.triplets
             self.by_set["gallery"] = {g.id: (g, None) for g in t.gallery}
             self.by_set["composed_query"] = {q.id: (t.gallery[ref], q) for q, ref in zip(t.queries, t.reference)}
-        self.cache: dict[str, str] = {}
+        self.cache: dict[int, str] = {}
 
     def image(self, item: Item) -> str:
-        if item.id not in self.cache:
+        key = id(item)  # the item itself: a pairs image and a gallery image may share an id
+        if key not in self.cache:
             data = item.image if item.image is not None else self.read(str(item.image_uri))
-            self.cache[item.id] = _thumbnail(data)
-        return self.cache[item.id]
+            self.cache[key] = _thumbnail(data)
+        return self.cache[key]
 
     def text(self, item: Item) -> str:
         if item.text is not None:

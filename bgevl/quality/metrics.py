@@ -79,9 +79,14 @@ def rank_compact(queries: np.ndarray, gallery: np.ndarray, k: int, output_type: 
         candidates = (codes + (128 if output_type == "int8" else 0)) * steps + ranges.low
     if rescore <= 0:
         return first
-    scores = np.einsum("qd,qkd->qk", np.asarray(queries, np.float32), candidates[first])
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(first, order, axis=1)
+    queries = np.asarray(queries, np.float32)
+    out = np.empty((len(first), min(k, first.shape[1])), np.int64)
+    for start in range(0, len(first), RANK_CHUNK):  # [chunk, k * rescore, dim] at a time, not every query's
+        block = first[start:start + RANK_CHUNK]
+        scores = np.einsum("qd,qkd->qk", queries[start:start + RANK_CHUNK], candidates[block])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out[start:start + RANK_CHUNK] = np.take_along_axis(block, order, axis=1)
+    return out
 
 
 def relevance(ranking: np.ndarray, positives: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ def compute_ranges(export_dir: Path, data_dir: Path | None = None, size: int = 2
     from bgevl.runtime.embedder import Embedder
 
     if data_dir is not None:
-        images, texts = load_calibration_dir(data_dir)
+        images, texts = load_calibration_dir(data_dir, "--data")
         source = str(Path(data_dir).expanduser().resolve())
     else:
         images, texts = builtin_calibration_set(size)

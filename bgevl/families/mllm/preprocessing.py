@@ -33,7 +33,9 @@ from numpy.typing import NDArray
 from bgevl.core.errors import CheckpointError, InputError
 from bgevl.core.family import CANDIDATE, QUERY, Feeds, Preprocessor, Request, normalize_role
 from bgevl.families.mllm.graphs import IMAGE_FEATURE_INDEX, IMAGE_TILES, NEWLINE_ROW, TEXT_POSITION
-from bgevl.core.preprocessing import DEFAULT_LIMITS, ImageInput, InputLimits, check_text, load_image, load_processor
+from bgevl.core.preprocessing import (
+    DEFAULT_LIMITS, ImageInput, InputLimits, check_no_control_tokens, check_text, control_tokens, load_image, load_processor,
+)
 from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS
 
 if TYPE_CHECKING:  # pragma: no cover  (types only)
@@ -233,8 +235,10 @@ class MllmPreprocessor(Preprocessor):
         else:
             raise InputError("a request needs images, texts or both")
         role = normalize_role(role)
+        tokens = control_tokens(self.tokenizer)
         if instruction is not None:
             check_text(instruction, "instruction", None, self.limits)
+            check_no_control_tokens(instruction, tokens, "instruction")
         if role == QUERY and instruction is None:
             log.warning("MLLM query without a task instruction: BGE-VL-MLLM expects one for best results, e.g. "
                         "%r for composed image retrieval", CIR_INSTRUCTION)
@@ -247,6 +251,7 @@ class MllmPreprocessor(Preprocessor):
             image = images[i] if images is not None else None
             if text is not None:
                 check_text(text, "text", start + i, self.limits, " (pass None for an image-only item)")
+                check_no_control_tokens(text, tokens, "text", start + i)
             if text is None and image is None:
                 raise InputError(f"item {start + i}: needs an image, a text or both")
             out.append(build_prompt(text, image is not None, role, instruction))

@@ -211,7 +211,11 @@ class ScreenshotFamily(DecoderEmbedderFamily):
         two items, with the vision module's output on their images (the first in the batch's image order)."""
         import torch
 
-        example = next(f for f in requests if IMAGE_TOKEN_COUNTS in f and (f[IMAGE_FEATURE_INDEX][:2] >= 0).any(axis=1).all())
+        example = next((f for f in requests if IMAGE_TOKEN_COUNTS in f and (f[IMAGE_FEATURE_INDEX][:2] >= 0).any(axis=1).all()),
+                       None)
+        if example is None:
+            raise ValueError("no validation request starts with two items that have images (the screenshot family's "
+                             "validation_requests put the images first)")
         with torch.inference_mode():
             features = modules[SCREENSHOT_VISION_GRAPH](*(torch.from_numpy(example[n]) for n in VISION_INPUTS)).numpy()
         first = int(example[IMAGE_TOKEN_COUNTS][0])

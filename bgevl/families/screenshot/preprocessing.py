@@ -20,7 +20,9 @@ from numpy.typing import NDArray
 
 from bgevl.core.errors import InputError
 from bgevl.core.family import CANDIDATE, QUERY, Feeds, Preprocessor, Request, normalize_role
-from bgevl.core.preprocessing import DEFAULT_LIMITS, InputLimits, check_text, header_size, load_image
+from bgevl.core.preprocessing import (
+    DEFAULT_LIMITS, InputLimits, check_no_control_tokens, check_text, control_tokens, header_size, load_image,
+)
 from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS
 from bgevl.families.screenshot.graphs import (
     IMAGE_FEATURE_INDEX, IMAGE_RESTORE, IMAGE_SEGMENTS, IMAGE_TOKEN_COUNTS, PIXEL_PATCHES, ROPE_POSITIONS,
@@ -91,6 +93,7 @@ class ScreenshotPreprocessor(Preprocessor):
         self.max_sequence = max_sequence
         self.limits = limits
         self.image_token_id = int(processor.image_token_id)
+        self.control_tokens = control_tokens(self.tokenizer)
         #: a batch holds at most this many tokens, padding included (default: the sequence limit of the
         #: language graph's optimal batch): an item's cost varies with its image's size, 5x and more
         self.token_budget = token_budget
@@ -113,6 +116,7 @@ class ScreenshotPreprocessor(Preprocessor):
                              field="instruction")
         if request.instruction is not None:
             check_text(request.instruction, "instruction", None, self.limits)
+            check_no_control_tokens(request.instruction, self.control_tokens, "instruction")
         return Request(request.images, request.texts, role, request.instruction)
 
     def prompts_and_images(self, request: Request, start: int = 0) -> tuple[list[str], list[Any]]:
@@ -125,6 +129,7 @@ class ScreenshotPreprocessor(Preprocessor):
                 raise InputError(f"item {start + i}: needs an image, a text or both")
             if text is not None:
                 check_text(text, "text", start + i, self.limits, " (pass None for an image-only item)")
+                check_no_control_tokens(text, self.control_tokens, "text", start + i)
             if image is not None:
                 images.append(load_image(image, start + i, limits=self.limits))
             assert request.role is not None  # check() sets it
@@ -145,7 +150,10 @@ class ScreenshotPreprocessor(Preprocessor):
             tokens = 0
             if size is not None:
                 width, height = size
-                tokens = int(self.processor.image_processor.get_number_of_image_patches(height, width, {})) // merge - 1
+                try:  # an image the limits refuse counts 0 here: prepare refuses it in one line
+                    tokens = int(self.processor.image_processor.get_number_of_image_patches(height, width, {})) // merge - 1
+                except ValueError:
+                    tokens = 0
             prompt = self.prompt(text if isinstance(text, str) else None, image is not None, request.role, request.instruction)
             # the Rust tokenizer itself: the transformers call would switch the shared tokenizer's padding off
             # while another thread (bgevl-api's image and text pools) pads a batch with it
