@@ -111,7 +111,7 @@ def test_the_uint8_int8_form_validates_and_is_recorded(export_dir, tmp_path):
     assert all(g["precision_details"]["activations"] == "uint8 asymmetric per-tensor" for g in manifest["graphs"].values())
     with pytest.raises(BgevlError, match="'static-qdq-u8' .* which TensorRT does not build"):
         precision_plan("int8", "static-qdq-u8")
-    with pytest.raises(BgevlError, match="--int8-mode qdq-u8: the mllm family's int8 is weight-only"):
+    with pytest.raises(BgevlError, match="--int8-mode qdq-u8: the MLLM's int8 is weight-only"):
         run_export(ExportOptions(output=tmp_path / "mllm", model="tiny-mllm", precision="int8", int8_mode="qdq-u8"),
                    sink=lambda m: None)
     assert not (tmp_path / "mllm").exists()

@@ -108,6 +108,7 @@ class MllmFamily(DecoderEmbedderFamily):
     models = MODELS
     vision_graph, language_graph = MLLM_VISION_GRAPH, MLLM_LANGUAGE_GRAPH
     query_instruction = CIR_INSTRUCTION
+    int8_refusal = "the MLLM's int8 is weight-only; use qdq or dynamic"  # its own words
     default_batch = (MLLM_OPT_BATCH, MLLM_MAX_BATCH)
     profile_axes = {"tiles": "image tiles per batch"}  # build-engines --max-tiles
     checkpoint_kind = CheckpointKind(
