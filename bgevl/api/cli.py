@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bgevl.api.app import ApiOptions, create_app
-from bgevl.core.compact import EmbeddingRanges
+from bgevl.core.compact import RANGES_FILE, EmbeddingRanges
 from bgevl.api.backends import EmbedderBackend, EmbeddingBackend, TritonBackend
 from bgevl.api.images import FetchPolicy
 from bgevl.core.errors import BgevlError
@@ -153,22 +153,12 @@ def add_api_options(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT
 
 def load_ranges(path: Path, required: bool) -> EmbeddingRanges | None:
     """The calibration ranges of ``--embedding-ranges`` (a file or a directory holding one), refused in one line
-    when ``required`` and missing or unreadable."""
-    import json
-
-    from bgevl.core.compact import RANGES_FILE
-
-    file = Path(path) / RANGES_FILE if Path(path).is_dir() else Path(path)
-    if not file.is_file():
-        if required:
-            raise BgevlError(f"--embedding-ranges {path}: no {RANGES_FILE} there; write it with 'bgevl-export ranges "
-                             f"EXPORT_DIR --data DIR'")
-        return None
-    try:
-        return EmbeddingRanges.from_json(json.loads(file.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BgevlError(f"{file}: not a calibration ranges file ({type(exc).__name__}: {exc}); write it again with "
-                         f"'bgevl-export ranges'") from None
+    when ``required`` and missing."""
+    ranges = EmbeddingRanges.load(path)
+    if ranges is None and required:
+        raise BgevlError(f"--embedding-ranges {path}: no {RANGES_FILE} there; write it with 'bgevl-export ranges "
+                         f"EXPORT_DIR --data DIR'")
+    return ranges
 
 
 def _cache_size(text: str) -> int:

@@ -30,9 +30,6 @@ from bgevl.core.errors import BgevlError
 #: every output type, and those that need calibration ranges
 OUTPUT_TYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary")
 RANGED = ("int8", "uint8")
-#: the numpy dtype each output type is stored in
-STORED_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.int8,
-                 "uint8": np.uint8, "binary": np.int8, "ubinary": np.uint8}
 RANGES_FILE = "embedding_ranges.json"
 
 
@@ -73,18 +70,30 @@ class EmbeddingRanges:
         return cls(np.asarray(data["low"], np.float32), np.asarray(data["high"], np.float32), str(data["source"]),
                    int(data["count"]))
 
+    def dumps(self) -> str:
+        """The text of ``embedding_ranges.json``."""
+        return json.dumps(self.to_json(), indent=1) + "\n"
+
     def save(self, directory: Path) -> Path:
         """``<directory>/embedding_ranges.json``, written whole (a temporary file renamed over it)."""
         path = Path(directory) / RANGES_FILE
         tmp = path.with_name(f".{RANGES_FILE}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp.write_text(self.dumps())
         tmp.replace(path)
         return path
 
     @classmethod
-    def load(cls, directory: Path) -> "EmbeddingRanges | None":
-        path = Path(directory) / RANGES_FILE
-        return cls.from_json(json.loads(path.read_text())) if path.is_file() else None
+    def load(cls, path: Path) -> "EmbeddingRanges | None":
+        """The ranges of ``path`` (``embedding_ranges.json``, or a directory holding it, such as an export);
+        ``None`` where there is none; a file that is not one is refused in one line."""
+        file = Path(path) / RANGES_FILE if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            return None
+        try:
+            return cls.from_json(json.loads(file.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BgevlError(f"{file}: not a calibration ranges file ({type(exc).__name__}: {exc}); write it again "
+                             f"with 'bgevl-export ranges'") from None
 
 
 def needs_ranges(output_type: str) -> bool:

@@ -182,6 +182,12 @@ class Preprocessor(ABC):
         return None
 
 
+def over_budget(items: int, longest: int, cost: int, budget: int | None) -> bool:
+    """Whether a batch of ``items`` items whose longest costs ``longest`` tokens goes over ``budget`` when one more
+    item of ``cost`` tokens joins it (every item padded to the longest)."""
+    return budget is not None and (items + 1) * max(longest, cost) > budget
+
+
 def batch_spans(n: int, max_items: int, costs: Sequence[int] | None = None, budget: int | None = None) -> list[tuple[int, int]]:
     """(start, stop) of each batch of ``n`` items in order: at most ``max_items`` items, and with ``costs`` and
     ``budget``, at most ``budget`` tokens once padded to the batch's longest item (an item over the budget alone
@@ -190,7 +196,7 @@ def batch_spans(n: int, max_items: int, costs: Sequence[int] | None = None, budg
     while start < n:
         stop, longest = start + 1, costs[start] if costs is not None else 0
         while stop < n and stop - start < max_items:
-            if costs is not None and budget is not None and (stop - start + 1) * max(longest, costs[stop]) > budget:
+            if costs is not None and over_budget(stop - start, longest, costs[stop], budget):
                 break
             longest = max(longest, costs[stop]) if costs is not None else 0
             stop += 1

@@ -233,4 +233,4 @@ class CorpusOutput:
                 "counts": self.counts(), "partitions": [self.done[k] for k in sorted(self.done)]}
         self._write(MANIFEST, (json.dumps(data, indent=2, default=str) + "\n").encode())
         if self.ranges is not None:  # beside the vectors (after the manifest: a folder is never left without one)
-            self._write(RANGES_FILE, (json.dumps(self.ranges.to_json(), indent=1) + "\n").encode())
+            self._write(RANGES_FILE, self.ranges.dumps().encode())

@@ -27,7 +27,7 @@ import numpy as np
 
 from bgevl.api.images import FetchPolicy, fetch
 from bgevl.core.errors import BgevlError, InputError
-from bgevl.core.family import COMPOSED, IMAGE, KINDS, TEXT, Kind, Request
+from bgevl.core.family import COMPOSED, IMAGE, KINDS, TEXT, Kind, Request, over_budget
 from bgevl.corpus.output import CorpusOutput, Partition
 from bgevl.corpus.readers import Item, Source, read_bytes, url_to_fs
 
@@ -171,7 +171,7 @@ class BatchEmbedder:
                 result.failed.append((item, f"cannot read it ({exc.strerror or exc})"))
                 continue
             cost = self._cost(pre, image, text)
-            if pending and pre.token_budget is not None and (len(pending) + 1) * max(longest, cost) > pre.token_budget:
+            if pending and over_budget(len(pending), longest, cost, pre.token_budget):
                 self._flush(pending, result, pre)  # items of a varying number of tokens: cut by the family's budget
                 pending, pixels, longest = [], 0, 0
             pending.append((item, image, text))

@@ -164,11 +164,10 @@ class ScreenshotFamily(DecoderEmbedderFamily):
                              f"28x28 merge block) and min at most max")
 
     def prepare_export(self, path: Path, spec: ModelSpec, options: ExportOptions) -> ExportedModel:
+        from bgevl.families.screenshot.checkpoint import check_processor
         from bgevl.families.screenshot.graphs import screenshot_graph_specs
         from bgevl.families.screenshot.layout import VisionGeometry
         from bgevl.families.screenshot.preprocessing import ScreenshotPreprocessor, ScreenshotPrompts
-
-        from bgevl.families.screenshot.checkpoint import check_processor
 
         model, processor = self.load(path, spec, options.attn_implementation)
         config = model.config
@@ -180,11 +179,12 @@ class ScreenshotFamily(DecoderEmbedderFamily):
         graphs = screenshot_graph_specs(config, max_pixels=max_pixels, opt_batch=options.opt_batch,
                                         max_batch=options.max_batch, max_sequence=options.max_sequence_length)
         geometry = VisionGeometry.from_config(config.vision_config)
+        default = ScreenshotPrompts()  # the declaration's defaults where an option was not given
         prompts = ScreenshotPrompts(
-            instruction_role=chosen.get("screenshot_instruction_role", "system"),
-            candidate_instruction=chosen.get("screenshot_candidate_instruction"),
-            content_order=chosen.get("screenshot_content_order", "text-first"),
-            add_generation_prompt=not chosen.get("screenshot_no_generation_prompt", False))
+            instruction_role=chosen.get("screenshot_instruction_role", default.instruction_role),
+            candidate_instruction=chosen.get("screenshot_candidate_instruction", default.candidate_instruction),
+            content_order=chosen.get("screenshot_content_order", default.content_order),
+            add_generation_prompt=not chosen.get("screenshot_no_generation_prompt", not default.add_generation_prompt))
         hidden = int(config.text_config.hidden_size)
         parameters = sum(p.numel() for p in model.model.parameters())
         return ExportedModel(
