@@ -170,6 +170,7 @@ def test_openai_client_gets_the_runtimes_embeddings(embedders, model):
         chat = api.post("/embeddings", cast_to=openai.types.CreateEmbeddingResponse, body=message)
         assert_matches(vectors(chat), embedder.encode(images=[IMAGES[2]], text=[TEXTS[2]]))
 
+        _check_truncate(api, server, embedder, model)
         queries = _check_instruction(api, server, embedder, model)
         if queries is not None:
             differs = (queries * vectors(documents)).sum(axis=1)
@@ -586,8 +587,26 @@ def test_the_triton_backend_gives_the_runtimes_embeddings(export_dir, embedders,
             body = {"input": [TEXTS[0], {"image": base64.b64encode(b"no image").decode()}], "input_type": "query"}
             assert_error(post(f"{server.url}/v1/embeddings", body), 400, "input[1].image", "input[1].image", "not a readable image")
             _check_instruction(api, server, embedder, model)
+            _check_truncate(api, server, embedder, model)
     finally:
         triton.stop()
+
+
+LONG_TEXT = " ".join(f"word{i}" for i in range(3000))
+
+
+def _check_truncate(api, server, embedder, model):
+    """``truncate``: NONE (the default) refuses an over-long text naming the item, END and START give the runtime's
+    vectors of the cut text, on both endpoints."""
+    assert_error(post(f"{server.url}/v1/embeddings", {"input": [TEXTS[0], LONG_TEXT]}), 400, "input[1].text",
+                 "input[1].text: ", "send truncate END or START")
+    for mode in ("END", "START"):
+        got = api.embeddings.create(model=model, input=[TEXTS[0], LONG_TEXT], extra_body={"truncate": mode})
+        assert_matches(vectors(got), embedder.encode(text=[TEXTS[0], LONG_TEXT], truncate=mode))
+        status, _, body = post(f"{server.url}/v2/embed", {"texts": [LONG_TEXT], "input_type": "search_query",
+                                                          "embedding_types": ["float"], "truncate": mode})
+        assert status == 200, body
+        assert_matches(body["embeddings"]["float"], embedder.encode(text=[LONG_TEXT], role="query", truncate=mode))
 
 
 def test_bgevl_serve_starts_the_api_in_front_of_its_triton(export_dir, embedders, tmp_path):
@@ -954,7 +973,8 @@ def test_cohere_v2_embed_answers_every_embedding_type_as_the_runtime_quantized(c
 
 @pytest.mark.parametrize("body,param,fragment", [
     ({"texts": TEXTS, "embedding_types": ["int8"]}, "embedding_types", "bgevl-export ranges"),
-    ({"texts": TEXTS, "truncate": "END"}, "truncate", "truncate: END is not applied"),
+    ({"texts": TEXTS, "truncate": "MIDDLE"}, "truncate", "Input should be 'NONE', 'START' or 'END'"),
+    ({"texts": [" ".join(["word"] * 500)]}, "texts[0].text", "over the model's limit of 77; shorten it or send truncate"),
     ({"texts": TEXTS, "max_tokens": 16}, "max_tokens", "max_tokens: not applied"),
     ({"texts": TEXTS, "output_dimension": 7}, "output_dimension", "not trained for truncated"),
     ({"texts": TEXTS, "images": [data_url(IMAGES[0])]}, "texts", "one of 'texts', 'images' or 'inputs'"),

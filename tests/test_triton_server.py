@@ -121,7 +121,8 @@ def test_repository_configs_parse_and_follow_the_manifest(clip_export, tmp_path,
     assert (repo / "bgevl_preprocess/1/processor/tokenizer.json").is_file()
     empty = [d for d in repo.rglob("*") if d.is_dir() and not any(d.iterdir())]
     assert not empty, f"object stores drop empty folders: {empty}"
-    assert [i.optional for i in configs["bgevl"].input] == [True, True]
+    assert [(i.name, i.optional) for i in configs["bgevl"].input] == [("IMAGE", True), ("TEXT", True), ("TRUNCATE", True)]
+    assert [i.name for i in configs["bgevl_preprocess"].input] == ["IMAGE", "TEXT", "TRUNCATE"]
     if backend == "python":  # CLIP pads right: the text encoder cuts the padding past the longest text
         assert configs["bgevl_text"].parameters["trim_right_padding"].string_value == "attention_mask"
         assert "trim_right_padding" not in configs["bgevl_vision"].parameters
@@ -152,6 +153,24 @@ def test_clip_embeddings_match_the_runtime(clip_served, protocol, kind):
     kw = {"text": {"texts": TEXTS}, "image": {"images": IMAGES}, "composed": {"texts": TEXTS, "images": IMAGES}}[kind]
     direct = embedder.encode(images=kw.get("images"), text=kw.get("texts"))
     assert_matches(embed(server, protocol, **kw), direct)
+
+
+def test_truncate_is_applied_by_the_preprocess_model(clip_served):
+    """TRUNCATE (NONE / END / START), one value per request, through the dynamically batched CLIP preprocess model:
+    the runtime's vectors; without it the repository keeps CLIP's own handling (cut at the end, as the runtime)."""
+    server, embedder = clip_served
+    long_text = " ".join(f"word{i}" for i in range(500))
+    texts = [TEXTS[0], long_text]
+    with pytest.raises(InferenceServerException, match=r"text\[1\]: \d+ tokens with its prompt, over the model's limit "
+                                                       r"of 77; shorten it or send truncate END or START"):
+        embed(server, "grpc", texts=texts, truncate="NONE")
+    for protocol, mode in (("grpc", "END"), ("http", "START")):
+        assert_matches(embed(server, protocol, texts=texts, truncate=mode), embedder.encode(text=texts, truncate=mode))
+        assert_matches(embed(server, protocol, texts=texts, images=IMAGES[:2], truncate=mode),
+                       embedder.encode(images=IMAGES[:2], text=texts, truncate=mode))
+    assert_matches(embed(server, "http", texts=texts), embedder.encode(text=texts))
+    with pytest.raises(InferenceServerException, match="truncate: 'MIDDLE' is not one of NONE, END, START"):
+        embed(server, "http", texts=texts, truncate="MIDDLE")
 
 
 def test_composed_ensemble_and_encoders_are_addressable(clip_served):

@@ -153,7 +153,7 @@ def renamed(exc: InputError, items: list[ParsedItem]) -> ApiError:
     if exc.index is not None and 0 <= exc.index < len(items) and exc.field in ("images", "text"):
         param = f"{items[exc.index].label}.{'image' if exc.field == 'images' else 'text'}"
         return ApiError(400, f"{param}: {exc.reason}", param=param)
-    return ApiError(400, str(exc), param={"instruction": "instruction", "role": "input_type"}.get(exc.field or ""))
+    return ApiError(400, str(exc), param={"instruction": "instruction", "role": "input_type", "truncate": "truncate"}.get(exc.field or ""))
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -325,7 +325,8 @@ class EmbeddingsService:
             except InputError as exc:
                 raise ApiError(400, str(exc), param=label) from None
 
-    async def embed(self, items: list[ParsedItem], role: str | None, instruction: str | None) -> tuple[np.ndarray, int]:
+    async def embed(self, items: list[ParsedItem], role: str | None, instruction: str | None,
+                    truncate: str | None = None) -> tuple[np.ndarray, int]:
         """The items' vectors in item order and their tokens: one backend call per kind of item, for the items the
         cache does not hold (their tokens are not counted again)."""
         await self.resolve_images(items)
@@ -336,7 +337,8 @@ class EmbeddingsService:
         groups: dict[Kind, list[int]] = {}
         for i, item in enumerate(items):
             if self.cache is not None:
-                keys[i] = self.cache.key(self.backend.name, item.kind.value, item.text, item.image_bytes, role, instruction)
+                keys[i] = self.cache.key(self.backend.name, item.kind.value, item.text, item.image_bytes, role, instruction,
+                                         truncate)
                 cached = self.cache.get(keys[i])
                 if cached is not None:
                     out[i] = cached
@@ -347,7 +349,7 @@ class EmbeddingsService:
             images = [cast(bytes, items[i].image_bytes) for i in indices] if kind.has_image else None  # resolved above
             texts = [cast(str, items[i].text) for i in indices] if kind.has_text else None
             try:
-                return indices, await self.backend.embed(images, texts, role, instruction)
+                return indices, await self.backend.embed(images, texts, role, instruction, truncate)
             except InputError as exc:
                 raise renamed(exc, [items[i] for i in indices]) from None
 
@@ -390,13 +392,14 @@ class EmbeddingsService:
                            param=param)
         return body
 
-    async def admitted(self, items: list[ParsedItem], role: str | None, instruction: str | None) -> tuple[np.ndarray, int]:
+    async def admitted(self, items: list[ParsedItem], role: str | None, instruction: str | None,
+                       truncate: str | None = None) -> tuple[np.ndarray, int]:
         """:meth:`embed` in an admission slot, answered within the timeout; the slot is held until the work
         ends, also past a timeout."""
         admission = self.admission
         assert admission is not None, "the app's lifespan has not started"
         await admission.acquire()
-        task = asyncio.ensure_future(self.embed(items, role, instruction))
+        task = asyncio.ensure_future(self.embed(items, role, instruction, truncate))
 
         def done(t: asyncio.Future) -> None:
             admission.release()
@@ -419,7 +422,8 @@ class EmbeddingsService:
                 raise ApiError(400, f"embed_dtype: {body.embed_dtype} applies to base64 output; send "
                                     f"'encoding_format': 'base64' with it", param="embed_dtype")
             role = INPUT_TYPES[body.input_type] if body.input_type else None
-            vectors, tokens = await self.admitted(parse_items(body, self.options.max_items), role, body.instruction)
+            vectors, tokens = await self.admitted(parse_items(body, self.options.max_items), role, body.instruction,
+                                                  body.truncate)
         finally:
             self.bodies.give(held[0])
         self.metrics.tokens.inc(tokens)
@@ -445,7 +449,7 @@ class EmbeddingsService:
                                     f"EXPORT_DIR --data DIR' and starts bgevl-api with them: --embedding-ranges)",
                                param="embedding_types")
             items = cohere_items(body, self.options.max_items)
-            vectors, tokens = await self.admitted(items, cohere_role(body.input_type), body.instruction)
+            vectors, tokens = await self.admitted(items, cohere_role(body.input_type), body.instruction, body.truncate)
         finally:
             self.bodies.give(held[0])
         self.metrics.tokens.inc(tokens)

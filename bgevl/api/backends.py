@@ -60,8 +60,9 @@ class EmbeddingBackend(ABC):
 
     @abstractmethod
     async def embed(self, images: list[bytes] | None, texts: list[str] | None, role: str | None,
-                    instruction: str | None) -> Embedded:
-        """Embeddings of one group (``images`` and ``texts`` paired item by item when both are given)."""
+                    instruction: str | None, truncate: str | None = None) -> Embedded:
+        """Embeddings of one group (``images`` and ``texts`` paired item by item when both are given); ``truncate``
+        as ``Embedder.encode`` takes it (``None``: the model's own handling of over-long texts)."""
 
 
 class EmbedderBackend(EmbeddingBackend):
@@ -125,21 +126,23 @@ class EmbedderBackend(EmbeddingBackend):
     async def ready(self) -> bool:
         return self.embedder is not None
 
-    def _encode(self, images, texts, role, instruction) -> Embedded:
+    def _encode(self, images, texts, role, instruction, truncate=None) -> Embedded:
         tokens = 0
 
         def count(feeds) -> None:
             nonlocal tokens
             tokens += self.embedder.family.prompt_tokens(feeds)
 
-        vectors = self.embedder.encode(images=images, text=texts, role=role, instruction=instruction, on_feeds=count)
+        vectors = self.embedder.encode(images=images, text=texts, role=role, instruction=instruction, truncate=truncate,
+                                       on_feeds=count)
         return Embedded(vectors, tokens)
 
-    async def embed(self, images, texts, role, instruction) -> Embedded:
+    async def embed(self, images, texts, role, instruction, truncate=None) -> Embedded:
         if self.embedder is None:
             raise BackendUnavailable(self.error or f"the model is still loading from {self.export_dir}")
         pool = self.text_pool if images is None else self.pool
-        return await asyncio.get_running_loop().run_in_executor(pool, self._encode, images, texts, role, instruction)
+        return await asyncio.get_running_loop().run_in_executor(pool, self._encode, images, texts, role, instruction,
+                                                                truncate)
 
 
 class TritonBackend(EmbeddingBackend):
@@ -206,16 +209,22 @@ class TritonBackend(EmbeddingBackend):
                 self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         return sum(len(ids) for ids in self._tokenizer(texts)["input_ids"])
 
-    async def embed(self, images, texts, role, instruction) -> Embedded:
+    async def embed(self, images, texts, role, instruction, truncate=None) -> Embedded:
         import tritonclient.grpc.aio as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        from bgevl.core.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
+        from bgevl.core.specs import (
+            SERVING_EMBEDDING, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT, SERVING_TRUNCATE,
+        )
 
         if self._dim is None and not await self.ready():
             raise BackendUnavailable(self.state)
         if instruction is not None and SERVING_INSTRUCTION not in self.inputs:
             raise InputError(f"instruction: model {self.name!r} takes no task instruction; put the task into the text")
+        if truncate not in (None, "NONE") and texts is not None and SERVING_TRUNCATE not in self.inputs:
+            raise InputError(f"truncate: model {self.name!r} of this Triton repository takes no {SERVING_TRUNCATE} input "
+                             f"(a repository written before it); write the repository again with bgevl-export, or send "
+                             f"truncate NONE", field="truncate")
         n = len(images if images is not None else texts)
         out = []
         for start in range(0, n, self.max_batch):
@@ -229,6 +238,8 @@ class TritonBackend(EmbeddingBackend):
                 columns[SERVING_ROLE] = [role.encode()] * (stop - start)
             if instruction is not None:
                 columns[SERVING_INSTRUCTION] = [instruction.encode()] * (stop - start)
+            if truncate is not None and SERVING_TRUNCATE in self.inputs:
+                columns[SERVING_TRUNCATE] = [truncate.encode()] * (stop - start)
             inputs = []
             for key, values in columns.items():
                 tensor = grpcclient.InferInput(key, [len(values), 1], "BYTES")

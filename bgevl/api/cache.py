@@ -33,9 +33,9 @@ class EmbeddingCache:
 
     @staticmethod
     def key(model: str, kind: str, text: str | None, image: bytes | None, role: str | None,
-            instruction: str | None) -> bytes:
+            instruction: str | None, truncate: str | None = None) -> bytes:
         digest = hashlib.sha256()
-        for part in (model, kind, role or "", instruction if instruction is not None else "\x00none"):
+        for part in (model, kind, role or "", instruction if instruction is not None else "\x00none", truncate or ""):
             digest.update(part.encode("utf-8", "surrogatepass") + b"\x00")
         digest.update(b"T" + (text.encode("utf-8", "surrogatepass") if text is not None else b"") + b"\x00")
         digest.update(b"I" + (hashlib.sha256(image).digest() if image is not None else b""))

@@ -7,8 +7,8 @@ A request holds ``texts`` (one item each), ``images`` (data URIs, one item each)
 candidates (this server's ``query`` / ``document`` / ``passage`` too). ``embedding_types``: ``float``,
 ``int8``, ``uint8`` (with the export's calibration ranges: ``bgevl-export ranges``), ``binary``, ``ubinary``
 (the sign bits, 8 per byte) and vLLM's ``base64`` (little-endian float32); definitions in
-``bgevl.core.compact``. ``truncate``: ``NONE`` only; a text over the model's limit is refused, as the original
-models do not truncate.
+``bgevl.core.compact``. ``truncate``: ``NONE`` (the default here, where Cohere's is ``END``: the original models
+do not truncate, so a text over the model's limit is refused), ``END`` or ``START`` (``bgevl.core.truncation``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from bgevl.api.parsing import ApiError, ParsedItem
-from bgevl.api.schemas import ImagePart, TextPart
+from bgevl.api.schemas import TRUNCATE_DESCRIPTION, ImagePart, TextPart
 
 #: Cohere's and this server's input types -> the request's role
 COHERE_INPUT_TYPES = {"search_query": "query", "query": "query", "search_document": "candidate", "document": "candidate",
@@ -58,7 +58,7 @@ class CohereEmbedRequest(BaseModel):
     inputs: Optional[list[CohereInput]] = Field(None, description="items of text and image_url content parts")
     embedding_types: list[EmbeddingType] = Field(default_factory=_float_only, min_length=1)
     output_dimension: Optional[int] = Field(None, description="must be the model's dimension (no truncation)")
-    truncate: Literal["NONE", "START", "END"] = Field("NONE", description="NONE only: over-long texts are refused")
+    truncate: Literal["NONE", "START", "END"] = Field("NONE", description=TRUNCATE_DESCRIPTION)
     max_tokens: Optional[int] = None
     instruction: Optional[str] = Field(None, description="task instruction of queries (models whose queries take one)")
 
@@ -75,10 +75,6 @@ def cohere_items(body: CohereEmbedRequest, max_items: int) -> list[ParsedItem]:
     if body.max_tokens is not None:
         raise ApiError(400, "max_tokens: not applied by this server; a text over the model's limit is refused, so send "
                             "shorter texts and leave max_tokens out", param="max_tokens")
-    if body.truncate != "NONE":
-        raise ApiError(400, f"truncate: {body.truncate} is not applied by this server; the original models do not "
-                            f"truncate, and a text over the limit is refused: send truncate NONE and shorter texts",
-                       param="truncate")
     field = given[0]
     values = getattr(body, field)
     if not values or len(values) > max_items:

@@ -20,7 +20,7 @@ Two shared vocabularies:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Generator, Mapping, Protocol, Sequence
@@ -88,12 +88,15 @@ def normalize_role(role: str) -> str:
 class Request:
     """What to embed: ``images`` and ``texts`` pair up item by item (either may be absent, and in
     families that allow it an entry may be ``None``); ``role`` and ``instruction`` as the family
-    defines them (families without them refuse an instruction)."""
+    defines them (families without them refuse an instruction). ``truncate``: what happens to a text
+    whose item is over the model's token limit (``TRUNCATE_MODES``: ``NONE`` refuses it, ``END`` / ``START``
+    cut tokens off its end / start until the item fits); ``None``: the preprocessor's default."""
 
     images: list[Any] | None = None
     texts: list[Any] | None = None
     role: str | None = None
     instruction: str | None = None
+    truncate: str | None = None
 
     def __len__(self) -> int:
         return len(self.images if self.images is not None else self.texts or [])
@@ -104,8 +107,8 @@ class Request:
                         self.texts is not None and self.texts[i] is not None) for i in range(len(self))]
 
     def slice(self, start: int, stop: int) -> "Request":
-        return Request(self.images[start:stop] if self.images is not None else None,
-                       self.texts[start:stop] if self.texts is not None else None, self.role, self.instruction)
+        return replace(self, images=self.images[start:stop] if self.images is not None else None,
+                       texts=self.texts[start:stop] if self.texts is not None else None)
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,37 @@ class Preprocessor(ABC):
         """Check a whole request before any item is decoded (roles, instruction, text limits); returns it
         with the family's defaults filled in."""
         return request
+
+    def text_lengths(self, request: Request, start: int = 0) -> list[tuple[int, int] | None] | None:
+        """Each item's tokens as the model counts them against its limit (prompt, instruction and image tokens
+        included) and that limit, ``None`` for an item without text; ``None`` where the family cannot tell (then
+        ``truncate`` is refused). Used by :meth:`admit` for ``Request.truncate``."""
+        return None
+
+    def admit(self, request: Request, start: int = 0) -> Request:
+        """:meth:`check`, then the request's ``truncate`` applied (``bgevl.core.truncation``): over-long texts cut
+        by ``END`` or ``START``, or refused by ``NONE``. A request without ``truncate`` keeps the preprocessor's own
+        handling of over-long texts (a dual encoder's ``text_overflow``)."""
+        from bgevl.core.errors import InputError
+        from bgevl.core.truncation import check_mode, truncate_texts
+
+        request = self.check(request)
+        if request.truncate is None:
+            return request
+        mode = check_mode(request.truncate)
+        request = replace(request, truncate=mode)
+        if request.texts is None:
+            return request
+        tokenizer = getattr(self, "tokenizer", None)
+
+        def lengths(texts: list[Any]) -> list[tuple[int, int] | None]:
+            measured = self.text_lengths(replace(request, texts=texts), start)
+            if measured is None or tokenizer is None:
+                raise InputError("truncate: this model's preprocessor does not count its items' tokens; send "
+                                 "truncate NONE and shorter texts", field="truncate")
+            return measured
+
+        return replace(request, texts=truncate_texts(request.texts, mode, lengths, tokenizer, start))
 
     #: the most tokens one batch may hold, padding included (items x the longest item), for families whose
     #: items cost a varying number of tokens (an image of any size); ``None``: batches by item count only

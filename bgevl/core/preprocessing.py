@@ -259,6 +259,28 @@ def check_no_control_tokens(text: str, tokens: Sequence[str], field: str = "text
                                                    f"the prompt's structure; remove it from the text")
 
 
+def counting_tokenizer(tokenizer: Any) -> Any:
+    """A transformers fast tokenizer's Rust tokenizer, copied once with no truncation and no padding, for counting
+    tokens and reading their offsets. Not the shared one: a transformers call sets its state (one with
+    ``truncation=True`` leaves it truncating, so a count read from it afterwards is cut to the limit), and calling
+    transformers here would switch padding off while another thread (bgevl-api's pools) pads a batch with it."""
+    counter = tokenizer.__dict__.get("_bgevl_counting_tokenizer")
+    if counter is None:  # two threads may both build one: they are equal
+        from tokenizers import Tokenizer
+
+        counter = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        counter.no_truncation()
+        counter.no_padding()
+        tokenizer.__dict__["_bgevl_counting_tokenizer"] = counter
+    return counter
+
+
+def count_tokens(tokenizer: Any, text: str, special_tokens: bool = True) -> int:
+    """``text``'s tokens by a transformers fast tokenizer (:func:`counting_tokenizer`), with its special tokens or
+    without."""
+    return len(counting_tokenizer(tokenizer).encode(text, add_special_tokens=special_tokens).ids)
+
+
 def check_texts(texts: Sequence[Any], limits: InputLimits = DEFAULT_LIMITS) -> list[str]:
     return [check_text(t, "text", i, limits) for i, t in enumerate(texts)]
 

@@ -292,6 +292,8 @@ def batch_dim(opt: int = DEFAULT_OPT_BATCH, max_batch: int = DEFAULT_MAX_BATCH) 
 #: INSTRUCTION and ROLE (BYTES [1], for families that take them) are the query task instruction
 #: and ``query``/``candidate``.
 SERVING_TEXT, SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE = "TEXT", "IMAGE", "INSTRUCTION", "ROLE"
+#: an optional input of every entry and preprocess model: ``Request.truncate`` (NONE, END, START), one per request
+SERVING_TRUNCATE = "TRUNCATE"
 SERVING_EMBEDDING = "EMBEDDING"
 DEFAULT_SERVING_NAME = "bgevl"
 

@@ -122,7 +122,7 @@ class BatchEmbedder:
         for kind in self.kinds:
             request = Request(images if kind in (IMAGE, COMPOSED) else None, texts if kind in (TEXT, COMPOSED) else None,
                               self.role, self.instruction)
-            feeds[kind] = pre.prepare(pre.check(request))
+            feeds[kind] = pre.prepare(pre.admit(request))
         return feeds
 
     def _flush(self, pending: list, result: BatchResult, pre: Any) -> None:

@@ -130,11 +130,15 @@ class Embedder:
         return next(iter(self.runners.values())).providers
 
     def encode(self, images: Any = None, text: Any = None, *, role: str | None = None,
-               instruction: str | None = None, on_feeds: Callable[[Feeds], None] | None = None) -> np.ndarray:
+               instruction: str | None = None, truncate: str | None = None,
+               on_feeds: Callable[[Feeds], None] | None = None) -> np.ndarray:
         """Embed ``images`` (paths, bytes or PIL images), ``text`` (strings), or both paired up.
 
         ``role``: ``"query"`` or ``"candidate"`` (MLLM: default ``"query"`` when an ``instruction`` is
-        given, else ``"candidate"``; CLIP: no effect). ``on_feeds``: called with each batch's
+        given, else ``"candidate"``; CLIP: no effect). ``truncate``: for an item over the model's token limit,
+        ``"NONE"`` refuses it, ``"END"`` / ``"START"`` cut its text's last / first tokens until it fits (its prompt
+        and image tokens are never cut); default: the family's own handling (``Embedder.load``'s ``text_overflow``:
+        a CLIP text is cut at its end with a warning, the other families refuse). ``on_feeds``: called with each batch's
         preprocessed feeds (the embeddings API counts prompt tokens with it)."""
         if not self.runners:
             raise BgevlError(f"this Embedder of {self.manifest.directory} was closed; load it again")
@@ -146,7 +150,7 @@ class Embedder:
                 f"images and texts pair up item by item (composed queries), got {len(image_list)} images and "
                 f"{len(text_list)} texts; pass lists of equal length"
             )
-        request = self.preprocessor.check(Request(image_list, text_list, role, instruction))
+        request = self.preprocessor.admit(Request(image_list, text_list, role, instruction, truncate))
         not_embedded = [kind for kind in dict.fromkeys(request.kinds()) if kind not in self.family.kinds]
         if not_embedded:  # the family's declared item kinds (Recipe.kinds)
             raise InputError(f"{' and '.join(not_embedded)} items: this model does not embed them (it embeds "

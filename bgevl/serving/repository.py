@@ -30,7 +30,9 @@ from bgevl.core.manifest import Manifest, read_manifest
 from bgevl.core.preprocessing import DEFAULT_LIMITS, InputLimits
 from bgevl.core.staging import check_replaceable, staged_directory
 from bgevl.core.registry import get_family
-from bgevl.core.specs import DEFAULT_SERVING_NAME, SERVING_EMBEDDING, Dim, GraphSpec, TensorSpec
+from bgevl.core.specs import (
+    DEFAULT_SERVING_NAME, SERVING_EMBEDDING, SERVING_TEXT, SERVING_TRUNCATE, Dim, GraphSpec, TensorSpec,
+)
 from bgevl.serving.perf_analyzer import write_input_data
 from bgevl.serving.configs import ENCODER_BACKENDS, ENTRY_GRAPH_MODELS, ENTRY_PREPROCESS, Batching, encoder_config, python_config, to_pbtxt
 
@@ -161,6 +163,8 @@ class RepositoryWriter:
                    options: dict | None = None) -> str:
         """``<name>_preprocess``: the family's preprocessor (``Family.open_preprocessor``) on the serving
         inputs, with the checkpoint's processor files in ``1/processor``."""
+        [text] = [t for t in inputs if t.name == SERVING_TEXT]
+        inputs = [*inputs, TensorSpec(SERVING_TRUNCATE, "bytes", text.shape)]  # one value per text, all alike
         config = python_config(
             self.model_name("preprocess"), inputs, outputs, batching, optional=[t.name for t in inputs],
             parameters={"family": self.manifest.family, "recipe": json.dumps(self.manifest.recipe),
@@ -178,7 +182,7 @@ class RepositoryWriter:
         if batching.instances < self.preprocess_instances:
             batching = Batching(batching.max_batch, batching.preferred, batching.max_queue_delay_us,
                                 self.preprocess_instances, batching.kind)
-        inputs = [TensorSpec(n, "bytes", (1,)) for n in self.family.serving_inputs]
+        inputs = [TensorSpec(n, "bytes", (1,)) for n in (*self.family.serving_inputs, SERVING_TRUNCATE)]
         graphs = {name: self.manifest.graph_spec(name).to_json() for name in graph_models}
         config = python_config(
             self.name, inputs, [TensorSpec(SERVING_EMBEDDING, "float32", (self.manifest.embedding_dim,))], batching,

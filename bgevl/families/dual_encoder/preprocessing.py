@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 from bgevl.core.errors import InputError
 from bgevl.core.family import Feeds, Preprocessor, Request, normalize_role
 from bgevl.core.preprocessing import (
-    DEFAULT_LIMITS, ImageInput, InputLimits, check_text, check_texts, load_image, load_processor,
+    DEFAULT_LIMITS, ImageInput, InputLimits, check_text, check_texts, count_tokens, load_image, load_processor,
 )
 from bgevl.core.specs import PIXEL_VALUES, TextPadding
 
@@ -92,6 +92,11 @@ class DualEncoderPreprocessor(Preprocessor):
         if request.texts is not None:
             check_texts(request.texts, self.limits)
         return request
+
+    def text_lengths(self, request: Request, start: int = 0) -> list[tuple[int, int] | None]:
+        """Each text's tokens with its start and end tokens against the text tower's limit."""
+        return [None if text is None else (count_tokens(self.tokenizer, text), self.max_text_length)
+                for text in request.texts or []]
 
     def prepare(self, request: Request, start: int = 0, *, serving: bool = False) -> Feeds:
         """``pixel_values`` for the images, the text graph's inputs for the texts (padded to the model's

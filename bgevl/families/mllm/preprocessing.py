@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, cast
 
@@ -34,7 +34,8 @@ from bgevl.core.errors import CheckpointError, InputError
 from bgevl.core.family import CANDIDATE, QUERY, Feeds, Preprocessor, Request, normalize_role
 from bgevl.families.mllm.graphs import IMAGE_FEATURE_INDEX, IMAGE_TILES, NEWLINE_ROW, TEXT_POSITION
 from bgevl.core.preprocessing import (
-    DEFAULT_LIMITS, ImageInput, InputLimits, check_no_control_tokens, check_text, control_tokens, load_image, load_processor,
+    DEFAULT_LIMITS, ImageInput, InputLimits, check_no_control_tokens, check_text, control_tokens, count_tokens, header_size,
+    load_image, load_processor,
 )
 from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS
 
@@ -308,7 +309,28 @@ class MllmPreprocessor(Preprocessor):
         """The role defaults to ``query`` when an instruction is given, else ``candidate``."""
         role = normalize_role(request.role) if request.role is not None else (
             QUERY if request.instruction is not None else CANDIDATE)
-        return Request(request.images, request.texts, role, request.instruction)
+        return replace(request, role=role)
+
+    def text_lengths(self, request: Request, start: int = 0) -> list[tuple[int, int] | None]:
+        """Each item's prompt tokens (with its BOS) plus its image's tokens (the anyres layout of the size the image
+        is resized to, or of its header's size) against the exported sequence limit. An image whose header cannot
+        be read counts none here: ``prepare`` refuses it in one line."""
+        request = self.check(request)
+        assert request.role is not None  # check() sets it
+        lengths: list[tuple[int, int] | None] = []
+        for i in range(len(request)):
+            text = request.texts[i] if request.texts is not None else None
+            image = request.images[i] if request.images is not None else None
+            if text is None:
+                lengths.append(None)
+                continue
+            tokens = count_tokens(self.tokenizer, build_prompt(text, image is not None, request.role, request.instruction))
+            size = self.resize or (header_size(image) if image is not None else None)
+            if image is not None and size is not None:
+                width, height = size
+                tokens += len(self.layout.packed_rows(height, width)) - 1  # the <image> placeholder becomes them
+            lengths.append((tokens, self.max_sequence))
+        return lengths
 
     def prepare(self, request: Request, start: int = 0, *, serving: bool = False) -> Feeds:
         request = self.check(request)

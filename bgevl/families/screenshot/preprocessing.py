@@ -12,7 +12,7 @@ is the model's own or a third party's reconstruction, so that a user with the re
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -21,7 +21,8 @@ from numpy.typing import NDArray
 from bgevl.core.errors import InputError
 from bgevl.core.family import CANDIDATE, QUERY, Feeds, Preprocessor, Request, normalize_role
 from bgevl.core.preprocessing import (
-    DEFAULT_LIMITS, InputLimits, check_no_control_tokens, check_text, control_tokens, header_size, load_image,
+    DEFAULT_LIMITS, InputLimits, check_no_control_tokens, check_text, control_tokens, count_tokens, header_size,
+    load_image,
 )
 from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS
 from bgevl.families.screenshot.graphs import (
@@ -117,7 +118,7 @@ class ScreenshotPreprocessor(Preprocessor):
         if request.instruction is not None:
             check_text(request.instruction, "instruction", None, self.limits)
             check_no_control_tokens(request.instruction, self.control_tokens, "instruction")
-        return Request(request.images, request.texts, role, request.instruction)
+        return replace(request, role=role)
 
     def prompts_and_images(self, request: Request, start: int = 0) -> tuple[list[str], list[Any]]:
         """A checked request's chat prompts and its decoded images (those of the items that have one)."""
@@ -155,10 +156,14 @@ class ScreenshotPreprocessor(Preprocessor):
                 except ValueError:
                     tokens = 0
             prompt = self.prompt(text if isinstance(text, str) else None, image is not None, request.role, request.instruction)
-            # the Rust tokenizer itself: the transformers call would switch the shared tokenizer's padding off
-            # while another thread (bgevl-api's image and text pools) pads a batch with it
-            costs.append(len(self.tokenizer.backend_tokenizer.encode(prompt, add_special_tokens=False).ids) + max(tokens, 0))
+            costs.append(count_tokens(self.tokenizer, prompt, special_tokens=False) + max(tokens, 0))
         return costs
+
+    def text_lengths(self, request: Request, start: int = 0) -> list[tuple[int, int] | None]:
+        """Each item's prompt and image tokens against the exported sequence limit."""
+        texts = request.texts or [None] * len(request)
+        return [None if text is None else (cost, self.max_sequence)
+                for text, cost in zip(texts, self.item_costs(request, start))]
 
     def prepare(self, request: Request, start: int = 0, *, serving: bool = False) -> Feeds:
         """Feeds of both graphs for one batch; the vision feeds (absent when no item has an image) hold every

@@ -30,7 +30,7 @@ from PIL import Image
 
 from bgevl.core.errors import InputError
 from bgevl.core.family import Feeds, Preprocessor, Request, normalize_role
-from bgevl.core.preprocessing import DEFAULT_LIMITS, InputLimits, check_text, check_texts, load_image
+from bgevl.core.preprocessing import DEFAULT_LIMITS, InputLimits, check_text, check_texts, count_tokens, load_image
 from bgevl.core.specs import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES
 
 log = logging.getLogger("bgevl")
@@ -134,6 +134,11 @@ class VisualizedPreprocessor(Preprocessor):
         if request.texts is not None:
             check_texts(request.texts, self.limits)
         return request
+
+    def text_lengths(self, request: Request, start: int = 0) -> list[tuple[int, int] | None]:
+        """Each text's tokens with [CLS] and [SEP] against the limit of a text alone or beside the image tokens."""
+        limit = self.layout.multimodal_limit if request.images is not None else self.layout.text_only_limit
+        return [None if text is None else (count_tokens(self.tokenizer, text), limit) for text in request.texts or []]
 
     def tokens(self, texts: Sequence[Any], composed: bool, start: int = 0) -> dict[str, NDArray[Any]]:
         texts = [check_text(t, "text", start + i, self.limits) for i, t in enumerate(texts)]

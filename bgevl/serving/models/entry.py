@@ -24,7 +24,8 @@ import triton_python_backend_utils as pb
 
 from bgevl.core.registry import get_family
 from bgevl.core.family import run_steps_async
-from bgevl.core.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_TEXT, GraphSpec
+from bgevl.core.preprocessing import one_value_per_request
+from bgevl.core.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_TEXT, SERVING_TRUNCATE, GraphSpec
 from bgevl.serving.configs import ENTRY_GRAPH_MODELS, ENTRY_PREPROCESS
 from bgevl.serving.models.backend_utils import (
     ModelError, answer_async, call, error_response, model_config, optional_input, parameter,
@@ -55,6 +56,9 @@ class TritonPythonModel:
                 inputs[name] = values
         if SERVING_IMAGE not in inputs and SERVING_TEXT not in inputs:
             return error_response(f"send {SERVING_TEXT}, {SERVING_IMAGE} or both (BYTES tensors of shape [batch, 1])")
+        truncate = optional_input(request, SERVING_TRUNCATE)
+        if truncate is not None:
+            truncate = one_value_per_request(truncate, SERVING_TRUNCATE)[0]
         items = max(len(inputs[name]) for name in (SERVING_IMAGE, SERVING_TEXT) if name in inputs)
         step = self.chunk or items
         parts = []
@@ -62,8 +66,11 @@ class TritonPythonModel:
             part = {name: values[start:start + step] if name in (SERVING_IMAGE, SERVING_TEXT) else values
                     for name, values in inputs.items()}
             try:
-                feeds = await call(self.preprocess, self.family.serving_preprocess_inputs(part),
-                                   self.family.preprocess_outputs(set(part)), input_errors=True)
+                prepared = self.family.serving_preprocess_inputs(part)
+                if truncate is not None and SERVING_TEXT in prepared:  # shaped as the texts the preprocess model takes
+                    prepared[SERVING_TRUNCATE] = np.full(prepared[SERVING_TEXT].shape, truncate, dtype=object)
+                feeds = await call(self.preprocess, prepared, self.family.preprocess_outputs(set(part)),
+                                   input_errors=True)
             except ModelError as exc:
                 raise ModelError(_renumbered(str(exc), start), exc.code) from None
             parts.append(await run_steps_async(self.family.steps(feeds, self.graphs), self._run))

@@ -1,7 +1,7 @@
 """The preprocess model of every repository: the family's serving inputs -> the feeds of its recipe.
 
-IMAGE (encoded image bytes), TEXT (UTF-8) and, for families that take them, INSTRUCTION and ROLE
-(one value per request) become a ``bgevl.core.family.Request``, which the family's own
+IMAGE (encoded image bytes), TEXT (UTF-8), TRUNCATE (NONE, END, START; optional) and, for families that take
+them, INSTRUCTION and ROLE (one value per request) become a ``bgevl.core.family.Request``, which the family's own
 preprocessor (``Family.open_preprocessor`` on the checkpoint's processor files in ``1/processor/``,
 the runtime's code: same checks, same error messages) turns into feeds, with fixed shapes where the
 family's serving needs them. Either of IMAGE and TEXT may be absent; only the outputs of the
@@ -18,8 +18,8 @@ import triton_python_backend_utils as pb
 from bgevl.core.errors import InputError
 from bgevl.core.registry import get_family
 from bgevl.core.family import Request
-from bgevl.core.preprocessing import InputLimits
-from bgevl.core.specs import SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT
+from bgevl.core.preprocessing import InputLimits, one_value_per_request
+from bgevl.core.specs import SERVING_IMAGE, SERVING_INSTRUCTION, SERVING_ROLE, SERVING_TEXT, SERVING_TRUNCATE
 from bgevl.serving.models.backend_utils import (
     answer, decode_bytes, decode_text, error_response, model_config, optional_input, parameter,
 )
@@ -50,8 +50,10 @@ class TritonPythonModel:
         if image_list is not None and text_list is not None and len(image_list) != len(text_list):
             raise InputError(f"{SERVING_IMAGE} has {len(image_list)} items and {SERVING_TEXT} {len(text_list)}; "
                              f"composed items pair them one to one")
+        truncate = optional_input(request, SERVING_TRUNCATE)
         request_ = Request(image_list, text_list,
                            decode_text(role, SERVING_ROLE)[0] if role is not None else None,
-                           decode_text(instruction, SERVING_INSTRUCTION)[0] if instruction is not None else None)
-        feeds = self.preprocessor.prepare(self.preprocessor.check(request_), serving=True)
+                           decode_text(instruction, SERVING_INSTRUCTION)[0] if instruction is not None else None,
+                           decode_text(one_value_per_request(truncate, SERVING_TRUNCATE))[0] if truncate is not None else None)
+        feeds = self.preprocessor.prepare(self.preprocessor.admit(request_), serving=True)
         return pb.InferenceResponse(output_tensors=[pb.Tensor(n, feeds[n]) for n in self.outputs if n in feeds])
