@@ -610,28 +610,45 @@ def _check_truncate(api, server, embedder, model):
 
 
 def test_bgevl_serve_starts_the_api_in_front_of_its_triton(export_dir, embedders, tmp_path):
+    """bgevl-serve's API in front of its Triton, traced (--otlp-endpoint): one request's spans from the API through
+    the Triton call."""
+    from otlp_collector import collector
+    from test_tracing import TRACEPARENT, check_request_trace
     from test_triton_server import ctrl_c, kill_group, launch_serve
 
+    from bgevl.api.tracing import SPAN_DECODE, SPAN_MODEL_CALL, SPAN_QUEUE_WAIT, SPAN_READ_BODY, SPAN_TRITON
     from bgevl.serving.repository import write_repository
 
     embedder = embedders("tiny")
     repo = write_repository(export_dir("fp32", model="tiny"), tmp_path / "repo", sink=None)
-    proc, out, ports = launch_serve(repo)
-    try:
-        assert f"API      http://localhost:{ports[3]}/v1/embeddings" in out, out
-        api = openai.OpenAI(base_url=f"http://localhost:{ports[3]}/v1", api_key="unused", max_retries=0)
-        assert_matches(vectors(api.embeddings.create(model="bgevl", input=TEXTS)), embedder.encode(text=TEXTS))
-        mixed = api.embeddings.create(model="bgevl", input=[], encoding_format="float", extra_body={"input": _items()})
-        assert_matches(vectors(mixed), _direct(embedder))
-        with ThreadPoolExecutor(8) as pool:  # concurrent requests through the asyncio client
-            outs = list(pool.map(lambda i: api.embeddings.create(model="bgevl", input=[TEXTS[i % 3]]), range(24)))
-        for i, response in enumerate(outs):
-            assert_matches(vectors(response), embedder.encode(text=[TEXTS[i % 3]]))
-        rest = ctrl_c(proc)
-    finally:
-        kill_group(proc)
+    with collector() as otlp:
+        proc, out, ports = launch_serve(repo, "--otlp-endpoint", otlp.url)
+        try:
+            assert f"API      http://localhost:{ports[3]}/v1/embeddings" in out, out
+            api = openai.OpenAI(base_url=f"http://localhost:{ports[3]}/v1", api_key="unused", max_retries=0)
+            traced = api.embeddings.create(model="bgevl", input=TEXTS, extra_headers={"traceparent": TRACEPARENT})
+            assert_matches(vectors(traced), embedder.encode(text=TEXTS))
+            _check_serving_through_triton(api, embedder)
+            rest = ctrl_c(proc)
+        finally:
+            kill_group(proc)
+        # one request through bgevl-serve: the API's spans, the Triton call under its model call
+        spans = [s for s in otlp.wait_for(6) if s.trace_id == TRACEPARENT.split("-")[1]]
+    _, children = check_request_trace(spans, "/v1/embeddings", {SPAN_READ_BODY, SPAN_QUEUE_WAIT, SPAN_DECODE, SPAN_MODEL_CALL})
+    [call] = [s for s in children if s.name == SPAN_MODEL_CALL]
+    [infer] = [s for s in spans if s.parent_id == call.span_id]
+    assert infer.name == SPAN_TRITON and infer.attributes == {"bgevl.model": "bgevl", "bgevl.items": 3}
     assert proc.returncode == 0 and "stopped (exit code 0)" in rest, out + rest
     assert "stopping the embeddings API" in rest
+
+
+def _check_serving_through_triton(api, embedder):
+    mixed = api.embeddings.create(model="bgevl", input=[], encoding_format="float", extra_body={"input": _items()})
+    assert_matches(vectors(mixed), _direct(embedder))
+    with ThreadPoolExecutor(8) as pool:  # concurrent requests through the asyncio client
+        outs = list(pool.map(lambda i: api.embeddings.create(model="bgevl", input=[TEXTS[i % 3]]), range(24)))
+    for i, response in enumerate(outs):
+        assert_matches(vectors(response), embedder.encode(text=[TEXTS[i % 3]]))
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from bgevl.api.backends import BackendUnavailable, EmbeddingBackend
 from bgevl.api.cache import EmbeddingCache
 from bgevl.api.parsing import ApiError, ParsedItem
 from bgevl.api.images import FetchPolicy, decode_reference, fetch, is_image_data_url, is_url
+from bgevl.api.tracing import SPAN_DECODE, SPAN_MODEL_CALL, SPAN_QUEUE_WAIT, SPAN_READ_BODY, TraceRequests, Tracing
 from bgevl.api.schemas import INPUT_TYPES, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Item, ModelCard, ModelList
 from bgevl.core.compact import EmbeddingRanges, needs_ranges, quantize, to_base64
 from bgevl.core.errors import InputError
@@ -62,6 +63,8 @@ class ApiOptions:
     ranges: EmbeddingRanges | None = None
     #: bytes of the embedding cache (``bgevl.api.cache``); 0: no cache
     cache_bytes: int = 0
+    #: an OpenTelemetry collector's OTLP/HTTP URL for the requests' traces (``bgevl.api.tracing``); None: no traces
+    otlp_endpoint: str | None = None
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -274,8 +277,8 @@ class EmbeddingsService:
     body read under its size limit, image resolution, admission, the backend calls by item kind and the
     answer in OpenAI's shape. Failures raise :class:`ApiError` (answered by the app's exception handler)."""
 
-    def __init__(self, backend: EmbeddingBackend, options: ApiOptions, metrics: Metrics):
-        self.backend, self.options, self.metrics = backend, options, metrics
+    def __init__(self, backend: EmbeddingBackend, options: ApiOptions, metrics: Metrics, tracing: Tracing):
+        self.backend, self.options, self.metrics, self.tracing = backend, options, metrics, tracing
         self.admission: Admission | None = None  # made in the app's lifespan, on its event loop
         self.bodies = BodyBudget(options.max_buffered_bytes)
         self.cache = EmbeddingCache(options.cache_bytes, metrics) if options.cache_bytes > 0 else None
@@ -329,7 +332,8 @@ class EmbeddingsService:
                     truncate: str | None = None) -> tuple[np.ndarray, int]:
         """The items' vectors in item order and their tokens: one backend call per kind of item, for the items the
         cache does not hold (their tokens are not counted again)."""
-        await self.resolve_images(items)
+        with self.tracing.span(SPAN_DECODE, images=sum(item.image is not None for item in items)):
+            await self.resolve_images(items)
         dim = self.backend.dim
         assert dim is not None, "a backend that has embedded knows its dimension"
         out = np.empty((len(items), dim), np.float32)
@@ -349,7 +353,8 @@ class EmbeddingsService:
             images = [cast(bytes, items[i].image_bytes) for i in indices] if kind.has_image else None  # resolved above
             texts = [cast(str, items[i].text) for i in indices] if kind.has_text else None
             try:
-                return indices, await self.backend.embed(images, texts, role, instruction, truncate)
+                with self.tracing.span(SPAN_MODEL_CALL, kind=kind.value, items=len(indices)):
+                    return indices, await self.backend.embed(images, texts, role, instruction, truncate)
             except InputError as exc:
                 raise renamed(exc, [items[i] for i in indices]) from None
 
@@ -398,7 +403,8 @@ class EmbeddingsService:
         ends, also past a timeout."""
         admission = self.admission
         assert admission is not None, "the app's lifespan has not started"
-        await admission.acquire()
+        with self.tracing.span(SPAN_QUEUE_WAIT):
+            await admission.acquire()
         task = asyncio.ensure_future(self.embed(items, role, instruction, truncate))
 
         def done(t: asyncio.Future) -> None:
@@ -417,7 +423,8 @@ class EmbeddingsService:
         """``POST /v1/embeddings``: OpenAI's answer; ``embed_dtype`` (vLLM's) sets the base64 vectors' type."""
         held = [0]  # bytes of the body budget this request holds until it is answered
         try:
-            body = await self.parse(request, held)
+            with self.tracing.span(SPAN_READ_BODY):
+                body = await self.parse(request, held)
             if body.embed_dtype != "float32" and body.encoding_format != "base64":
                 raise ApiError(400, f"embed_dtype: {body.embed_dtype} applies to base64 output; send "
                                     f"'encoding_format': 'base64' with it", param="embed_dtype")
@@ -441,7 +448,8 @@ class EmbeddingsService:
 
         held = [0]
         try:
-            body = await self.parse(request, held, CohereEmbedRequest)
+            with self.tracing.span(SPAN_READ_BODY):
+                body = await self.parse(request, held, CohereEmbedRequest)
             needs = [t for t in body.embedding_types if needs_ranges(t)]
             if needs and self.options.ranges is None:
                 raise ApiError(400, f"embedding_types: {', '.join(needs)} need this model's calibration ranges, which "
@@ -522,7 +530,9 @@ async def _answered(route: str, answer: Awaitable[Response]) -> Response:
 def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) -> FastAPI:
     """The API in front of ``backend``; ``uvicorn.run(create_app(...))`` serves it."""
     metrics = Metrics()
-    service = EmbeddingsService(backend, options, metrics)
+    tracing = Tracing(options.otlp_endpoint)
+    backend.tracing = tracing
+    service = EmbeddingsService(backend, options, metrics, tracing)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -532,12 +542,14 @@ def create_app(backend: EmbeddingBackend, options: ApiOptions = ApiOptions()) ->
             yield
         finally:
             await backend.close()
+            tracing.shutdown()
 
     app = FastAPI(title="bgevl embeddings API", version="1", lifespan=lifespan, description=(
         "OpenAI's `/v1/embeddings` for the BGE-VL models, with images: `input` holds texts or items "
         "`{\"text\", \"image\"}` (image: data URL or base64), or vLLM's `messages` form. See docs/api.md."))
     app.state.backend, app.state.metrics, app.state.options = backend, metrics, options
     app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(TraceRequests, tracing=tracing)
     _error_handlers(app)
     authorized = [Depends(service.check_key)]
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from bgevl.api.tracing import SPAN_TRITON, Tracing
 from bgevl.core.errors import BgevlError, InputError
 
 log = logging.getLogger("bgevl.api")
@@ -42,6 +43,8 @@ class EmbeddingBackend(ABC):
     name: str
     #: what ``/health/ready`` reports while not ready
     state: str = "starting"
+    #: the app's tracer (``create_app`` sets it): spans of calls to another server
+    tracing: Tracing = Tracing()
 
     @property
     @abstractmethod
@@ -246,7 +249,9 @@ class TritonBackend(EmbeddingBackend):
                 tensor.set_data_from_numpy(np.array(values, dtype=object).reshape(-1, 1))
                 inputs.append(tensor)
             try:
-                result = await self.client.infer(self.model, inputs, client_timeout=self.timeout_s)
+                with self.tracing.span(SPAN_TRITON, model=self.model, items=stop - start):
+                    result = await self.client.infer(self.model, inputs, client_timeout=self.timeout_s,
+                                                     headers=self.tracing.headers())
             except InferenceServerException as exc:
                 error = triton_error(exc, start)
                 if not isinstance(error, InputError) and not await self.ready():

@@ -2,9 +2,9 @@
 repeated queries are common in search traffic, and an embedding is a pure function of the model, the item and
 the parameters that change it.
 
-The key is a SHA-256 over the served model's name, the item's kind, its text and its image bytes, the role
-and the task instruction. The value is the float32 vector as the model computed it (an output type such as int8
-is derived from it after the cache, so it needs no key of its own): a cached answer is the computed one bit for
+The key is a SHA-256 over the served model's name, the item's kind, its text and its image bytes, the role,
+the task instruction and ``truncate``. The value is the float32 vector as the model computed it (an output type
+such as int8 is derived from it after the cache, so it needs no key of its own): a cached answer is the computed one bit for
 bit. Bounded in bytes (the vectors' plus a fixed cost per entry), least recently used evicted first; one cache
 per server, so never shared across models. Hits, misses, evictions and the bytes held are on ``/metrics``.
 """

@@ -147,8 +147,12 @@ def add_api_options(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT
                    help="the int8/uint8 calibration ranges (embedding_ranges.json, or the export directory holding it: "
                         "bgevl-export ranges); None: the served export's, where it has them")
     g.add_argument("--cache-size", type=_cache_size, default=0, metavar="BYTES",
-                   help="an LRU cache of embeddings of this size (e.g. 512M, 2G), keyed by model, item content, role and "
-                        "instruction; hits, misses and evictions on /metrics; 0: none")
+                   help="an LRU cache of embeddings of this size (e.g. 512M, 2G), keyed by model, item content, role, "
+                        "instruction and truncate; hits, misses and evictions on /metrics; 0: none")
+    g.add_argument("--otlp-endpoint", default=None, metavar="URL",
+                   help="send OpenTelemetry traces of the embedding requests to this OTLP/HTTP collector (e.g. "
+                        "http://localhost:4318): a span per request with read body, queue wait, decode, model call and "
+                        "Triton call spans; None: no traces")
 
 
 def load_ranges(path: Path, required: bool) -> EmbeddingRanges | None:
@@ -182,7 +186,7 @@ def api_options(args: argparse.Namespace) -> ApiOptions:
     return ApiOptions(api_key=read_api_key(args.api_key_file), max_in_flight=args.max_in_flight, queue=args.queue,
                       timeout_s=args.api_timeout, max_body_bytes=args.max_body_bytes,
                       max_buffered_bytes=args.max_buffered_bytes, header_timeout_s=args.header_timeout,
-                      max_connections=args.max_connections, cache_bytes=args.cache_size,
+                      max_connections=args.max_connections, cache_bytes=args.cache_size, otlp_endpoint=args.otlp_endpoint,
                       ranges=load_ranges(args.embedding_ranges, required=True) if args.embedding_ranges else None,
                       fetch=FetchPolicy(hosts=hosts, max_bytes=args.max_image_bytes))
 
