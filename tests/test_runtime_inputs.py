@@ -190,6 +190,45 @@ def test_large_jpeg_is_decoded_at_reduced_scale(embedder):
     assert float(np.sum(a * b)) > 0.999
 
 
+def _many_scan_jpeg(extra_scans: int) -> bytes:
+    """A progressive JPEG (Pillow's: libjpeg's 10 scans) with one of its AC scans repeated ``extra_scans`` times
+    before the end: valid markers, each scan decoded over the whole component (libjpeg warns of a bogus progression
+    and goes on), the file growing by a few KB per scan. The DoS libjpeg-turbo's ``djpeg -maxscans`` guards
+    against; hand-made scans of a few bytes each make it cost minutes at the pixel limit."""
+    import struct
+
+    buf = io.BytesIO()
+    synthetic_images(1, seed=4)[0].resize((640, 480)).save(buf, format="JPEG", progressive=True, quality=60)
+    data = buf.getvalue()
+    segments, i = [], 2
+    while data[i + 1] != 0xD9:  # the markers in order: (start, end, marker)
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        end = i + 2 + length
+        if marker == 0xDA:  # entropy-coded data runs to the next marker that is not FF00 or a restart
+            while data[end] != 0xFF or data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end += 1
+        segments.append((i, end, marker))
+        i = end
+    last_scan = max(k for k, seg in enumerate(segments) if seg[2] == 0xDA)
+    table, scan = segments[last_scan - 1], segments[last_scan]
+    assert table[2] == 0xC4  # its Huffman table goes with it
+    piece = data[table[0]:table[1]] + data[scan[0]:scan[1]]
+    return data[:i] + piece * extra_scans + data[i:]
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded(embedder):
+    from bgevl.core.preprocessing import InputLimits, load_image
+
+    standard = _many_scan_jpeg(0)
+    assert standard.count(b"\xff\xda") == 10 and load_image(standard).size == (640, 480)
+    assert load_image(_many_scan_jpeg(54)).size == (640, 480)  # 64 scans: the limit itself
+    crafted = _many_scan_jpeg(200)
+    with pytest.raises(InputError, match=r"^images\[1\] <\d+ bytes>: a JPEG of 210 scans, over the limit of 64: each "
+                                         r"scan of a progressive JPEG is decoded over the whole image"):
+        embedder.encode(images=[standard, crafted])
+    assert load_image(crafted, limits=InputLimits(max_jpeg_scans=0)).size == (640, 480)  # the check off
+
+
 @pytest.mark.parametrize("text,message", [
     (b"bytes", r"text: got bytes; pass str"),
     (["ok", b"bytes"], r"text\[1\]: expected a string, got bytes"),

@@ -39,12 +39,18 @@ class InputLimits:
     * ``jpeg_draft_above_pixels``: JPEGs over this many pixels are decoded at a reduced DCT scale that
       still leaves at least twice the size the model resizes them to (Pillow's ``Image.draft``);
       ``0`` turns it off. This changes the pixels of such images slightly against a full decode.
+    * ``max_jpeg_scans``: scans of one JPEG (64). A progressive JPEG is decoded scan by scan, each over the
+      whole image, so a file of a few hundred KB holding thousands of tiny scans costs seconds to minutes
+      of CPU at the pixel limit. libjpeg-turbo's ``djpeg -maxscans`` refuses such files for that reason;
+      encoders write 1 to 3 scans (baseline) or about 10 (progressive: libjpeg's ``jpeg_simple_progression``,
+      mozjpeg). ``0`` turns the check off.
     """
 
     max_image_pixels: int = 40_000_000
     max_aspect_ratio: float = 20.0
     max_text_bytes: int = 32 * 1024
     jpeg_draft_above_pixels: int = 16_000_000
+    max_jpeg_scans: int = 64
 
     def to_parameters(self) -> dict[str, str]:
         """As Triton model-config parameters (the preprocess models read them back with ``from_parameters``)."""
@@ -169,6 +175,17 @@ def _check_size(image: Image.Image, where: str, limits: InputLimits) -> None:
                          f"over the limit of {limits.max_aspect_ratio:g}:1; crop it first or raise max_aspect_ratio")
 
 
+def _check_scans(data: bytes, where: str, limit: int) -> None:
+    """A JPEG's start-of-scan markers, counted on its bytes: inside entropy-coded data every 0xFF byte is
+    followed by 0x00 or a restart marker, so ``FF DA`` appears only as a marker (an EXIF thumbnail's scans
+    count too: a few more, never fewer)."""
+    scans = data.count(b"\xff\xda")
+    if scans > limit:
+        raise InputError(f"{where}: a JPEG of {scans} scans, over the limit of {limit}: each scan of a progressive "
+                         f"JPEG is decoded over the whole image, so this many cost minutes of CPU; re-encode it "
+                         f"(baseline, or a standard progressive JPEG of about 10 scans) or raise max_jpeg_scans")
+
+
 def _draft(image: Image.Image, limits: InputLimits, model_size: tuple[int, int] | int | None) -> None:
     """Decode a very large JPEG at a reduced scale (1/2, 1/4, 1/8) that keeps at least twice the
     size the model resizes it to."""
@@ -189,6 +206,8 @@ def _open(stream: io.BytesIO, where: str, limits: InputLimits = DEFAULT_LIMITS,
     try:
         image = Image.open(stream, formats=IMAGE_FORMATS)  # reads the header only
         _check_size(image, where, limits)
+        if image.format == "JPEG" and limits.max_jpeg_scans:
+            _check_scans(stream.getvalue(), where, limits.max_jpeg_scans)
         _draft(image, limits, model_size)
         image.load()  # decode now: a truncated file fails here, not later inside the processor
         return image

@@ -204,6 +204,9 @@ def _triton_options(p: argparse.ArgumentParser, standalone: bool) -> None:
     g.add_argument("--max-aspect-ratio", type=float, default=limits.max_aspect_ratio,
                    help="images with a longer side over this many times the shorter are refused before decoding")
     g.add_argument("--max-text-bytes", type=int, default=limits.max_text_bytes, help="texts over this many UTF-8 bytes are refused")
+    g.add_argument("--max-jpeg-scans", type=int, default=limits.max_jpeg_scans,
+                   help="JPEGs of more scans are refused before decoding (each scan of a progressive JPEG is decoded over "
+                        "the whole image); 0: no limit")
 
 
 def build_triton_parser() -> argparse.ArgumentParser:
@@ -225,7 +228,7 @@ def _repository_options(args, output: Path, overwrite: bool):
     from bgevl.serving.repository import RepositoryOptions
 
     limits = InputLimits(max_image_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio,
-                         max_text_bytes=args.max_text_bytes)
+                         max_text_bytes=args.max_text_bytes, max_jpeg_scans=args.max_jpeg_scans)
     return RepositoryOptions(output, backend=args.triton_backend, name=args.triton_name, instances=args.triton_instances,
                              queue_delay_us=args.triton_queue_delay_us, overwrite=overwrite, limits=limits,
                              preprocess_instances=args.triton_preprocess_instances,
