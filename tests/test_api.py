@@ -348,6 +348,91 @@ def test_a_request_over_the_timeout_is_504_and_keeps_its_slot_until_its_work_end
         assert post(url, {"input": TEXTS[:1]})[0] == 200
 
 
+@pytest.fixture
+def slow_embedder(export_dir):
+    """A tiny CLIP embedder that runs one item per batch, each run 0.1 s longer and recorded: a long request whose
+    batches can be counted."""
+    embedder = Embedder.load(export_dir("fp32"), provider="cpu")
+    embedder.max_batch = 1
+    runs, run = [], embedder.run
+
+    def slow_run(feeds):
+        runs.append(time.monotonic())
+        time.sleep(0.1)
+        return run(feeds)
+
+    embedder.run = slow_run
+    yield embedder, runs
+    embedder.close()
+
+
+def _metric_line(server, prefix: str) -> str:
+    return next((line for line in get(f"{server.url}/metrics")[1].splitlines() if line.startswith(prefix)), "")
+
+
+def _wait_idle(server, runs, timeout: float = 30.0) -> int:
+    """Waits until no request is in flight and no batch has run for 0.5 s; the batches run by then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _metric_line(server, "bgevl_api_in_flight ") == "bgevl_api_in_flight 0.0" and \
+                (not runs or time.monotonic() - runs[-1] > 0.5):
+            return len(runs)
+        time.sleep(0.05)
+    raise AssertionError("the request's work never stopped")
+
+
+def test_a_timed_out_request_stops_its_work_before_the_next_batch(slow_embedder):
+    embedder, runs = slow_embedder
+    with serving(backend_of(embedder), timeout_s=1.0) as server:
+        body = {"input": [{"image": data_url(IMAGES[i % 3])} for i in range(40)]}
+        assert_error(post(f"{server.url}/v1/embeddings", body), 504, None, "timeout of 1 s", code="timeout")
+        done = _wait_idle(server, runs)
+        assert done <= 14, f"{done} of 40 batches ran after a 504 at about 10"  # 1 s of 0.1 s batches, and one more
+        assert _metric_line(server, 'bgevl_api_cancelled_total{reason="timeout"}').endswith(" 1.0")
+        assert post(f"{server.url}/v1/embeddings", {"input": TEXTS})[0] == 200  # the slot is free again
+
+
+@contextmanager
+def _request_left_open(server, body: dict):
+    """A raw HTTP request whose client closes its connection, unanswered, when the block ends."""
+    import socket
+
+    data = json.dumps(body).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        yield
+
+
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.02)
+
+
+def test_a_client_that_goes_away_stops_its_work_and_leaves_the_queue(slow_embedder):
+    embedder, runs = slow_embedder
+    with serving(backend_of(embedder), max_in_flight=1, queue=4) as server:
+        body = {"input": [{"image": data_url(IMAGES[i % 3])} for i in range(40)]}
+        with _request_left_open(server, body):
+            _until(lambda: len(runs) >= 3, "the first request computes")
+            with _request_left_open(server, body):
+                _until(lambda: _metric_line(server, "bgevl_api_queued ") == "bgevl_api_queued 1.0",
+                       "the second request waits for the slot")
+            _until(lambda: _metric_line(server, "bgevl_api_queued ") == "bgevl_api_queued 0.0",
+                   "the second request, its client gone, leaves the queue")
+            assert len(runs) < 40
+        closed_at = len(runs)
+        done = _wait_idle(server, runs)
+        # the batch running when the client left, and those of the 0.2 s the server takes to notice
+        assert done <= closed_at + 5 < 40, f"{done} of 40 batches ran; the client left after {closed_at}"
+        assert _metric_line(server, 'bgevl_api_cancelled_total{reason="client_closed"}').endswith(" 1.0")
+        assert _metric_line(server, 'bgevl_api_requests_total{code="499",route="/v1/embeddings"}').endswith(" 2.0")
+        assert post(f"{server.url}/v1/embeddings", {"input": TEXTS})[0] == 200
+
+
 class FailingBackend(EmbedderBackend):
     def _encode(self, *args):
         raise RuntimeError("the runner broke\n  File \"/secret/path.py\", line 1")

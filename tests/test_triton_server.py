@@ -351,6 +351,27 @@ def test_a_large_request_does_not_hold_a_small_one(clip_served):
     assert_matches(served, embedder.encode(images=large))
 
 
+def _preprocessed_items(server) -> int:
+    stats = client(server, "grpc").get_inference_statistics("bgevl_preprocess", as_json=True)
+    return sum(int(m.get("inference_count", 0)) for m in stats["model_stats"])
+
+
+def test_a_request_its_client_cancels_stops_before_its_next_part(clip_served):
+    """24 images of 3000x3000 (a third of a second of decoding each) are three parts of 8 for the entry model; the
+    client's gRPC deadline passes during the first, and the entry model stops there instead of decoding 16 more."""
+    server, embedder = clip_served
+    before = _preprocessed_items(server)
+    images = [png_of(Image.new("1", (3000, 3000), color=i % 2)) for i in range(24)]
+    with pytest.raises(InferenceServerException, match="Deadline Exceeded"):
+        client(server, "grpc").infer("bgevl", request(grpcclient, images=images), client_timeout=1.0)
+    counts, deadline = [], time.monotonic() + 60
+    while time.monotonic() < deadline and not (len(counts) > 12 and counts[-1] == counts[-13]):
+        counts.append(_preprocessed_items(server) - before)  # until it has not changed for 3 s
+        time.sleep(0.25)
+    assert counts[-1] <= 8, f"{counts[-1]} of 24 images were preprocessed after the client's deadline in the first part"
+    assert_matches(embed(server, "grpc", images=images[:2]), embedder.encode(images=images[:2]))
+
+
 def test_a_bad_request_to_an_encoder_fails_alone(clip_served):
     """Requests straight to the text encoder, merged by its dynamic batcher: other sequence lengths run
     in their own call, and token ids out of the vocabulary fail only their own request."""

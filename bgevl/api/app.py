@@ -174,6 +174,8 @@ class Metrics:
         self.tokens = Counter("bgevl_api_prompt_tokens", "Prompt tokens counted in usage", registry=self.registry)
         self.in_flight = Gauge("bgevl_api_in_flight", "Embedding requests being computed", registry=self.registry)
         self.queued = Gauge("bgevl_api_queued", "Embedding requests waiting for a slot", registry=self.registry)
+        self.cancelled = Counter("bgevl_api_cancelled", "Requests whose work was stopped, by reason (timeout, "
+                                 "client_closed)", ["reason"], registry=self.registry)
         self.cache_hits = Counter("bgevl_api_cache_hits", "Items answered from the embedding cache", registry=self.registry)
         self.cache_misses = Counter("bgevl_api_cache_misses", "Items the embedding cache did not hold", registry=self.registry)
         self.cache_evictions = Counter("bgevl_api_cache_evictions", "Embeddings evicted from the cache (LRU)",
@@ -270,6 +272,22 @@ class Admission:
                 waiter.set_result(None)
                 return
         self.free += 1
+
+
+#: how often a request in the queue or in flight asks whether its client is still there
+CLIENT_POLL_S = 0.2
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has closed the connection (Starlette's ``is_disconnected``, polled)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(CLIENT_POLL_S)
+
+
+def _client_closed() -> ApiError:
+    # nginx's 499: nobody reads it, but the request counter and the trace record it
+    return ApiError(499, "the client closed the connection before the answer; its work was stopped",
+                    type_="invalid_request_error", code="client_closed")
 
 
 class EmbeddingsService:
@@ -397,27 +415,43 @@ class EmbeddingsService:
                            param=param)
         return body
 
-    async def admitted(self, items: list[ParsedItem], role: str | None, instruction: str | None,
+    async def admitted(self, request: Request, items: list[ParsedItem], role: str | None, instruction: str | None,
                        truncate: str | None = None) -> tuple[np.ndarray, int]:
-        """:meth:`embed` in an admission slot, answered within the timeout; the slot is held until the work
-        ends, also past a timeout."""
+        """:meth:`embed` in an admission slot, answered within the timeout. A request whose client goes away while
+        it waits leaves the queue; one that times out or whose client goes away while it computes has its work
+        stopped (the backend stops before its next batch: ``Embedder.encode``'s ``cancelled``; a Triton call is
+        cancelled), and holds its slot until that work has let go."""
         admission = self.admission
         assert admission is not None, "the app's lifespan has not started"
-        with self.tracing.span(SPAN_QUEUE_WAIT):
-            await admission.acquire()
-        task = asyncio.ensure_future(self.embed(items, role, instruction, truncate))
-
-        def done(t: asyncio.Future) -> None:
-            admission.release()
-            if not t.cancelled():
-                t.exception()
-
-        task.add_done_callback(done)
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            return await asyncio.wait_for(asyncio.shield(task), self.options.timeout_s)
-        except asyncio.TimeoutError:
+            with self.tracing.span(SPAN_QUEUE_WAIT):
+                slot = asyncio.ensure_future(admission.acquire())
+                await asyncio.wait({slot, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not slot.done():
+                    slot.cancel()  # Admission passes on a slot handed over meanwhile
+                    raise _client_closed()
+                slot.result()  # a full queue: 429
+            task = asyncio.ensure_future(self.embed(items, role, instruction, truncate))
+
+            def done(t: asyncio.Future) -> None:
+                admission.release()
+                if not t.cancelled():
+                    t.exception()
+
+            task.add_done_callback(done)
+            finished, _ = await asyncio.wait({task, gone}, timeout=self.options.timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if task in finished:
+                return task.result()
+            task.cancel()
+            self.metrics.cancelled.labels("client_closed" if gone in finished else "timeout").inc()
+            if gone in finished:
+                raise _client_closed()
             raise ApiError(504, f"the embeddings took longer than the server's timeout of {self.options.timeout_s:g} s; "
-                                f"send fewer items per request", type_="server_error", code="timeout") from None
+                                f"send fewer items per request", type_="server_error", code="timeout")
+        finally:
+            gone.cancel()
 
     async def answer(self, request: Request) -> JSONResponse:
         """``POST /v1/embeddings``: OpenAI's answer; ``embed_dtype`` (vLLM's) sets the base64 vectors' type."""
@@ -429,8 +463,8 @@ class EmbeddingsService:
                 raise ApiError(400, f"embed_dtype: {body.embed_dtype} applies to base64 output; send "
                                     f"'encoding_format': 'base64' with it", param="embed_dtype")
             role = INPUT_TYPES[body.input_type] if body.input_type else None
-            vectors, tokens = await self.admitted(parse_items(body, self.options.max_items), role, body.instruction,
-                                                  body.truncate)
+            vectors, tokens = await self.admitted(request, parse_items(body, self.options.max_items), role,
+                                                  body.instruction, body.truncate)
         finally:
             self.bodies.give(held[0])
         self.metrics.tokens.inc(tokens)
@@ -457,7 +491,8 @@ class EmbeddingsService:
                                     f"EXPORT_DIR --data DIR' and starts bgevl-api with them: --embedding-ranges)",
                                param="embedding_types")
             items = cohere_items(body, self.options.max_items)
-            vectors, tokens = await self.admitted(items, cohere_role(body.input_type), body.instruction, body.truncate)
+            vectors, tokens = await self.admitted(request, items, cohere_role(body.input_type), body.instruction,
+                                                  body.truncate)
         finally:
             self.bodies.give(held[0])
         self.metrics.tokens.inc(tokens)

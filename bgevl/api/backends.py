@@ -9,6 +9,7 @@ role and instruction, and says how many prompt tokens the group cost. Input erro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -129,7 +130,7 @@ class EmbedderBackend(EmbeddingBackend):
     async def ready(self) -> bool:
         return self.embedder is not None
 
-    def _encode(self, images, texts, role, instruction, truncate=None) -> Embedded:
+    def _encode(self, images, texts, role, instruction, truncate=None, cancelled=None) -> Embedded:
         tokens = 0
 
         def count(feeds) -> None:
@@ -137,15 +138,27 @@ class EmbedderBackend(EmbeddingBackend):
             tokens += self.embedder.family.prompt_tokens(feeds)
 
         vectors = self.embedder.encode(images=images, text=texts, role=role, instruction=instruction, truncate=truncate,
-                                       on_feeds=count)
+                                       on_feeds=count, cancelled=cancelled)
         return Embedded(vectors, tokens)
 
     async def embed(self, images, texts, role, instruction, truncate=None) -> Embedded:
         if self.embedder is None:
             raise BackendUnavailable(self.error or f"the model is still loading from {self.export_dir}")
         pool = self.text_pool if images is None else self.pool
-        return await asyncio.get_running_loop().run_in_executor(pool, self._encode, images, texts, role, instruction,
-                                                                truncate)
+        stop = threading.Event()
+        work = pool.submit(self._encode, images, texts, role, instruction, truncate, stop.is_set)
+        result = asyncio.wrap_future(work)
+        try:
+            return await asyncio.shield(result)
+        except asyncio.CancelledError:
+            # the request timed out or its client went away: the work stops before its next batch (or never
+            # starts), and this call returns only once the thread has let go, so the admission slot the request
+            # holds covers the work it started
+            stop.set()
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await result
+            raise
 
 
 class TritonBackend(EmbeddingBackend):

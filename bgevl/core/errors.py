@@ -30,6 +30,10 @@ class InputError(BgevlError, ValueError):
         return cls(f"{where}{' ' + detail if detail else ''}: {reason}", field=field, index=index, reason=reason)
 
 
+class Cancelled(BgevlError):
+    """Work stopped because its caller no longer wants it (a request that timed out, a client gone)."""
+
+
 class CheckpointError(BgevlError):
     """A checkpoint cannot be found, downloaded or loaded."""
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bgevl.core.errors import BgevlError, InputError
+from bgevl.core.errors import BgevlError, Cancelled, InputError
 from bgevl.core.registry import get_family
 from bgevl.core.family import Feeds, Request, batch_spans, run_steps
 from bgevl.core.manifest import Manifest, read_manifest
@@ -131,7 +131,8 @@ class Embedder:
 
     def encode(self, images: Any = None, text: Any = None, *, role: str | None = None,
                instruction: str | None = None, truncate: str | None = None,
-               on_feeds: Callable[[Feeds], None] | None = None) -> np.ndarray:
+               on_feeds: Callable[[Feeds], None] | None = None,
+               cancelled: Callable[[], bool] | None = None) -> np.ndarray:
         """Embed ``images`` (paths, bytes or PIL images), ``text`` (strings), or both paired up.
 
         ``role``: ``"query"`` or ``"candidate"`` (MLLM: default ``"query"`` when an ``instruction`` is
@@ -139,7 +140,9 @@ class Embedder:
         ``"NONE"`` refuses it, ``"END"`` / ``"START"`` cut its text's last / first tokens until it fits (its prompt
         and image tokens are never cut); default: the family's own handling (``Embedder.load``'s ``text_overflow``:
         a CLIP text is cut at its end with a warning, the other families refuse). ``on_feeds``: called with each batch's
-        preprocessed feeds (the embeddings API counts prompt tokens with it)."""
+        preprocessed feeds (the embeddings API counts prompt tokens with it). ``cancelled``: asked before each
+        batch; once it answers true, ``Cancelled`` is raised and no further batch is decoded or run (the embeddings
+        API stops a request's work when it times out or its client goes away)."""
         if not self.runners:
             raise BgevlError(f"this Embedder of {self.manifest.directory} was closed; load it again")
         image_list, text_list = as_list(images, "images"), as_list(text, "text")
@@ -160,6 +163,8 @@ class Embedder:
         out = []
         spans = batch_spans(len(request), self.max_batch, self.preprocessor.item_costs(request), self.preprocessor.token_budget)
         for start, stop in spans:
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"stopped after {start} of {len(request)} items: the caller cancelled")
             feeds = self.preprocessor.prepare(request.slice(start, stop), start)
             if on_feeds is not None:
                 on_feeds(feeds)

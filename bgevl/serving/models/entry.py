@@ -10,7 +10,8 @@ one ``execute`` are processed concurrently (``async_exec``), so the encoders' dy
 see them together and merge them. A request of more than ``chunk_items`` items is preprocessed and
 embedded in parts, one after the other, so that it holds one preprocess instance at a time for one
 part's time: a concurrent small request finds an instance free (the repository gives the entry model
-as many instances as the preprocess model).
+as many instances as the preprocess model). A request its client cancels (a gRPC deadline or cancel, a
+closed connection, bgevl-api's timeout) stops before its next part.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class TritonPythonModel:
         step = self.chunk or items
         parts = []
         for start in range(0, items, step):  # one part after the other: see the module docstring
+            if start and request.is_cancelled():  # its client went away or timed out: no further part
+                raise ModelError(f"cancelled by the client after {start} of {items} items", pb.TritonError.CANCELLED)
             part = {name: values[start:start + step] if name in (SERVING_IMAGE, SERVING_TEXT) else values
                     for name, values in inputs.items()}
             try:
