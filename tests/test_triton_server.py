@@ -107,7 +107,8 @@ def _ready(server, path: str) -> bool:
 def test_repository_configs_parse_and_follow_the_manifest(clip_export, tmp_path, backend):
     repo = write_repository(clip_export, tmp_path / "repo", backend=backend, sink=None)
     configs = {p.parent.name: parse_pbtxt(p.read_text()) for p in repo.glob("*/config.pbtxt")}
-    assert set(configs) == {"bgevl", "bgevl_preprocess", "bgevl_vision", "bgevl_text", "bgevl_fusion", "bgevl_composed"}
+    assert set(configs) == {"bgevl", "bgevl_preprocess", "bgevl_preprocess_text", "bgevl_vision", "bgevl_text",
+                            "bgevl_fusion", "bgevl_composed"}
     manifest = Embedder.load(clip_export, provider="cpu").manifest
     for graph in ("vision", "text"):
         config, spec = configs[f"bgevl_{graph}"], manifest.graph_spec(graph)
@@ -123,6 +124,10 @@ def test_repository_configs_parse_and_follow_the_manifest(clip_export, tmp_path,
     assert not empty, f"object stores drop empty folders: {empty}"
     assert [(i.name, i.optional) for i in configs["bgevl"].input] == [("IMAGE", True), ("TEXT", True), ("TRUNCATE", True)]
     assert [i.name for i in configs["bgevl_preprocess"].input] == ["IMAGE", "TEXT", "TRUNCATE"]
+    # text-only requests: an instance of their own
+    text_only = configs["bgevl_preprocess_text"]
+    assert [i.name for i in text_only.input] == ["TEXT", "TRUNCATE"] and text_only.instance_group[0].count == 1
+    assert configs["bgevl"].parameters["preprocess_text_model"].string_value == "bgevl_preprocess_text"
     if backend == "python":  # CLIP pads right: the text encoder cuts the padding past the longest text
         assert configs["bgevl_text"].parameters["trim_right_padding"].string_value == "attention_mask"
         assert "trim_right_padding" not in configs["bgevl_vision"].parameters
@@ -324,31 +329,33 @@ def test_a_thin_png_of_a_few_hundred_bytes_is_refused_fast_with_bounded_memory(c
     assert _group_peak_rss_mb(server) - before < 200  # peaks: a decode spike would show
 
 
-def test_a_large_request_does_not_hold_a_small_one(clip_served):
-    """Eight 6300x6300 images (each just under the pixel limit, seconds of decoding in all) in one request to
-    the entry model, then a one-text request: the text is answered while the large request is still being
-    worked on (before, the entry model's single instance held it until the large one was done: 11 s for 16
-    such images), and the large request's answer is still right."""
+def test_large_requests_do_not_hold_a_small_one(clip_served):
+    """Two requests of eight 6300x6300 images each (each just under the pixel limit: seconds of decoding per
+    request, holding both preprocess instances), then a one-text request: the text is answered while both large
+    requests are still being worked on (before, it waited for a preprocess instance: up to 11 s), by the text-only
+    preprocess instance, and the large requests' answers are still right."""
     server, embedder = clip_served
     large = [png_of(Image.new("1", (6300, 6300), color=i % 2)) for i in range(8)]
     finished: dict[str, float] = {}
 
-    def send_large():
+    def send_large(key: str):
         served = client(server, "grpc").infer("bgevl", request(grpcclient, images=large), client_timeout=300)
-        finished["large"] = time.monotonic()
+        finished[key] = time.monotonic()
         return served.as_numpy("EMBEDDING")
 
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(send_large)
-        time.sleep(1.0)  # the large request is being preprocessed (its decoding alone takes several seconds)
+    with ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(send_large, key) for key in ("large-1", "large-2")]
+        time.sleep(1.5)  # both large requests are being preprocessed (their decoding alone takes several seconds)
         sent = time.monotonic()
         text = embed(server, "http", texts=TEXTS[:1])
         finished["text"] = time.monotonic()
-        assert "large" not in finished, "the one-text request waited for the large request to finish"
-        served = pending.result(timeout=300)
-    print(f"one-text request beside a large one: {1e3 * (finished['text'] - sent):.0f} ms")
+        assert not set(finished) & {"large-1", "large-2"}, "the one-text request waited for a large request to finish"
+        served = [job.result(timeout=300) for job in pending]
+    print(f"one-text request beside two large ones: {1e3 * (finished['text'] - sent):.0f} ms")
     assert_matches(text, embedder.encode(text=TEXTS[:1]))
-    assert_matches(served, embedder.encode(images=large))
+    direct = embedder.encode(images=large)
+    for vectors in served:
+        assert_matches(vectors, direct)
 
 
 def _preprocessed_items(server) -> int:
@@ -511,7 +518,8 @@ def test_the_pod_probe_fails_on_a_dead_stub_that_tritons_health_endpoints_do_not
 
     try:
         stubs = server.stub_processes()
-        assert sorted(set(stubs.values())) == ["bgevl", "bgevl_fusion", "bgevl_preprocess", "bgevl_text", "bgevl_vision"]
+        assert sorted(set(stubs.values())) == ["bgevl", "bgevl_fusion", "bgevl_preprocess", "bgevl_preprocess_text",
+                                               "bgevl_text", "bgevl_vision"]
         assert probe() == (0, f"live: {len(stubs)} python-backend stubs")
         assert probe("--ready") == (0, f"ready: {len(stubs)} python-backend stubs")
         pid = next(p for p, model in stubs.items() if model == "bgevl_text")

@@ -30,6 +30,8 @@ ENCODER_BACKENDS = ("onnxruntime", "tensorrt", "openvino", "python", "python-ope
 #: Parameters of the BLS entry model naming the models it calls (its preprocess model; graph name -> encoder
 #: model, JSON): how ``bgevl-serve`` knows what the entry depends on (Triton knows an ensemble's steps only).
 ENTRY_PREPROCESS, ENTRY_GRAPH_MODELS = "preprocess_model", "graph_models"
+#: the entry's preprocess model of text-only requests (an instance of its own: a text never waits behind images)
+ENTRY_PREPROCESS_TEXT = "preprocess_text_model"
 
 #: numpy dtype name -> Triton data type (model_config.proto ``DataType``).
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",

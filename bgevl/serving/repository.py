@@ -7,6 +7,8 @@ the writer offers the parts and the model family (``Family.write_triton_models``
   ONNX Runtime), addressable on its own, with dynamic batching where its batch axis allows;
 * ``<name>_preprocess`` (python): the family's preprocessor on the serving inputs (IMAGE bytes,
   TEXT, and INSTRUCTION/ROLE where the family takes them), the processor files in ``1/processor``;
+* ``<name>_preprocess_text``: the same on text-only requests, one instance of its own, so a one-text request
+  never waits behind requests of large images that hold every ``<name>_preprocess`` instance;
 * ``<name>`` (python, BLS): the entry, serving inputs -> EMBEDDING through the family's recipe,
   running only the graphs a request needs;
 * whatever else the family adds (CLIP: ``<name>_fusion`` and the ``<name>_composed`` ensemble).
@@ -31,10 +33,13 @@ from bgevl.core.preprocessing import DEFAULT_LIMITS, InputLimits
 from bgevl.core.staging import check_replaceable, staged_directory
 from bgevl.core.registry import get_family
 from bgevl.core.specs import (
-    DEFAULT_SERVING_NAME, SERVING_EMBEDDING, SERVING_TEXT, SERVING_TRUNCATE, Dim, GraphSpec, TensorSpec,
+    DEFAULT_SERVING_NAME, SERVING_EMBEDDING, SERVING_IMAGE, SERVING_TEXT, SERVING_TRUNCATE, Dim, GraphSpec, TensorSpec,
 )
 from bgevl.serving.perf_analyzer import write_input_data
-from bgevl.serving.configs import ENCODER_BACKENDS, ENTRY_GRAPH_MODELS, ENTRY_PREPROCESS, Batching, encoder_config, python_config, to_pbtxt
+from bgevl.serving.configs import (
+    ENCODER_BACKENDS, ENTRY_GRAPH_MODELS, ENTRY_PREPROCESS, ENTRY_PREPROCESS_TEXT, Batching, encoder_config, python_config,
+    to_pbtxt,
+)
 
 #: Instance kind of the encoders per backend: TensorRT plans run on a GPU; the ONNX Runtime
 #: backend takes whatever the server has (KIND_AUTO: GPU when present); python-backend ONNX
@@ -91,6 +96,7 @@ class RepositoryWriter:
         self.instances, self.queue_delay_us, self.preferred_batch = instances, queue_delay_us, preferred_batch
         self.limits, self.preprocess_instances = limits, preprocess_instances
         self.configs: dict[str, object] = {}
+        self.text_preprocess: dict[str, str] = {}  # a preprocess model -> its text-only twin
         self.family = get_family(manifest.family)
 
     def model_name(self, part: str) -> str:
@@ -165,30 +171,38 @@ class RepositoryWriter:
         inputs, with the checkpoint's processor files in ``1/processor``."""
         [text] = [t for t in inputs if t.name == SERVING_TEXT]
         inputs = [*inputs, TensorSpec(SERVING_TRUNCATE, "bytes", text.shape)]  # one value per text, all alike
-        config = python_config(
-            self.model_name("preprocess"), inputs, outputs, batching, optional=[t.name for t in inputs],
-            parameters={"family": self.manifest.family, "recipe": json.dumps(self.manifest.recipe),
-                        "max_text_length": str(self.manifest.max_text_length), "options": json.dumps(options or {}),
-                        **self.limits.to_parameters()})
+        parameters = {"family": self.manifest.family, "recipe": json.dumps(self.manifest.recipe),
+                      "max_text_length": str(self.manifest.max_text_length), "options": json.dumps(options or {}),
+                      **self.limits.to_parameters()}
+        config = python_config(self.model_name("preprocess"), inputs, outputs, batching,
+                               optional=[t.name for t in inputs], parameters=parameters)
         self.processor(self.write(config, "bgevl.serving.models.preprocess"))
+        text_inputs = [t for t in inputs if t.name != SERVING_IMAGE]
+        text_only = python_config(
+            self.model_name("preprocess_text"), text_inputs, outputs,
+            Batching(batching.max_batch, batching.preferred, batching.max_queue_delay_us, 1, batching.kind),
+            optional=[t.name for t in text_inputs], parameters=parameters)
+        self.processor(self.write(text_only, "bgevl.serving.models.preprocess"))
+        self.text_preprocess[config.name] = text_only.name
         return config.name
 
     def entry(self, batching: BatchingConfig, graph_models: dict[str, str], preprocess: str) -> str:
         """The entry model ``<name>``: the family's serving inputs -> EMBEDDING, running the family's recipe
-        over the encoders with BLS (``bgevl.serving.models.entry``). It has as many instances as the
-        preprocess model (at least): Triton 2.51 runs one ``execute`` per python instance at a time, so with
-        one instance a request of many large images held every other request for its whole duration (11 s
-        for sixteen 6300x6300 PNGs, measured), while the second preprocess instance stood idle."""
-        if batching.instances < self.preprocess_instances:
-            batching = Batching(batching.max_batch, batching.preferred, batching.max_queue_delay_us,
-                                self.preprocess_instances, batching.kind)
+        over the encoders with BLS (``bgevl.serving.models.entry``). It has an instance per preprocess instance
+        and one for the text-only preprocess model (at least): Triton 2.51 runs one ``execute`` per python
+        instance at a time, so with one instance a request of many large images held every other request for
+        its whole duration (11 s for sixteen 6300x6300 PNGs, measured), while the second preprocess instance
+        stood idle; and with two, two such requests held a one-text request as long."""
+        wanted = self.preprocess_instances + 1
+        if batching.instances < wanted:
+            batching = Batching(batching.max_batch, batching.preferred, batching.max_queue_delay_us, wanted, batching.kind)
         inputs = [TensorSpec(n, "bytes", (1,)) for n in (*self.family.serving_inputs, SERVING_TRUNCATE)]
         graphs = {name: self.manifest.graph_spec(name).to_json() for name in graph_models}
         config = python_config(
             self.name, inputs, [TensorSpec(SERVING_EMBEDDING, "float32", (self.manifest.embedding_dim,))], batching,
             optional=[t.name for t in inputs],
             parameters={"family": self.manifest.family, ENTRY_PREPROCESS: preprocess,
-                        "chunk_items": str(ENTRY_CHUNK_ITEMS),
+                        "chunk_items": str(ENTRY_CHUNK_ITEMS), ENTRY_PREPROCESS_TEXT: self.text_preprocess[preprocess],
                         ENTRY_GRAPH_MODELS: json.dumps(graph_models), "graphs": json.dumps(graphs)})
         self.write(config, "bgevl.serving.models.entry")
         return config.name
@@ -313,8 +327,9 @@ def model_dependencies(repository: str | os.PathLike) -> dict[str, set[str]]:
     for config_file in sorted(Path(repository).glob("*/config.pbtxt")):
         config = parse_pbtxt(config_file.read_text())
         calls = {step.model_name for step in config.ensemble_scheduling.step}
-        if ENTRY_PREPROCESS in config.parameters:
-            calls.add(config.parameters[ENTRY_PREPROCESS].string_value)
+        for parameter in (ENTRY_PREPROCESS, ENTRY_PREPROCESS_TEXT):
+            if parameter in config.parameters:
+                calls.add(config.parameters[parameter].string_value)
         if ENTRY_GRAPH_MODELS in config.parameters:
             calls.update(json.loads(config.parameters[ENTRY_GRAPH_MODELS].string_value).values())
         out[config.name or config_file.parent.name] = calls

@@ -27,7 +27,7 @@ from bgevl.core.registry import get_family
 from bgevl.core.family import run_steps_async
 from bgevl.core.preprocessing import one_value_per_request
 from bgevl.core.specs import SERVING_EMBEDDING, SERVING_IMAGE, SERVING_TEXT, SERVING_TRUNCATE, GraphSpec
-from bgevl.serving.configs import ENTRY_GRAPH_MODELS, ENTRY_PREPROCESS
+from bgevl.serving.configs import ENTRY_GRAPH_MODELS, ENTRY_PREPROCESS, ENTRY_PREPROCESS_TEXT
 from bgevl.serving.models.backend_utils import (
     ModelError, answer_async, call, error_response, model_config, optional_input, parameter,
 )
@@ -39,6 +39,8 @@ class TritonPythonModel:
         self.name = config["name"]
         self.family = get_family(parameter(config, "family"))
         self.preprocess = parameter(config, ENTRY_PREPROCESS)
+        # text-only requests go to a preprocess instance of their own (a repository written before it has none)
+        self.preprocess_text = parameter(config, ENTRY_PREPROCESS_TEXT, "") or self.preprocess
         self.graph_models = json.loads(parameter(config, ENTRY_GRAPH_MODELS))
         self.graphs = {name: GraphSpec.from_json(g) for name, g in json.loads(parameter(config, "graphs")).items()}
         self.chunk = int(parameter(config, "chunk_items", "0")) or None
@@ -72,8 +74,8 @@ class TritonPythonModel:
                 prepared = self.family.serving_preprocess_inputs(part)
                 if truncate is not None and SERVING_TEXT in prepared:  # shaped as the texts the preprocess model takes
                     prepared[SERVING_TRUNCATE] = np.full(prepared[SERVING_TEXT].shape, truncate, dtype=object)
-                feeds = await call(self.preprocess, prepared, self.family.preprocess_outputs(set(part)),
-                                   input_errors=True)
+                preprocess = self.preprocess if SERVING_IMAGE in part else self.preprocess_text
+                feeds = await call(preprocess, prepared, self.family.preprocess_outputs(set(part)), input_errors=True)
             except ModelError as exc:
                 raise ModelError(_renumbered(str(exc), start), exc.code) from None
             parts.append(await run_steps_async(self.family.steps(feeds, self.graphs), self._run))
