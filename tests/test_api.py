@@ -433,6 +433,36 @@ def test_a_client_that_goes_away_stops_its_work_and_leaves_the_queue(slow_embedd
         assert post(f"{server.url}/v1/embeddings", {"input": TEXTS})[0] == 200
 
 
+class GatedImages(GatedBackend):
+    """Holds only the encode calls with images."""
+
+    def _encode(self, images, *args):
+        if images is None:
+            return EmbedderBackend._encode(self, images, *args)
+        return super()._encode(images, *args)
+
+
+def test_images_wait_for_the_decode_budget_and_texts_never_do(embedders):
+    """Admission by work: the first request's two images (6,272 pixels) hold a budget of 6,500, so the next
+    request's image (4,096) waits for them while a text request is answered at once."""
+    embedder = embedders("tiny")
+    backend = backend_of(embedder, cls=GatedImages)
+    with serving(backend, max_decode_pixels=6500) as server, ThreadPoolExecutor(2) as pool:
+        url = f"{server.url}/v1/embeddings"
+        first = pool.submit(post, url, {"input": [data_url(IMAGES[0]), data_url(IMAGES[1])]})
+        assert backend.entered.acquire(timeout=30)
+        assert _metric_line(server, "bgevl_api_decode_pixels ") == "bgevl_api_decode_pixels 6272.0"
+        second = pool.submit(post, url, {"input": [data_url(IMAGES[2])]})
+        _until(lambda: _metric_line(server, "bgevl_api_decode_waiting ") == "bgevl_api_decode_waiting 1.0",
+               "the second request waits for the budget")
+        assert not backend.entered.acquire(timeout=0.3), "the second request's images were decoded over the budget"
+        assert post(url, {"input": TEXTS})[0] == 200  # text costs nothing
+        backend.gate.set()
+        assert first.result(60)[0] == 200 and second.result(60)[0] == 200
+        _until(lambda: _metric_line(server, "bgevl_api_decode_pixels ") == "bgevl_api_decode_pixels 0.0",
+               "the budget is given back")
+
+
 class FailingBackend(EmbedderBackend):
     def _encode(self, *args):
         raise RuntimeError("the runner broke\n  File \"/secret/path.py\", line 1")
@@ -701,7 +731,9 @@ def test_bgevl_serve_starts_the_api_in_front_of_its_triton(export_dir, embedders
     from test_tracing import TRACEPARENT, check_request_trace
     from test_triton_server import ctrl_c, kill_group, launch_serve
 
-    from bgevl.api.tracing import SPAN_DECODE, SPAN_MODEL_CALL, SPAN_QUEUE_WAIT, SPAN_READ_BODY, SPAN_TRITON
+    from bgevl.api.tracing import (
+        SPAN_DECODE, SPAN_DECODE_BUDGET, SPAN_MODEL_CALL, SPAN_QUEUE_WAIT, SPAN_READ_BODY, SPAN_TRITON,
+    )
     from bgevl.serving.repository import write_repository
 
     embedder = embedders("tiny")
@@ -719,7 +751,8 @@ def test_bgevl_serve_starts_the_api_in_front_of_its_triton(export_dir, embedders
             kill_group(proc)
         # one request through bgevl-serve: the API's spans, the Triton call under its model call
         spans = [s for s in otlp.wait_for(6) if s.trace_id == TRACEPARENT.split("-")[1]]
-    _, children = check_request_trace(spans, "/v1/embeddings", {SPAN_READ_BODY, SPAN_QUEUE_WAIT, SPAN_DECODE, SPAN_MODEL_CALL})
+    _, children = check_request_trace(
+        spans, "/v1/embeddings", {SPAN_READ_BODY, SPAN_QUEUE_WAIT, SPAN_DECODE, SPAN_DECODE_BUDGET, SPAN_MODEL_CALL})
     [call] = [s for s in children if s.name == SPAN_MODEL_CALL]
     [infer] = [s for s in spans if s.parent_id == call.span_id]
     assert infer.name == SPAN_TRITON and infer.attributes == {"bgevl.model": "bgevl", "bgevl.items": 3}

@@ -229,6 +229,15 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded(embedder):
     assert load_image(crafted, limits=InputLimits(max_jpeg_scans=0)).size == (640, 480)  # the check off
 
 
+def test_the_decode_cost_counts_pixels_and_a_jpegs_scans():
+    from bgevl.core.preprocessing import decode_cost
+
+    assert decode_cost(png_bytes_of(0)) == 224 * 224
+    assert decode_cost(_many_scan_jpeg(0)) == 640 * 480  # a standard progressive JPEG: 10 scans
+    assert decode_cost(_many_scan_jpeg(54)) == 7 * 640 * 480  # 64 scans
+    assert decode_cost(b"not an image") == 0
+
+
 @pytest.mark.parametrize("text,message", [
     (b"bytes", r"text: got bytes; pass str"),
     (["ok", b"bytes"], r"text\[1\]: expected a string, got bytes"),

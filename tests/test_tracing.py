@@ -9,7 +9,9 @@ pytest.importorskip("opentelemetry.sdk", reason="needs the api extra: pip instal
 from otlp_collector import collector  # noqa: E402
 from test_api import TEXTS, _items, assert_error, backend_of, post, serving  # noqa: E402
 
-from bgevl.api.tracing import SPAN_DECODE, SPAN_MODEL_CALL, SPAN_QUEUE_WAIT, SPAN_READ_BODY, traces_url  # noqa: E402
+from bgevl.api.tracing import (  # noqa: E402
+    SPAN_DECODE, SPAN_DECODE_BUDGET, SPAN_MODEL_CALL, SPAN_QUEUE_WAIT, SPAN_READ_BODY, traces_url,
+)
 from bgevl.runtime import Embedder  # noqa: E402
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -41,7 +43,7 @@ def test_a_traced_request_has_its_spans_and_an_untraced_server_sends_none(clip):
         # the server's shutdown sends what its batch processor holds
         spans = otlp.wait_for(1)
         _, children = check_request_trace(spans, "/v1/embeddings",
-                                          {SPAN_READ_BODY, SPAN_QUEUE_WAIT, SPAN_DECODE, SPAN_MODEL_CALL})
+                                          {SPAN_READ_BODY, SPAN_QUEUE_WAIT, SPAN_DECODE, SPAN_DECODE_BUDGET, SPAN_MODEL_CALL})
         calls = [s for s in children if s.name == SPAN_MODEL_CALL]
         assert sorted((s.attributes["bgevl.kind"], s.attributes["bgevl.items"]) for s in calls) == [
             ("composed", 1), ("image", 2), ("text", 2)]

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, cast
@@ -27,10 +28,13 @@ from bgevl.api.backends import BackendUnavailable, EmbeddingBackend
 from bgevl.api.cache import EmbeddingCache
 from bgevl.api.parsing import ApiError, ParsedItem
 from bgevl.api.images import FetchPolicy, decode_reference, fetch, is_image_data_url, is_url
-from bgevl.api.tracing import SPAN_DECODE, SPAN_MODEL_CALL, SPAN_QUEUE_WAIT, SPAN_READ_BODY, TraceRequests, Tracing
+from bgevl.api.tracing import (
+    SPAN_DECODE, SPAN_DECODE_BUDGET, SPAN_MODEL_CALL, SPAN_QUEUE_WAIT, SPAN_READ_BODY, TraceRequests, Tracing,
+)
 from bgevl.api.schemas import INPUT_TYPES, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Item, ModelCard, ModelList
 from bgevl.core.compact import EmbeddingRanges, needs_ranges, quantize, to_base64
 from bgevl.core.errors import InputError
+from bgevl.core.preprocessing import decode_cost
 from bgevl.core.family import Kind
 
 log = logging.getLogger("bgevl.api")
@@ -63,6 +67,10 @@ class ApiOptions:
     ranges: EmbeddingRanges | None = None
     #: bytes of the embedding cache (``bgevl.api.cache``); 0: no cache
     cache_bytes: int = 0
+    #: pixels being decoded and embedded at once across requests (``DecodeBudget``): a request whose images'
+    #: estimated decode cost would pass it waits (text costs nothing and never waits); 200 M: five images at
+    #: the 40 M pixel limit
+    max_decode_pixels: int = 200_000_000
     #: an OpenTelemetry collector's OTLP/HTTP URL for the requests' traces (``bgevl.api.tracing``); None: no traces
     otlp_endpoint: str | None = None
 
@@ -174,6 +182,10 @@ class Metrics:
         self.tokens = Counter("bgevl_api_prompt_tokens", "Prompt tokens counted in usage", registry=self.registry)
         self.in_flight = Gauge("bgevl_api_in_flight", "Embedding requests being computed", registry=self.registry)
         self.queued = Gauge("bgevl_api_queued", "Embedding requests waiting for a slot", registry=self.registry)
+        self.decode_pixels = Gauge("bgevl_api_decode_pixels", "Estimated decode cost (pixels) of the requests "
+                                   "computing", registry=self.registry)
+        self.decode_waiting = Gauge("bgevl_api_decode_waiting", "Requests waiting for the decode budget",
+                                    registry=self.registry)
         self.cancelled = Counter("bgevl_api_cancelled", "Requests whose work was stopped, by reason (timeout, "
                                  "client_closed)", ["reason"], registry=self.registry)
         self.cache_hits = Counter("bgevl_api_cache_hits", "Items answered from the embedding cache", registry=self.registry)
@@ -229,6 +241,57 @@ class BodyBudget:
 
     def give(self, size: int) -> None:
         self.held -= size
+
+
+class DecodeBudget:
+    """Admission by work, not bytes (``ApiOptions.max_decode_pixels``): a request's images cost their estimated
+    decode (``bgevl.core.preprocessing.decode_cost``: header pixels, more for a JPEG of many scans), held while
+    the request computes. A 5 KB PNG can declare 40 M pixels and a few hundred KB of JPEG minutes of scans, so the
+    in-flight count alone let a few such requests take every core and gigabytes. Requests wait in order; one
+    costing more than the whole budget runs when nothing else holds it; text costs nothing and never waits.
+    One event loop: no lock."""
+
+    def __init__(self, limit: int, metrics: "Metrics"):
+        self.limit, self.held, self.metrics = limit, 0, metrics
+        self.waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    async def acquire(self, cost: int) -> int:
+        """Waits until ``cost`` (capped at the budget) fits; returns what to :meth:`release`."""
+        cost = min(cost, self.limit)
+        if cost == 0:
+            return 0
+        if not self.waiters and self.held + cost <= self.limit:
+            self._take(cost)
+            return cost
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append((cost, waiter))
+        self.metrics.decode_waiting.set(len(self.waiters))
+        try:
+            await waiter  # granted by _wake
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(cost)  # granted while being cancelled: pass it on
+            else:
+                self.waiters.remove((cost, waiter))
+                self._wake()
+            raise
+        finally:
+            self.metrics.decode_waiting.set(len(self.waiters))
+        return cost
+
+    def release(self, cost: int) -> None:
+        self._take(-cost)
+        self._wake()
+
+    def _take(self, cost: int) -> None:
+        self.held += cost
+        self.metrics.decode_pixels.set(self.held)
+
+    def _wake(self) -> None:
+        while self.waiters and self.held + self.waiters[0][0] <= self.limit:
+            cost, waiter = self.waiters.popleft()
+            self._take(cost)
+            waiter.set_result(None)
 
 
 class Admission:
@@ -300,6 +363,7 @@ class EmbeddingsService:
         self.admission: Admission | None = None  # made in the app's lifespan, on its event loop
         self.bodies = BodyBudget(options.max_buffered_bytes)
         self.cache = EmbeddingCache(options.cache_bytes, metrics) if options.cache_bytes > 0 else None
+        self.decode_budget = DecodeBudget(options.max_decode_pixels, metrics)
 
     def check_key(self, request: Request) -> None:
         if self.options.api_key is None:
@@ -376,7 +440,14 @@ class EmbeddingsService:
             except InputError as exc:
                 raise renamed(exc, [items[i] for i in indices]) from None
 
-        results = await asyncio.gather(*(one(k, v) for k, v in groups.items()))
+        images = [items[i].image_bytes for indices in groups.values() for i in indices]
+        cost = sum(decode_cost(image) for image in images if image is not None)
+        with self.tracing.span(SPAN_DECODE_BUDGET, pixels=cost):
+            held = await self.decode_budget.acquire(cost)
+        try:
+            results = await asyncio.gather(*(one(k, v) for k, v in groups.items()))
+        finally:
+            self.decode_budget.release(held)
         tokens = 0
         for indices, done in results:
             out[indices] = done.vectors

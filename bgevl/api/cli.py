@@ -140,6 +140,9 @@ def add_api_options(p: argparse.ArgumentParser, port_default: int = DEFAULT_PORT
     g.add_argument("--max-buffered-bytes", type=int, default=256 * 1024 * 1024,
                    help="request bodies held at once across all requests, read or being read (then 503 with "
                         "Retry-After; bounds memory before the in-flight limit applies)")
+    g.add_argument("--max-decode-pixels", type=int, default=ApiOptions.max_decode_pixels,
+                   help="estimated decode cost (pixels; more for a JPEG of many scans) of the images computing at once "
+                        "across requests; a request that would pass it waits (text never does)")
     g.add_argument("--allow-image-host", action="append", default=[], metavar="HOST",
                    help="fetch http(s) image URLs from this host (repeatable; none: URLs are refused)")
     g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest fetched image")
@@ -175,7 +178,7 @@ def _cache_size(text: str) -> int:
 
 
 def api_options(args: argparse.Namespace) -> ApiOptions:
-    for name in ("max_in_flight", "max_body_bytes", "max_buffered_bytes", "max_image_bytes"):
+    for name in ("max_in_flight", "max_body_bytes", "max_buffered_bytes", "max_image_bytes", "max_decode_pixels"):
         if getattr(args, name) < 1:
             raise BgevlError(f"--{name.replace('_', '-')}: must be at least 1")
     if args.queue < 0 or args.api_timeout <= 0:
@@ -187,6 +190,7 @@ def api_options(args: argparse.Namespace) -> ApiOptions:
                       timeout_s=args.api_timeout, max_body_bytes=args.max_body_bytes,
                       max_buffered_bytes=args.max_buffered_bytes, header_timeout_s=args.header_timeout,
                       max_connections=args.max_connections, cache_bytes=args.cache_size, otlp_endpoint=args.otlp_endpoint,
+                      max_decode_pixels=args.max_decode_pixels,
                       ranges=load_ranges(args.embedding_ranges, required=True) if args.embedding_ranges else None,
                       fetch=FetchPolicy(hosts=hosts, max_bytes=args.max_image_bytes))
 

@@ -4,7 +4,8 @@ TEI and NIM take it; off by default).
 Each ``POST /v1/embeddings`` and ``/v2/embed`` is one server span (``POST /v1/embeddings``), joined to the
 caller's trace when the request carries a W3C ``traceparent`` header, with child spans for what a slow request
 spends its time on: ``read body`` (the body under the server's limits, JSON checked), ``queue wait`` (for an
-admission slot), ``decode`` (images from base64 or fetched URLs), one ``model call`` per kind of item, and in
+admission slot), ``decode`` (images from base64 or fetched URLs), ``decode budget`` (waiting for the pixels
+the request's images cost: ``bgevl.api.app.DecodeBudget``), one ``model call`` per kind of item, and in
 the Triton backend a ``triton infer`` per call to the server, whose gRPC metadata carries the trace context on
 (a Triton started with ``--trace-config mode=opentelemetry`` joins it). The spans use the OpenTelemetry
 SDK's own tracer provider, exporter and batch processor (``opentelemetry-sdk``,
@@ -21,8 +22,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 #: what each span is called (one place: the docs and tests read them from here)
-SPAN_READ_BODY, SPAN_QUEUE_WAIT, SPAN_DECODE, SPAN_MODEL_CALL, SPAN_TRITON = (
-    "read body", "queue wait", "decode", "model call", "triton infer")
+SPAN_READ_BODY, SPAN_QUEUE_WAIT, SPAN_DECODE, SPAN_DECODE_BUDGET, SPAN_MODEL_CALL, SPAN_TRITON = (
+    "read body", "queue wait", "decode", "decode budget", "model call", "triton infer")
 #: the routes traced, each a server span named "POST <route>"
 TRACED_ROUTES = ("/v1/embeddings", "/v2/embed")
 

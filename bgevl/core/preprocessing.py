@@ -134,6 +134,23 @@ def header_size(item: ImageInput) -> tuple[int, int] | None:
     return None
 
 
+#: scans of a standard progressive JPEG (libjpeg's ``jpeg_simple_progression``): the unit of :func:`decode_cost`
+STANDARD_PROGRESSIVE_SCANS = 10
+
+
+def decode_cost(item: ImageInput) -> int:
+    """What decoding an image costs, estimated from its header before any pixel is decoded: its pixels, times
+    its scans over a standard progressive JPEG's for a JPEG of more (each scan is a pass over the whole image);
+    0 for what is not a readable image (``load_image`` refuses it in one line)."""
+    size = header_size(item)
+    if size is None:
+        return 0
+    pixels = size[0] * size[1]
+    if isinstance(item, (bytes, bytearray, memoryview)) and bytes(item[:2]) == b"\xff\xd8":
+        pixels *= max(1, -(-bytes(item).count(b"\xff\xda") // STANDARD_PROGRESSIVE_SCANS))
+    return pixels
+
+
 def _load_image(item: ImageInput, where: str, convert_rgb: bool, limits: InputLimits,
                 model_size: tuple[int, int] | int | None) -> Image.Image:
     if isinstance(item, Image.Image):
