@@ -760,7 +760,7 @@ def test_bgevl_serve_starts_prints_endpoints_and_stops_on_ctrl_c(clip_export, tm
     repo = write_repository(clip_export, tmp_path / "repo", sink=None)
     proc, out, ports = launch_serve(repo)
     try:
-        assert "ready: 6 models" in out, out
+        assert "ready: 7 models" in out, out
         assert f"HTTP     localhost:{ports[0]}" in out and f"gRPC     localhost:{ports[1]}" in out
         assert f"http://localhost:{ports[2]}/metrics" in out and "(listening on 127.0.0.1)" in out
         served = httpclient.InferenceServerClient(f"localhost:{ports[0]}").infer("bgevl", request(httpclient, texts=TEXTS[:1]))
@@ -815,7 +815,7 @@ def test_no_server_outlives_its_launcher(clip_export, tmp_path, how, monkeypatch
     private_tmp.mkdir()
     proc, out, _ = launch_serve(repo, tmpdir=private_tmp)
     try:
-        assert "ready: 6 models" in out, out
+        assert "ready: 7 models" in out, out
         server_pid = server_pid_of(out)
         os.kill(proc.pid, getattr(signal, how))
         proc.wait(timeout=60)
@@ -849,7 +849,7 @@ def test_sigint_stops_the_server_even_when_inherited_as_ignored(clip_export, tmp
 
     proc, out, _ = launch_serve(repo, preexec_fn=ignore_sigint)
     try:
-        assert "ready: 6 models" in out, out
+        assert "ready: 7 models" in out, out
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "stopped (exit code 0)" in rest
@@ -865,7 +865,7 @@ def test_bgevl_serve_reports_and_recovers_a_dead_stub(clip_export, tmp_path):
     repo = write_repository(clip_export, tmp_path / "repo", sink=None)
     proc, out, ports = launch_serve(repo)
     try:
-        assert "ready: 6 models" in out, out
+        assert "ready: 7 models" in out, out
         stub = next(p for p in psutil.Process(server_pid_of(out)).children(recursive=True)
                     if "bgevl_fusion/1/model.py" in " ".join(p.cmdline()))
         stub.kill()
@@ -892,10 +892,84 @@ def test_bgevl_serve_reports_and_recovers_a_dead_stub(clip_export, tmp_path):
         assert proc.returncode == 3, rest
         assert "reloading model 'bgevl_fusion' failed (HTTP 400" in rest and "retrying in 1 s" in rest, rest
         assert "retrying in 2 s" in rest and "reloading model 'bgevl_fusion' failed 3 times" in rest, rest
-        assert ("bgevl-serve: error: model(s) bgevl_fusion cannot serve after 3 reloads; stopping the server so that "
-                "a supervisor restarts it") in rest and "Traceback" not in rest.split("failed 3 times")[1], rest
+        assert ("bgevl-serve: error: model(s) bgevl_fusion cannot serve (reloads failed 3 times, or its stubs died "
+                "more often within 90 s); stopping the server so that a supervisor restarts it") in rest and "Traceback" not in rest.split("failed 3 times")[1], rest
         assert group_gone(server_pid_of(out))
     finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+
+
+def _stubs_of(out: str, model: str) -> list:
+    import psutil
+
+    found = []
+    try:
+        children = psutil.Process(server_pid_of(out)).children(recursive=True)
+    except psutil.Error:  # the server has gone
+        return []
+    for process in children:
+        try:
+            if f"/{model}/1/model.py" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:  # gone meanwhile, or a zombie
+            pass
+    return found
+
+
+def test_no_reload_loop_and_a_stub_killed_again_and_again_ends_the_server(clip_export, tmp_path):
+    """An entry stub killed under load is reloaded in place once: the old instances that exit after the swap are
+    not deaths (they made bgevl-serve reload the entry every few seconds for ever). Then a stub whose replacement
+    is killed as soon as it appears, again and again: bgevl-serve gives up within its recovery window and exits 3
+    (the server stayed up and broken for 184 s before)."""
+    import contextlib
+
+    import psutil
+
+    repo = write_repository(clip_export, tmp_path / "repo", sink=None)
+    proc, out, ports = launch_serve(repo)
+    stop = threading.Event()
+
+    def load():
+        http = httpclient.InferenceServerClient(f"localhost:{ports[0]}")
+        while not stop.is_set():
+            try:
+                http.infer("bgevl", request(httpclient, texts=TEXTS, images=IMAGES))
+            except InferenceServerException:
+                time.sleep(0.05)
+
+    try:
+        assert "ready: 7 models" in out, out
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(4):
+                pool.submit(load)
+            time.sleep(1.0)
+            _stubs_of(out, "bgevl")[0].kill()
+            lines = [proc.stdout.readline()]
+            while "is serving again" not in lines[-1]:
+                lines.append(proc.stdout.readline())
+            time.sleep(12.0)  # 24 checks of the stubs under load after the swap
+            stop.set()
+        assert "reloaded in place" in "".join(lines), "".join(lines)
+
+        started, kills = time.monotonic(), 0
+        while proc.poll() is None and time.monotonic() - started < 150:
+            for stub in _stubs_of(out, "bgevl_text"):
+                with contextlib.suppress(ProcessLookupError, psutil.Error):
+                    stub.kill()
+                    kills += 1
+            time.sleep(0.1)
+        rest, _ = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - started
+        # after the entry's in-place reload, no death of its stubs was seen: the old instances' exit is not one
+        assert "stub of model 'bgevl' (" not in rest, rest
+        assert proc.returncode == 3 and elapsed < 120, (elapsed, rest)
+        assert "bgevl_text" in rest.split("bgevl-serve: error: model(s) ")[1].split(" ")[0], rest
+        print(f"{kills} kills of bgevl_text's stubs: bgevl-serve exited 3 after {elapsed:.0f} s")
+        assert group_gone(server_pid_of(out))
+    finally:
+        stop.set()
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             proc.communicate(timeout=60)

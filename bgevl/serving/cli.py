@@ -106,10 +106,11 @@ def _serve(args: argparse.Namespace) -> int:
             time.sleep(0.5)
             server.recover_dead_stubs(report=lambda msg: print(msg, flush=True))
             if server.unrecoverable:
-                print(f"bgevl-serve: error: model(s) {', '.join(server.unrecoverable)} cannot serve after "
-                      f"{server.RELOAD_ATTEMPTS} reloads; stopping the server so that a supervisor restarts it",
+                print(f"bgevl-serve: error: model(s) {', '.join(server.unrecoverable)} cannot serve (reloads failed "
+                      f"{server.RELOAD_ATTEMPTS} times, or its stubs died more often within "
+                      f"{server.RECOVERY_WINDOW_S:.0f} s); stopping the server so that a supervisor restarts it",
                       file=sys.stderr, flush=True)
-                server.stop()
+                server.stop(server.STOP_GRACE_S)  # a load hung on a dead stub does not hold the exit
                 return 3
         print(f"bgevl-serve: tritonserver exited unexpectedly (code {server.process.returncode}):\n{server.log_tail()}",
               file=sys.stderr)

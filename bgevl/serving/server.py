@@ -233,6 +233,7 @@ class TritonServer:
         self._stubs: dict[int, str] = {}
         #: models whose stub died and that did not come back after RELOAD_ATTEMPTS reloads
         self.unrecoverable: list[str] = []
+        self._deaths: dict[str, list[float]] = {}  # model -> when its stubs died (monotonic), for RECOVERY_WINDOW_S
         #: model -> the models it calls (the reload of a model takes its callers along)
         from bgevl.serving.repository import model_dependencies
 
@@ -269,7 +270,10 @@ class TritonServer:
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
                "--allow-metrics=true", "--exit-timeout-secs=10", f"--log-verbose={1 if self.verbose else 0}",
                # explicit control, everything loaded at start: a model whose stub died can be reloaded alone
-               "--model-control-mode=explicit", "--load-model=*"]
+               "--model-control-mode=explicit", "--load-model=*",
+               # the configs are complete: no python stub started and ended only to auto-complete a config at each
+               # load (one that ended right after a reload looked like a death to the stub watch)
+               "--disable-auto-complete-config"]
         if self.restrict_apis:
             rule = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
             cmd += [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]  # the gRPC flag's 2.51 name
@@ -357,16 +361,25 @@ class TritonServer:
 
     #: Reload attempts for a model whose stub died, and the pause before the first retry (doubled each time).
     RELOAD_ATTEMPTS, RELOAD_BACKOFF_S = 3, 1.0
+    #: A model whose stubs die more than RELOAD_ATTEMPTS times within this window (a replacement killed as soon
+    #: as it appears, again and again), or that does not serve again within it, cannot serve: bgevl-serve stops
+    #: the server (within STOP_GRACE_S) and exits, within 120 s of the first death in all. A load whose new stub
+    #: is killed while it starts hangs in Triton 2.51 until its call times out (measured: 60 s), so each call of a
+    #: recovery gets only the time left in its window.
+    RECOVERY_WINDOW_S, STOP_GRACE_S = 90.0, 15.0
 
     def recover_dead_stubs(self, report=print, timeout: float = 60.0) -> list[str]:
         """One check: reload every model one of whose stubs has died since the last check (see above);
         returns the models reloaded. A reload that fails (its new stub died too, or the model no longer
-        loads) is retried with backoff, :attr:`RELOAD_ATTEMPTS` times in all; a model that still cannot
-        serve is added to :attr:`unrecoverable` (it and its callers stay unloaded: not ready), on which
-        ``bgevl-serve`` stops the server and exits non-zero, so that a supervisor (systemd, Kubernetes)
-        restarts it rather than leaving a server up that fails requests."""
+        loads) is retried with backoff, :attr:`RELOAD_ATTEMPTS` times in all, within :attr:`RECOVERY_WINDOW_S`
+        of the model's first death; a model that still cannot serve, or whose stubs keep dying, is added to
+        :attr:`unrecoverable` (it and its callers stay unloaded: not ready), on which ``bgevl-serve`` stops the
+        server and exits non-zero, so that a supervisor (systemd, Kubernetes) restarts it rather than leaving a
+        server up that fails requests. The stubs a reload replaces are expected to exit and are not deaths (an
+        in-place reload's old instances exit once the new ones serve: counted as deaths, they made the entry
+        model reload every few seconds for ever); a stub of another model that dies during a reload is seen
+        at the next check."""
         from bgevl.serving.probe import dead_stubs
-        from bgevl.serving.repository import dependents
 
         if not self.alive():
             return []
@@ -374,40 +387,63 @@ class TritonServer:
         # a stub that went while Triton still calls its model ready died; one whose model an admin
         # unloaded or reloaded through the repository API went on purpose
         dead = dead_stubs(self._stubs, current, self.ready)
-        reloaded = []
+        reloaded, retired = [], set()
         for model, pid in dead.items():
-            start = time.monotonic()
-            in_place = model in current.values()
-            callers = [] if in_place else dependents(self.dependencies, model)
-            if in_place:
-                report(f"bgevl-serve: a python-backend stub of model {model!r} (pid {pid}) died; its other instances "
-                       f"serve while it is reloaded in place")
-            else:
-                report(f"bgevl-serve: the python-backend stub of model {model!r} (pid {pid}) died; reloading {model}"
-                       + (f" (not ready meanwhile, with the models that call it: {', '.join(callers)})" if callers else ""))
-                for caller in reversed(callers):  # callers first: no request reaches them to fail on the model
-                    self._unload(caller, timeout)
-            for attempt in range(1, self.RELOAD_ATTEMPTS + 1):
-                status, body = self._reload_in_place(model, timeout) if in_place else self._reload(model, timeout)
-                for caller in callers:
-                    if status == 200:
-                        status, body = self._control("load", caller, timeout)
-                if status == 200 and all(self.ready(m) for m in (model, *callers)):
-                    report(f"bgevl-serve: model {model!r} is serving again ({time.monotonic() - start:.1f} s)")
-                    reloaded.append(model)
-                    break
-                why = f"HTTP {status}: {' '.join(body.split())[:300]}"
-                if attempt == self.RELOAD_ATTEMPTS:
-                    self.unrecoverable.append(model)
-                    report(f"bgevl-serve: reloading model {model!r} failed {attempt} times ({why})")
-                else:
-                    pause = self.RELOAD_BACKOFF_S * 2 ** (attempt - 1)
-                    report(f"bgevl-serve: reloading model {model!r} failed ({why}); retrying in {pause:.0f} s")
-                    time.sleep(pause)
+            now = time.monotonic()
+            deaths = [t for t in self._deaths.get(model, []) if now - t < self.RECOVERY_WINDOW_S] + [now]
+            self._deaths[model] = deaths
+            if len(deaths) > self.RELOAD_ATTEMPTS:
+                self.unrecoverable.append(model)
+                report(f"bgevl-serve: a python-backend stub of model {model!r} (pid {pid}) died, its {len(deaths)}th "
+                       f"death in {now - deaths[0]:.0f} s; not reloading it again")
+                continue
+            callers, replaced = self._recover(model, pid, current, deaths[0] + self.RECOVERY_WINDOW_S, report, timeout)
+            retired |= replaced
+            if callers is not None:
+                reloaded.append(model)
         if dead:
-            current = self.stub_processes()
+            after = self.stub_processes()
+            missed = {p: m for p, m in current.items() if p not in after and p not in retired}  # seen next check
+            current = {**{p: m for p, m in after.items() if p not in retired}, **missed}
         self._stubs = current
         return reloaded
+
+    def _recover(self, model: str, pid: int, current: dict[int, str], deadline: float, report,
+                 timeout: float) -> tuple[list[str] | None, set[int]]:
+        """Reload ``model`` (in place where an instance of it is left), with its callers unloaded meanwhile
+        otherwise; (its callers, or None where it failed; the pids the reload replaces)."""
+        from bgevl.serving.repository import dependents
+
+        start = time.monotonic()
+        in_place = model in current.values()
+        callers = [] if in_place else dependents(self.dependencies, model)
+        replaced = {p for p, m in current.items() if m in (model, *callers)}
+        if in_place:
+            report(f"bgevl-serve: a python-backend stub of model {model!r} (pid {pid}) died; its other instances "
+                   f"serve while it is reloaded in place")
+        else:
+            report(f"bgevl-serve: the python-backend stub of model {model!r} (pid {pid}) died; reloading {model}"
+                   + (f" (not ready meanwhile, with the models that call it: {', '.join(callers)})" if callers else ""))
+            for caller in reversed(callers):  # callers first: no request reaches them to fail on the model
+                self._unload(caller, min(timeout, max(1.0, deadline - time.monotonic())))
+        for attempt in range(1, self.RELOAD_ATTEMPTS + 1):
+            left = min(timeout, max(1.0, deadline - time.monotonic()))
+            status, body = self._reload_in_place(model, left) if in_place else self._reload(model, left)
+            for caller in callers:
+                if status == 200:
+                    status, body = self._control("load", caller, left)
+            if status == 200 and all(self.ready(m) for m in (model, *callers)):
+                report(f"bgevl-serve: model {model!r} is serving again ({time.monotonic() - start:.1f} s)")
+                return callers, replaced
+            why = f"HTTP {status}: {' '.join(body.split())[:300]}"
+            pause = self.RELOAD_BACKOFF_S * 2 ** (attempt - 1)
+            if attempt == self.RELOAD_ATTEMPTS or time.monotonic() + pause >= deadline:
+                self.unrecoverable.append(model)
+                report(f"bgevl-serve: reloading model {model!r} failed {attempt} times ({why})")
+                return None, replaced
+            report(f"bgevl-serve: reloading model {model!r} failed ({why}); retrying in {pause:.0f} s")
+            time.sleep(pause)
+        return None, replaced
 
     def _unload(self, model: str, timeout: float) -> tuple[int, str]:
         """Unload ``model`` and wait until Triton no longer calls it ready."""
