@@ -246,13 +246,19 @@ def test_bgevl_bench_measures_the_screenshot_family_against_transformers(tmp_pat
     export agrees with it (min cosine reported per row) and every row is timed."""
     from bgevl.benchmarks.cli import main as bench_main
 
+    workloads = "image@112x84,image@224x168,text,composed"  # two screenshot sizes: 12 and 48 image tokens each
     assert bench_main(["--models", "tiny-screenshot", "--backends", "pytorch,onnxruntime-fp32", "--workloads",
-                       "image,text,composed", "--batch-sizes", "2", "--warmup", "1", "--min-repeats", "2",
+                       workloads, "--batch-sizes", "2", "--warmup", "1", "--min-repeats", "2",
                        "--min-seconds", "0", "--peak-sizes", "256", "--output", str(tmp_path / "bench")]) == 0
     rows = json.loads((tmp_path / "bench" / "results.json").read_text())["results"]
-    onnx_rows = [r for r in rows if r["backend"] == "onnxruntime-fp32"]
-    assert {r["workload"] for r in onnx_rows} == {"image", "text", "composed"}
-    assert all(r["min_cosine_vs_pytorch"] >= 0.99999 for r in onnx_rows), onnx_rows
+    onnx_rows = {r["workload"]: r for r in rows if r["backend"] == "onnxruntime-fp32"}
+    assert set(onnx_rows) == set(workloads.split(","))
+    assert all(r["min_cosine_vs_pytorch"] >= 0.99999 for r in onnx_rows.values()), onnx_rows
+    # tokens/s beside items/s: a batch's tokens (prompt and image tokens, padded) over its time
+    per_item = {w: r["tokens_per_s"] / r["items_per_s"] for w, r in onnx_rows.items()}
+    assert per_item["image@224x168"] - per_item["image@112x84"] == 48 - 12, per_item
+    report = (tmp_path / "bench" / "report.md").read_text()
+    assert "| tokens/s |" in report and "| image@224x168 | 2 | onnxruntime-fp32 |" in report
 
 
 def test_the_recipe_s_inferred_facts_are_export_options_the_reference_follows(export_dir):
@@ -321,3 +327,14 @@ def test_tensorrt_profiles_and_build_engines_options_take_the_image_axes():
     assert shapes["image_features"]["max"] == [8192, 2048] and shapes["rope_positions"]["max"] == [3, 8, 2048]
     args = build_engines_parser().parse_args(["export", "--max-image-tokens", "4096", "--max-image-rows", "8192"])
     assert (args.max_image_tokens, args.max_image_rows) == (4096, 8192)
+
+
+def test_a_workload_size_is_width_x_height_on_an_image_kind():
+    from bgevl.benchmarks.suite import split_workload
+    from bgevl.core.errors import BgevlError
+
+    assert split_workload("image") == ("image", None)
+    assert split_workload("composed@1920x1080") == ("composed", (1920, 1080))
+    for bad in ("video", "text@10x10", "image@1920", "image@0x5", "image@axb"):
+        with pytest.raises(BgevlError, match=r"^--workloads: "):
+            split_workload(bad)

@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tuned: glibc malloc keeps large blocks (PyTorch's CPU guide; bgevl.benchmarks.measure."
                         "tune_allocator) in this process; pytorch-plain always runs untuned in a child process")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-round random order of the backends")
-    p.add_argument("--workloads", default="image,text,composed")
+    p.add_argument("--workloads", default="image,text,composed",
+                   help="comma-separated item kinds (image, text, composed); an image kind may carry a size, e.g. "
+                        "image@1280x720,image@1920x1080: every image resized to it (a screenshot model's image tokens "
+                        "grow with the size; the report gives tokens/s beside items/s)")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
     p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8], help="Triton client concurrency sweep")
     p.add_argument("--sweep-batch", type=int, default=1, help="items per request in the Triton sweep")
@@ -317,6 +320,7 @@ def _timing_row(case: Any, name: str, level: str, timings: dict, outputs: dict, 
     stats = timing.stats()
     row = {"model": case.model, "workload": case.workload, "batch": batch, "backend": name, "level": level,
            **stats, "items_per_s": batch / (stats["p50_ms"] / 1e3),
+           "tokens_per_s": case.tokens / (stats["p50_ms"] / 1e3) if case.tokens else None,
            "peak_rss_mb": sampler.peaks.get(name, 0) / 2 ** 20, "gflop_per_call": case.gflop}
     base = timings["pytorch"].stats()["p50_ms"] if "pytorch" in timings else None
     direct = timings["runtime"].stats()["p50_ms"] if "runtime" in timings else None
@@ -542,13 +546,11 @@ def _sweep_client(args) -> tuple[Any, str]:
 def model_workloads(requested: str, family: Any, key: str, notes: list | None = None) -> list[str]:
     """The ``--workloads`` a model is measured on: those of its family's declared item kinds
     (``Recipe.kinds``); the others are skipped with a note, an unknown one is refused."""
-    from bgevl.benchmarks.suite import WORKLOADS
+    from bgevl.benchmarks.suite import split_workload
 
     chosen = []
     for workload in [w for w in requested.split(",") if w]:
-        if workload not in WORKLOADS:
-            raise BgevlError(f"--workloads: {workload!r}; choose from {', '.join(WORKLOADS)}")
-        if workload in family.kinds:
+        if split_workload(workload)[0] in family.kinds:
             chosen.append(workload)
         elif notes is not None:
             notes.append(f"{key}: {workload} skipped (the {family.name} family embeds no {workload} items)")

@@ -136,12 +136,13 @@ def markdown(data: dict[str, Any]) -> str:
     lines += ["## Findings", ""] + [f"* {f}" for f in findings(data)] + [""]
     for model in dict.fromkeys(r["model"] for r in data["results"]):
         lines += [f"## {model}", "",
-                  "| workload | batch | backend | level | p50 ms | p90 ms | p99 ms | items/s | x PyTorch | min cos vs PyTorch | GFLOP/s | prec. | % own peak | peak RSS MB |",
-                  "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+                  "| workload | batch | backend | level | p50 ms | p90 ms | p99 ms | items/s | tokens/s | x PyTorch | min cos vs PyTorch | GFLOP/s | prec. | % own peak | peak RSS MB |",
+                  "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
         for r in (r for r in data["results"] if r["model"] == model):
             lines.append(
                 f"| {r['workload']} | {r['batch']} | {r['backend']} | {r['level']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                f"{r['p99_ms']:.2f} | {r['items_per_s']:.1f} | {_fmt(r.get('speedup_vs_pytorch'), '.2f')} | "
+                f"{r['p99_ms']:.2f} | {r['items_per_s']:.1f} | {_fmt(r.get('tokens_per_s'), '.0f')} | "
+                f"{_fmt(r.get('speedup_vs_pytorch'), '.2f')} | "
                 f"{_fmt(r.get('min_cosine_vs_pytorch'), '.5f')} | {_fmt(r.get('gflops'), '.1f')} | {r.get('precision') or ''} | "
                 f"{_fmt(r.get('peak_fraction'), '.1%')} | {_fmt(r.get('peak_rss_mb'), '.0f')} |")
         lines += _peer_table(data, model) + _paired_table(data, model) + _pareto_table(data, model)

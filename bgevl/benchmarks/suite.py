@@ -31,6 +31,24 @@ WORKLOADS = ("image", "text", "composed")
 BENCH_SEED = 424242
 
 
+def split_workload(workload: str) -> tuple[str, tuple[int, int] | None]:
+    """A workload -> its item kind and image size: ``image`` (the probe images' own sizes) or ``image@1920x1080``
+    (every image resized to that size: a model whose images become a number of tokens that grows with their size,
+    like BGE-VL-Screenshot, is measured at the sizes it will see). Refused in one line when malformed."""
+    from bgevl.core.errors import BgevlError
+
+    kind, _, size = workload.partition("@")
+    if kind not in WORKLOADS:
+        raise BgevlError(f"--workloads: {workload!r}; choose from {', '.join(WORKLOADS)}, an image kind optionally "
+                         f"with a size (image@1920x1080)")
+    if not size:
+        return kind, None
+    width, _, height = size.partition("x")
+    if kind == "text" or not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise BgevlError(f"--workloads: {workload!r}; a size is WIDTHxHEIGHT in pixels, on image or composed")
+    return kind, (int(width), int(height))
+
+
 @dataclass
 class Case:
     """One (workload, batch size): the request (raw inputs, role, instruction), the model-level feeds
@@ -42,6 +60,9 @@ class Case:
     request: Request
     feeds: dict[str, Any] = field(default_factory=dict)
     gflop: float = float("nan")
+    #: the tokens the batch's feeds hold (``Family.prompt_tokens``: text, and image tokens where images go into
+    #: the sequence), for tokens/s
+    tokens: int = 0
 
 
 def _png(image) -> bytes:
@@ -51,8 +72,10 @@ def _png(image) -> bytes:
 
 
 def raw_inputs(workload: str, batch: int) -> tuple[list[bytes] | None, list[str] | None]:
-    images = [_png(im) for im in synthetic_images(batch, BENCH_SEED)] if workload in ("image", "composed") else None
-    texts = [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(batch)] if workload in ("text", "composed") else None
+    kind, size = split_workload(workload)
+    images = [_png(im if size is None else im.resize(size)) for im in synthetic_images(batch, BENCH_SEED)] \
+        if kind in ("image", "composed") else None
+    texts = [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(batch)] if kind in ("text", "composed") else None
     return images, texts
 
 
@@ -73,8 +96,9 @@ class BenchModel:
 
     def case(self, key: str, workload: str, batch: int, count_flops: bool = True) -> Case:
         images, texts = raw_inputs(workload, batch)
-        request = self.family.bench_request(workload, images, texts)
+        request = self.family.bench_request(split_workload(workload)[0], images, texts)
         case = Case(key, workload, batch, request, self.baseline.preprocessor.prepare(request))
+        case.tokens = self.family.prompt_tokens(case.feeds)
         if count_flops and self.float_graphs is not None:
             from bgevl.benchmarks.flops import recipe_gflop
 
