@@ -103,3 +103,37 @@ def test_full_width_qwen2_5_vl_screenshot_exports_and_validates(tmp_path, monkey
     for kind in ("image", "text", "composed"):
         assert manifest["validation"]["figures"][kind]["min_cosine"] >= 0.99999
     print(json.dumps(manifest["validation"]["figures"], indent=1))
+
+
+@pytest.mark.slow
+def test_the_screenshot_key_reads_a_hub_layout_checkpoint_given_with_model_path(tmp_path, monkeypatch):
+    """``--model screenshot --model-path DIR``: a checkpoint in the released layout (``visual.*`` / ``model.*``
+    weights in ``model.safetensors``, ``config.json``, the Qwen2.5-VL processor files) at full width with 2 of the
+    36 decoder layers. The ``screenshot`` key reads it and refuses it in one line naming the one attribute that is
+    not BGE-VL-Screenshot's (nothing written); under a key of the same architecture with 2 layers, the same files
+    export and validate against the original in fp32. The real checkpoint differs only by its 34 more layers
+    (7.5 GB, more than this machine can export in fp32)."""
+    import copy
+    import dataclasses
+
+    from bgevl.core.errors import BgevlError
+    from bgevl.core.registry import family_of, get_model_spec
+
+    full = get_model_spec("screenshot")
+    arch = copy.deepcopy(dict(full.architecture))
+    arch["text_config"]["num_hidden_layers"] = 2
+    spec = dataclasses.replace(full, key="screenshot-2layers", architecture=arch, fp32_too_large=False)
+    family = family_of(full)
+    monkeypatch.setattr(family, "models", family.models + (spec,))
+    checkpoint = family.generate_checkpoint(spec, tmp_path / "hub")
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "preprocessor_config.json").is_file()
+    with pytest.raises(BgevlError, match=r"num_hidden_layers") as refused:
+        run_export(ExportOptions(output=tmp_path / "refused", model="screenshot", model_path=checkpoint,
+                                 precision="fp16"), sink=print)
+    assert "\n" not in str(refused.value) and not (tmp_path / "refused").exists()
+    out = run_export(ExportOptions(output=tmp_path / "exported", model=spec.key, model_path=checkpoint,
+                                   precision="fp32", probe_count=2, max_batch=4, opt_batch=2), sink=print)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["validation"]["passed"] is True and manifest["model"]["embedding_dim"] == 2048
+    for kind in ("image", "text", "composed"):
+        assert manifest["validation"]["figures"][kind]["min_cosine"] >= 0.99999

@@ -153,6 +153,8 @@ class Preprocessor(ABC):
     Shared by the runtime, the export's validation, the benchmarks and the Triton preprocess model."""
 
     limits: "InputLimits"
+    #: the model's tokenizer (a transformers fast tokenizer): ``truncate`` cuts texts at its token offsets
+    tokenizer: Any = None
     #: what the model resizes an image to (an int: the short side; a pair: width and height; None: the
     #: image's own size), for the reduced-scale decode of very large JPEGs (``load_image``'s ``model_size``)
     image_model_size: int | tuple[int, int] | None = None
@@ -195,7 +197,7 @@ class Preprocessor(ABC):
         request = replace(request, truncate=mode)
         if request.texts is None:
             return request
-        tokenizer = getattr(self, "tokenizer", None)
+        tokenizer = self.tokenizer
 
         def lengths(texts: list[Any]) -> list[tuple[int, int] | None]:
             measured = self.text_lengths(replace(request, texts=texts), start)
