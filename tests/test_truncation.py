@@ -98,3 +98,12 @@ def test_the_default_keeps_each_familys_own_handling(embedders):
                                atol=1e-6)
     with pytest.raises(InputError, match="over the exported sequence limit"):
         embedders["tiny-screenshot"].encode(text=[LONG])
+
+
+def test_the_api_schemas_take_the_modes_truncation_knows():
+    import typing
+
+    from bgevl.api.schemas import TruncateMode
+    from bgevl.core.truncation import TRUNCATE_MODES
+
+    assert set(typing.get_args(TruncateMode)) == set(TRUNCATE_MODES)

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from bgevl.api.parsing import ApiError, ParsedItem
-from bgevl.api.schemas import TRUNCATE_DESCRIPTION, ImagePart, TextPart
+from bgevl.api.schemas import TRUNCATE_DESCRIPTION, ImagePart, TextPart, TruncateMode
 
 #: Cohere's and this server's input types -> the request's role
 COHERE_INPUT_TYPES = {"search_query": "query", "query": "query", "search_document": "candidate", "document": "candidate",
@@ -58,7 +58,7 @@ class CohereEmbedRequest(BaseModel):
     inputs: Optional[list[CohereInput]] = Field(None, description="items of text and image_url content parts")
     embedding_types: list[EmbeddingType] = Field(default_factory=_float_only, min_length=1)
     output_dimension: Optional[int] = Field(None, description="must be the model's dimension (no truncation)")
-    truncate: Literal["NONE", "START", "END"] = Field("NONE", description=TRUNCATE_DESCRIPTION)
+    truncate: TruncateMode = Field("NONE", description=TRUNCATE_DESCRIPTION)
     max_tokens: Optional[int] = None
     instruction: Optional[str] = Field(None, description="task instruction of queries (models whose queries take one)")
 

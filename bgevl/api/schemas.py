@@ -21,6 +21,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: ``bgevl.core.truncation.TRUNCATE_MODES`` as the request schemas' type
+TruncateMode = Literal["NONE", "START", "END"]
 #: NIM's ``truncate``: what happens to an item over the model's token limit (``bgevl.core.truncation``)
 TRUNCATE_DESCRIPTION = ("NONE (default): an item over the model's token limit is refused, as the original models do "
                         "not truncate; END / START: its text loses tokens at its end / start until the item fits "
@@ -83,7 +85,7 @@ class EmbeddingRequest(BaseModel):
     input_type: Optional[Literal["query", "document", "passage"]] = Field(
         None, description="query -> the family's query prompt; document/passage -> its candidate prompt")
     instruction: Optional[str] = Field(None, description="task instruction of queries (models whose queries take one; others refuse it)")
-    truncate: Literal["NONE", "START", "END"] = Field("NONE", description=TRUNCATE_DESCRIPTION)
+    truncate: TruncateMode = Field("NONE", description=TRUNCATE_DESCRIPTION)
     user: Optional[str] = None
 
 

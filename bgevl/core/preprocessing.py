@@ -147,8 +147,15 @@ def decode_cost(item: ImageInput) -> int:
         return 0
     pixels = size[0] * size[1]
     if isinstance(item, (bytes, bytearray, memoryview)) and bytes(item[:2]) == b"\xff\xd8":
-        pixels *= max(1, -(-bytes(item).count(b"\xff\xda") // STANDARD_PROGRESSIVE_SCANS))
+        pixels *= max(1, -(-jpeg_scans(bytes(item)) // STANDARD_PROGRESSIVE_SCANS))
     return pixels
+
+
+def jpeg_scans(data: bytes) -> int:
+    """A JPEG's start-of-scan markers, counted on its bytes: inside entropy-coded data every 0xFF byte is
+    followed by 0x00 or a restart marker, so ``FF DA`` appears only as a marker (an EXIF thumbnail's scans
+    count too: a few more, never fewer)."""
+    return data.count(b"\xff\xda")
 
 
 def _load_image(item: ImageInput, where: str, convert_rgb: bool, limits: InputLimits,
@@ -193,10 +200,7 @@ def _check_size(image: Image.Image, where: str, limits: InputLimits) -> None:
 
 
 def _check_scans(data: bytes, where: str, limit: int) -> None:
-    """A JPEG's start-of-scan markers, counted on its bytes: inside entropy-coded data every 0xFF byte is
-    followed by 0x00 or a restart marker, so ``FF DA`` appears only as a marker (an EXIF thumbnail's scans
-    count too: a few more, never fewer)."""
-    scans = data.count(b"\xff\xda")
+    scans = jpeg_scans(data)
     if scans > limit:
         raise InputError(f"{where}: a JPEG of {scans} scans, over the limit of {limit}: each scan of a progressive "
                          f"JPEG is decoded over the whole image, so this many cost minutes of CPU; re-encode it "
