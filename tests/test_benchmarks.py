@@ -30,6 +30,7 @@ def test_bench_runs_every_backend_and_writes_json_markdown_and_plots(tmp_path, c
         assert row["min_cosine_vs_pytorch"] > 0.99 and row["peak_rss_mb"] > 0
         if row["level"] == "model":
             assert row["gflop_per_call"] > 0 and row["gflops"] > 0 and "speedup_vs_pytorch" in row
+    _check_flops_of_a_padded_batch(out, rows)
     assert {(s["workload"], s["concurrency"]) for s in data["triton_sweep"]} == {
         (w, c) for w in ("image", "text", "composed") for c in (1, 2)}
     # Triton's own load generator measures the sweep where it runs; otherwise the report says why not
@@ -122,3 +123,24 @@ def test_bench_measures_the_api_in_front_of_triton_against_triton_direct(tmp_pat
     cases = [(w, b) for w in ("image", "text") for b in (1, 8)]
     _check_api_rows(rows, "api", "runtime", cases)
     _check_api_rows(rows, "api-triton", "triton", cases)
+
+
+def _check_flops_of_a_padded_batch(out, rows):
+    """Two texts of different lengths run padded to the longer one: the call's FLOPs are twice those of the
+    longer text alone (counted here on the fp32 text graph, independently of the suite's slicing)."""
+    import numpy as np
+
+    from bgevl.benchmarks.flops import graph_cost
+    from bgevl.core.manifest import read_manifest
+    from bgevl.core.probes import PROBE_TEXTS
+    from bgevl.runtime.embedder import Embedder
+
+    manifest = read_manifest(out / "exports" / "tiny-fp32")
+    with Embedder.load(manifest.directory, backend="onnxruntime") as embedder:
+        tokenizer = embedder.preprocessor.tokenizer
+    lengths = [len(tokenizer(t)["input_ids"]) for t in PROBE_TEXTS[:2]]
+    assert lengths[0] < lengths[1]
+    ids = np.asarray([tokenizer(PROBE_TEXTS[1])["input_ids"]], np.int64)
+    flops, _ = graph_cost(manifest.graph_path("text"), {"input_ids": ids, "attention_mask": np.ones_like(ids)}, [])
+    (row,) = [r for r in rows if (r["workload"], r["batch"], r["backend"]) == ("text", 2, "onnxruntime-fp32")]
+    assert row["gflop_per_call"] == pytest.approx(2 * flops / 1e9, rel=1e-9)

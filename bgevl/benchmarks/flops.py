@@ -7,7 +7,9 @@ torch's ``FlopCounterMode`` misses SDPA on CPU, about 4 % of a ViT-B/16), ``Conv
 O(tokens x width) and left out, as in the usual transformer counts (ViT-B/16: 35.1 GFLOP per
 image). The shapes are those of one real call: ONNX's static shape inference loses them behind the
 exporters' computed Reshapes, so the graph runs once (ONNX Runtime, the first item of the request)
-with the products' operands exposed as outputs, and the count is scaled by the number of items.
+with the products' operands exposed as outputs, and the count is scaled by the number of items. That item
+is fed as the batch runs it (``BenchModel.first_item_feeds``: texts padded to the batch's longest), so the
+count is of what the call computes, padding included.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def markdown(data: dict[str, Any]) -> str:
         "Model level: preprocessed tensors in, embeddings out; `x PyTorch` is PyTorch eager's p50 over this "
         "backend's, measured interleaved in the same run. End-to-end: image files and strings in, "
         "preprocessing included. GFLOP/s: the matmul/conv FLOPs of the exported float graphs, attention "
-        "included, counted from the operand shapes of a real call (bgevl.benchmarks.flops), over p50; "
+        "included, counted from the operand shapes of a real call, padding included (bgevl.benchmarks.flops), over p50; "
         "`% own peak` is that over the matmul peak above of the precision the row computes in (`prec.`: "
         "fp32, bf16 or int8; int8 rows are counted in the float graph's FLOPs over the int8 GOP/s peak; empty "
         "where that precision has no measured peak). Peak RSS is process-wide while the backend ran (all loaded backends' "

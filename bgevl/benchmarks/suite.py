@@ -102,11 +102,20 @@ class BenchModel:
         if count_flops and self.float_graphs is not None:
             from bgevl.benchmarks.flops import recipe_gflop
 
-            first = self.baseline.preprocessor.prepare(request.slice(0, 1))
-            case.gflop = recipe_gflop(self.family, *self.float_graphs, first, batch)
+            case.gflop = recipe_gflop(self.family, *self.float_graphs, self.first_item_feeds(case), batch)
         if count_flops and case.gflop != case.gflop:  # no float export, or graphs too large to count in memory
             case.gflop = self.baseline.gflop(request, case.feeds)
         return case
+
+    def first_item_feeds(self, case: Case) -> dict:
+        """One item's feeds as the batch runs them: where every input holds the items on its first axis, the
+        first row of the batch's own feeds (texts padded to the batch's longest, so the count is of what
+        the call computes: 8 texts of 9-61 tokens cost 8 x 61 tokens, not 8 x 9); otherwise (inputs not
+        batch-aligned, e.g. an MLLM's image tiles) the first item prepared alone."""
+        feeds = case.feeds
+        if all(isinstance(v, np.ndarray) and v.ndim and v.shape[0] == case.batch for v in feeds.values()):
+            return {k: v[:1] for k, v in feeds.items()}
+        return self.baseline.preprocessor.prepare(case.request.slice(0, 1))
 
     def torch_call(self, case: Case) -> Callable[[], np.ndarray]:
         return self.baseline.call(case.request, case.feeds)
