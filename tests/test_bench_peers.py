@@ -189,3 +189,31 @@ def test_the_openvino_profile_counts_executed_nodes_with_their_kernels(export_di
     per_op, wall = profile_openvino(manifest.graph_path("vision"), probe_feed(manifest, "vision", 2), 1, 2, "f32", static)
     assert wall > 0 and all(us >= 0 for us in per_op.values())
     assert any(name.startswith(("FullyConnected (", "MatMul (")) for name in per_op)  # "type (kernel)"
+
+
+def test_each_timed_call_comes_right_after_a_lead_in_call_of_the_same_backend():
+    """Rounds stay interleaved (pairing), and every timed call follows an untimed one of its own backend: the
+    sequence of calls is warm-ups, then per round one (lead-in, timed) pair per backend; the figure kept is the
+    timed call's (each call reports its own index as its time)."""
+    from bgevl.benchmarks.measure import SelfTimed, interleaved
+
+    log: list[str] = []
+
+    def backend(name):
+        def call():
+            log.append(name)
+            return SelfTimed(float(len(log)))
+        return call
+
+    timings = interleaved({"a": backend("a"), "b": backend("b"), "c": backend("c")}, warmup=1, min_repeats=4,
+                          min_seconds=0, seed=3, lead_in=1)
+    assert log[:3] == ["a", "b", "c"]
+    rounds = log[3:]
+    assert len(rounds) == 4 * 3 * 2 and all(rounds[i] == rounds[i + 1] for i in range(0, len(rounds), 2))
+    orders = [tuple(rounds[r * 6:(r + 1) * 6:2]) for r in range(4)]
+    assert all(sorted(o) == ["a", "b", "c"] for o in orders) and len(set(orders)) > 1  # drawn per round
+    for name, timing in timings.items():  # the second call of each pair (1-based positions after the 3 warm-ups)
+        assert len(timing.seconds) == 4 and all((s - 3) % 2 == 0 and log[int(s) - 1] == name for s in timing.seconds)
+    log.clear()
+    interleaved({"a": backend("a"), "b": backend("b")}, warmup=0, min_repeats=2, min_seconds=0, lead_in=0)
+    assert len(log) == 4

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square matmul sizes of the per-precision peak probes (start and end of the run)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-repeats", type=int, default=5)
+    p.add_argument("--lead-in", type=int, default=1,
+                   help="untimed calls of the same backend right before each timed one, so that no timed call runs "
+                        "against the previous backend's still-spinning thread pool (0: none, the interleaving of "
+                        "bgevl-bench before 2026-12-07)")
     p.add_argument("--min-seconds", type=float, default=3.0, help="minimum timed seconds per configuration")
     p.add_argument("--output", type=Path, default=Path("out/bench"), help="report directory")
     p.add_argument("--exports", type=Path, default=None, help="export cache (default: <output>/exports)")
@@ -405,7 +409,8 @@ def bench_model(key: str, args: Any, log: Any, sampler: Any, results: list, swee
                 outputs = run.first_outputs(calls, workload, batch, notes)
                 log(f"{key}: {workload}, batch {batch}: timing {', '.join(calls)} ({case.gflop:.2f} GFLOP per call)")
                 timings = interleaved(calls, warmup=args.warmup, min_repeats=args.min_repeats,
-                                      min_seconds=args.min_seconds, sampler=sampler, seed=args.seed + batch)
+                                      min_seconds=args.min_seconds, sampler=sampler, seed=args.seed + batch,
+                                      lead_in=args.lead_in)
                 for name in timings:
                     results.append(_timing_row(case, name, levels[name], timings, outputs, sampler))
                 _versus_best_pytorch(results[-len(timings):], timings)

@@ -102,6 +102,13 @@ def apply_peaks(data: dict[str, Any]) -> None:
             row["peak_fraction"] = share
 
 
+def _lead_in(calls: int) -> str:
+    if not calls:
+        return " (no lead-in: a timed call may run against the previous backend's still-spinning threads)"
+    return (f", each timed call right after {calls} untimed call{'s' if calls > 1 else ''} of the same backend "
+            "(its own thread pool awake, the previous backend's gone idle: bgevl.benchmarks.measure)")
+
+
 def markdown(data: dict[str, Any]) -> str:
     hw, sw = data["hardware"], data["software"]
     lines = [
@@ -126,7 +133,8 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Timing: {hw.get('allocator', 'allocator not recorded')} (`pytorch-plain`, where it ran, is the "
         "same PyTorch baseline in a child process with malloc untouched, timed in that process). Every "
-        "backend of a configuration is called once per round in a random order drawn per round; ratios "
+        "backend of a configuration is called once per round in a random order drawn per round"
+        + _lead_in(data["settings"].get("lead_in", 0)) + "; ratios "
         "are paired round by round: median [p10-p90] and the share of rounds won; `~` marks a spread "
         "that includes 1 (a difference inside this machine's noise).",
         "",
