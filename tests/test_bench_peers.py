@@ -103,19 +103,20 @@ def test_the_report_compares_with_the_best_peer_of_each_class_against_its_target
                 "0.999": {"peer": "pytorch-bf16", "median": 1.6, **paired}})]
     comparisons = peer_comparisons({"results": rows}, "base")
     assert [(c["class"], c["peer"], c["backend"], c["target"], c["met"]) for c in comparisons] == [
-        (0.9999, "pytorch-bf16", "onnxruntime-int8-dynamic", 1.5, True),
+        (0.9999, "pytorch-bf16", "onnxruntime-int8-dynamic", 1.0, True),
         (0.999, "pytorch-bf16", "onnxruntime-int8-dynamic", 2.0, False)]
 
 
-def _bench(tmp_path, monkeypatch, cpuinfo: str, backends: str) -> dict:
-    """bgevl-bench on the tiny model with the CPU's ISA taken from ``cpuinfo`` and the matmul peaks injected."""
+def _bench(tmp_path, monkeypatch, cpuinfo: str, backends: str, peak_probes: dict | None = None) -> dict:
+    """bgevl-bench on the tiny model with the CPU's ISA taken from ``cpuinfo`` and the matmul peaks injected
+    (``peak_probes``: the probes said to have given them, timed beside the rows)."""
     from bgevl.benchmarks import cli
 
     support = precision_support(cpu_isa(cpuinfo))
     peaks = {"fp32": 100.0, "bf16": 400.0 if support["bf16"]["native"] else None, "int8": 200.0}  # as matmul_peaks
     monkeypatch.setattr(cli, "_hardware", lambda threads, sizes: {
         "cpu": cpu_isa(cpuinfo)["model"], "cpu_family": "", "isa": cpu_isa(cpuinfo)["flags"], "precisions": support, "logical_cores": 2, "physical_cores": 2, "memory_gb": 1.0,
-        "machine": "x86_64", "matmul_peaks": dict(peaks), "matmul_probes_start": {}})
+        "machine": "x86_64", "matmul_peaks": dict(peaks), "matmul_probes_start": {}, "peak_probes": peak_probes or {}})
     monkeypatch.setattr(hardware, "matmul_peaks", lambda *a, **k: {**peaks, "probes": {}})
     out = tmp_path / "bench"
     rc = cli.main(["--models", "tiny", "--backends", backends, "--workloads", "text", "--batch-sizes", "2",
@@ -217,3 +218,56 @@ def test_each_timed_call_comes_right_after_a_lead_in_call_of_the_same_backend():
     log.clear()
     interleaved({"a": backend("a"), "b": backend("b")}, warmup=0, min_repeats=2, min_seconds=0, lead_in=0)
     assert len(log) == 4
+
+
+def test_a_share_of_the_peak_paired_round_by_round_ignores_a_slower_spell_of_the_machine():
+    from bgevl.benchmarks.hardware import paired_peak_share
+
+    # a row at 50 % of a 100 GFLOP/s probe; in half the rounds the machine runs at a third of its speed
+    slow = [1.0, 3.0, 1.0, 3.0, 3.0, 1.0]
+    row = [0.2 * s for s in slow]  # 10 GFLOP in 0.2 s: 50 GFLOP/s
+    probe = [0.01 * s for s in slow]  # 1 GFLOP in 0.01 s: 100 GFLOP/s
+    assert paired_peak_share(10.0, row, 1.0, probe) == pytest.approx(0.5)
+    # a slow round's time against the probe's best (a peak measured at the start of the run) reads a third of it
+    assert 10.0 / sorted(row)[3] / (1.0 / min(probe)) == pytest.approx(1 / 6)
+
+
+def test_the_bench_times_each_precisions_peak_probe_beside_the_rows_and_pairs_their_shares(tmp_path, monkeypatch):
+    probes = {"fp32": "fp32/onnxruntime_128", "int8": "int8/onnxruntime_128"}
+    data = _bench(tmp_path, monkeypatch, ZEN3, "pytorch,onnxruntime-fp32,onnxruntime-int8-dynamic", peak_probes=probes)
+    rows = {r["backend"]: r for r in data["results"]}
+    assert set(rows) == {"pytorch", "onnxruntime-fp32", "onnxruntime-int8-dynamic"}  # no probe is a result row
+    for name, row in rows.items():
+        assert row["peak_probe_gflops"] > 0 and row["peak_fraction"] == row["peak_fraction_paired"] > 0
+        # the share of the run's injected peak is kept beside it
+        peak = 200.0 if row["precision"] == "int8" else 100.0
+        assert row["peak_fraction_of_run_peak"] == pytest.approx(row["gflops"] / peak)
+    report = markdown(data)
+    assert "* int8: peak 200 GOP/s (probe `int8/onnxruntime_128`, timed again beside the rows)" in report
+    assert "each timed call right after 1 untimed call of the same backend" in report
+
+
+def test_a_probe_made_again_by_name_computes_at_the_rate_the_peaks_report():
+    from bgevl.benchmarks.hardware import probe_call
+
+    for key in ("fp32/torch_64", "fp32/onnxruntime_64", "int8/onnxruntime_64"):
+        call, flops = probe_call(key, threads=1)
+        assert flops == 2 * 64 ** 3 and call() is not None
+    with pytest.raises(ValueError, match="unknown matmul probe 'fp32/numpy_64'"):
+        probe_call("fp32/numpy_64")
+
+
+def test_the_findings_give_the_peak_shares_issue_36_asks_for():
+    from bgevl.benchmarks.report import _peak_share_findings
+
+    def row(backend, workload, batch, precision, share):
+        return {"model": "base", "backend": backend, "workload": workload, "batch": batch, "precision": precision,
+                "peak_fraction": share}
+
+    rows = [row("pytorch-bf16-compile", "image", 1, "bf16", 0.9), row("openvino-bf16", "image", 1, "bf16", 0.8),
+            row("onnxruntime-int8-u8", "image", 1, "int8", 0.6), row("openvino-int8-u8", "image", 8, "int8", 0.78),
+            row("onnxruntime-int8-u8", "text", 8, "int8", 0.81), row("onnxruntime-int8-u8", "text", 1, "int8", 0.2)]
+    assert _peak_share_findings("base", rows) == [
+        "base, image at batch 1: 1 of 2 project rows at >= 75% of their own precision's peak (range 60%-80%)",
+        "base, text at batch 1: 0 of 1 project rows at >= 75% of their own precision's peak (range 20%-20%)",
+        "base, the best int8 row at batch 8: onnxruntime-int8-u8 on text at 81% of the int8 peak (target 80%, met)"]

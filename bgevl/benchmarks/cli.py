@@ -124,7 +124,7 @@ def _versions() -> dict[str, str]:
 def _hardware(threads: int, sizes: list[int]) -> dict[str, Any]:
     import psutil
 
-    from bgevl.benchmarks.hardware import cpu_isa, matmul_peaks, precision_support
+    from bgevl.benchmarks.hardware import PRECISIONS, cpu_isa, matmul_peaks, precision_support
 
     isa = cpu_isa()
     if isa["model"] == "unknown CPU":
@@ -134,7 +134,8 @@ def _hardware(threads: int, sizes: list[int]) -> dict[str, Any]:
     return {"cpu": isa["model"], "cpu_family": isa["family"], "isa": isa["flags"], "precisions": support,
             "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
             "memory_gb": psutil.virtual_memory().total / 2 ** 30, "machine": platform.machine(),
-            "matmul_peaks": {p: peaks[p] for p in peaks if p != "probes"}, "matmul_probes_start": peaks["probes"]}
+            "matmul_peaks": {p: peaks[p] for p in PRECISIONS}, "matmul_probes_start": peaks["probes"],
+            "peak_probes": peaks["best"]}
 
 
 def _export(key: str, precision: str, args, log, int8_mode: str | None = None) -> Path:
@@ -396,6 +397,7 @@ def bench_model(key: str, args: Any, log: Any, sampler: Any, results: list, swee
     from bgevl.benchmarks.measure import interleaved
 
     run = _prepare(key, args, log, sampler, notes)
+    probe_cache: dict[str, tuple] = {}
     max_batch = min((g.max_batch for gs in run.graphs.values() for g in gs.values()), default=None)
     try:
         for workload in model_workloads(args.workloads, run.model.family, key, notes):
@@ -408,17 +410,52 @@ def bench_model(key: str, args: Any, log: Any, sampler: Any, results: list, swee
                 calls, levels = run.calls(case, workload, batch)
                 outputs = run.first_outputs(calls, workload, batch, notes)
                 log(f"{key}: {workload}, batch {batch}: timing {', '.join(calls)} ({case.gflop:.2f} GFLOP per call)")
-                timings = interleaved(calls, warmup=args.warmup, min_repeats=args.min_repeats,
-                                      min_seconds=args.min_seconds, sampler=sampler, seed=args.seed + batch,
-                                      lead_in=args.lead_in)
-                for name in timings:
-                    results.append(_timing_row(case, name, levels[name], timings, outputs, sampler))
-                _versus_best_pytorch(results[-len(timings):], timings)
+                probes = _peak_probes(args, levels, probe_cache)
+                timings = interleaved({**calls, **{name: call for name, (call, _) in probes.items()}},
+                                      warmup=args.warmup, min_repeats=args.min_repeats, min_seconds=args.min_seconds,
+                                      sampler=sampler, seed=args.seed + batch, lead_in=args.lead_in)
+                rows = [_timing_row(case, name, levels[name], timings, outputs, sampler) for name in calls]
+                _paired_peak_shares(rows, timings, probes)
+                results.extend(rows)
+                _versus_best_pytorch(rows, timings)
                 sampler.peaks.clear()
         if run.server is not None and "triton" in run.backends:
             _sweep(run.server, run.model, key, args, log, sweep, notes)
     finally:
         run.close()
+
+
+#: the name of a precision's peak probe among the timed calls of a configuration (never a result row)
+PEAK_PROBE = "peak probe {}"
+
+
+def _peak_probes(args: Any, levels: dict[str, str], cache: dict[str, tuple]) -> dict[str, tuple]:
+    """``{timed-call name: (call, GFLOP)}``: the probe that gave the run's peak of each precision a model-level
+    row of this configuration computes in (made once per model, ``cache``), timed in the same rounds as the
+    rows (:func:`_paired_peak_shares`)."""
+    from bgevl.benchmarks.hardware import probe_call, row_precision
+
+    best = getattr(args, "hardware", {}).get("peak_probes", {})
+    wanted = {row_precision(name) for name, level in levels.items() if level == "model"} & set(best)
+    for precision in wanted - set(cache):
+        call, flops = probe_call(best[precision], args.threads)
+        cache[precision] = (call, flops / 1e9)
+    return {PEAK_PROBE.format(precision): cache[precision] for precision in sorted(wanted)}
+
+
+def _paired_peak_shares(rows: list[dict], timings: dict, probes: dict[str, tuple]) -> None:
+    """Each model-level row's share of its precision's peak, paired round by round with that precision's probe
+    (``peak_fraction_paired``; the probe's own p50 rate as ``peak_probe_gflops``)."""
+    from bgevl.benchmarks.hardware import paired_peak_share
+
+    for row in rows:
+        name = PEAK_PROBE.format(row.get("precision"))
+        if row["level"] != "model" or name not in probes or not row.get("gflop_per_call"):
+            continue
+        probe = timings[name]
+        row["peak_fraction_paired"] = paired_peak_share(row["gflop_per_call"], timings[row["backend"]].seconds,
+                                                        probes[name][1], probe.seconds)
+        row["peak_probe_gflops"] = probes[name][1] / (probe.stats()["p50_ms"] / 1e3)
 
 
 def _versus_best_pytorch(rows: list[dict], timings: dict) -> None:
@@ -688,6 +725,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     end = matmul_peaks(args.threads, args.peak_sizes, support=hardware["precisions"])
     hardware["matmul_probes_end"] = end.pop("probes")
+    end.pop("best", None)
     # the shares use the best the machine showed in this run, at the start or the end
     hardware["matmul_peaks"] = {p: max(filter(None, (v, end[p])), default=None) for p, v in hardware["matmul_peaks"].items()}
     paths = write_reports(data, args.output)

@@ -8,7 +8,8 @@
   faster than fp32, so no bf16 peak is reported for it).
 * :func:`matmul_peaks`: per precision, the best square-matmul rate of torch, ONNX Runtime and OpenVINO
   kernels at a few sizes (GFLOP/s; int8: GOP/s), the reference of each row's share
-  (:func:`peak_share`, :func:`row_precision`).
+  (:func:`peak_share`, :func:`row_precision`); the probe that gave it is timed again beside the rows, in
+  the same rounds, for a share that a noisy machine does not move (:func:`paired_peak_share`).
 """
 
 from __future__ import annotations
@@ -132,64 +133,95 @@ def _onnx_matmul(n: int, precision: str) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString()
 
 
+def probe_call(key: str, threads: int | None = None) -> tuple[Callable[[], object], float]:
+    """(a call, its FLOPs) of one square-matmul probe named ``"<precision>/<engine>_<n>"``: fp32 on torch,
+    ``onnxruntime`` (MLAS MatMul) or ``openvino`` (f32); bf16 on torch or ``openvino`` (bf16 hint); int8 on
+    ``onnxruntime`` (MatMulInteger, uint8 x int8: the dynamic-quantization kernel) or ``openvino`` (a QDQ
+    MatMul its low-precision pass runs in int8). torch's CPU ``_int_mm`` is a reference loop, about 1 GOP/s on
+    Zen 3: not a probe."""
+    import numpy as np
+
+    precision, rest = key.split("/")
+    engine, size = rest.rsplit("_", 1)
+    n = int(size)
+    flops = 2.0 * n ** 3
+    rng = np.random.default_rng(n)
+    floats = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
+    if engine == "torch":
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        a, b = torch.from_numpy(floats["a"]), torch.from_numpy(floats["b"])
+        if precision == "bf16":
+            a, b = a.bfloat16(), b.bfloat16()
+        return (lambda: a @ b), flops
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(_onnx_matmul(n, precision), options, providers=["CPUExecutionProvider"])
+        feed = floats if precision == "fp32" else {"a": rng.integers(0, 256, (n, n), dtype=np.uint8),
+                                                   "b": rng.integers(-128, 128, (n, n), dtype=np.int8)}
+        return (lambda: session.run(None, feed)), flops
+    if engine == "openvino":
+        import openvino as ov
+
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                                  "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        core = ov.Core()
+        graph = _onnx_matmul(n, "qdq" if precision == "int8" else "fp32")
+        request = core.compile_model(core.read_model(graph), "CPU", config).create_infer_request()
+        return (lambda: request.infer(floats)), flops
+    raise ValueError(f"unknown matmul probe {key!r}")
+
+
+def probe_keys(sizes: Sequence[int], support: Mapping[str, Mapping[str, Any]], openvino: bool) -> list[str]:
+    """The probes of :func:`matmul_peaks`: every engine of each precision at each size (bf16 only where the CPU
+    computes it; OpenVINO's only where it is installed)."""
+    engines = {"fp32": ("torch", "onnxruntime", "openvino"), "bf16": ("torch", "openvino"),
+               "int8": ("onnxruntime", "openvino")}
+    return [f"{precision}/{engine}_{n}" for n in sizes for precision in PRECISIONS for engine in engines[precision]
+            if (precision != "bf16" or support["bf16"]["native"]) and (engine != "openvino" or openvino)]
+
+
 def matmul_peaks(threads: int | None = None, sizes: Sequence[int] = (1024, 2048, 4096), repeats: int = 5,
                  support: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Per precision the best square-matmul rate over the probes (``{"fp32": GFLOP/s, "bf16": ..., "int8":
-    GOP/s}``, ``None`` for a precision without hardware support in ``support``) and every probe's figure under
-    ``"probes"``. fp32: torch, ONNX Runtime MatMul (MLAS) and OpenVINO f32; bf16: torch and OpenVINO bf16;
-    int8: ONNX Runtime MatMulInteger and OpenVINO on a QDQ MatMul (torch's CPU ``_int_mm`` is a reference loop,
-    about 1 GOP/s on Zen 3, not probed). int8 probes run even without VNNI (the saturating kernels are what
-    runs there)."""
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
+    GOP/s}``, ``None`` for a precision without hardware support in ``support``), every probe's figure under
+    ``"probes"`` and, under ``"best"``, the probe that gave each peak (:func:`probe_call` makes it again: the
+    bench times it beside the rows, :func:`paired_peak_share`). int8 probes run even without VNNI (the
+    saturating kernels are what runs there)."""
     support = support or precision_support(cpu_isa())
-    if threads:
-        torch.set_num_threads(threads)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        import openvino as ov
+    import importlib.util
 
-        core = ov.Core()
-    except ImportError:
-        core = None
     probes: dict[str, float] = {}
-
-    def ort_probe(name: str, n: int, kind: str, feed: dict) -> None:
-        session = ort.InferenceSession(_onnx_matmul(n, kind), options, providers=["CPUExecutionProvider"])
-        probes[name] = 2 * n ** 3 / _best_seconds(lambda: session.run(None, feed), repeats) / 1e9
-
-    def ov_probe(name: str, n: int, kind: str, hint: str, feed: dict) -> None:
-        if core is None:
-            return
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        request = core.compile_model(core.read_model(_onnx_matmul(n, kind)), "CPU", config).create_infer_request()
-        probes[name] = 2 * n ** 3 / _best_seconds(lambda: request.infer(feed), repeats) / 1e9
-
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        floats = {"a": a.numpy(), "b": b.numpy()}
-        probes[f"fp32/torch_{n}"] = 2 * n ** 3 / _best_seconds(lambda: a @ b, repeats) / 1e9
-        ort_probe(f"fp32/onnxruntime_{n}", n, "fp32", floats)
-        ov_probe(f"fp32/openvino_{n}", n, "fp32", "f32", floats)
-        if support["bf16"]["native"]:
-            ab, bb = a.bfloat16(), b.bfloat16()
-            probes[f"bf16/torch_{n}"] = 2 * n ** 3 / _best_seconds(lambda: ab @ bb, repeats) / 1e9
-            ov_probe(f"bf16/openvino_{n}", n, "fp32", "bf16", floats)
-        rng = np.random.default_rng(n)
-        ort_probe(f"int8/onnxruntime_{n}", n, "int8", {"a": rng.integers(0, 256, (n, n), dtype=np.uint8),
-                                                         "b": rng.integers(-128, 128, (n, n), dtype=np.int8)})
-        ov_probe(f"int8/openvino_{n}", n, "qdq", "f32", floats)
+    for key in probe_keys(sizes, support, importlib.util.find_spec("openvino") is not None):
+        call, flops = probe_call(key, threads)
+        probes[key] = flops / _best_seconds(call, repeats) / 1e9
+        del call  # one probe's session or compiled model at a time
     out: dict[str, Any] = {p: None for p in PRECISIONS}
+    best: dict[str, str] = {}
     for precision in PRECISIONS:
-        figures = [v for k, v in probes.items() if k.startswith(precision + "/")]
+        figures = {k: v for k, v in probes.items() if k.startswith(precision + "/")}
         if figures and (support[precision]["native"] or precision == "int8"):
-            out[precision] = max(figures)
-    out["probes"] = probes
+            best[precision] = max(figures, key=figures.__getitem__)
+            out[precision] = figures[best[precision]]
+    out["probes"], out["best"] = probes, best
     return out
+
+
+def paired_peak_share(gflop: float, row_seconds: Sequence[float], probe_gflop: float,
+                      probe_seconds: Sequence[float]) -> float:
+    """A row's share of its precision's peak, paired round by round: the median over rounds of the row's rate over
+    the peak probe's rate timed in the same round. A noisy machine (another tenant, a clock change) slows both
+    alike, so the share holds where a peak measured at the start or the end of the run would not."""
+    import numpy as np
+
+    shares = (gflop / np.asarray(row_seconds)) / (probe_gflop / np.asarray(probe_seconds))
+    return float(np.median(shares))

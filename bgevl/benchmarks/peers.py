@@ -32,8 +32,13 @@ PEERS = {
 #: Every PyTorch row of a run: the fp32 eager baseline, its untuned-malloc twin and the peers.
 PYTORCH_ROWS = ("pytorch", "pytorch-plain", *PEERS)
 #: Accuracy classes (min cosine to PyTorch fp32) and the speed-up each asks of the fastest project backend
-#: over the best PyTorch variant of the class (issue 27's targets).
-ACCURACY_CLASSES = {0.9999: 1.5, 0.999: 2.0}
+#: over the best PyTorch variant of the class (issue 36's targets: at 0.9999 no slower than it, since the best
+#: PyTorch bf16 row already runs at about 70 % of the bf16 peak and 1.5x would be over 100 %; at 0.999, where
+#: int8 computes at about twice the bf16 peak, 2x).
+ACCURACY_CLASSES = {0.9999: 1.0, 0.999: 2.0}
+#: Shares of a row's own precision's peak asked by issue 36: every project backend at batch 1, and the best int8
+#: row at the largest batch measured (image batch 8 in the issue).
+BATCH1_PEAK_SHARE, INT8_PEAK_SHARE = 0.75, 0.80
 
 
 def needs_bf16(peer: str) -> bool:

@@ -54,6 +54,7 @@ def findings(data: dict[str, Any]) -> list[str]:
                            f"the best PyTorch variant of the class (median of {len(ratios)} configurations, range "
                            f"{min(ratios):.2f}-{max(ratios):.2f}x; target {mine[0]['target']:.1f}x, met in "
                            f"{sum(c['met'] for c in mine)} of {len(mine)})")
+        out += _peak_share_findings(model, [r for r in rows if r["model"] == model])
         if "triton" in by and "runtime" in by:
             batches = sorted({r["batch"] for r in by["triton"]})
             at = 8 if 8 in batches else batches[-1]  # the issue asks for batch 8; else the largest measured
@@ -73,6 +74,27 @@ def findings(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def _peak_share_findings(model: str, rows: list[dict[str, Any]]) -> list[str]:
+    """The shares of their own precision's peak that issue 36 asks of the project's rows (targets in
+    ``bgevl.benchmarks.peers``)."""
+    from bgevl.benchmarks.peers import BATCH1_PEAK_SHARE, INT8_PEAK_SHARE, PYTORCH_ROWS
+
+    mine = [r for r in rows if r.get("peak_fraction") and r["backend"] not in PYTORCH_ROWS]
+    out = []
+    for workload in dict.fromkeys(r["workload"] for r in mine if r["batch"] == 1):
+        shares = [r["peak_fraction"] for r in mine if r["batch"] == 1 and r["workload"] == workload]
+        out.append(f"{model}, {workload} at batch 1: {sum(s >= BATCH1_PEAK_SHARE for s in shares)} of {len(shares)} "
+                   f"project rows at >= {BATCH1_PEAK_SHARE:.0%} of their own precision's peak (range "
+                   f"{min(shares):.0%}-{max(shares):.0%})")
+    int8 = [r for r in mine if r.get("precision") == "int8" and r["batch"] == max(x["batch"] for x in mine)]
+    if int8 and int8[0]["batch"] > 1:
+        best = max(int8, key=lambda r: r["peak_fraction"])
+        out.append(f"{model}, the best int8 row at batch {best['batch']}: {best['backend']} on {best['workload']} at "
+                   f"{best['peak_fraction']:.0%} of the int8 peak (target {INT8_PEAK_SHARE:.0%}, "
+                   f"{'met' if best['peak_fraction'] >= INT8_PEAK_SHARE else 'not met'})")
+    return out
+
+
 def hardware_lines(hw: dict[str, Any], threads: Any, sizes: Any) -> list[str]:
     """The CPU, its ISA and, per precision, what computes it and its measured matmul peak."""
     family = f" ({hw['cpu_family']})" if hw.get("cpu_family") else ""
@@ -82,20 +104,29 @@ def hardware_lines(hw: dict[str, Any], threads: Any, sizes: Any) -> list[str]:
     for precision, support in hw.get("precisions", {}).items():
         peak = hw["matmul_peaks"].get(precision)
         unit = "GOP/s" if precision == "int8" else "GFLOP/s"
-        figure = f"peak {peak:.0f} {unit}" if peak else "no peak reported"
+        probe = hw.get("peak_probes", {}).get(precision)
+        figure = (f"peak {peak:.0f} {unit}" + (f" (probe `{probe}`, timed again beside the rows)" if probe else "")
+                  if peak else "no peak reported")
         kind = "native" if support["native"] else "not native"
         lines.append(f"* {precision}: {figure}; {kind}: {support['how']}")
     return lines + [""]
 
 
 def apply_peaks(data: dict[str, Any]) -> None:
-    """Every model-level row's share of the matmul peak of the precision it computes in (``peak_fraction``;
-    absent where that peak is not measured: GPU rows, emulated bf16)."""
+    """Every model-level row's share of the matmul peak of the precision it computes in (``peak_fraction``):
+    paired round by round with that precision's peak probe where it was timed beside the row
+    (``peak_fraction_paired``), else over the run's best peak (``peak_fraction_of_run_peak``, kept either way);
+    absent where that peak is not measured (GPU rows, emulated bf16)."""
     from bgevl.benchmarks.hardware import peak_share
 
     peaks = data["hardware"].get("matmul_peaks", {})
     for row in data["results"]:
         share = peak_share(row["gflops"], row.get("precision"), peaks) if row.get("gflops") else None
+        if share is None:
+            row.pop("peak_fraction_of_run_peak", None)
+        else:
+            row["peak_fraction_of_run_peak"] = share
+        share = row.get("peak_fraction_paired", share)
         if share is None:
             row.pop("peak_fraction", None)
         else:
@@ -126,9 +157,11 @@ def markdown(data: dict[str, Any]) -> str:
         "backend's, measured interleaved in the same run. End-to-end: image files and strings in, "
         "preprocessing included. GFLOP/s: the matmul/conv FLOPs of the exported float graphs, attention "
         "included, counted from the operand shapes of a real call, padding included (bgevl.benchmarks.flops), over p50; "
-        "`% own peak` is that over the matmul peak above of the precision the row computes in (`prec.`: "
+        "`% own peak` is that over the matmul peak of the precision the row computes in (`prec.`: "
         "fp32, bf16 or int8; int8 rows are counted in the float graph's FLOPs over the int8 GOP/s peak; empty "
-        "where that precision has no measured peak). Peak RSS is process-wide while the backend ran (all loaded backends' "
+        "where that precision has no measured peak), paired: the probe that gave that peak above is timed in the "
+        "same rounds as the rows and the share is the median of the per-round ratios of the two rates, so that a "
+        "slower spell of the machine moves both alike (`results.json` keeps the share of the run's best peak too). Peak RSS is process-wide while the backend ran (all loaded backends' "
         "weights included; Triton adds its server's process tree).",
         "",
         f"Timing: {hw.get('allocator', 'allocator not recorded')} (`pytorch-plain`, where it ran, is the "
