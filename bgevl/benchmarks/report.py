@@ -161,7 +161,8 @@ def markdown(data: dict[str, Any]) -> str:
         "fp32, bf16 or int8; int8 rows are counted in the float graph's FLOPs over the int8 GOP/s peak; empty "
         "where that precision has no measured peak), paired: the probe that gave that peak above is timed in the "
         "same rounds as the rows and the share is the median of the per-round ratios of the two rates, so that a "
-        "slower spell of the machine moves both alike (`results.json` keeps the share of the run's best peak too). Peak RSS is process-wide while the backend ran (all loaded backends' "
+        "slower spell of the machine moves both alike. `% best peak`: the same GFLOP/s over the peak above, the "
+        "best of the probes at the start and the end of the run; it reads lower, a p50 over a best. Peak RSS is process-wide while the backend ran (all loaded backends' "
         "weights included; Triton adds its server's process tree).",
         "",
         f"Timing: {hw.get('allocator', 'allocator not recorded')} (`pytorch-plain`, where it ran, is the "
@@ -177,15 +178,16 @@ def markdown(data: dict[str, Any]) -> str:
     lines += ["## Findings", ""] + [f"* {f}" for f in findings(data)] + [""]
     for model in dict.fromkeys(r["model"] for r in data["results"]):
         lines += [f"## {model}", "",
-                  "| workload | batch | backend | level | p50 ms | p90 ms | p99 ms | items/s | tokens/s | x PyTorch | min cos vs PyTorch | GFLOP/s | prec. | % own peak | peak RSS MB |",
-                  "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+                  "| workload | batch | backend | level | p50 ms | p90 ms | p99 ms | items/s | tokens/s | x PyTorch | min cos vs PyTorch | GFLOP/s | prec. | % own peak | % best peak | peak RSS MB |",
+                  "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
         for r in (r for r in data["results"] if r["model"] == model):
             lines.append(
                 f"| {r['workload']} | {r['batch']} | {r['backend']} | {r['level']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
                 f"{r['p99_ms']:.2f} | {r['items_per_s']:.1f} | {_fmt(r.get('tokens_per_s'), '.0f')} | "
                 f"{_fmt(r.get('speedup_vs_pytorch'), '.2f')} | "
                 f"{_fmt(r.get('min_cosine_vs_pytorch'), '.5f')} | {_fmt(r.get('gflops'), '.1f')} | {r.get('precision') or ''} | "
-                f"{_fmt(r.get('peak_fraction'), '.1%')} | {_fmt(r.get('peak_rss_mb'), '.0f')} |")
+                f"{_fmt(r.get('peak_fraction'), '.1%')} | {_fmt(r.get('peak_fraction_of_run_peak'), '.1%')} | "
+                f"{_fmt(r.get('peak_rss_mb'), '.0f')} |")
         lines += _peer_table(data, model) + _paired_table(data, model) + _pareto_table(data, model)
         sweep = [s for s in data.get("triton_sweep", []) if s["model"] == model]
         if sweep:
