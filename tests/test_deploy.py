@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import gzip
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -10,7 +10,6 @@ bindings wheels by scripts/tensorrt-api-names.py (its docstring says how, and wh
 from __future__ import annotations
 
 import ast
-import re
 import tomllib
 from pathlib import Path
 

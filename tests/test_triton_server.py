@@ -795,7 +795,7 @@ def test_default_server_listens_on_loopback_only_and_restricts_admin_apis(clip_s
 
     assert all(loopback(ip) for ip, _ in listening), listening
     http = client(server, "http")
-    with pytest.raises(InferenceServerException, match="(?i)restricted|403|permission") as info:
+    with pytest.raises(InferenceServerException, match="(?i)restricted|403|permission"):
         http.register_system_shared_memory("bgevl-probe", "/bgevl-probe", 64)
     with pytest.raises(InferenceServerException, match="(?i)restricted|permission"):
         client(server, "grpc").register_system_shared_memory("bgevl-probe", "/bgevl-probe", 64)

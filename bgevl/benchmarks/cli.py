@@ -436,7 +436,8 @@ def _peak_probes(args: Any, levels: dict[str, str], cache: dict[str, tuple]) -> 
     from bgevl.benchmarks.hardware import probe_call, row_precision
 
     best = getattr(args, "hardware", {}).get("peak_probes", {})
-    wanted = {row_precision(name) for name, level in levels.items() if level == "model"} & set(best)
+    precisions = (row_precision(name) for name, level in levels.items() if level == "model")
+    wanted = {p for p in precisions if p is not None and p in best}
     for precision in wanted - set(cache):
         call, flops = probe_call(best[precision], args.threads)
         cache[precision] = (call, flops / 1e9)
