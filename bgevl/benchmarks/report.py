@@ -86,7 +86,8 @@ def _peak_share_findings(model: str, rows: list[dict[str, Any]]) -> list[str]:
         out.append(f"{model}, {workload} at batch 1: {sum(s >= BATCH1_PEAK_SHARE for s in shares)} of {len(shares)} "
                    f"project rows at >= {BATCH1_PEAK_SHARE:.0%} of their own precision's peak (range "
                    f"{min(shares):.0%}-{max(shares):.0%})")
-    int8 = [r for r in mine if r.get("precision") == "int8" and r["batch"] == max(x["batch"] for x in mine)]
+    largest = max((r["batch"] for r in mine), default=0)
+    int8 = [r for r in mine if r.get("precision") == "int8" and r["batch"] == largest]
     if int8 and int8[0]["batch"] > 1:
         best = max(int8, key=lambda r: r["peak_fraction"])
         out.append(f"{model}, the best int8 row at batch {best['batch']}: {best['backend']} on {best['workload']} at "

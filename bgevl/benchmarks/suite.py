@@ -108,13 +108,14 @@ class BenchModel:
         return case
 
     def first_item_feeds(self, case: Case) -> dict:
-        """One item's feeds as the batch runs them: where every input holds the items on its first axis, the
-        first row of the batch's own feeds (texts padded to the batch's longest, so the count is of what
-        the call computes: 8 texts of 9-61 tokens cost 8 x 61 tokens, not 8 x 9); otherwise (inputs not
-        batch-aligned, e.g. an MLLM's image tiles) the first item prepared alone."""
-        feeds = case.feeds
-        if all(isinstance(v, np.ndarray) and v.ndim and v.shape[0] == case.batch for v in feeds.values()):
-            return {k: v[:1] for k, v in feeds.items()}
+        """One item's feeds as the batch runs them: where every graph's first axis counts the items (declared:
+        ``GraphSpec.batch_aligned`` and ``counts_items``), the first row of the batch's own feeds (texts padded
+        to the batch's longest, so the count is of what the call computes: 8 texts of 9-61 tokens cost 8 x 61
+        tokens, not 8 x 9); otherwise (an MLLM's image tiles, a screenshot's patches) the first item prepared
+        alone."""
+        specs = self.float_graphs[0] if self.float_graphs is not None else {}
+        if specs and all(spec.batch_aligned and spec.counts_items for spec in specs.values()):
+            return {k: v[:1] for k, v in case.feeds.items()}
         return self.baseline.preprocessor.prepare(case.request.slice(0, 1))
 
     def torch_call(self, case: Case) -> Callable[[], np.ndarray]:

@@ -397,9 +397,9 @@ class TritonServer:
                 report(f"bgevl-serve: a python-backend stub of model {model!r} (pid {pid}) died, its {len(deaths)}th "
                        f"death in {now - deaths[0]:.0f} s; not reloading it again")
                 continue
-            callers, replaced = self._recover(model, pid, current, deaths[0] + self.RECOVERY_WINDOW_S, report, timeout)
+            serving, replaced = self._recover(model, pid, current, deaths[0] + self.RECOVERY_WINDOW_S, report, timeout)
             retired |= replaced
-            if callers is not None:
+            if serving:
                 reloaded.append(model)
         if dead:
             after = self.stub_processes()
@@ -409,15 +409,19 @@ class TritonServer:
         return reloaded
 
     def _recover(self, model: str, pid: int, current: dict[int, str], deadline: float, report,
-                 timeout: float) -> tuple[list[str] | None, set[int]]:
+                 timeout: float) -> tuple[bool, set[int]]:
         """Reload ``model`` (in place where an instance of it is left), with its callers unloaded meanwhile
-        otherwise; (its callers, or None where it failed; the pids the reload replaces)."""
+        otherwise; (whether it serves again, the pids the reload replaces)."""
         from bgevl.serving.repository import dependents
 
         start = time.monotonic()
         in_place = model in current.values()
         callers = [] if in_place else dependents(self.dependencies, model)
         replaced = {p for p, m in current.items() if m in (model, *callers)}
+
+        def left() -> float:  # each call gets at most the time left before the deadline
+            return min(timeout, max(1.0, deadline - time.monotonic()))
+
         if in_place:
             report(f"bgevl-serve: a python-backend stub of model {model!r} (pid {pid}) died; its other instances "
                    f"serve while it is reloaded in place")
@@ -425,25 +429,25 @@ class TritonServer:
             report(f"bgevl-serve: the python-backend stub of model {model!r} (pid {pid}) died; reloading {model}"
                    + (f" (not ready meanwhile, with the models that call it: {', '.join(callers)})" if callers else ""))
             for caller in reversed(callers):  # callers first: no request reaches them to fail on the model
-                self._unload(caller, min(timeout, max(1.0, deadline - time.monotonic())))
+                self._unload(caller, left())
         for attempt in range(1, self.RELOAD_ATTEMPTS + 1):
-            left = min(timeout, max(1.0, deadline - time.monotonic()))
-            status, body = self._reload_in_place(model, left) if in_place else self._reload(model, left)
+            budget = left()
+            status, body = self._reload_in_place(model, budget) if in_place else self._reload(model, budget)
             for caller in callers:
                 if status == 200:
-                    status, body = self._control("load", caller, left)
+                    status, body = self._control("load", caller, budget)
             if status == 200 and all(self.ready(m) for m in (model, *callers)):
                 report(f"bgevl-serve: model {model!r} is serving again ({time.monotonic() - start:.1f} s)")
-                return callers, replaced
+                return True, replaced
             why = f"HTTP {status}: {' '.join(body.split())[:300]}"
             pause = self.RELOAD_BACKOFF_S * 2 ** (attempt - 1)
             if attempt == self.RELOAD_ATTEMPTS or time.monotonic() + pause >= deadline:
                 self.unrecoverable.append(model)
                 report(f"bgevl-serve: reloading model {model!r} failed {attempt} times ({why})")
-                return None, replaced
+                break
             report(f"bgevl-serve: reloading model {model!r} failed ({why}); retrying in {pause:.0f} s")
             time.sleep(pause)
-        return None, replaced
+        return False, replaced
 
     def _unload(self, model: str, timeout: float) -> tuple[int, str]:
         """Unload ``model`` and wait until Triton no longer calls it ready."""
